@@ -1,0 +1,66 @@
+"""``grpo-lab``: the LightningCLI entry point.
+
+    grpo-lab fit --config configs/tiny.yaml [--model.advantage rloo ...]
+    grpo-lab warmstart --config configs/tiny.yaml     # build (or find) the cached warm start only
+    grpo-lab fit --help                               # every option with its help text
+
+``configs/base.yaml`` is loaded first as the default config (when present), so the shipped configs are small
+overlays on it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+from grpo_lab.data import QueryDataModule
+from grpo_lab.module import GRPOModule
+from grpo_lab.warmstart import ensure_warm_start
+
+BASE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "base.yaml"
+
+
+class GRPOCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults({"seed_everything": 0})
+
+
+def _parser_kwargs() -> dict:
+    defaults = [str(BASE_CONFIG)] if BASE_CONFIG.is_file() else []
+    return {sub: {"default_config_files": defaults} for sub in ("fit", "validate", "test", "predict")}
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> GRPOCLI:
+    return GRPOCLI(
+        GRPOModule,
+        QueryDataModule,
+        args=args,
+        run=run,
+        parser_kwargs=_parser_kwargs() if run else {"default_config_files": [str(BASE_CONFIG)] if BASE_CONFIG.is_file() else []},
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
+def warmstart_main(args: list[str]) -> None:
+    """Build the warm start that ``fit`` with the same config would load, and print where it is."""
+    cli = cli_main(args, run=False)
+    path = ensure_warm_start(cli.model.policy_cfg, cli.model.warm_start_cfg, cli.datamodule.hparams.dataset)
+    meta = path / "warmstart.json"
+    print(f"warm start: {path}")
+    if meta.is_file():
+        print(meta.read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "warmstart":
+        warmstart_main(args[1:])
+    else:
+        cli_main(argv)  # None: LightningCLI reads sys.argv itself
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""QueryDataModule: serves batches of P queries (plain dicts) for rollouts; seeded train/val splits."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from grpo_lab.tasks import TASKS, Query, load_queries
+
+
+def _as_list(batch: list[Query]) -> list[Query]:
+    return batch
+
+
+class QueryDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        dataset: str = "arithmetic",
+        prompts_per_step: int = 8,
+        num_train: int = 4096,
+        num_val: int = 128,
+        val_batch_size: int = 64,
+        seed: int = 0,
+    ) -> None:
+        """Queries for GRPO.
+
+        Args:
+            dataset: a built-in task name (``arithmetic``: easy one-digit and hard two-digit additions;
+                ``arithmetic_easy``) or a path to a ``.jsonl`` file with a ``prompt`` field per line.
+            prompts_per_step: P, the queries per rollout batch per process (each gets G completions).
+            num_train: queries generated for a built-in task's training split (ignored for JSONL).
+            num_val: validation queries (a built-in task draws them with another seed; a JSONL file gives
+                up this many of its lines, chosen with ``seed``).
+            val_batch_size: queries per validation batch.
+            seed: seed of the data (built-in generation, JSONL split, and the shuffling order).
+        """
+        super().__init__()
+        if prompts_per_step < 1:
+            raise ValueError(f"prompts_per_step must be >= 1, got {prompts_per_step}")
+        self.save_hyperparameters()
+        self.train_set: list[Query] = []
+        self.val_set: list[Query] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        h = self.hparams
+        if self.train_set:
+            return
+        if h.dataset in TASKS:
+            self.train_set = load_queries(h.dataset, h.num_train, h.seed)
+            self.val_set = load_queries(h.dataset, h.num_val, h.seed + 7919)
+        else:
+            rows = load_queries(h.dataset, 0, h.seed)
+            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(h.seed)).tolist()
+            n_val = min(h.num_val, len(rows) // 5)
+            self.val_set = [rows[i] for i in order[:n_val]]
+            self.train_set = [rows[i] for i in order[n_val:]]
+        if len(self.train_set) < h.prompts_per_step:
+            raise ValueError(
+                f"dataset {h.dataset!r} has {len(self.train_set)} training queries, fewer than "
+                f"prompts_per_step={h.prompts_per_step}"
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        # Seeded shuffling: the same seed gives the same query order in every trial.
+        gen = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.hparams.prompts_per_step,
+            sampler=RandomSampler(self.train_set, generator=gen),
+            collate_fn=_as_list,
+            drop_last=True,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.hparams.val_batch_size, collate_fn=_as_list)

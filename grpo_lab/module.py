@@ -1,0 +1,259 @@
+"""GRPOModule: one training step is rollout -> reward -> advantage -> loss. The math lives elsewhere.
+
+What this implements, top to bottom (README "The derivation" has the why):
+
+1. Rollout: for each of the P queries of the batch sample G completions from the current policy
+   (temperature, ``max_new_tokens``, stop at EOS) -> B = P·G sequences.
+2. Reward: the configured reward functions score each completion -> rewards ``[P, G]``; their mean is
+   the Monte-Carlo estimate of the surrogate J(θ) (``train/reward``).
+3. Advantage: a registered estimator turns rewards into advantages ``[P, G]`` (``advantages.py``).
+4. Loss: the clipped-ratio policy loss with optional KL to a frozen reference (``losses.py``), then
+   ``num_iterations`` optimizer updates on this one rollout batch.
+
+Departures from textbook GRPO, all configurable:
+- default ``aggregation="token_mean"`` (DAPO/TRL) rather than the original ``sequence_mean``;
+- default ``beta=0`` (no reference model is built then), as in DAPO / Dr. GRPO / current TRL;
+- with ``num_iterations=1`` π_old is the detached current policy (ratio 1, the REINFORCE gradient) and no
+  extra forward pass is spent on old log-probabilities; with μ > 1 they are computed once before the
+  updates and the steps run under manual optimization;
+- ``aggregation="constant"`` divides by B·``max_new_tokens`` (Dr. GRPO's fixed normalizer), and under
+  DDP ``token_mean`` divides by the global token count, so 1 and N processes give the same gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import defaultdict
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import grad_norm
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from grpo_lab.advantages import ADVANTAGES, compute_advantages, zero_spread
+from grpo_lab.losses import AGGREGATIONS, KL_ESTIMATORS, policy_loss
+from grpo_lab.policy import PolicyConfig, build_policy
+from grpo_lab.rewards import load_reward, score
+from grpo_lab.rollout import Rollout, generate, sequence_logprobs
+from grpo_lab.tasks import Query
+from grpo_lab.warmstart import WarmStartConfig, ensure_warm_start
+
+
+def _check_choice(name: str, value: str, registry: dict) -> None:
+    if value not in registry:
+        raise ValueError(f"unknown {name} {value!r}; known: {', '.join(sorted(registry))}")
+
+
+class GRPOModule(L.LightningModule):
+    def __init__(
+        self,
+        policy: PolicyConfig = PolicyConfig(),
+        warm_start: WarmStartConfig = WarmStartConfig(),
+        rewards: list[str] = ["exact_match"],  # noqa: B006 (read-only; LightningCLI needs a literal)
+        reward_weights: list[float] | None = None,
+        advantage: str = "group_norm",
+        num_generations: int = 8,
+        max_new_tokens: int = 4,
+        temperature: float = 1.0,
+        clip_low: float = 0.2,
+        clip_high: float = 0.2,
+        beta: float = 0.0,
+        kl_estimator: str = "k3",
+        aggregation: str = "token_mean",
+        num_iterations: int = 1,
+        max_grad_norm: float | None = 1.0,
+        optimizer: OptimizerCallable | None = None,
+        num_text_samples: int = 8,
+    ) -> None:
+        """GRPO on a causal LM.
+
+        Args:
+            policy: the network: a tiny Llama built from sizes, or a local HF directory.
+            warm_start: supervised warm start on the task before RL (cached under ``runs/warmstart``).
+            rewards: reward functions by registry name (``exact_match``, ``numeric_match``) or import path
+                ``package.module:function``; their weighted sum is the reward.
+            reward_weights: one weight per reward function (default all 1).
+            advantage: advantage estimator: reward, mean_baseline, group_norm, rloo, batch_norm, or any
+                registered with ``@register_advantage``.
+            num_generations: G, completions sampled per query.
+            max_new_tokens: longest completion; a completion without EOS by then is truncated.
+            temperature: sampling temperature (log-probabilities in the loss use the same one).
+            clip_low: ε_low of the clipped ratio, ratio >= 1 - clip_low (must be < 1).
+            clip_high: ε_high of the clipped ratio, ratio <= 1 + clip_high.
+            beta: KL coefficient to a frozen reference copy of the starting policy (0: no reference built).
+            kl_estimator: per-token KL estimator: k1, k2 or k3.
+            aggregation: token_mean, sequence_mean (original GRPO) or constant (Dr. GRPO).
+            num_iterations: μ, optimizer updates per rollout batch (> 1 uses manual optimization).
+            max_grad_norm: clip the gradient's global L2 norm to this (None: no clipping).
+            optimizer: optimizer class or callable taking the parameters (YAML ``class_path``/``init_args``);
+                default AdamW(lr=5e-4).
+            num_text_samples: completions logged as text to TensorBoard at each validation.
+        """
+        super().__init__()
+        # LightningCLI may hand nested dataclasses over as dicts: normalise once, keep typed copies.
+        self.policy_cfg = policy if isinstance(policy, PolicyConfig) else PolicyConfig(**policy)
+        self.warm_start_cfg = warm_start if isinstance(warm_start, WarmStartConfig) else WarmStartConfig(**warm_start)
+        _check_choice("advantage estimator", advantage, ADVANTAGES)
+        _check_choice("aggregation", aggregation, AGGREGATIONS)
+        _check_choice("KL estimator", kl_estimator, KL_ESTIMATORS)
+        if ADVANTAGES[advantage].needs_group and num_generations < 2:
+            raise ValueError(f"advantage {advantage!r} needs num_generations >= 2 (got {num_generations}); or use 'reward'")
+        if num_generations < 1 or num_iterations < 1 or max_new_tokens < 1:
+            raise ValueError("num_generations, num_iterations and max_new_tokens must be >= 1")
+        if not 0.0 <= clip_low < 1.0 or clip_high < 0.0:
+            raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
+        if beta < 0.0:
+            raise ValueError(f"beta must be >= 0, got {beta}")
+        if temperature <= 0.0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.save_hyperparameters()
+        self.optimizer_fn = optimizer
+        self.automatic_optimization = num_iterations == 1
+        self.reward_fns = [load_reward(r) for r in rewards]
+        self.model, self.tokenizer = build_policy(self.policy_cfg, seed=self.warm_start_cfg.seed)
+        self._ref: list[torch.nn.Module] = []  # frozen reference, kept out of state_dict and DDP
+        self.warm_start_path: str | None = None
+        self.val_metrics = torch.nn.ModuleDict()
+
+    # ---- set-up -------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.warm_start_cfg.steps > 0 and dm is not None and self.warm_start_path is None:
+            self.warm_start_path = str(self._warm_start(dm.hparams.dataset))
+            weights = type(self.model).from_pretrained(self.warm_start_path, local_files_only=True).state_dict()
+            self.model.load_state_dict(weights)
+        if self.hparams.beta > 0 and not self._ref:
+            self._ref.append(copy.deepcopy(self.model).eval().requires_grad_(False))
+
+    def _warm_start(self, dataset: str):
+        strategy = self.trainer.strategy
+        if strategy.is_global_zero:
+            ensure_warm_start(self.policy_cfg, self.warm_start_cfg, dataset)
+        strategy.barrier("warm_start")
+        return ensure_warm_start(self.policy_cfg, self.warm_start_cfg, dataset)
+
+    def configure_optimizers(self):
+        make = self.optimizer_fn or (lambda params: torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0))
+        return make(self.model.parameters())
+
+    # ---- the four steps -----------------------------------------------------------------------------
+    def rollout(self, batch: list[Query], num_generations: int | None = None, greedy: bool = False) -> Rollout:
+        h = self.hparams
+        return generate(
+            self.model, self.tokenizer, [q["prompt"] for q in batch], num_generations or h.num_generations,
+            h.max_new_tokens, h.temperature, greedy=greedy,
+        )
+
+    def reward(self, rollout: Rollout, batch: list[Query]) -> Tensor:
+        """Rewards ``[P, G]`` of the rollout's completions; reward functions see the query columns."""
+        g = len(rollout.completions) // len(batch)
+        columns = {k: [q[k] for q in batch for _ in range(g)] for k in batch[0] if k != "prompt"}
+        r = score(self.reward_fns, rollout.completions, columns, self.hparams.reward_weights)
+        return r.view(len(batch), g).to(self.device)
+
+    def loss(self, rollout: Rollout, advantages: Tensor, old_logprobs: Tensor | None) -> tuple[Tensor, dict]:
+        """The GRPO loss on one rollout batch; ``old_logprobs=None`` means π_old = π_θ (μ = 1)."""
+        h = self.hparams
+        logprobs, entropy = sequence_logprobs(self.model, rollout, h.temperature, with_entropy=True)  # [B, T]
+        ref = None
+        if self._ref:
+            with torch.no_grad():
+                ref, _ = sequence_logprobs(self._ref[0].to(self.device), rollout, h.temperature)
+        loss, stats = policy_loss(
+            logprobs, logprobs.detach() if old_logprobs is None else old_logprobs, advantages,
+            rollout.completion_mask, clip_low=h.clip_low, clip_high=h.clip_high, ref_logprobs=ref, beta=h.beta,
+            kl_estimator=h.kl_estimator, aggregation=h.aggregation, normalizer=self._normalizer(rollout.completion_mask),
+        )
+        stats["entropy"] = entropy
+        return loss, stats
+
+    def _normalizer(self, mask: Tensor) -> float | Tensor | None:
+        """Loss denominators that make N processes compute the same gradient as one (see docstring)."""
+        h = self.hparams
+        if h.aggregation == "constant":
+            return mask.shape[0] * h.max_new_tokens
+        if h.aggregation == "token_mean" and dist.is_available() and dist.is_initialized() and self.trainer.world_size > 1:
+            total = mask.sum().float()
+            dist.all_reduce(total)
+            return total.clamp(min=1.0) / self.trainer.world_size
+        return None
+
+    def training_step(self, batch: list[Query], batch_idx: int) -> Tensor | None:
+        start = time.perf_counter()
+        rollout = self.rollout(batch)  # B = P·G completions, no grad
+        rewards = self.reward(rollout, batch)  # [P, G]
+        advantages = compute_advantages(rewards, self.hparams.advantage).flatten()  # [P, G] -> [B]
+        if self.automatic_optimization:  # μ = 1: ratio = π_θ/π_θ.detach(), the REINFORCE gradient
+            loss, stats = self.loss(rollout, advantages, old_logprobs=None)
+        else:  # μ > 1: π_old is frozen before the first of several updates on the same batch
+            loss, stats = self._several_updates(rollout, advantages)
+        self._log_step(batch, rollout, rewards, advantages, loss, stats, time.perf_counter() - start)
+        return loss if self.automatic_optimization else None
+
+    def _several_updates(self, rollout: Rollout, advantages: Tensor) -> tuple[Tensor, dict]:
+        opt = self.optimizers()
+        with torch.no_grad():
+            old, _ = sequence_logprobs(self.model, rollout, self.hparams.temperature)
+        for _ in range(self.hparams.num_iterations):
+            loss, stats = self.loss(rollout, advantages, old)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+        return loss, stats
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = grad_norm(self.model, norm_type=2)
+        if norms:
+            self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, on_epoch=False)
+        if self.hparams.max_grad_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+
+    # ---- logging ------------------------------------------------------------------------------------
+    def _log_step(self, batch, rollout: Rollout, rewards: Tensor, advantages: Tensor, loss: Tensor, stats: dict, seconds: float) -> None:
+        p = len(batch)
+        metrics = {
+            "train/reward": rewards.mean(),
+            "train/frac_zero_std": zero_spread(rewards).float().mean(),
+            "train/advantage_mean": advantages.mean(),
+            "train/advantage_std": advantages.std() if advantages.numel() > 1 else advantages.new_zeros(()),
+            "train/advantage_min": advantages.min(),
+            "train/advantage_max": advantages.max(),
+            "train/loss": loss.detach(),
+            "train/completion_length": rollout.completion_mask.sum(-1).float().mean(),
+            "train/truncated_fraction": rollout.truncated.float().mean(),
+            "perf/tokens_per_s": torch.tensor(rollout.num_tokens / max(seconds, 1e-9)),
+        }
+        metrics.update({f"train/{k}": v for k, v in stats.items() if v is not None})
+        by_difficulty = defaultdict(list)
+        for q, r in zip(batch, rewards.mean(-1), strict=True):
+            if "difficulty" in q:
+                by_difficulty[str(q["difficulty"])].append(r)
+        for d, rs in by_difficulty.items():
+            metrics[f"train/reward_{d}"] = torch.stack(rs).mean()
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=p, prog_bar=False)
+        self.log("reward", metrics["train/reward"], prog_bar=True, on_step=True, on_epoch=False, logger=False, batch_size=p)
+
+    # ---- validation: greedy and sampled accuracy per difficulty --------------------------------------
+    def validation_step(self, batch: list[Query], batch_idx: int) -> None:
+        texts = []
+        for mode in ("greedy", "sampled"):
+            rollout = self.rollout(batch, num_generations=1, greedy=mode == "greedy")
+            hits = self.reward(rollout, batch).squeeze(-1)  # [P]
+            for q, hit in zip(batch, hits, strict=True):
+                for key in (mode, f"{mode}_{q.get('difficulty', 'all')}"):
+                    self._val_metric(key).update(hit)
+            if mode == "greedy" and batch_idx == 0:
+                texts = [f"`{q['prompt']}` → `{c}` (reward {r:.2f})" for q, c, r in zip(batch, rollout.completions, hits.tolist(), strict=True)]
+        for key, metric in self.val_metrics.items():
+            self.log(f"val/acc_{key}", metric, on_step=False, on_epoch=True, batch_size=len(batch), prog_bar=key == "greedy")
+        if texts and self.hparams.num_text_samples and hasattr(self.logger, "experiment") and hasattr(self.logger.experiment, "add_text"):
+            self.logger.experiment.add_text("samples/greedy", "  \n".join(texts[: self.hparams.num_text_samples]), self.global_step)
+
+    def _val_metric(self, key: str) -> MeanMetric:
+        if key not in self.val_metrics:
+            self.val_metrics[key] = MeanMetric().to(self.device)
+        return self.val_metrics[key]

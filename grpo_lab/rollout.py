@@ -1,0 +1,130 @@
+"""Rollout: sample G completions per query with a KV cache, build completion masks and log-probabilities.
+
+Shapes: P prompts, G completions each, B = P·G sequences (a query's G completions are adjacent: row
+``b`` belongs to query ``b // G``), Tp prompt tokens (left-padded), T completion tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass
+class Rollout:
+    prompt_ids: Tensor  # [B, Tp] left-padded
+    prompt_mask: Tensor  # [B, Tp] 1 on real prompt tokens
+    completion_ids: Tensor  # [B, T] padded after EOS
+    completion_mask: Tensor  # [B, T] 1 on sampled tokens up to and including EOS
+    logprobs: Tensor  # [B, T] log-probability of each sampled token under the sampling distribution
+    completions: list[str]  # [B] decoded text without specials
+    truncated: Tensor  # [B] bool: no EOS within max_new_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], repeats: int) -> tuple[Tensor, Tensor]:
+    """Left-padded ``[P·repeats, Tp]`` ids and mask, each prompt repeated ``repeats`` times in a row."""
+    enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+    if enc["input_ids"].shape[1] == 0 or (enc["attention_mask"].sum(-1) == 0).any():
+        raise ValueError("every prompt must encode to at least one token")
+    ids = enc["input_ids"].repeat_interleave(repeats, dim=0)
+    mask = enc["attention_mask"].repeat_interleave(repeats, dim=0)
+    return ids, mask
+
+
+def positions(mask: Tensor) -> Tensor:
+    """Position ids that ignore left padding: 0 at each row's first real token."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """log softmax(logits)[tokens] as a gather minus ``logsumexp`` (no [.., V] log-prob tensor kept)."""
+    logits = logits.float()
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _cache_keyword(model: PreTrainedModel) -> str:
+    """transformers >= 5.x names the KV cache ``cache``; earlier releases ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    num_generations: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    min_new_tokens: int = 0,
+) -> Rollout:
+    """Sample ``num_generations`` completions for each prompt (or the greedy one), stopping at EOS.
+
+    Sampling uses torch's global RNG, so a seeded run samples the same completions.
+    """
+    if temperature <= 0 and not greedy:
+        raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+    device = next(model.parameters()).device
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompt_ids, prompt_mask = (t.to(device) for t in encode_prompts(tokenizer, prompts, num_generations))
+    b = prompt_ids.shape[0]
+    attn = prompt_mask.clone()
+    cache_kw = _cache_keyword(model)
+    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=positions(attn), use_cache=True)
+    cache, logits = out[cache_kw], out.logits[:, -1, :]  # [B, V]
+    next_pos = attn.sum(-1, keepdim=True)  # [B, 1]
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    tokens, logps, masks = [], [], []
+    for step in range(max_new_tokens):
+        scores = logits.float() / (1.0 if greedy else temperature)
+        if step < min_new_tokens:
+            scores[:, eos] = float("-inf")
+        if greedy:
+            tok = scores.argmax(-1)
+        else:
+            tok = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(-1)  # [B]
+        logps.append(token_logprobs(scores, tok))
+        masks.append(~done)
+        tok = tok.masked_fill(done, pad)
+        tokens.append(tok)
+        done = done | (tok == eos)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        kwargs = {cache_kw: cache}
+        out = model(input_ids=tok.unsqueeze(-1), attention_mask=attn, position_ids=next_pos, use_cache=True, **kwargs)
+        cache, logits, next_pos = out[cache_kw], out.logits[:, -1, :], next_pos + 1
+    completion_ids = torch.stack(tokens, dim=1)  # [B, T]
+    completion_mask = torch.stack(masks, dim=1).long()  # [B, T]
+    logprobs = torch.stack(logps, dim=1) * completion_mask  # [B, T]
+    texts = tokenizer.batch_decode(completion_ids.masked_fill(completion_mask == 0, pad), skip_special_tokens=True)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, logprobs, texts, ~done)
+
+
+def sequence_logprobs(
+    model: PreTrainedModel, rollout: Rollout, temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Per-token log π(o_t | q, o_<t) ``[B, T]`` of the rollout's completions in one forward pass (with grad
+    when enabled), at the sampling temperature; and the mean token entropy over the mask if asked."""
+    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)  # [B, Tp+T]
+    attn = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
+    tp = rollout.prompt_ids.shape[1]
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=False).logits
+    logits = logits[:, tp - 1 : -1, :].float() / temperature  # [B, T, V]: position t predicts token t+1
+    logprobs = token_logprobs(logits, rollout.completion_ids)  # [B, T]
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            p = torch.softmax(logits, dim=-1)
+            ent = -(p * torch.log_softmax(logits, dim=-1)).sum(-1)  # [B, T]
+            m = rollout.completion_mask.float()
+            entropy = (ent * m).sum() / m.sum().clamp(min=1)
+    return logprobs, entropy
