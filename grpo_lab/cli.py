@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from grpo_lab.data import QueryDataModule
@@ -25,6 +26,15 @@ BASE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "base.yaml"
 class GRPOCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"seed_everything": 0})
+
+    def instantiate_trainer(self, **kwargs):
+        """Add a Rich progress bar unless the config turns bars off or names its own."""
+        cfg = self._get(self.config_init, "trainer", default={})
+        callbacks = cfg.get("callbacks") or []
+        has_bar = any(isinstance(c, ProgressBar) for c in (callbacks if isinstance(callbacks, list) else [callbacks]))
+        if cfg.get("enable_progress_bar") is not False and not has_bar:
+            self.trainer_defaults = {**self.trainer_defaults, "callbacks": [RichProgressBar()]}
+        return super().instantiate_trainer(**kwargs)
 
 
 def _parser_kwargs() -> dict:

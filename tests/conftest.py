@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    torch.set_num_threads(1)  # tests run small shapes; one thread avoids oversubscribing 2 cores
+    yield
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run with the working directory in a fresh temp dir (runs/ and caches land there)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_policy():
+    from grpo_lab.policy import PolicyConfig, build_policy
+
+    return build_policy(PolicyConfig(hidden_size=32, num_layers=1, num_heads=2), seed=0)
