@@ -94,9 +94,10 @@ def token_mean(loss: Tensor, mask: Tensor, normalizer: float | Tensor | None = N
 
 @register_aggregation("sequence_mean")
 def sequence_mean(loss: Tensor, mask: Tensor, normalizer: float | Tensor | None = None) -> Tensor:
-    """mean_b (Σ_t loss·mask / Σ_t mask): the original GRPO (an empty completion contributes 0)."""
+    """mean_b (Σ_t loss·mask / Σ_t mask): the original GRPO (an empty completion contributes 0).
+    ``normalizer`` overrides the number of sequences B."""
     per_seq = (loss * mask).sum(dim=-1) / mask.sum(dim=-1).clamp(min=1.0)  # [B]
-    return per_seq.mean()
+    return per_seq.sum() / (per_seq.numel() if normalizer is None else normalizer)
 
 
 @register_aggregation("constant")

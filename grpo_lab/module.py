@@ -65,6 +65,7 @@ class GRPOModule(L.LightningModule):
         kl_estimator: str = "k3",
         aggregation: str = "token_mean",
         num_iterations: int = 1,
+        micro_batches: int = 1,
         max_grad_norm: float | None = 1.0,
         optimizer: OptimizerCallable | None = None,
         num_text_samples: int = 8,
@@ -88,6 +89,9 @@ class GRPOModule(L.LightningModule):
             kl_estimator: per-token KL estimator: k1, k2 or k3.
             aggregation: token_mean, sequence_mean (original GRPO) or constant (Dr. GRPO).
             num_iterations: μ, optimizer updates per rollout batch (> 1 uses manual optimization).
+            micro_batches: split each rollout batch's loss and backward into this many chunks of
+                sequences (gradient accumulation with the whole batch's normalizer: same gradient, less
+                memory). Use this rather than the Trainer's accumulate_grad_batches.
             max_grad_norm: clip the gradient's global L2 norm to this (None: no clipping).
             optimizer: optimizer class or callable taking the parameters (YAML ``class_path``/``init_args``);
                 default AdamW(lr=5e-4).
@@ -102,8 +106,8 @@ class GRPOModule(L.LightningModule):
         _check_choice("KL estimator", kl_estimator, KL_ESTIMATORS)
         if ADVANTAGES[advantage].needs_group and num_generations < 2:
             raise ValueError(f"advantage {advantage!r} needs num_generations >= 2 (got {num_generations}); or use 'reward'")
-        if num_generations < 1 or num_iterations < 1 or max_new_tokens < 1:
-            raise ValueError("num_generations, num_iterations and max_new_tokens must be >= 1")
+        if min(num_generations, num_iterations, max_new_tokens, micro_batches) < 1:
+            raise ValueError("num_generations, num_iterations, micro_batches and max_new_tokens must be >= 1")
         if not 0.0 <= clip_low < 1.0 or clip_high < 0.0:
             raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
         if beta < 0.0:
@@ -112,7 +116,7 @@ class GRPOModule(L.LightningModule):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.save_hyperparameters()
         self.optimizer_fn = optimizer
-        self.automatic_optimization = num_iterations == 1
+        self.automatic_optimization = num_iterations == 1 and micro_batches == 1
         self.reward_fns = [load_reward(r) for r in rewards]
         self.model, self.tokenizer = build_policy(self.policy_cfg, seed=self.warm_start_cfg.seed)
         self._ref: list[torch.nn.Module] = []  # frozen reference, kept out of state_dict and DDP
@@ -121,6 +125,11 @@ class GRPOModule(L.LightningModule):
 
     # ---- set-up -------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        if self.trainer.accumulate_grad_batches > 1:
+            raise ValueError(
+                "trainer.accumulate_grad_batches > 1 would average per-rollout normalized losses; "
+                "use model.micro_batches to accumulate within a rollout batch with its global normalizer"
+            )
         dm = getattr(self.trainer, "datamodule", None)
         if self.warm_start_cfg.steps > 0 and dm is not None and self.warm_start_path is None:
             self.warm_start_path = str(self._warm_start(dm.hparams.dataset))
@@ -155,8 +164,11 @@ class GRPOModule(L.LightningModule):
         r = score(self.reward_fns, rollout.completions, columns, self.hparams.reward_weights)
         return r.view(len(batch), g).to(self.device)
 
-    def loss(self, rollout: Rollout, advantages: Tensor, old_logprobs: Tensor | None) -> tuple[Tensor, dict]:
-        """The GRPO loss on one rollout batch; ``old_logprobs=None`` means π_old = π_θ (μ = 1)."""
+    def loss(
+        self, rollout: Rollout, advantages: Tensor, old_logprobs: Tensor | None, normalizer: float | Tensor | None = None
+    ) -> tuple[Tensor, dict]:
+        """The GRPO loss on (a micro-batch of) one rollout batch; ``old_logprobs=None`` means π_old = π_θ
+        (μ = 1). ``normalizer``: the aggregation's denominator for the whole batch (default: this one's)."""
         h = self.hparams
         logprobs, entropy = sequence_logprobs(self.model, rollout, h.temperature, with_entropy=True)  # [B, T]
         ref = None
@@ -166,21 +178,26 @@ class GRPOModule(L.LightningModule):
         loss, stats = policy_loss(
             logprobs, logprobs.detach() if old_logprobs is None else old_logprobs, advantages,
             rollout.completion_mask, clip_low=h.clip_low, clip_high=h.clip_high, ref_logprobs=ref, beta=h.beta,
-            kl_estimator=h.kl_estimator, aggregation=h.aggregation, normalizer=self._normalizer(rollout.completion_mask),
+            kl_estimator=h.kl_estimator, aggregation=h.aggregation,
+            normalizer=self.normalizer(rollout.completion_mask) if normalizer is None else normalizer,
         )
         stats["entropy"] = entropy
         return loss, stats
 
-    def _normalizer(self, mask: Tensor) -> float | Tensor | None:
-        """Loss denominators that make N processes compute the same gradient as one (see docstring)."""
-        h = self.hparams
-        if h.aggregation == "constant":
-            return mask.shape[0] * h.max_new_tokens
-        if h.aggregation == "token_mean" and dist.is_available() and dist.is_initialized() and self.trainer.world_size > 1:
-            total = mask.sum().float()
-            dist.all_reduce(total)
-            return total.clamp(min=1.0) / self.trainer.world_size
-        return None
+    def normalizer(self, mask: Tensor) -> Tensor:
+        """The aggregation's denominator for a rollout batch with completion mask ``mask`` [B, T], chosen so
+        that 1 process, N DDP processes (gradients averaged) and micro-batches all give the same gradient:
+        token_mean: global token count / N; sequence_mean: global sequences / N; constant: that × max_new_tokens.
+        """
+        agg = self.hparams.aggregation
+        count = mask.sum().float() if agg == "token_mean" else mask.new_tensor(float(mask.shape[0]))
+        world = 1
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            count = count.float().clone()
+            dist.all_reduce(count)
+            world = dist.get_world_size()
+        count = count.float().clamp(min=1.0) / world
+        return count * self.hparams.max_new_tokens if agg == "constant" else count
 
     def training_step(self, batch: list[Query], batch_idx: int) -> Tensor | None:
         start = time.perf_counter()
@@ -189,21 +206,31 @@ class GRPOModule(L.LightningModule):
         advantages = compute_advantages(rewards, self.hparams.advantage).flatten()  # [P, G] -> [B]
         if self.automatic_optimization:  # μ = 1: ratio = π_θ/π_θ.detach(), the REINFORCE gradient
             loss, stats = self.loss(rollout, advantages, old_logprobs=None)
-        else:  # μ > 1: π_old is frozen before the first of several updates on the same batch
+        else:  # μ > 1 (π_old frozen before several updates on one batch) and/or micro-batches
             loss, stats = self._several_updates(rollout, advantages)
         self._log_step(batch, rollout, rewards, advantages, loss, stats, time.perf_counter() - start)
         return loss if self.automatic_optimization else None
 
     def _several_updates(self, rollout: Rollout, advantages: Tensor) -> tuple[Tensor, dict]:
-        opt = self.optimizers()
-        with torch.no_grad():
-            old, _ = sequence_logprobs(self.model, rollout, self.hparams.temperature)
-        for _ in range(self.hparams.num_iterations):
-            loss, stats = self.loss(rollout, advantages, old)
+        """μ optimizer steps on one rollout batch, each accumulated over ``micro_batches`` chunks."""
+        h, opt = self.hparams, self.optimizers()
+        old = None
+        if h.num_iterations > 1:  # π_old frozen before the first update
+            with torch.no_grad():
+                old, _ = sequence_logprobs(self.model, rollout, h.temperature)
+        norm = self.normalizer(rollout.completion_mask)
+        b = advantages.shape[0]
+        step = -(-b // h.micro_batches)
+        for _ in range(h.num_iterations):
             opt.zero_grad()
-            self.manual_backward(loss)
+            total, stats = 0.0, {}
+            for lo in range(0, b, step):
+                rows = slice(lo, lo + step)
+                loss, stats = self.loss(rollout.select(rows), advantages[rows], None if old is None else old[rows], norm)
+                self.manual_backward(loss)
+                total = total + loss.detach()
             opt.step()
-        return loss, stats
+        return total, stats
 
     def on_before_optimizer_step(self, optimizer) -> None:
         norms = grad_norm(self.model, norm_type=2)

@@ -28,6 +28,13 @@ class Rollout:
     def num_tokens(self) -> int:
         return int(self.completion_mask.sum())
 
+    def select(self, rows: slice) -> Rollout:
+        """The sub-rollout of sequences ``rows`` (a micro-batch)."""
+        return Rollout(
+            self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows], self.completion_mask[rows],
+            self.logprobs[rows], self.completions[rows], self.truncated[rows],
+        )
+
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], repeats: int) -> tuple[Tensor, Tensor]:
     """Left-padded ``[P·repeats, Tp]`` ids and mask, each prompt repeated ``repeats`` times in a row."""
