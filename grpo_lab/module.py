@@ -58,6 +58,7 @@ class GRPOModule(L.LightningModule):
         advantage: str = "group_norm",
         num_generations: int = 8,
         max_new_tokens: int = 4,
+        min_new_tokens: int = 0,
         temperature: float = 1.0,
         clip_low: float = 0.2,
         clip_high: float = 0.2,
@@ -82,6 +83,7 @@ class GRPOModule(L.LightningModule):
                 registered with ``@register_advantage``.
             num_generations: G, completions sampled per query.
             max_new_tokens: longest completion; a completion without EOS by then is truncated.
+            min_new_tokens: suppress EOS before this many tokens (benchmarks use it for fixed-length work).
             temperature: sampling temperature (log-probabilities in the loss use the same one).
             clip_low: ε_low of the clipped ratio, ratio >= 1 - clip_low (must be < 1).
             clip_high: ε_high of the clipped ratio, ratio <= 1 + clip_high.
@@ -154,7 +156,7 @@ class GRPOModule(L.LightningModule):
         h = self.hparams
         return generate(
             self.model, self.tokenizer, [q["prompt"] for q in batch], num_generations or h.num_generations,
-            h.max_new_tokens, h.temperature, greedy=greedy,
+            h.max_new_tokens, h.temperature, greedy=greedy, min_new_tokens=h.min_new_tokens,
         )
 
     def reward(self, rollout: Rollout, batch: list[Query]) -> Tensor:

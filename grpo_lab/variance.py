@@ -52,7 +52,6 @@ from grpo_lab.rollout import sequence_logprobs
 DEFAULT_ESTIMATORS: tuple[str, ...] = ("reward", "mean_baseline", "group_norm", "rloo")
 REFERENCE_ESTIMATOR = "reward"
 REFERENCE_AGGREGATION = "constant"
-STAT_KEYS = ("mean_norm", "variance", "signal", "snr", "cosine", "relative_variance", "num_batches")
 
 
 # ---- statistics ---------------------------------------------------------------------------------------
@@ -250,6 +249,7 @@ def probe(
     prompts_per_batch: int = 8,
     seed: int = 0,
     progress: bool = False,
+    reference_estimator: str = REFERENCE_ESTIMATOR,
 ) -> dict[str, dict[str, float | None]]:
     """Gradient statistics of each estimator at the module's current parameters.
 
@@ -258,8 +258,12 @@ def probe(
     batch gives every estimator's gradient on the same rollout (:func:`estimator_gradients`). The reference
     ∇J is the mean of ``reference_batches`` further, independent batches' REINFORCE gradients on the raw
     reward with ``constant`` aggregation (unbiased for ∇J; independent of the K batches so the cosine is
-    not inflated by shared samples). Returns ``{estimator: gradient_statistics(...)}`` with the cosine
-    taken against that reference.
+    not inflated by shared samples). ``reference_estimator="rloo"`` (also unbiased, G >= 2) gives a far
+    less noisy reference at the same cost. Returns ``{estimator: gradient_statistics(...)}`` with the
+    cosine taken against that reference, plus ``reference_snr``: the reference estimator's per-batch SNR
+    (None for one reference batch). The reference direction's expected cosine with the true ∇J is about
+    √(R·snr / (1 + R·snr)) for R reference batches: when that is far below 1, every ``cosine`` is
+    attenuated by about that factor (the ranking of estimators is not).
 
     No optimizer step is taken (checked), ``.grad`` is untouched, the model runs in training mode and
     its modes are restored, and sampling uses a forked torch RNG seeded with ``seed``: the global RNG is
@@ -286,11 +290,12 @@ def probe(
             if bar is not None:
                 bar.advance(task)
         for batch in _batches(queries, reference_batches, prompts_per_batch, gen):
-            grads = estimator_gradients(module, batch, [REFERENCE_ESTIMATOR], aggregation=REFERENCE_AGGREGATION)
-            reference.update(grads[REFERENCE_ESTIMATOR])
+            grads = estimator_gradients(module, batch, [reference_estimator], aggregation=REFERENCE_AGGREGATION)
+            reference.update(grads[reference_estimator])
             if bar is not None:
                 bar.advance(task)
-    return {name: m.statistics(reference.mean) for name, m in moments.items()}
+    reference_snr = reference.statistics()["snr"] if reference.k >= 2 else None
+    return {name: {**m.statistics(reference.mean), "reference_snr": reference_snr} for name, m in moments.items()}
 
 
 # ---- the callback -------------------------------------------------------------------------------------
@@ -314,6 +319,7 @@ class GradientVarianceProbe(L.Callback):
         prompts_per_batch: int = 8,
         at_fractions: Sequence[float] = (0.0, 0.5, 1.0),
         seed: int = 0,
+        reference_estimator: str = REFERENCE_ESTIMATOR,
     ) -> None:
         """
         Args:
@@ -323,6 +329,8 @@ class GradientVarianceProbe(L.Callback):
             prompts_per_batch: queries per probe batch (each gets the module's G completions).
             at_fractions: when to probe, as fractions of the fit's steps in [0, 1].
             seed: seed of the probe's queries and samples (the same at every probe).
+            reference_estimator: unbiased estimator of the reference ∇J (``reward`` or ``rloo``), with
+                ``constant`` aggregation.
         """
         if any(not 0.0 <= f <= 1.0 for f in at_fractions):
             raise ValueError(f"at_fractions must lie in [0, 1], got {list(at_fractions)}")
@@ -334,6 +342,7 @@ class GradientVarianceProbe(L.Callback):
         self.prompts_per_batch = prompts_per_batch
         self.at_fractions = sorted(set(float(f) for f in at_fractions))
         self.seed = seed
+        self.reference_estimator = reference_estimator
         self.results: list[dict] = []
         self._done: set[float] = set()
 
@@ -384,7 +393,7 @@ class GradientVarianceProbe(L.Callback):
             return
         stats = probe(
             pl_module, queries, self.estimators, self.num_batches, self.reference_batches,
-            min(self.prompts_per_batch, len(queries)), self.seed,
+            min(self.prompts_per_batch, len(queries)), self.seed, reference_estimator=self.reference_estimator,
         )
         step = int(trainer.global_step)
         for f in fractions:
@@ -407,7 +416,7 @@ class GradientVarianceProbe(L.Callback):
                 "estimators": self.estimators, "num_batches": self.num_batches,
                 "reference_batches": self.reference_batches, "prompts_per_batch": self.prompts_per_batch,
                 "at_fractions": self.at_fractions, "seed": self.seed,
-                "reference": f"{REFERENCE_ESTIMATOR}/{REFERENCE_AGGREGATION}",
+                "reference": f"{self.reference_estimator}/{REFERENCE_AGGREGATION}",
             },
             "results": self.results,
         }
@@ -448,6 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--num-batches", type=int, default=16, help="K, independent rollout batches per estimator (>= 2; default: %(default)s)")
     parser.add_argument("--reference-batches", type=int, default=64, help="batches averaged into the reference gradient of J (default: %(default)s)")
+    parser.add_argument(
+        "--reference-estimator", default=REFERENCE_ESTIMATOR,
+        help="unbiased estimator averaged into the reference ∇J with constant aggregation: reward (plain "
+        "REINFORCE) or rloo (unbiased too, much less noisy; needs G >= 2) (default: %(default)s)",
+    )
     parser.add_argument("--prompts-per-batch", type=int, default=8, help="queries per rollout batch; each gets the checkpoint's G completions (default: %(default)s)")
     parser.add_argument("--dataset", default="arithmetic", help="built-in task name or .jsonl path the queries come from (default: %(default)s)")
     parser.add_argument("--num-queries", type=int, default=2048, help="queries generated for a built-in task (default: %(default)s)")
@@ -491,12 +505,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
     queries = load_queries(args.dataset, args.num_queries, args.seed)
     stats = probe(
         module, queries, args.estimators, args.num_batches, args.reference_batches, args.prompts_per_batch,
-        args.seed, progress=not args.quiet,
+        args.seed, progress=not args.quiet, reference_estimator=args.reference_estimator,
     )
     payload = {
         "ckpt": str(args.ckpt),
         "config": {k: v for k, v in vars(args).items() if k not in ("ckpt", "out", "quiet")}
-        | {"reference": f"{REFERENCE_ESTIMATOR}/{REFERENCE_AGGREGATION}",
+        | {"reference": f"{args.reference_estimator}/{REFERENCE_AGGREGATION}",
            "num_generations": module.hparams.num_generations, "aggregation": module.hparams.aggregation},
         "results": [{"estimator": name, **s} for name, s in stats.items()],
     }
@@ -506,6 +520,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
 
         console = Console()
         console.print(_table(stats, f"gradient probe of {args.ckpt}"))
+        ref_snr = next(iter(stats.values()))["reference_snr"]
+        if ref_snr is not None:
+            r = args.reference_batches * max(ref_snr, 0.0)
+            console.print(
+                f"reference ∇J: {args.reference_estimator}/{REFERENCE_AGGREGATION} over {args.reference_batches} "
+                f"batches, per-batch SNR {ref_snr:.3g}; its expected cosine with the true ∇J ≈ "
+                f"{math.sqrt(r / (1 + r)) if math.isfinite(r) else 1.0:.2f} (cosines above are attenuated by about that)"
+            )
         console.print(f"wrote {args.out}")
     return stats
 
