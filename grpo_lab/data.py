@@ -28,7 +28,8 @@ class QueryDataModule(L.LightningDataModule):
         Args:
             dataset: a built-in task name (``arithmetic``: easy one-digit and hard two-digit additions;
                 ``arithmetic_easy``) or a path to a ``.jsonl`` file with a ``prompt`` field per line.
-            prompts_per_step: P, the queries per rollout batch per process (each gets G completions).
+            prompts_per_step: P, the queries per rollout batch over all processes (each gets G completions);
+                with N devices each process takes P/N of them, so P must be divisible by N.
             num_train: queries generated for a built-in task's training split (ignored for JSONL).
             num_val: validation queries (a built-in task draws them with another seed; a JSONL file gives
                 up this many of its lines, chosen with ``seed``).
@@ -61,12 +62,21 @@ class QueryDataModule(L.LightningDataModule):
                 f"prompts_per_step={h.prompts_per_step}"
             )
 
+    def per_process_prompts(self) -> int:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        p = self.hparams.prompts_per_step
+        if p % world:
+            raise ValueError(
+                f"prompts_per_step={p} is not divisible across {world} processes; use a multiple of {world}"
+            )
+        return p // world
+
     def train_dataloader(self) -> DataLoader:
         # Seeded shuffling: the same seed gives the same query order in every trial.
         gen = torch.Generator().manual_seed(self.hparams.seed)
         return DataLoader(
             self.train_set,
-            batch_size=self.hparams.prompts_per_step,
+            batch_size=self.per_process_prompts(),
             sampler=RandomSampler(self.train_set, generator=gen),
             collate_fn=_as_list,
             drop_last=True,

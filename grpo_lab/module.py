@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import asdict
 from collections import defaultdict
 
 import lightning as L
@@ -37,7 +38,7 @@ from torchmetrics import MeanMetric
 from grpo_lab.advantages import ADVANTAGES, compute_advantages, zero_spread
 from grpo_lab.losses import AGGREGATIONS, KL_ESTIMATORS, policy_loss
 from grpo_lab.policy import PolicyConfig, build_policy
-from grpo_lab.rewards import load_reward, score
+from grpo_lab.rewards import check_reward_columns, load_reward, score
 from grpo_lab.rollout import Rollout, generate, sequence_logprobs
 from grpo_lab.tasks import Query
 from grpo_lab.warmstart import WarmStartConfig, ensure_warm_start
@@ -68,6 +69,9 @@ class GRPOModule(L.LightningModule):
         num_iterations: int = 1,
         micro_batches: int = 1,
         max_grad_norm: float | None = 1.0,
+        mask_truncated: bool = False,
+        invalid_rewards: str = "error",
+        max_bad_steps: int = 5,
         optimizer: OptimizerCallable | None = None,
         num_text_samples: int = 8,
     ) -> None:
@@ -95,6 +99,13 @@ class GRPOModule(L.LightningModule):
                 sequences (gradient accumulation with the whole batch's normalizer: same gradient, less
                 memory). Use this rather than the Trainer's accumulate_grad_batches.
             max_grad_norm: clip the gradient's global L2 norm to this (None: no clipping).
+            mask_truncated: leave completions that never reached EOS out of the loss (they still count
+                in the reward metrics).
+            invalid_rewards: ``error`` stops on a NaN/inf/non-number reward; ``drop`` leaves that completion
+                out of the loss (its reward is set to its group's mean, advantage 0) and counts it in
+                ``train/invalid_rewards``.
+            max_bad_steps: a step whose loss or gradient is not finite is skipped (weights untouched,
+                counted in ``train/skipped_steps``); this many in a row stop the run with an error.
             optimizer: optimizer class or callable taking the parameters (YAML ``class_path``/``init_args``);
                 default AdamW(lr=5e-4).
             num_text_samples: completions logged as text to TensorBoard at each validation.
@@ -116,7 +127,13 @@ class GRPOModule(L.LightningModule):
             raise ValueError(f"beta must be >= 0, got {beta}")
         if temperature <= 0.0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if invalid_rewards not in ("error", "drop"):
+            raise ValueError(f"invalid_rewards must be 'error' or 'drop', got {invalid_rewards!r}")
         self.save_hyperparameters()
+        # Keep hparams plain data so checkpoints load with torch's weights_only=True.
+        self.hparams.update(policy=asdict(self.policy_cfg), warm_start=asdict(self.warm_start_cfg))
+        if optimizer is not None and not isinstance(optimizer, dict):
+            self.hparams["optimizer"] = getattr(optimizer, "__qualname__", repr(optimizer))
         self.optimizer_fn = optimizer
         self.automatic_optimization = num_iterations == 1 and micro_batches == 1
         self.reward_fns = [load_reward(r) for r in rewards]
@@ -124,6 +141,7 @@ class GRPOModule(L.LightningModule):
         self._ref: list[torch.nn.Module] = []  # frozen reference, kept out of state_dict and DDP
         self.warm_start_path: str | None = None
         self.val_metrics = torch.nn.ModuleDict()
+        self.skipped_steps, self._bad_in_a_row, self._invalid_rewards = 0, 0, 0
 
     # ---- set-up -------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -133,6 +151,8 @@ class GRPOModule(L.LightningModule):
                 "use model.micro_batches to accumulate within a rollout batch with its global normalizer"
             )
         dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and getattr(dm, "train_set", None):
+            check_reward_columns(self.reward_fns, dm.train_set + dm.val_set, dm.hparams.dataset)
         if self.warm_start_cfg.steps > 0 and dm is not None and self.warm_start_path is None:
             self.warm_start_path = str(self._warm_start(dm.hparams.dataset))
             weights = type(self.model).from_pretrained(self.warm_start_path, local_files_only=True).state_dict()
@@ -160,11 +180,20 @@ class GRPOModule(L.LightningModule):
         )
 
     def reward(self, rollout: Rollout, batch: list[Query]) -> Tensor:
-        """Rewards ``[P, G]`` of the rollout's completions; reward functions see the query columns."""
+        """Rewards ``[P, G]`` of the rollout's completions; reward functions see the query columns.
+        With ``invalid_rewards="drop"`` an invalid value gets its group's mean and leaves the loss."""
         g = len(rollout.completions) // len(batch)
-        columns = {k: [q[k] for q in batch for _ in range(g)] for k in batch[0] if k != "prompt"}
-        r = score(self.reward_fns, rollout.completions, columns, self.hparams.reward_weights)
-        return r.view(len(batch), g).to(self.device)
+        columns = {k: [q[k] for q in batch for _ in range(g)] for k in batch[0] if k != "prompt" and not k.startswith("_")}
+        drop = self.hparams.invalid_rewards == "drop"
+        r = score(self.reward_fns, rollout.completions, columns, self.hparams.reward_weights, allow_invalid=drop)
+        r = r.view(len(batch), g).to(self.device)
+        invalid = ~torch.isfinite(r)  # [P, G]; only possible with drop
+        if invalid.any():
+            valid_mean = torch.where(invalid, 0.0, r).sum(-1, keepdim=True) / (~invalid).sum(-1, keepdim=True).clamp(min=1)
+            r = torch.where(invalid, valid_mean, r)
+            rollout.completion_mask[invalid.flatten()] = 0
+        self._invalid_rewards = int(invalid.sum())
+        return r
 
     def loss(
         self, rollout: Rollout, advantages: Tensor, old_logprobs: Tensor | None, normalizer: float | Tensor | None = None
@@ -186,15 +215,16 @@ class GRPOModule(L.LightningModule):
         stats["entropy"] = entropy
         return loss, stats
 
-    def normalizer(self, mask: Tensor) -> Tensor:
+    def normalizer(self, mask: Tensor, reduce: bool = True) -> Tensor:
         """The aggregation's denominator for a rollout batch with completion mask ``mask`` [B, T], chosen so
         that 1 process, N DDP processes (gradients averaged) and micro-batches all give the same gradient:
         token_mean: global token count / N; sequence_mean: global sequences / N; constant: that × max_new_tokens.
+        ``reduce=False`` gives this process's own count (no collective call: safe on one rank alone).
         """
         agg = self.hparams.aggregation
         count = mask.sum().float() if agg == "token_mean" else mask.new_tensor(float(mask.shape[0]))
         world = 1
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             count = count.float().clone()
             dist.all_reduce(count)
             world = dist.get_world_size()
@@ -204,6 +234,8 @@ class GRPOModule(L.LightningModule):
     def training_step(self, batch: list[Query], batch_idx: int) -> Tensor | None:
         start = time.perf_counter()
         rollout = self.rollout(batch)  # B = P·G completions, no grad
+        if self.hparams.mask_truncated:
+            rollout.completion_mask[rollout.truncated] = 0
         rewards = self.reward(rollout, batch)  # [P, G]
         advantages = compute_advantages(rewards, self.hparams.advantage).flatten()  # [P, G] -> [B]
         if self.automatic_optimization:  # μ = 1: ratio = π_θ/π_θ.detach(), the REINFORCE gradient
@@ -211,6 +243,9 @@ class GRPOModule(L.LightningModule):
         else:  # μ > 1 (π_old frozen before several updates on one batch) and/or micro-batches
             loss, stats = self._several_updates(rollout, advantages)
         self._log_step(batch, rollout, rewards, advantages, loss, stats, time.perf_counter() - start)
+        if self.automatic_optimization and not torch.isfinite(loss):
+            self._bad_step(f"loss is {loss.item()}")
+            return None  # Lightning skips backward and the optimizer step
         return loss if self.automatic_optimization else None
 
     def _several_updates(self, rollout: Rollout, advantages: Tensor) -> tuple[Tensor, dict]:
@@ -231,15 +266,33 @@ class GRPOModule(L.LightningModule):
                 loss, stats = self.loss(rollout.select(rows), advantages[rows], None if old is None else old[rows], norm)
                 self.manual_backward(loss)
                 total = total + loss.detach()
-            opt.step()
+            opt.step()  # on_before_optimizer_step drops a non-finite gradient: the step changes nothing
         return total, stats
 
     def on_before_optimizer_step(self, optimizer) -> None:
         norms = grad_norm(self.model, norm_type=2)
-        if norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"], on_step=True, on_epoch=False)
+        total = norms.get("grad_2.0_norm_total")
+        if total is not None:
+            self.log("train/grad_norm", total, on_step=True, on_epoch=False)
+        if total is not None and not torch.isfinite(torch.as_tensor(total)):
+            for p in self.model.parameters():  # optimizers skip parameters without a gradient
+                p.grad = None
+            self._bad_step(f"gradient norm is {float(total)}")
+            return
+        if total is None:  # no backward happened (a skipped loss): nothing to clip or count
+            return
+        self._bad_in_a_row = 0
         if self.hparams.max_grad_norm is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+
+    def _bad_step(self, why: str) -> None:
+        self.skipped_steps += 1
+        self._bad_in_a_row += 1
+        if self._bad_in_a_row >= self.hparams.max_bad_steps:
+            raise RuntimeError(
+                f"{self._bad_in_a_row} steps in a row had a non-finite loss or gradient (last: {why}); stopping. "
+                "Lower the learning rate, check the reward function, or raise model.max_bad_steps"
+            )
 
     # ---- logging ------------------------------------------------------------------------------------
     def _log_step(self, batch, rollout: Rollout, rewards: Tensor, advantages: Tensor, loss: Tensor, stats: dict, seconds: float) -> None:
@@ -254,6 +307,8 @@ class GRPOModule(L.LightningModule):
             "train/loss": loss.detach(),
             "train/completion_length": rollout.completion_mask.sum(-1).float().mean(),
             "train/truncated_fraction": rollout.truncated.float().mean(),
+            "train/skipped_steps": torch.tensor(float(self.skipped_steps)),
+            "train/invalid_rewards": torch.tensor(float(self._invalid_rewards)),
             "perf/tokens_per_s": torch.tensor(rollout.num_tokens / max(seconds, 1e-9)),
         }
         metrics.update({f"train/{k}": v for k, v in stats.items() if v is not None})

@@ -83,8 +83,28 @@ def required_columns(fn: RewardFn) -> set[str]:
     }
 
 
-def score(fns: Sequence[RewardFn], completions: list[str], columns: dict[str, list], weights: Sequence[float] | None = None) -> torch.Tensor:
-    """Weighted sum of the reward functions, ``[B]`` float32; errors name the function and the cause."""
+def check_reward_columns(fns: Sequence[RewardFn], rows: list[dict], source: str) -> None:
+    """Fail before training when a query lacks a column a reward function needs (names the line for JSONL)."""
+    for fn in fns:
+        for col in sorted(required_columns(fn)):
+            for i, row in enumerate(rows):
+                if col not in row:
+                    where = f"{source}:{row['_line']}" if "_line" in row else f"{source} (query {i})"
+                    raise ValueError(
+                        f"reward function {reward_name(fn)!r} needs the column {col!r}, which {where} lacks; "
+                        f"add it to every query or choose another reward"
+                    )
+
+
+def score(
+    fns: Sequence[RewardFn],
+    completions: list[str],
+    columns: dict[str, list],
+    weights: Sequence[float] | None = None,
+    allow_invalid: bool = False,
+) -> torch.Tensor:
+    """Weighted sum of the reward functions, ``[B]`` float32; errors name the function and the cause.
+    With ``allow_invalid`` a NaN/inf/non-number value becomes NaN in the result instead of an error."""
     weights = list(weights) if weights is not None else [1.0] * len(fns)
     total = torch.zeros(len(completions))
     for fn, w in zip(fns, weights, strict=True):
@@ -98,8 +118,12 @@ def score(fns: Sequence[RewardFn], completions: list[str], columns: dict[str, li
             raise ValueError(f"reward function {name!r} returned {len(values)} values for {len(completions)} completions")
         for i, v in enumerate(values):
             if not isinstance(v, numbers.Real) or not math.isfinite(v):
+                if allow_invalid:
+                    values[i] = math.nan
+                    continue
                 raise ValueError(
-                    f"reward function {name!r} returned {v!r} for completion {completions[i]!r}; rewards must be finite numbers"
+                    f"reward function {name!r} returned {v!r} for completion {completions[i]!r}; rewards must be "
+                    "finite numbers (or set model.invalid_rewards: drop to leave such completions out)"
                 )
-        total += w * torch.tensor(values, dtype=torch.float32)
+        total += w * torch.tensor([float(v) for v in values], dtype=torch.float32)
     return total

@@ -97,7 +97,9 @@ def gradient_statistics(grads: Tensor, reference: Tensor | None = None) -> dict[
     - ``snr`` S / V ≈ ‖μ‖² / tr Cov(g): signal-to-noise of one estimate. V = 0 (all g_k equal) gives 0 when
       ḡ = 0 (no signal, e.g. every group had zero reward spread) and ``inf`` otherwise; never NaN;
     - ``cosine`` ḡ·r / (‖ḡ‖‖r‖) with the ``reference`` direction r (``None`` without one; 0 if a norm is 0);
-    - ``mean_norm`` ‖ḡ‖, and ``relative_variance`` V / ‖ḡ‖² (0 when V = ḡ = 0, ``inf`` when only ḡ = 0);
+    - ``mean_norm`` ‖ḡ‖, and ``relative_variance`` V / ‖ḡ‖² (0 when V = ḡ = 0, ``inf`` when only ḡ = 0).
+      Scale-free but not K-free: ‖ḡ‖² carries the V/K of noise, so compare it only at equal K (1/``snr``
+      is the K-free version);
     - ``num_batches`` K.
 
     Why SNR and cosine rather than V: estimators differ in *scale* (``group_norm`` divides each group by
@@ -436,8 +438,8 @@ def _table(stats: dict[str, dict[str, float | None]], title: str):
 
     table = Table(title=title)
     table.add_column("estimator")
-    for key in ("snr", "cosine", "relative_variance", "mean_norm", "variance"):
-        table.add_column(key, justify="right")
+    for header in ("snr", "cosine", "V/‖ḡ‖²", "‖ḡ‖", "variance"):
+        table.add_column(header, justify="right", no_wrap=True)
     for name, s in stats.items():
         cells = [("-" if s[k] is None else f"{s[k]:.4g}") for k in ("snr", "cosine", "relative_variance", "mean_norm", "variance")]
         table.add_row(name, *cells)

@@ -170,6 +170,7 @@ def test_probe_leaves_parameters_and_rng_alone():
     assert list(stats) == list(DEFAULT_ESTIMATORS)
     for s in stats.values():
         assert math.isfinite(s["snr"]) and -1.0 <= s["cosine"] <= 1.0 and s["variance"] > 0
+        assert math.isfinite(s["reference_snr"])
     assert probe(module, _queries(), **kwargs) == stats  # seeded: reproducible
     with pytest.raises(ValueError, match="num_batches must be >= 2"):
         probe(module, _queries(), num_batches=1)
@@ -206,7 +207,8 @@ def test_command_line_on_a_checkpoint(in_tmp, capsys):
     trainer.save_checkpoint(in_tmp / "x.ckpt")
     out = in_tmp / "out.json"
     main(["--ckpt", str(in_tmp / "x.ckpt"), "--estimators", "reward", "rloo", "--num-batches", "2",
-          "--reference-batches", "2", "--prompts-per-batch", "2", "--num-queries", "16", "--out", str(out)])
+          "--reference-batches", "2", "--reference-estimator", "rloo", "--prompts-per-batch", "2", "--num-queries", "16", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert [r["estimator"] for r in saved["results"]] == ["reward", "rloo"]
+    assert saved["config"]["reference"] == "rloo/constant"
     assert "rloo" in capsys.readouterr().out
