@@ -1,16 +1,37 @@
-"""QueryDataModule: serves batches of P queries (plain dicts) for rollouts; seeded train/val splits."""
+"""QueryDataModule: serves batches of P queries (plain dicts) for rollouts; seeded train/val splits.
+
+The training order is a function of (seed, epoch) only, and the module remembers how many batches of the
+current epoch were used: a checkpoint stores that position (``state_dict``) and a resumed run continues
+with the next unseen batch, so an interrupted run sees exactly the queries an uninterrupted one would.
+"""
 
 from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, Sampler
 
 from grpo_lab.tasks import TASKS, Query, load_queries
 
 
 def _as_list(batch: list[Query]) -> list[Query]:
     return batch
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch, ``randperm(n, seed, epoch)``, that can start ``skip`` items in."""
+
+    def __init__(self, n: int, seed: int, epoch_fn, skip_fn) -> None:
+        self.n, self.seed, self.epoch_fn, self.skip_fn = n, seed, epoch_fn, skip_fn
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        epoch = self.epoch_fn()
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.n, generator=gen).tolist()
+        return iter(order[self.skip_fn(epoch) :])
 
 
 class QueryDataModule(L.LightningDataModule):
@@ -42,6 +63,8 @@ class QueryDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.train_set: list[Query] = []
         self.val_set: list[Query] = []
+        self.position = {"epoch": 0, "batches": 0}  # batches of that epoch used by training steps
+        self._resume_from: dict | None = None
 
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams
@@ -73,14 +96,38 @@ class QueryDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Seeded shuffling: the same seed gives the same query order in every trial.
-        gen = torch.Generator().manual_seed(self.hparams.seed)
+        sampler = EpochSampler(len(self.train_set), self.hparams.seed, self._epoch, self._skip)
         return DataLoader(
             self.train_set,
             batch_size=self.per_process_prompts(),
-            sampler=RandomSampler(self.train_set, generator=gen),
+            sampler=sampler,
             collate_fn=_as_list,
             drop_last=True,
+            generator=torch.Generator().manual_seed(self.hparams.seed),  # never draw from the global RNG
         )
+
+    def _epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    def _skip(self, epoch: int) -> int:
+        """Queries to skip at the start of ``epoch``: the used batches, when resuming into that epoch."""
+        resume, self._resume_from = self._resume_from, None
+        if resume and resume["epoch"] == epoch:
+            self.position = dict(resume)
+            return resume["batches"] * self.hparams.prompts_per_step
+        self.position = {"epoch": epoch, "batches": 0}
+        return 0
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if self.trainer is not None and self.trainer.training:
+            self.position["batches"] += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return dict(self.position)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume_from = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"])}
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.val_batch_size, collate_fn=_as_list)

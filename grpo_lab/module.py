@@ -23,11 +23,14 @@ Departures from textbook GRPO, all configurable:
 from __future__ import annotations
 
 import copy
+import random
 import time
 from dataclasses import asdict
 from collections import defaultdict
+from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.cli import OptimizerCallable
@@ -42,6 +45,12 @@ from grpo_lab.rewards import check_reward_columns, load_reward, score
 from grpo_lab.rollout import Rollout, generate, sequence_logprobs
 from grpo_lab.tasks import Query
 from grpo_lab.warmstart import WarmStartConfig, ensure_warm_start
+
+
+def _numpy_state() -> tuple:
+    """numpy's global RNG state as plain Python data (checkpoints load with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)
 
 
 def _check_choice(name: str, value: str, registry: dict) -> None:
@@ -132,7 +141,7 @@ class GRPOModule(L.LightningModule):
         self.save_hyperparameters()
         # Keep hparams plain data so checkpoints load with torch's weights_only=True.
         self.hparams.update(policy=asdict(self.policy_cfg), warm_start=asdict(self.warm_start_cfg))
-        if optimizer is not None and not isinstance(optimizer, dict):
+        if callable(self.hparams.get("optimizer")):  # LightningCLI stores the config dict; code passes a callable
             self.hparams["optimizer"] = getattr(optimizer, "__qualname__", repr(optimizer))
         self.optimizer_fn = optimizer
         self.automatic_optimization = num_iterations == 1 and micro_batches == 1
@@ -294,6 +303,27 @@ class GRPOModule(L.LightningModule):
                 "Lower the learning rate, check the reward function, or raise model.max_bad_steps"
             )
 
+    # ---- checkpoints: everything needed to continue exactly -----------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["grpo_lab"] = {
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_state()},
+            "skipped_steps": self.skipped_steps, "bad_in_a_row": self._bad_in_a_row,
+            "warm_start": self.warm_start_path and Path(self.warm_start_path).name,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("grpo_lab")
+        if state is None:
+            return
+        ws = self.warm_start_path and Path(self.warm_start_path).name
+        if state["warm_start"] != ws:
+            raise ValueError(f"checkpoint was trained from warm start {state['warm_start']!r}, this config gives {ws!r}")
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        kind, keys, pos, has_gauss, gauss = state["rng"]["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+        self.skipped_steps, self._bad_in_a_row = state["skipped_steps"], state["bad_in_a_row"]
+
     # ---- logging ------------------------------------------------------------------------------------
     def _log_step(self, batch, rollout: Rollout, rewards: Tensor, advantages: Tensor, loss: Tensor, stats: dict, seconds: float) -> None:
         p = len(batch)
@@ -323,6 +353,12 @@ class GRPOModule(L.LightningModule):
 
     # ---- validation: greedy and sampled accuracy per difficulty --------------------------------------
     def validation_step(self, batch: list[Query], batch_idx: int) -> None:
+        # Sampled with its own seed: validation never moves the training RNG (exact resume, same samples).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.global_step * 7919 + batch_idx)
+            self._validate(batch, batch_idx)
+
+    def _validate(self, batch: list[Query], batch_idx: int) -> None:
         texts = []
         for mode in ("greedy", "sampled"):
             rollout = self.rollout(batch, num_generations=1, greedy=mode == "greedy")
