@@ -27,6 +27,21 @@ class GRPOCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"seed_everything": 0})
 
+    def before_instantiate_classes(self) -> None:
+        """``--ckpt_path last``: continue in the newest TensorBoard version that holds a ``last.ckpt``, so the
+        checkpoint is found and the curves carry on in the same run directory."""
+        cfg = self.config.get(self.subcommand) if self.subcommand else self.config
+        if cfg is None or cfg.get("ckpt_path") != "last":
+            return
+        logger = cfg.get("trainer", {}).get("logger")
+        args = getattr(logger, "init_args", None) if logger is not None and not isinstance(logger, bool) else None
+        if args is None or args.get("version") is not None:
+            return
+        root = Path(args.get("save_dir") or "runs") / (args.get("name") or "lightning_logs")
+        done = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: int(p.parts[-3].split("_")[1]))
+        if done:
+            args["version"] = int(done[-1].parts[-3].split("_")[1])
+
     def instantiate_trainer(self, **kwargs):
         """Add a Rich progress bar unless the config turns bars off or names its own."""
         cfg = self._get(self.config_init, "trainer", default={})

@@ -59,3 +59,10 @@ def test_grpo_from_the_warm_start_raises_the_reward(tmp_path):
                    "--trainer.val_check_interval", "300")
     first, last = learning_lift([v for _, v in scalars["train/reward"]], 0.2)
     assert last - first >= 0.05, (first, last)
+
+
+def test_ckpt_path_last_resumes_in_the_same_run_directory(tmp_path):
+    _fit(tmp_path)
+    scalars = _fit(tmp_path, "--trainer.max_steps", "6", "--ckpt_path", "last")
+    assert [p.name for p in (tmp_path / "runs" / "smoke").iterdir()] == ["version_0"]
+    assert sorted(s for s, _ in scalars["train/reward"]) == list(range(6))
