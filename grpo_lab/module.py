@@ -312,6 +312,15 @@ class GRPOModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning adds 1 to the logging step on restart, assuming the checkpoint was written inside a batch;
+        # one written at the end of an epoch or fit already counts that batch, so the resumed run's curves
+        # would skip a step. Store it as if written inside the batch.
+        loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        if "epoch_loop.state_dict" in loop and "epoch_loop.batch_progress" in loop:
+            processed = loop["epoch_loop.batch_progress"]["total"]["processed"]
+            stepped = loop["epoch_loop.state_dict"].get("_batches_that_stepped", 0)
+            if processed and stepped >= processed:
+                loop["epoch_loop.state_dict"]["_batches_that_stepped"] = processed - 1
         state = checkpoint.get("grpo_lab")
         if state is None:
             return
