@@ -40,7 +40,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 AdvantageFn = Callable[[Tensor, float], Tensor]

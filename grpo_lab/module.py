@@ -25,8 +25,8 @@ from __future__ import annotations
 import copy
 import random
 import time
-from dataclasses import asdict
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L

@@ -3,9 +3,9 @@ import sys
 
 import pytest
 
-from tests.conftest import CONFIGS, ROOT
 from grpo_lab.cli import cli_main
 from grpo_lab.logs import learning_lift, read_scalars
+from tests.conftest import CONFIGS, ROOT
 
 SHIPPED = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 
