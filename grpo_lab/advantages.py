@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from grpo_lab.registry import lookup
+
 AdvantageFn = Callable[[Tensor, float], Tensor]
 
 
@@ -74,11 +76,9 @@ def available_advantages() -> list[str]:
 
 def compute_advantages(rewards: Tensor, estimator: str, eps: float = 1e-6) -> Tensor:
     """Advantages ``[P, G]`` for rewards ``[P, G]`` (P queries, G completions each)."""
-    if estimator not in ADVANTAGES:
-        raise ValueError(f"unknown advantage estimator {estimator!r}; known: {', '.join(available_advantages())}")
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be [P, G] (queries x completions), got shape {tuple(rewards.shape)}")
-    est = ADVANTAGES[estimator]
+    est = lookup(ADVANTAGES, estimator, "advantage estimator")
     rewards = rewards.float() if not rewards.is_floating_point() else rewards
     if not est.needs_group:
         return est.fn(rewards, eps)

@@ -28,6 +28,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from grpo_lab.registry import lookup, registrar
+
 KLFn = Callable[[Tensor, Tensor], Tensor]
 AggregateFn = Callable[[Tensor, Tensor, "float | Tensor | None"], Tensor]
 
@@ -35,30 +37,10 @@ KL_ESTIMATORS: dict[str, KLFn] = {}
 AGGREGATIONS: dict[str, AggregateFn] = {}
 
 
-def register_kl(name: str) -> Callable[[KLFn], KLFn]:
-    """Register ``fn(logprobs[B, T], ref_logprobs[B, T]) -> kl[B, T]`` under ``name``."""
-
-    def decorator(fn: KLFn) -> KLFn:
-        KL_ESTIMATORS[name] = fn
-        return fn
-
-    return decorator
-
-
-def register_aggregation(name: str) -> Callable[[AggregateFn], AggregateFn]:
-    """Register ``fn(loss[B, T], mask[B, T], normalizer) -> scalar`` under ``name``."""
-
-    def decorator(fn: AggregateFn) -> AggregateFn:
-        AGGREGATIONS[name] = fn
-        return fn
-
-    return decorator
-
-
-def _lookup(registry: dict, name: str, what: str):
-    if name not in registry:
-        raise ValueError(f"unknown {what} {name!r}; known: {', '.join(sorted(registry))}")
-    return registry[name]
+# ``@register_kl("name")``: fn(logprobs[B, T], ref_logprobs[B, T]) -> kl[B, T]
+register_kl = registrar(KL_ESTIMATORS)
+# ``@register_aggregation("name")``: fn(loss[B, T], mask[B, T], normalizer) -> scalar
+register_aggregation = registrar(AGGREGATIONS)
 
 
 @register_kl("k1")
@@ -82,7 +64,7 @@ def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -> Tensor:
     """Per-token KL(π‖π_ref) estimate ``[B, T]`` from the sampled tokens' log-probabilities."""
-    return _lookup(KL_ESTIMATORS, estimator, "KL estimator")(logprobs, ref_logprobs)
+    return lookup(KL_ESTIMATORS, estimator, "KL estimator")(logprobs, ref_logprobs)
 
 
 @register_aggregation("token_mean")
@@ -138,7 +120,7 @@ def policy_loss(
         raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got clip_low={clip_low}, clip_high={clip_high}")
     if beta < 0.0:
         raise ValueError(f"beta (KL coefficient) must be >= 0, got {beta}")
-    aggregate = _lookup(AGGREGATIONS, aggregation, "aggregation")
+    aggregate = lookup(AGGREGATIONS, aggregation, "aggregation")
     mask = mask.to(logprobs.dtype)
     adv = advantages.to(logprobs.dtype).unsqueeze(-1)  # [B, 1]
 
@@ -162,5 +144,5 @@ def policy_loss(
         if beta > 0.0:
             per_token = per_token + beta * kl
     else:
-        _lookup(KL_ESTIMATORS, kl_estimator, "KL estimator")  # a bad name fails even when unused
+        lookup(KL_ESTIMATORS, kl_estimator, "KL estimator")  # a bad name fails even when unused
     return aggregate(per_token, mask, normalizer), stats

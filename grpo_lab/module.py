@@ -41,6 +41,7 @@ from torchmetrics import MeanMetric
 from grpo_lab.advantages import ADVANTAGES, compute_advantages, zero_spread
 from grpo_lab.losses import AGGREGATIONS, KL_ESTIMATORS, policy_loss
 from grpo_lab.policy import PolicyConfig, build_policy
+from grpo_lab.registry import lookup
 from grpo_lab.rewards import check_reward_columns, load_reward, score
 from grpo_lab.rollout import Rollout, generate, sequence_logprobs
 from grpo_lab.tasks import Query
@@ -51,11 +52,6 @@ def _numpy_state() -> tuple:
     """numpy's global RNG state as plain Python data (checkpoints load with weights_only=True)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)
-
-
-def _check_choice(name: str, value: str, registry: dict) -> None:
-    if value not in registry:
-        raise ValueError(f"unknown {name} {value!r}; known: {', '.join(sorted(registry))}")
 
 
 class GRPOModule(L.LightningModule):
@@ -123,9 +119,9 @@ class GRPOModule(L.LightningModule):
         # LightningCLI may hand nested dataclasses over as dicts: normalise once, keep typed copies.
         self.policy_cfg = policy if isinstance(policy, PolicyConfig) else PolicyConfig(**policy)
         self.warm_start_cfg = warm_start if isinstance(warm_start, WarmStartConfig) else WarmStartConfig(**warm_start)
-        _check_choice("advantage estimator", advantage, ADVANTAGES)
-        _check_choice("aggregation", aggregation, AGGREGATIONS)
-        _check_choice("KL estimator", kl_estimator, KL_ESTIMATORS)
+        lookup(ADVANTAGES, advantage, "advantage estimator")
+        lookup(AGGREGATIONS, aggregation, "aggregation")
+        lookup(KL_ESTIMATORS, kl_estimator, "KL estimator")
         if ADVANTAGES[advantage].needs_group and num_generations < 2:
             raise ValueError(f"advantage {advantage!r} needs num_generations >= 2 (got {num_generations}); or use 'reward'")
         if min(num_generations, num_iterations, max_new_tokens, micro_batches) < 1:

@@ -15,16 +15,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from grpo_lab.registry import registrar
+
 RewardFn = Callable[..., list[float]]
 REWARDS: dict[str, RewardFn] = {}
 
 
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    def decorator(fn: RewardFn) -> RewardFn:
-        REWARDS[name] = fn
-        return fn
-
-    return decorator
+register_reward = registrar(REWARDS)  # @register_reward("name") on a (completions, **columns) -> list[float]
 
 
 def _first_line(text: str) -> str:

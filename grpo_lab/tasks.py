@@ -11,19 +11,14 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
+from grpo_lab.registry import registrar
+
 Query = dict
 TaskFn = Callable[[int, int], list[Query]]
 TASKS: dict[str, TaskFn] = {}
 
 
-def register_task(name: str) -> Callable[[TaskFn], TaskFn]:
-    """Register ``fn(n, seed) -> list[query]`` as a built-in dataset name."""
-
-    def decorator(fn: TaskFn) -> TaskFn:
-        TASKS[name] = fn
-        return fn
-
-    return decorator
+register_task = registrar(TASKS)  # @register_task("name") on fn(n, seed) -> list[query]
 
 
 def arithmetic_query(a: int, b: int, difficulty: str) -> Query:
