@@ -62,6 +62,11 @@ def _cache_keyword(model: PreTrainedModel) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def _keep_last(model: PreTrainedModel, n: int) -> dict:
+    """Ask the model for the logits of the last ``n`` positions only (no LM head on the rest)."""
+    return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -85,7 +90,7 @@ def generate(
     b = prompt_ids.shape[0]
     attn = prompt_mask.clone()
     cache_kw = _cache_keyword(model)
-    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=positions(attn), use_cache=True)
+    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=positions(attn), use_cache=True, **_keep_last(model, 1))
     cache, logits = out[cache_kw], out.logits[:, -1, :]  # [B, V]
     next_pos = attn.sum(-1, keepdim=True)  # [B, 1]
     done = torch.zeros(b, dtype=torch.bool, device=device)
@@ -123,15 +128,16 @@ def sequence_logprobs(
     when enabled), at the sampling temperature; and the mean token entropy over the mask if asked."""
     ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)  # [B, Tp+T]
     attn = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
-    tp = rollout.prompt_ids.shape[1]
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=False).logits
-    logits = logits[:, tp - 1 : -1, :].float() / temperature  # [B, T, V]: position t predicts token t+1
+    t = rollout.completion_ids.shape[1]
+    keep = _keep_last(model, t + 1)  # the LM head runs on the T+1 last positions only, when supported
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=False, **keep).logits
+    logits = logits[:, -(t + 1) : -1, :].float() / temperature  # [B, T, V]: position t predicts token t+1
     logprobs = token_logprobs(logits, rollout.completion_ids)  # [B, T]
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            p = torch.softmax(logits, dim=-1)
-            ent = -(p * torch.log_softmax(logits, dim=-1)).sum(-1)  # [B, T]
+            logp = torch.log_softmax(logits, dim=-1)
+            ent = -(logp.exp() * logp).sum(-1)  # [B, T]
             m = rollout.completion_mask.float()
             entropy = (ent * m).sum() / m.sum().clamp(min=1)
     return logprobs, entropy
