@@ -1,0 +1,7 @@
+"""Ablation harness for grpo_lab: named search spaces -> resumable Optuna studies -> a report.
+
+- ``spaces.py``: the registry of named spaces (grids of grpo-lab config keys x seeds, or TPE distributions);
+- ``objective.py``: one trial = one ``grpo-lab fit`` subprocess; its scalars become the trial's user attrs;
+- ``run.py``: ``grpo-lab-ablate``: study creation on SQLite or any RDB URL, resume, parallel workers;
+- ``report.py``: ``report.md`` and PNG plots from the study's COMPLETE trials only.
+"""

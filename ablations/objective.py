@@ -1,0 +1,335 @@
+"""One Optuna trial = one ``grpo-lab fit`` subprocess; its TensorBoard scalars become the trial's metrics.
+
+For trial N of study S the objective
+
+1. takes its params from the space (``GridSampler`` values, an enqueued point, or TPE samples);
+2. gives up at once (``TrialPruned("duplicate of trial M")``) if another trial of the study already holds
+   the same params: a COMPLETE one, or a RUNNING one that started earlier (its heartbeat still fresh, or
+   it would have been failed by ``fail_stale_trials``). Ties are broken by (start time, number), so of two
+   trials racing for one grid point exactly one goes on. The report therefore sees one COMPLETE trial per
+   grid point, however often the study is resumed or however many workers share it;
+3. writes ``runs/ablate/S/N/trial.yaml``: the space's overrides for these params, TensorBoard to
+   ``runs/ablate/S/N/``, no progress bar or checkpoints, and the gradient-variance probe as the only
+   callback;
+4. runs ``python -m grpo_lab.cli fit --config <space base config> --config runs/ablate/S/N/trial.yaml``
+   (stored as the trial's ``command`` user attr, to rerun by hand from the same directory), with
+   ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` set to the runner's threads per worker, output to ``fit.log``
+   and, on Linux, ``PR_SET_PDEATHSIG`` so the fit dies with the thread that waits on it (a SIGKILLed
+   runner leaves no orphan fits behind);
+5. reads the scalars back and returns the AUC of the reward curve (the mean ``train/reward`` over
+   training: the normalised area under the curve, which rewards learning early as well as learning much).
+
+User attrs of a COMPLETE trial (what ``report.py`` reads):
+
+- ``curves``: ``{tag: [[step, value], ...]}`` for ``train/reward``, ``train/reward_easy``,
+  ``train/reward_hard``, ``val/acc_sampled*`` and ``val/acc_greedy*``, at most 200 points each (bin means);
+- ``probe``: the rows of ``probe.json`` (``{"step", "fraction", "estimator", "snr", "cosine", "variance",
+  "signal", "relative_variance", "mean_norm", ...}``), empty without the probe;
+- ``auc``, ``steps_to_threshold`` (first step at which the trailing moving average of ``train/reward``, over
+  a full window, reaches the space's threshold; None if never) and ``last_step``;
+- ``final``: the last value of every ``val/acc_*`` (``{"sampled": ..., "sampled_easy": ..., "greedy": ...}``);
+- ``wall_time_s``, ``overrides`` (the trial's dotted config overrides), ``command``, ``cwd``, ``logdir``.
+
+Pruning (tuning spaces only). ``optuna_integration.PyTorchLightningPruningCallback`` reports from inside the
+Trainer, which here runs in another process. Its equivalent: while the fit runs, the objective polls the
+trial's TensorBoard event files every few seconds, ``trial.report``s the moving average of ``train/reward``
+at each new step and, if ``trial.should_prune()``, kills the fit and raises ``TrialPruned``. Grid spaces
+are never pruned: every grid point is a measurement the report needs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from ablations.spaces import Space
+from grpo_lab.logs import read_scalars
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CURVE_PREFIXES = ("train/reward", "val/acc_sampled", "val/acc_greedy")
+MAX_POINTS = 200
+TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
+
+
+class FitFailed(RuntimeError):
+    """A trial's ``grpo-lab fit`` exited non-zero (the message carries the tail of its ``fit.log``)."""
+
+
+# ---- the trial's config --------------------------------------------------------------------------------
+def nest(dotted: dict[str, Any]) -> dict[str, Any]:
+    """``{"model.advantage": "rloo"}`` -> ``{"model": {"advantage": "rloo"}}``."""
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"config key {key!r} conflicts with a value set for {p!r}")
+        node[leaf] = value
+    return out
+
+
+def resolve_config(path: str | Path) -> str:
+    """A config path as the fit should see it: as given if it exists from here, else under the repo root."""
+    p = Path(path)
+    if p.is_file():
+        return str(p)
+    if not p.is_absolute() and (REPO_ROOT / p).is_file():
+        return str(REPO_ROOT / p)
+    raise FileNotFoundError(f"config {path!r} not found in {Path.cwd()} nor in {REPO_ROOT}")
+
+
+def trial_overlay(space: Space, params: dict[str, Any], trial_dir: Path, root: Path, probe: bool = True) -> dict:
+    """The per-trial YAML overlay (on the space's base config) as a nested dict."""
+    dotted = space.trial_overrides(params)
+    dotted["model.warm_start.cache_dir"] = str(root / "warmstart")
+    cfg = nest(dotted)
+    trainer = cfg.setdefault("trainer", {})
+    trainer.update(enable_progress_bar=False, enable_checkpointing=False)
+    trainer["logger"] = {"class_path": TENSORBOARD, "init_args": {"save_dir": str(trial_dir), "name": "", "version": ""}}
+    callbacks = []
+    if probe and space.probe is not None:
+        callbacks.append(space.probe.callback(dotted.get("model.advantage"), int(params.get("seed", 0))))
+    trainer["callbacks"] = callbacks
+    return cfg
+
+
+def write_overlay(cfg: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# written by ablations/objective.py: one trial's overrides on its space's base config\n"
+                    + yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def grpo_command(sub: str, base_config: str, overlay: Path) -> list[str]:
+    """``python -m grpo_lab.cli <sub> --config <base> --config <overlay>`` (base.yaml comes first by default)."""
+    return [sys.executable, "-m", "grpo_lab.cli", sub, "--config", base_config, "--config", str(overlay)]
+
+
+# ---- running a fit -------------------------------------------------------------------------------------
+def _libc_prctl():
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+_PRCTL = _libc_prctl() if sys.platform.startswith("linux") else None  # resolved here, not in the forked child
+
+
+def _die_with_parent() -> None:
+    """In the child between fork and exec: SIGKILL me when the thread that started me dies."""
+    parent = os.getppid()
+    _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def launch(cmd: list[str], log_path: Path, threads: int, cwd: str | Path | None = None) -> subprocess.Popen:
+    """Start ``cmd`` with its output in ``log_path`` and ``threads`` BLAS/OpenMP threads."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd,
+            preexec_fn=_die_with_parent if _PRCTL is not None else None,
+        )
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def run_fit(cmd: list[str], log_path: Path, threads: int, poll: Callable[[], None] | None = None,
+            interval: float = 5.0, cwd: str | Path | None = None) -> None:
+    """Run ``cmd`` to completion; ``poll()`` is called every ``interval`` s and may raise to stop the fit.
+
+    Raises ``FitFailed`` with the log's tail if the command exits non-zero.
+    """
+    proc = launch(cmd, log_path, threads, cwd)
+    try:
+        while True:
+            try:
+                rc = proc.wait(timeout=interval)
+                break
+            except subprocess.TimeoutExpired:
+                if poll is not None:
+                    poll()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if rc != 0:
+        raise FitFailed(f"`{shlex.join(cmd)}` exited with {rc}; last lines of {log_path}:\n{log_tail(log_path)}")
+
+
+# ---- metrics from the scalars --------------------------------------------------------------------------
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average (the first points average what there is so far)."""
+    values = np.asarray(values, dtype=float)
+    if window <= 1 or len(values) == 0:
+        return values
+    c = np.cumsum(np.insert(values, 0, 0.0))
+    idx = np.arange(1, len(values) + 1)
+    lo = np.maximum(0, idx - window)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def auc(points: list[tuple[int, float]]) -> float:
+    """Normalised area under a curve: trapezoid area / step span (a single point: its value)."""
+    if not points:
+        return float("nan")
+    steps, values = np.array(points, dtype=float).T
+    if len(steps) == 1 or steps[-1] == steps[0]:
+        return float(values.mean())
+    return float(np.trapezoid(values, steps) / (steps[-1] - steps[0]))
+
+
+def steps_to_threshold(points: list[tuple[int, float]], threshold: float, window: int | None = None) -> int | None:
+    """First step at which the mean of the last ``window`` values reaches ``threshold``; None if never.
+
+    Only full windows count (from the ``window``-th point on), so one lucky early batch does not count as
+    learned. The default window is a tenth of the curve, between 3 and 20 points.
+    """
+    if not points:
+        return None
+    steps, values = np.array(points, dtype=float).T
+    window = min(len(values), window or max(3, min(20, len(values) // 10)))
+    full = np.convolve(values, np.ones(window) / window, mode="valid")  # full[i] ends at point i + window - 1
+    hit = np.nonzero(full >= threshold)[0]
+    return int(steps[hit[0] + window - 1]) if len(hit) else None
+
+
+def downsample(points: list[tuple[int, float]], max_points: int = MAX_POINTS) -> list[list[float]]:
+    """At most ``max_points`` ``[step, value]`` pairs: consecutive points averaged in equal bins."""
+    if len(points) <= max_points:
+        return [[int(s), float(v)] for s, v in points]
+    arr = np.array(points, dtype=float)
+    return [[float(b[:, 0].mean()), float(b[:, 1].mean())] for b in np.array_split(arr, max_points)]
+
+
+def _dedup(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """Sorted by step, the last value kept where a step was logged twice (e.g. a resumed event file)."""
+    return sorted(dict(points).items())
+
+
+def trial_metrics(logdir: Path, threshold: float) -> dict[str, Any]:
+    """The user attrs of a finished trial, from its TensorBoard scalars and ``probe.json``."""
+    scalars = {tag: _dedup(pts) for tag, pts in read_scalars(logdir).items()}
+    reward = scalars.get("train/reward")
+    if not reward:
+        raise FitFailed(f"no train/reward scalars under {logdir}; the fit logged nothing (see fit.log)")
+    probe_file = Path(logdir) / "probe.json"
+    probe = json.loads(probe_file.read_text()) if probe_file.is_file() else []
+    if isinstance(probe, dict):  # {"config": ..., "results": [rows]}
+        probe = probe.get("results", [])
+    return {
+        "auc": auc(reward),
+        "steps_to_threshold": steps_to_threshold(reward, threshold),
+        "final": {tag.removeprefix("val/acc_"): pts[-1][1] for tag, pts in scalars.items() if tag.startswith("val/acc_")},
+        "curves": {tag: downsample(pts) for tag, pts in scalars.items() if tag.startswith(CURVE_PREFIXES)},
+        "probe": probe,
+        "last_step": int(reward[-1][0]),
+    }
+
+
+# ---- duplicates ----------------------------------------------------------------------------------------
+def find_duplicate(trials: list[FrozenTrial], number: int, params: dict[str, Any], start) -> FrozenTrial | None:
+    """Another trial that owns ``params``: COMPLETE, or RUNNING and started before (start, number)."""
+    for t in trials:
+        if t.number == number or t.params != params:
+            continue
+        if t.state == TrialState.COMPLETE:
+            return t
+        if t.state == TrialState.RUNNING and t.datetime_start is not None and start is not None:
+            if (t.datetime_start, t.number) < (start, number):
+                return t
+    return None
+
+
+def check_duplicate(trial: optuna.Trial, params: dict[str, Any]) -> None:
+    """Raise ``TrialPruned("duplicate of trial M")`` if another trial owns ``params`` (see the docstring)."""
+    dup = find_duplicate(trial.study.get_trials(deepcopy=False), trial.number, params, trial.datetime_start)
+    if dup is not None:
+        trial.set_user_attr("duplicate_of", dup.number)
+        raise optuna.TrialPruned(f"duplicate of trial {dup.number}")
+
+
+# ---- the objective -------------------------------------------------------------------------------------
+@dataclass
+class Objective:
+    """Callable objective for ``study.optimize``: see the module docstring."""
+
+    space: Space
+    study_dir: Path
+    root: Path
+    threads: int = 1
+    poll_interval: float = 5.0
+    probe: bool = True
+
+    def __post_init__(self) -> None:
+        self.base_config = resolve_config(self.space.base_config)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        params = self.space.suggest(trial)
+        check_duplicate(trial, params)
+        trial_dir = self.study_dir / str(trial.number)
+        if trial_dir.exists():  # left over from a deleted study of the same name
+            shutil.rmtree(trial_dir)
+        overlay = write_overlay(trial_overlay(self.space, params, trial_dir, self.root, self.probe), trial_dir / "trial.yaml")
+        cmd = grpo_command("fit", self.base_config, overlay)
+        trial.set_user_attr("overrides", self.space.trial_overrides(params))
+        trial.set_user_attr("command", shlex.join(cmd))
+        trial.set_user_attr("cwd", os.getcwd())
+        trial.set_user_attr("logdir", str(trial_dir))
+        poll = None if self.space.is_grid else _PruningPoll(trial, trial_dir)
+        t0 = time.perf_counter()
+        run_fit(cmd, trial_dir / "fit.log", self.threads, poll=poll, interval=self.poll_interval)
+        metrics = trial_metrics(trial_dir, self.space.threshold)
+        metrics["wall_time_s"] = round(time.perf_counter() - t0, 2)
+        for key, value in metrics.items():
+            trial.set_user_attr(key, value)
+        return metrics["auc"]
+
+
+class _PruningPoll:
+    """``PyTorchLightningPruningCallback`` from outside the fit: report new reward steps, prune if told."""
+
+    def __init__(self, trial: optuna.Trial, logdir: Path, window: int = 10) -> None:
+        self.trial, self.logdir, self.window, self.last = trial, logdir, window, -1
+
+    def __call__(self) -> None:
+        try:
+            points = _dedup(read_scalars(self.logdir).get("train/reward", []))
+        except Exception:  # an event file caught mid-write: try again at the next poll
+            return
+        if not points:
+            return
+        smooth = moving_average(np.array([v for _, v in points]), self.window)
+        for (step, _), value in zip(points, smooth, strict=True):
+            if step > self.last:
+                self.trial.report(float(value), int(step))
+                self.last = step
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {self.last} (reward {smooth[-1]:.3f})")

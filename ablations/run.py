@@ -1,0 +1,376 @@
+"""``grpo-lab-ablate``: run a named ablation space as a resumable Optuna study, then write its report.
+
+    grpo-lab-ablate --space default                  # make ablate: 4 estimators x 3 seeds -> runs/ablate/default/
+    grpo-lab-ablate --space smoke                    # make ablate-smoke: the harness end to end in about a minute
+    grpo-lab-ablate --space default --report-only    # rewrite report.md and the plots from the stored study
+    grpo-lab-ablate --space default --storage postgresql://user@host/db   # many runners share one study
+
+Layout (``--root`` defaults to ``runs``)::
+
+    runs/ablate/<study>.db                 the SQLite study (unless --storage names another database)
+    runs/ablate/<study>/warmstart.log      the warm start built once before the trials
+    runs/ablate/<study>/<trial>/           trial.yaml, fit.log, TensorBoard events, probe.json
+    runs/ablate/<study>/report.md, *.png   the report (ablations/report.py)
+
+How a study runs:
+
+1. The study is created or loaded (``load_if_exists``) on an ``RDBStorage`` with heartbeats: a RUNNING
+   trial whose runner stops beating for ``--grace-period`` seconds is marked FAIL by
+   ``fail_stale_trials`` (called at start, before every round and by Optuna before every trial), and
+   ``RetryHeartbeatStaleTrialCallback`` (Optuna >= 4.9's name for ``RetryFailedTrialCallback``)
+   re-enqueues it, at most twice. A rerun right after a kill therefore first waits up to the grace period.
+2. The warm start is built once by a ``grpo-lab warmstart`` subprocess with the first point's config, so
+   the trials only load it (the cache key ignores the swept RL settings).
+3. Round 1 lets ``GridSampler`` hand out the grid points; it stops the study once every point was
+   *visited*, including points whose fit failed or whose trial was pruned as a duplicate. Later rounds
+   therefore enqueue every point that still has no COMPLETE trial (and no WAITING or RUNNING one) and
+   optimize exactly those, until every point is COMPLETE or has failed ``--max-failures`` times. Points
+   held by a RUNNING trial of another runner (or of a killed one, until its heartbeat goes stale) are
+   waited for, not duplicated; the objective's duplicate check makes sure of it (``objective.py``).
+   Rerunning the same command after an interruption, even a SIGKILL, keeps every finished trial and runs
+   only what is missing.
+
+Parallelism: ``study.optimize(n_jobs=N)`` threads. Each trial is a subprocess, so a thread only waits on
+it and polls files: the GIL costs nothing, the threads share one storage engine and one progress display,
+and the subprocess boundary gives each fit its own torch thread pool (``OMP_NUM_THREADS`` = threads per
+worker) and a crash that cannot take the runner down. Worker processes would add nothing but start-up.
+For several machines, start one runner per machine on a shared ``postgresql://`` storage.
+
+Caveats: ``PR_SET_PDEATHSIG`` fires when the *thread* that started a fit exits, which here is the thread
+waiting on it, so it only ever fires when the runner dies. A DDP trial (``strategies`` space) starts its
+second rank itself; that rank is not covered by the runner's death signal. DDP trials get the same
+``OMP_NUM_THREADS`` per process, so run that space with ``--n-jobs 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import sys
+import threading
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy.exc
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from ablations.objective import (
+    FitFailed,
+    Objective,
+    grpo_command,
+    log_tail,
+    run_fit,
+    trial_overlay,
+    write_overlay,
+)
+from ablations.spaces import SPACES, Space, get_space
+
+log = logging.getLogger("ablations")
+console = Console(stderr=True)
+
+
+def _quietly(fn, *args, **kwargs):
+    """Call ``fn`` without Optuna's ExperimentalWarning (heartbeats have been "experimental" since v2.8)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return fn(*args, **kwargs)
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Mark RUNNING trials whose heartbeat is older than the grace period FAIL (and enqueue their retry)."""
+    _quietly(optuna.storages.fail_stale_trials, study)
+
+
+# ---- storage and study ---------------------------------------------------------------------------------
+def default_storage(root: Path, study: str) -> str:
+    return f"sqlite:///{root / 'ablate' / f'{study}.db'}"
+
+
+def normalize_url(url: str) -> str:
+    """``postgresql://`` with the driver that is installed: SQLAlchemy >= 2.1 means psycopg 3 by it, while
+    the ``[postgres]`` extra installs psycopg2-binary; an explicit ``postgresql+driver://`` is kept."""
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    return url
+
+
+def make_storage(url: str, grace_period: int = 30) -> RDBStorage:
+    """``RDBStorage`` with heartbeats (a dead runner's trials go stale) and retries of stale trials.
+
+    ``RetryHeartbeatStaleTrialCallback`` is Optuna >= 4.9's name for ``RetryFailedTrialCallback`` (and
+    ``heartbeat_stale_trial_callback`` for ``failed_trial_callback``); older Optuna gets the old names.
+    """
+    url = normalize_url(url)
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": 60}}  # threads and heartbeats write concurrently
+    if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
+        retry = {"heartbeat_stale_trial_callback": _quietly(optuna.storages.RetryHeartbeatStaleTrialCallback, max_retry=2)}
+    else:  # pragma: no cover - Optuna < 4.9
+        retry = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=2)}
+    kwargs = dict(engine_kwargs=engine_kwargs, heartbeat_interval=max(1, min(10, grace_period // 3)),
+                  grace_period=grace_period, **retry)
+    for attempt in range(5):
+        try:
+            return _quietly(RDBStorage, url, **kwargs)
+        except sqlalchemy.exc.SQLAlchemyError:  # runners starting together race to create the schema
+            if attempt == 4:
+                raise
+            time.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
+
+
+def open_study(space: Space, name: str, storage: RDBStorage) -> optuna.Study:
+    study = optuna.create_study(study_name=name, storage=storage, sampler=space.sampler(seed=0),
+                                direction="maximize", load_if_exists=True,
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=20))
+    study.set_user_attr("space", space.describe())
+    return study
+
+
+# ---- grid bookkeeping ----------------------------------------------------------------------------------
+def _key(params: dict[str, Any]) -> tuple:
+    return tuple(sorted(params.items()))
+
+
+def point_status(trials: list[FrozenTrial], points: list[dict[str, Any]]) -> dict[tuple, Counter]:
+    """Per grid point, how many trials are in each state (a WAITING trial's params are its fixed params)."""
+    status = {_key(p): Counter() for p in points}
+    for t in trials:
+        params = t.params or t.system_attrs.get("fixed_params") or {}
+        if _key(params) in status:
+            status[_key(params)][t.state.name] += 1
+    return status
+
+
+# ---- progress ------------------------------------------------------------------------------------------
+class StudyProgress:
+    """A live line (trials done / running / failed, ETA) from polling the storage in a background thread."""
+
+    def __init__(self, study: optuna.Study, points: list[dict], n_jobs: int, interval: float = 2.0) -> None:
+        self.study, self.points, self.n_jobs, self.interval = study, points, n_jobs, interval
+        self.progress = Progress(
+            SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"),
+            console=console, transient=False,
+        )
+        self.task = self.progress.add_task(study.study_name, total=len(points) or None, status="", eta="?")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._t0 = time.time()
+
+    def update(self) -> None:
+        trials = self.study.get_trials(deepcopy=False)
+        status = point_status(trials, self.points)
+        done = sum(1 for c in status.values() if c["COMPLETE"])
+        states = Counter(t.state.name for t in trials)
+        walls = [t.user_attrs["wall_time_s"] for t in trials if t.state == TrialState.COMPLETE and "wall_time_s" in t.user_attrs]
+        left = len(self.points) - done
+        eta = "?"
+        if walls and left:
+            eta = f"{left * (sum(walls) / len(walls)) / self.n_jobs / 60:.1f} min"
+        elif not left:
+            eta = "0"
+        self.progress.update(
+            self.task, completed=done if self.points else states["COMPLETE"], eta=eta,
+            status=f"running {states['RUNNING']} | failed {states['FAIL']} | pruned {states['PRUNED']}",
+        )
+
+    def on_trial_end(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Optuna callback: one line per finished trial."""
+        what = {k: v for k, v in trial.params.items()}
+        if trial.state == TrialState.COMPLETE:
+            msg = f"auc {trial.value:.3f}  ({trial.user_attrs.get('wall_time_s', 0):.0f} s)"
+        elif trial.state == TrialState.PRUNED:
+            msg = f"pruned ({'duplicate of trial ' + str(trial.user_attrs['duplicate_of']) if 'duplicate_of' in trial.user_attrs else 'by the pruner'})"
+        else:
+            msg = f"[red]{trial.state.name}[/red]; see {trial.user_attrs.get('logdir', '?')}/fit.log"
+        self.progress.console.print(f"trial {trial.number} {what}: {msg}")
+        self.update()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.update()
+            except Exception:  # a transient storage error must not kill the display
+                pass
+
+    def __enter__(self) -> StudyProgress:
+        self.update()
+        self.progress.start()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        try:
+            self.update()
+        finally:
+            self.progress.stop()
+
+
+# ---- the study loop ------------------------------------------------------------------------------------
+def build_warm_start(space: Space, objective: Objective, study_dir: Path, threads: int) -> None:
+    """``grpo-lab warmstart`` with the first point's config, so parallel trials only load the cache."""
+    params = space.points()[0] if space.is_grid else {}
+    overlay = write_overlay(trial_overlay(space, params, study_dir / "warmstart", objective.root, probe=False),
+                            study_dir / "warmstart.yaml")
+    t0 = time.perf_counter()
+    try:
+        run_fit(grpo_command("warmstart", objective.base_config, overlay), study_dir / "warmstart.log", threads)
+    except FitFailed as err:
+        raise SystemExit(f"building the warm start failed: {err}") from None
+    console.print(f"warm start ready ({time.perf_counter() - t0:.0f} s; {study_dir / 'warmstart.log'})")
+
+
+def run_grid(study: optuna.Study, space: Space, objective: Objective, n_jobs: int, max_failures: int = 3,
+             wait: float = 5.0, max_rounds: int | None = None) -> dict[str, list[dict]]:
+    """Optimize until every grid point has a COMPLETE trial (or failed ``max_failures`` times)."""
+    points = space.points()
+    max_rounds = max_rounds or len(points) * (max_failures + 2) + 10
+    gave_up: list[dict] = []
+    rounds, waiting = 0, False
+    with StudyProgress(study, points, n_jobs) as progress:
+        while True:
+            fail_stale(study)
+            status = point_status(study.get_trials(deepcopy=False), points)
+            missing = [p for p in points if not status[_key(p)]["COMPLETE"]]
+            gave_up = [p for p in missing if status[_key(p)]["FAIL"] >= max_failures]
+            todo = [p for p in missing if p not in gave_up]
+            if not todo:
+                break
+            held = [p for p in todo if status[_key(p)]["RUNNING"]]
+            free = [p for p in todo if p not in held]
+            if not free:  # other runners (or a killed one, until its heartbeat is stale) hold the rest:
+                if not waiting:
+                    progress.progress.console.print(
+                        f"waiting for {len(held)} point(s) held by RUNNING trials of another runner, or of a killed "
+                        f"one until its heartbeat is older than the grace period")
+                waiting = True
+                time.sleep(wait)  # they finish or go stale, so this wait ends
+                continue
+            waiting = False
+            if rounds == max_rounds:
+                log.warning("stopped after %d rounds with %d point(s) still missing", rounds, len(todo))
+                break
+            # Exception, not just FitFailed: a broken trial must not take the other trials down with it;
+            # Optuna logs its traceback and the point is retried up to max_failures times.
+            kw = dict(n_jobs=min(n_jobs, len(free)), catch=(Exception,), callbacks=[progress.on_trial_end])
+            if rounds == 0 and not space.sampler().is_exhausted(study):
+                study.optimize(objective, **kw)  # GridSampler hands out the points, then stops the study
+            else:
+                for p in free:
+                    if not status[_key(p)]["WAITING"]:
+                        study.enqueue_trial(p)
+                study.optimize(objective, n_trials=len(free), **kw)
+            rounds += 1
+    return {"gave_up": gave_up}
+
+
+def run_tuning(study: optuna.Study, space: Space, objective: Objective, n_jobs: int) -> None:
+    """A distributions space: TPE until ``n_trials`` trials are finished (COMPLETE or PRUNED)."""
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    left = max(0, (space.n_trials or 0) - len(finished))
+    with StudyProgress(study, [], n_jobs) as progress:
+        progress.progress.update(progress.task, total=space.n_trials)
+        if left:
+            study.optimize(objective, n_trials=left, n_jobs=n_jobs, catch=(Exception,), callbacks=[progress.on_trial_end])
+
+
+# ---- command line --------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="grpo-lab-ablate", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--space", default="default",
+                   help=f"named search space ({', '.join(sorted(SPACES))}) or 'module:attribute' of your own Space")
+    p.add_argument("--study", default=None, help="study name (default: the space name); rerun the same name to resume")
+    p.add_argument("--storage", default=None,
+                   help="Optuna RDB URL (default: sqlite:///<root>/ablate/<study>.db); a postgresql://user@host/db "
+                        "URL lets many runners on many machines share one study")
+    p.add_argument("--root", default="runs", help="directory for the study database, trial directories and warm starts")
+    p.add_argument("--n-jobs", type=int, default=None,
+                   help="trials run in parallel (default: the CPU cores, at most the grid size); each gets "
+                        "max(1, cores // n_jobs) torch threads")
+    p.add_argument("--max-failures", type=int, default=3, help="give up on a grid point after this many failed fits")
+    p.add_argument("--grace-period", type=int, default=30,
+                   help="seconds without a heartbeat after which a RUNNING trial counts as dead and is retried")
+    p.add_argument("--no-probe", action="store_true", help="run the trials without the gradient-variance probe")
+    p.add_argument("--no-report", action="store_true", help="run the trials but do not write the report")
+    p.add_argument("--report-only", action="store_true", help="only (re)write the report from the stored study")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # Optuna's own calls too
+    space = get_space(args.space)
+    name = args.study or space.name
+    root = Path(args.root)
+    study_dir = root / "ablate" / name
+    url = args.storage or default_storage(root, name)
+    storage = make_storage(url, args.grace_period)
+
+    from ablations.report import write_report  # matplotlib only when needed
+
+    if args.report_only:
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+        except KeyError:
+            raise SystemExit(f"no study {name!r} in {url}: run without --report-only first") from None
+        console.print(f"report: {write_report(study, study_dir)}")
+        return 0
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    size = len(space.points()) if space.is_grid else (space.n_trials or 1)
+    n_jobs = max(1, min(args.n_jobs or cores, size))
+    threads = max(1, cores // n_jobs)
+    study = open_study(space, name, storage)
+    fail_stale(study)
+    objective = Objective(space, study_dir, root, threads=threads, probe=not args.no_probe)
+    console.print(f"study {name!r} ({space.description}) on {url}: {size} trials, {n_jobs} workers x {threads} threads")
+    t0 = time.perf_counter()
+    gave_up: list[dict] = []
+    complete = point_status(study.get_trials(deepcopy=False), space.points()) if space.is_grid else {}
+    if not space.is_grid or any(not c["COMPLETE"] for c in complete.values()):
+        # One thread per worker here too: two threads on two busy cores measured 20x slower than one.
+        build_warm_start(space, objective, study_dir, threads)
+        if space.is_grid:
+            gave_up = run_grid(study, space, objective, n_jobs, args.max_failures)["gave_up"]
+        else:
+            run_tuning(study, space, objective, n_jobs)
+    console.print(f"trials done in {time.perf_counter() - t0:.0f} s")
+    if gave_up:
+        console.print(f"[red]gave up on {len(gave_up)} point(s) after {args.max_failures} failures: {gave_up}[/red]")
+        failed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL and t.user_attrs.get("logdir")]
+        if failed:
+            console.print(log_tail(Path(failed[-1].user_attrs["logdir"]) / "fit.log", 15))
+    if not args.no_report:
+        console.print(f"report: {write_report(study, study_dir)}")
+    return 1 if gave_up else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
