@@ -330,15 +330,16 @@ def test_smoke_study_end_to_end(tmp_path):
     assert (out / str(t.number) / "trial.yaml").is_file() and (out / str(t.number) / "fit.log").is_file()
 
 
-def _fits_of(root: Path) -> list[int]:
-    """Pids of live processes whose command line mentions ``root`` (the runner's fits)."""
+def _fits_of(root: Path, sub: str = "") -> list[int]:
+    """Pids of live processes whose command line mentions ``root`` (the runner's fits; ``sub`` = "fit" leaves
+    out the warm-start build)."""
     pids = []
     for d in glob.glob("/proc/[0-9]*/cmdline"):
         try:
             cmd = Path(d).read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if str(root) in cmd and "grpo_lab.cli" in cmd:
+        if str(root) in cmd and f"grpo_lab.cli {sub}" in cmd:
             pids.append(int(d.split("/")[2]))
     return pids
 
@@ -382,6 +383,33 @@ def test_resume_after_sigkill_reruns_only_what_is_missing(tmp_path):
         assert done[key] == numbers  # the finished trials were kept, not rerun
     assert stamps == {n: (root / "ablate" / "smoke" / str(n) / "fit.log").stat().st_mtime_ns for n in done_numbers}
     assert (root / "ablate" / "smoke" / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_a_killed_trial_fit_is_retried_and_counted_once(tmp_path):
+    """SIGKILL of one trial's fit process (a worker dying mid-trial): that trial fails, its grid point is run
+    again, and the study still ends with exactly one COMPLETE trial per point."""
+    root = tmp_path / "runs"
+    proc = subprocess.Popen(_runner(root, "--no-report"), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        victim = None
+        deadline = time.time() + 300
+        while victim is None and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            fits = _fits_of(root, "fit")
+            victim = fits[0] if fits else None
+        assert victim is not None, "no fit started"
+        time.sleep(1.0)  # let it get going
+        os.kill(victim, signal.SIGKILL)
+        assert proc.wait(timeout=600) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    db = root / "ablate" / "smoke.db"
+    done = _complete_by_point(db)
+    assert len(done) == len(SPACES["smoke"].points()) and all(len(v) == 1 for v in done.values())
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{db}")
+    assert any(t.state == TrialState.FAIL for t in study.get_trials()), "the killed trial should be recorded as failed"
 
 
 # ---- PostgreSQL: many workers, one study ---------------------------------------------------------------
