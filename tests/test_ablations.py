@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import glob
 import json
@@ -426,8 +427,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_workers_share_a_postgresql_study():
+@contextlib.contextmanager
+def _postgres_server():
+    """A throwaway PostgreSQL server on a free port (skips the test when the server binaries are absent)."""
     initdb = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not initdb:
         pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
@@ -452,19 +454,60 @@ def test_two_workers_share_a_postgresql_study():
         pg(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(tmp / "log"), "-w", "-o",
            f"-p {port} -k {tmp} -h 127.0.0.1", "start")
         started = True
-        url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-        code = f"from tests.test_ablations import _pg_worker; _pg_worker({url!r}, 'shared')"
-        workers = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT) for _ in range(2)]
-        assert [w.wait(timeout=300) for w in workers] == [0, 0]
-        study = optuna.load_study(study_name="shared", storage=make_storage(url))
-        done = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
-        keys = [tuple(sorted(t.params.items())) for t in done]
-        assert len(done) == 6 and len(set(keys)) == 6  # every point once, none twice
-        assert len({t.user_attrs["pid"] for t in done}) == 2  # both workers landed trials
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
         if started:
             pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pg_workers(url: str, study_name: str, n: int) -> list[subprocess.Popen]:
+    code = f"from tests.test_ablations import _pg_worker; _pg_worker({url!r}, {study_name!r})"
+    return [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT) for _ in range(n)]
+
+
+def _pg_done(url: str, study_name: str) -> tuple[optuna.Study, list]:
+    study = optuna.load_study(study_name=study_name, storage=make_storage(url))
+    return study, [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_postgresql_study():
+    with _postgres_server() as url:
+        assert [w.wait(timeout=300) for w in _pg_workers(url, "shared", 2)] == [0, 0]
+        _, done = _pg_done(url, "shared")
+        keys = [tuple(sorted(t.params.items())) for t in done]
+        assert len(done) == 6 and len(set(keys)) == 6  # every point once, none twice
+        assert len({t.user_attrs["pid"] for t in done}) == 2  # both workers landed trials
+
+
+@pytest.mark.slow
+def test_a_postgresql_study_resumes_after_its_worker_is_killed():
+    """SIGKILL a worker mid-trial; a new worker waits for the dead one's heartbeat to go stale, reruns that
+    point and completes the grid with exactly one COMPLETE trial per point."""
+    with _postgres_server() as url:
+        (victim,) = _pg_workers(url, "killed", 1)
+        try:
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                time.sleep(0.5)
+                try:
+                    study, done = _pg_done(url, "killed")
+                except KeyError:  # the study does not exist yet
+                    continue
+                if done and any(t.state == TrialState.RUNNING for t in study.get_trials()):
+                    break
+            assert done, "the first worker completed no trial"
+            victim.kill()
+            victim.wait(timeout=30)
+        finally:
+            victim.kill()
+        assert [w.wait(timeout=300) for w in _pg_workers(url, "killed", 1)] == [0]
+        study, done = _pg_done(url, "killed")
+        keys = [tuple(sorted(t.params.items())) for t in done]
+        assert len(done) == 6 and len(set(keys)) == 6
+        assert any(t.state == TrialState.FAIL for t in study.get_trials()), "the killed trial should be FAIL"
+        assert len({t.user_attrs["pid"] for t in done}) == 2  # the dead worker's trials were kept
 
 
 def test_shipped_ablate_configs_exist():
