@@ -30,11 +30,10 @@ User attrs of a COMPLETE trial (what ``report.py`` reads):
 - ``final``: the last value of every ``val/acc_*`` (``{"sampled": ..., "sampled_easy": ..., "greedy": ...}``);
 - ``wall_time_s``, ``overrides`` (the trial's dotted config overrides), ``command``, ``cwd``, ``logdir``.
 
-Pruning (tuning spaces only). ``optuna_integration.PyTorchLightningPruningCallback`` reports from inside the
-Trainer, which here runs in another process. Its equivalent: while the fit runs, the objective polls the
-trial's TensorBoard event files every few seconds, ``trial.report``s the moving average of ``train/reward``
-at each new step and, if ``trial.should_prune()``, kills the fit and raises ``TrialPruned``. Grid spaces
-are never pruned: every grid point is a measurement the report needs.
+Pruning (tuning spaces only). The trial's overlay adds ``ablations.pruning.StudyPruning`` (optuna-integration's
+``PyTorchLightningPruningCallback``, re-opening the trial from the study's storage inside the fit process) with
+the space's pruner and monitor. When it stops a fit, the objective stores the curves as for a finished trial
+and raises ``TrialPruned``. Grid spaces are never pruned: every grid point is a measurement the report needs.
 """
 
 from __future__ import annotations
@@ -48,7 +47,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +56,7 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
+from ablations.pruning import DEFAULT_PRUNER, pruned_at
 from ablations.spaces import Space
 from grpo_lab.logs import read_scalars
 
@@ -96,8 +95,10 @@ def resolve_config(path: str | Path) -> str:
     raise FileNotFoundError(f"config {path!r} not found in {Path.cwd()} nor in {REPO_ROOT}")
 
 
-def trial_overlay(space: Space, params: dict[str, Any], trial_dir: Path, root: Path, probe: bool = True) -> dict:
-    """The per-trial YAML overlay (on the space's base config) as a nested dict."""
+def trial_overlay(space: Space, params: dict[str, Any], trial_dir: Path, root: Path, probe: bool = True,
+                  pruning: dict[str, Any] | None = None) -> dict:
+    """The per-trial YAML overlay (on the space's base config) as a nested dict; ``pruning`` = ``{"storage",
+    "study_name", "trial_number"}`` adds the pruning callback (tuning spaces)."""
     dotted = space.trial_overrides(params)
     dotted["model.warm_start.cache_dir"] = str(root / "warmstart")
     cfg = nest(dotted)
@@ -107,6 +108,9 @@ def trial_overlay(space: Space, params: dict[str, Any], trial_dir: Path, root: P
     callbacks = []
     if probe and space.probe is not None:
         callbacks.append(space.probe.callback(dotted.get("model.advantage"), int(params.get("seed", 0))))
+    if pruning is not None and not space.is_grid:
+        callbacks.append({"class_path": "ablations.pruning.StudyPruning", "init_args": {
+            **pruning, "monitor": space.prune_monitor, "pruner": space.pruner or DEFAULT_PRUNER}})
     trainer["callbacks"] = callbacks
     return cfg
 
@@ -161,21 +165,14 @@ def log_tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-def run_fit(cmd: list[str], log_path: Path, threads: int, poll: Callable[[], None] | None = None,
-            interval: float = 5.0, cwd: str | Path | None = None) -> None:
-    """Run ``cmd`` to completion; ``poll()`` is called every ``interval`` s and may raise to stop the fit.
+def run_fit(cmd: list[str], log_path: Path, threads: int, cwd: str | Path | None = None) -> None:
+    """Run ``cmd`` to completion (killing it if this thread is interrupted).
 
     Raises ``FitFailed`` with the log's tail if the command exits non-zero.
     """
     proc = launch(cmd, log_path, threads, cwd)
     try:
-        while True:
-            try:
-                rc = proc.wait(timeout=interval)
-                break
-            except subprocess.TimeoutExpired:
-                if poll is not None:
-                    poll()
+        rc = proc.wait()
     except BaseException:
         proc.kill()
         proc.wait()
@@ -285,8 +282,9 @@ class Objective:
     study_dir: Path
     root: Path
     threads: int = 1
-    poll_interval: float = 5.0
     probe: bool = True
+    storage_url: str | None = None
+    """The study's RDB URL, for the pruning callback inside the fit (tuning spaces; None: no pruning)."""
 
     def __post_init__(self) -> None:
         self.base_config = resolve_config(self.space.base_config)
@@ -297,39 +295,22 @@ class Objective:
         trial_dir = self.study_dir / str(trial.number)
         if trial_dir.exists():  # left over from a deleted study of the same name
             shutil.rmtree(trial_dir)
-        overlay = write_overlay(trial_overlay(self.space, params, trial_dir, self.root, self.probe), trial_dir / "trial.yaml")
+        pruning = None if self.storage_url is None else {
+            "storage": self.storage_url, "study_name": trial.study.study_name, "trial_number": trial.number}
+        overlay = write_overlay(trial_overlay(self.space, params, trial_dir, self.root, self.probe, pruning),
+                                trial_dir / "trial.yaml")
         cmd = grpo_command("fit", self.base_config, overlay)
         trial.set_user_attr("overrides", self.space.trial_overrides(params))
         trial.set_user_attr("command", shlex.join(cmd))
         trial.set_user_attr("cwd", os.getcwd())
         trial.set_user_attr("logdir", str(trial_dir))
-        poll = None if self.space.is_grid else _PruningPoll(trial, trial_dir)
         t0 = time.perf_counter()
-        run_fit(cmd, trial_dir / "fit.log", self.threads, poll=poll, interval=self.poll_interval)
+        run_fit(cmd, trial_dir / "fit.log", self.threads)
         metrics = trial_metrics(trial_dir, self.space.threshold)
         metrics["wall_time_s"] = round(time.perf_counter() - t0, 2)
         for key, value in metrics.items():
             trial.set_user_attr(key, value)
+        step = pruned_at(trial) if pruning is not None else None
+        if step is not None:
+            raise optuna.TrialPruned(f"pruned at step {step} ({self.space.prune_monitor})")
         return metrics["auc"]
-
-
-class _PruningPoll:
-    """``PyTorchLightningPruningCallback`` from outside the fit: report new reward steps, prune if told."""
-
-    def __init__(self, trial: optuna.Trial, logdir: Path, window: int = 10) -> None:
-        self.trial, self.logdir, self.window, self.last = trial, logdir, window, -1
-
-    def __call__(self) -> None:
-        try:
-            points = _dedup(read_scalars(self.logdir).get("train/reward", []))
-        except Exception:  # an event file caught mid-write: try again at the next poll
-            return
-        if not points:
-            return
-        smooth = moving_average(np.array([v for _, v in points]), self.window)
-        for (step, _), value in zip(points, smooth, strict=True):
-            if step > self.last:
-                self.trial.report(float(value), int(step))
-                self.last = step
-        if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {self.last} (reward {smooth[-1]:.3f})")

@@ -31,7 +31,7 @@ How a study runs:
    only what is missing.
 
 Parallelism: ``study.optimize(n_jobs=N)`` threads. Each trial is a subprocess, so a thread only waits on
-it and polls files: the GIL costs nothing, the threads share one storage engine and one progress display,
+it: the GIL costs nothing, the threads share one storage engine and one progress display,
 and the subprocess boundary gives each fit its own torch thread pool (``OMP_NUM_THREADS`` = threads per
 worker) and a crash that cannot take the runner down. Worker processes would add nothing but start-up.
 For several machines, start one runner per machine on a shared ``postgresql://`` storage.
@@ -79,6 +79,7 @@ from ablations.objective import (
     trial_overlay,
     write_overlay,
 )
+from ablations.pruning import DEFAULT_PRUNER, make_pruner
 from ablations.spaces import SPACES, Space, get_space
 
 log = logging.getLogger("ablations")
@@ -139,9 +140,9 @@ def make_storage(url: str, grace_period: int = 30) -> RDBStorage:
 
 
 def open_study(space: Space, name: str, storage: RDBStorage) -> optuna.Study:
+    pruner = make_pruner(space.pruner or DEFAULT_PRUNER) if not space.is_grid else optuna.pruners.NopPruner()
     study = optuna.create_study(study_name=name, storage=storage, sampler=space.sampler(seed=0),
-                                direction="maximize", load_if_exists=True,
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=20))
+                                direction="maximize", load_if_exists=True, pruner=pruner)
     study.set_user_attr("space", space.describe())
     return study
 
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = max(1, cores // n_jobs)
     study = open_study(space, name, storage)
     fail_stale(study)
-    objective = Objective(space, study_dir, root, threads=threads, probe=not args.no_probe)
+    objective = Objective(space, study_dir, root, threads=threads, probe=not args.no_probe, storage_url=url)
     console.print(f"study {name!r} ({space.description}) on {url}: {size} trials, {n_jobs} workers x {threads} threads")
     t0 = time.perf_counter()
     gave_up: list[dict] = []

@@ -33,7 +33,7 @@ Adding a space, without touching the runner::
 or add the ``register_space(...)`` call at the end of this file and use ``--space temperature``.
 
 A tuning space sets ``distributions`` (Optuna distributions) and ``n_trials`` instead of ``grid``: the
-runner then uses ``TPESampler`` and prunes unpromising trials on their reward curve (see ``objective.py``).
+runner then uses ``TPESampler`` and prunes unpromising trials on ``prune_monitor`` at each validation (``pruning.py``).
 """
 
 from __future__ import annotations
@@ -109,6 +109,11 @@ class Space:
     """For tuning spaces: ``{key: distribution}`` sampled by TPE instead of a grid."""
     n_trials: int | None = None
     """Trials of a tuning space (``distributions``); a grid space runs each point once."""
+    pruner: dict[str, Any] | None = None
+    """Tuning spaces: ``{"class_path": "optuna.pruners.X", "init_args": {...}}`` (None: median pruning after
+    4 trials and 20 steps, ``ablations.pruning.DEFAULT_PRUNER``). Grid spaces are never pruned."""
+    prune_monitor: str = "val/acc_sampled"
+    """Tuning spaces: the metric the pruner sees at every validation (higher is better)."""
 
     def __post_init__(self) -> None:
         if (self.grid is None) == (self.distributions is None):
@@ -267,10 +272,10 @@ register_space(Space(
     baseline={"strategy": "single"},
 ))
 
-# A tuning space: TPE over the learning rate and clip_high, pruned on the reward curve.
+# A tuning space: TPE over the learning rate and clip_high, median-pruned on sampled validation accuracy.
 register_space(Space(
     name="tune_lr",
-    description="TPE over AdamW lr and clip_high with RLOO, median-pruned on train/reward",
+    description="TPE over AdamW lr and clip_high with RLOO, median-pruned on val/acc_sampled",
     distributions={
         "model.optimizer.init_args.lr": optuna.distributions.FloatDistribution(1e-4, 3e-3, log=True),
         "model.clip_high": optuna.distributions.FloatDistribution(0.2, 0.4),

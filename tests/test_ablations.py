@@ -16,15 +16,18 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
+import torch
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
 from ablations import objective as obj
+from ablations.pruning import DEFAULT_PRUNER, StudyPruning, make_pruner, pruned_at
 from ablations.report import paired_bootstrap, t_interval, t_quantile, write_report
 from ablations.run import build_parser, make_storage, open_study, point_status, run_grid
 from ablations.spaces import SPACES, ProbeSettings, Space, get_space
@@ -129,30 +132,79 @@ def test_curve_metrics_by_hand():
         "model": {"advantage": "rloo", "policy": {"hidden_size": 8}}}
 
 
-def test_run_fit_raises_with_the_log_tail_and_kills_on_a_raising_poll(tmp_path):
+def test_run_fit_raises_with_the_log_tail(tmp_path):
     with pytest.raises(obj.FitFailed, match="(?s)exited with 3.*boom"):
         obj.run_fit([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], tmp_path / "a.log", threads=1)
-    t0 = time.perf_counter()
-
-    def stop():
-        raise optuna.TrialPruned("stop")
-
-    with pytest.raises(optuna.TrialPruned):
-        obj.run_fit([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "b.log", 1, poll=stop, interval=0.2)
-    assert time.perf_counter() - t0 < 20  # killed, not waited for
 
 
-def test_pruning_poll_reports_the_reward_curve_and_prunes(tmp_path):
-    from torch.utils.tensorboard import SummaryWriter
+# ---- pruning: optuna-integration's callback inside the fit process ------------------------------------
+class _FakeTrainer:
+    """What ``StudyPruning.on_validation_end`` reads from a Trainer."""
 
-    with SummaryWriter(str(tmp_path)) as w:
-        for step in range(30):
-            w.add_scalar("train/reward", 0.1, step)
-    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.5))
-    trial = study.ask()
-    with pytest.raises(optuna.TrialPruned, match="pruned at step 29"):
-        obj._PruningPoll(trial, tmp_path)()
-    assert len(study.trials[0].intermediate_values) == 30
+    def __init__(self, score, step):
+        self.sanity_checking, self.is_global_zero, self.should_stop = False, True, False
+        self.callback_metrics = {"val/acc_sampled": torch.tensor(score)}
+        self.global_step = step
+        self.strategy = types.SimpleNamespace(broadcast=lambda x: x)
+
+
+def _tuning_study(tmp_path):
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    study = optuna.create_study(study_name="p", storage=make_storage(url), direction="maximize")
+    return url, study, study.ask()
+
+
+def test_study_pruning_reports_at_the_global_step_and_stops_the_fit(tmp_path):
+    threshold = {"class_path": "optuna.pruners.ThresholdPruner", "init_args": {"lower": 0.5}}
+    url, study, trial = _tuning_study(tmp_path)
+    cb = StudyPruning(url, "p", trial.number, pruner=threshold)
+    good, bad = _FakeTrainer(0.75, 10), _FakeTrainer(0.25, 20)
+    cb.on_validation_end(good, None)
+    assert not good.should_stop and pruned_at(trial) is None
+    cb.on_validation_end(bad, None)  # below the threshold: pruned, marked, and the Trainer told to stop
+    assert bad.should_stop and pruned_at(trial) == 20
+    assert study.trials[0].intermediate_values == {10: 0.75, 20: 0.25}
+
+
+def test_study_pruning_is_inert_on_a_finished_trial_and_checks_the_pruner(tmp_path):
+    url, study, trial = _tuning_study(tmp_path)
+    study.tell(trial, 1.0)
+    with pytest.warns(UserWarning, match="not running"):
+        cb = StudyPruning(url, "p", trial.number)  # rerunning a finished trial's trial.yaml by hand
+    cb.on_validation_end(_FakeTrainer(0.0, 5), None)
+    assert study.trials[0].intermediate_values == {}
+    with pytest.raises(ValueError, match="not an optuna.pruners.BasePruner"):
+        make_pruner({"class_path": "optuna.samplers.TPESampler"})
+    assert isinstance(make_pruner(None), optuna.pruners.NopPruner)
+
+
+def test_a_tuning_trial_overlay_carries_the_pruning_callback_and_a_grid_one_does_not(tmp_path):
+    pruning = {"storage": "sqlite:///x.db", "study_name": "s", "trial_number": 3}
+    tune, grid = SPACES["tune_lr"], SPACES["default"]
+    cbs = obj.trial_overlay(tune, _sample_points(tune)[0], tmp_path, tmp_path, pruning=pruning)["trainer"]["callbacks"]
+    (cb,) = [c for c in cbs if c["class_path"] == "ablations.pruning.StudyPruning"]
+    assert cb["init_args"] == {**pruning, "monitor": "val/acc_sampled", "pruner": DEFAULT_PRUNER}
+    cbs = obj.trial_overlay(grid, grid.points()[0], tmp_path, tmp_path, pruning=pruning)["trainer"]["callbacks"]
+    assert not [c for c in cbs if "pruning" in c["class_path"]]
+
+
+@pytest.mark.slow
+def test_a_pruned_trial_stops_its_fit_early_and_keeps_its_curves(tmp_path, monkeypatch):
+    """A real fit with the callback from the overlay: a pruner that prunes everything stops it at the first
+    validation (step 8 of 16), and the objective records the curves and raises TrialPruned."""
+    monkeypatch.chdir(tmp_path)
+    space = Space(name="prune", description="prune", base_config="configs/ablate_smoke.yaml", probe=None, n_trials=1,
+                  distributions={"model.clip_high": optuna.distributions.FloatDistribution(0.2, 0.3)},
+                  pruner={"class_path": "optuna.pruners.ThresholdPruner", "init_args": {"lower": 2.0}})
+    url = f"sqlite:///{tmp_path / 'prune.db'}"
+    study = optuna.create_study(study_name="prune", storage=make_storage(url), direction="maximize",
+                                pruner=make_pruner(space.pruner))
+    objective = obj.Objective(space, tmp_path / "study", tmp_path, probe=False, storage_url=url)
+    study.optimize(objective, n_trials=1)
+    (t,) = study.get_trials()
+    assert t.state == TrialState.PRUNED, (tmp_path / "study" / "0" / "fit.log").read_text()[-2000:]
+    assert list(t.intermediate_values) == [8] and t.user_attrs["last_step"] == 7  # 8 optimizer steps (logged 0..7)
+    assert "train/reward" in t.user_attrs["curves"]
 
 
 # ---- duplicates and the study loop --------------------------------------------------------------------
