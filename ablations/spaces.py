@@ -256,16 +256,16 @@ register_space(Space(
     baseline={"variant": "grpo"},
 ))
 
-# Single process vs DDP on CPU (gloo). The global batch is the same everywhere: ddp2 runs 2 processes with
-# half the prompts each. 'auto' with 2 devices is not a valid combination, hence one key with presets.
+# Single process vs DDP on CPU (gloo). The global batch is the same everywhere: data.prompts_per_step is global,
+# so ddp2 runs 2 processes with half the prompts each. 'auto' with 2 devices is not a valid combination, hence one key with presets.
 register_space(Space(
     name="strategies",
     description="single process vs DDP with 1 and 2 CPU processes (gloo), same global batch",
     grid={"strategy": ["single", "ddp1", "ddp2"], "seed": [0, 1]},
     presets={"strategy": {
-        "single": {"trainer.strategy": "auto", "trainer.devices": 1, "data.prompts_per_step": 8},
-        "ddp1": {"trainer.strategy": "ddp", "trainer.accelerator": "cpu", "trainer.devices": 1, "data.prompts_per_step": 8},
-        "ddp2": {"trainer.strategy": "ddp", "trainer.accelerator": "cpu", "trainer.devices": 2, "data.prompts_per_step": 4},
+        "single": {"trainer.strategy": "auto", "trainer.devices": 1},
+        "ddp1": {"trainer.strategy": "ddp", "trainer.accelerator": "cpu", "trainer.devices": 1},
+        "ddp2": {"trainer.strategy": "ddp", "trainer.accelerator": "cpu", "trainer.devices": 2},
     }},
     overrides={"model.advantage": "group_norm"},
     probe=None,

@@ -68,6 +68,9 @@ def test_seed_sets_the_rl_seed_the_data_order_and_the_probe():
     assert cb["class_path"] == "grpo_lab.variance.GradientVarianceProbe" and cb["init_args"]["seed"] == 2
     assert ProbeSettings(estimators="own").callback("rloo", 0)["init_args"]["estimators"] == ["rloo"]
     assert len(space.points()) == 12 and SPACES["strategies"].trial_overrides({"strategy": "ddp2"})["trainer.devices"] == 2
+    # prompts_per_step is global: every strategy sees the same batch (the base config's)
+    assert all("data.prompts_per_step" not in SPACES["strategies"].trial_overrides({"strategy": s, "seed": 0})
+               for s in ("single", "ddp1", "ddp2"))
 
 
 def test_space_registry_errors_and_import_paths(tmp_path, monkeypatch):
