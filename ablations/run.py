@@ -190,8 +190,9 @@ class StudyProgress:
             eta = f"{left * (sum(walls) / len(walls)) / self.n_jobs / 60:.1f} min"
         elif not left:
             eta = "0"
+        # A tuning space (no points) is done with a trial once it is COMPLETE or PRUNED.
         self.progress.update(
-            self.task, completed=done if self.points else states["COMPLETE"], eta=eta,
+            self.task, completed=done if self.points else states["COMPLETE"] + states["PRUNED"], eta=eta,
             status=f"running {states['RUNNING']} | failed {states['FAIL']} | pruned {states['PRUNED']}",
         )
 
