@@ -100,7 +100,7 @@ def run_grpo_lab(spec: dict) -> dict:
     L.seed_everything(spec["seed"], verbose=False)
     lr = spec["lr"]
     module = GRPOModule(
-        policy=PolicyConfig(pretrained=spec["model_dir"]),
+        policy=PolicyConfig(pretrained=spec["model_dir"], attn_implementation=spec.get("attn_implementation", "sdpa")),
         warm_start=WarmStartConfig(steps=0),
         num_generations=spec["num_generations"],
         max_new_tokens=spec["completion_tokens"],

@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--trace", type=Path, default=None, help="write a Chrome trace here (with --torch-profile)")
     p.add_argument("--top", type=int, default=30, help="operators to list in the profiler table")
     p.add_argument("--json", type=Path, default=None, help="write the phase table as JSON here")
+    p.add_argument("--attn", choices=["sdpa", "eager"], default=None,
+                   help="grpo_lab's attention kernel (default: the shape config's policy.attn_implementation)")
     args = p.parse_args(argv)
 
     import lightning as L
@@ -110,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     L.seed_everything(0, verbose=False)
     lr = spec["lr"]
     module = GRPOModule(
-        policy=PolicyConfig(pretrained=str(Path(tmp) / "policy")), warm_start=WarmStartConfig(steps=0),
+        policy=PolicyConfig(pretrained=str(Path(tmp) / "policy"), attn_implementation=args.attn or spec["attn_implementation"]),
+        warm_start=WarmStartConfig(steps=0),
         num_generations=spec["num_generations"], max_new_tokens=spec["completion_tokens"],
         min_new_tokens=spec["completion_tokens"], beta=0.0, max_grad_norm=spec["max_grad_norm"],
         optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0),

@@ -69,6 +69,7 @@ def _shape_spec(name: str) -> dict:
         "num_heads": pol["num_heads"],
         "intermediate_size": pol.get("intermediate_size") or 4 * pol["hidden_size"],
         "max_positions": pol.get("max_positions", 128),
+        "attn_implementation": pol.get("attn_implementation", "sdpa"),  # grpo_lab's kernel; TRL keeps its default
         "num_generations": model["num_generations"],
         "completion_tokens": model["max_new_tokens"],
         "temperature": model.get("temperature", 1.0),

@@ -32,13 +32,19 @@ class PolicyConfig:
     """MLP width; default 4 x hidden_size."""
     max_positions: int = 128
     """Longest prompt + completion the model accepts."""
+    attn_implementation: str = "sdpa"
+    """transformers attention kernel: ``sdpa`` (torch's fused attention) or ``eager`` (plain matmul + softmax:
+    same math; on CPU faster for short sequences under bf16, see ``make bench``)."""
 
     def __post_init__(self) -> None:
         if self.pretrained is None and self.hidden_size % self.num_heads:
             raise ValueError(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
 
     def key(self) -> dict:
-        return asdict(self)
+        """What identifies the weights (the warm-start cache key): the kernel choice does not."""
+        return {k: v for k, v in asdict(self).items() if k != "attn_implementation"}
 
 
 def build_policy(cfg: PolicyConfig, seed: int | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -51,7 +57,8 @@ def build_policy(cfg: PolicyConfig, seed: int | None = None) -> tuple[PreTrained
                 "(no config.json); grpo_lab never downloads from a hub"
             )
         tok = load_tokenizer(path)
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32,
+                                                     attn_implementation=cfg.attn_implementation)
         return model, tok
     tok = load_tokenizer(None)
     config = LlamaConfig(
@@ -71,6 +78,7 @@ def build_policy(cfg: PolicyConfig, seed: int | None = None) -> tuple[PreTrained
         if seed is not None:
             torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
+    model.set_attn_implementation(cfg.attn_implementation)
     return model, tok
 
 

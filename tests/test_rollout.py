@@ -39,3 +39,18 @@ def test_min_new_tokens_and_greedy_are_deterministic(tiny_policy):
     r = generate(model, tok, ["7+"], 2, 5, greedy=True, min_new_tokens=5)
     assert r.completion_mask.sum().item() == 10
     assert r.completions[0] == r.completions[1]
+
+
+def test_eager_and_sdpa_attention_give_the_same_logprobs():
+    from grpo_lab.policy import PolicyConfig, build_policy
+
+    cfg = dict(hidden_size=32, num_layers=2, num_heads=2)
+    sdpa, tok = build_policy(PolicyConfig(**cfg), seed=0)
+    eager, _ = build_policy(PolicyConfig(**cfg, attn_implementation="eager"), seed=0)
+    assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
+    r = generate(sdpa, tok, ["1+2=", "13+45="], 3, 6)  # left padding included
+    a, _ = sequence_logprobs(sdpa, r)
+    b, _ = sequence_logprobs(eager, r)
+    m = r.completion_mask.bool()
+    torch.testing.assert_close(a[m], b[m], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a[m], r.logprobs[m], atol=1e-5, rtol=1e-5)
