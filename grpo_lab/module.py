@@ -23,6 +23,7 @@ Departures from textbook GRPO, all configurable:
 from __future__ import annotations
 
 import copy
+import math
 import random
 import time
 from collections import defaultdict
@@ -100,8 +101,8 @@ class GRPOModule(L.LightningModule):
             kl_estimator: per-token KL estimator: k1, k2 or k3.
             aggregation: token_mean, sequence_mean (original GRPO) or constant (Dr. GRPO).
             num_iterations: μ, optimizer updates per rollout batch (> 1 uses manual optimization).
-            micro_batches: split each rollout batch's loss and backward into this many chunks of
-                sequences (gradient accumulation with the whole batch's normalizer: same gradient, less
+            micro_batches: split each rollout batch's loss and backward into (at most) this many chunks of
+                whole groups (gradient accumulation with the whole batch's normalizer: same gradient, less
                 memory). Use this rather than the Trainer's accumulate_grad_batches.
             max_grad_norm: clip the gradient's global L2 norm to this (None: no clipping).
             mask_truncated: leave completions that never reached EOS out of the loss (they still count
@@ -261,8 +262,8 @@ class GRPOModule(L.LightningModule):
             with torch.no_grad():
                 old, _ = sequence_logprobs(self.model, rollout, h.temperature)
         norm = self.normalizer(rollout.completion_mask)
-        b = advantages.shape[0]
-        step = -(-b // h.micro_batches)
+        b, g = advantages.shape[0], rollout.group_size
+        step = math.ceil(math.ceil(b / h.micro_batches) / g) * g  # whole groups: their prompt is forwarded once
         for _ in range(h.num_iterations):
             opt.zero_grad()
             total, stats = 0.0, {}

@@ -23,16 +23,21 @@ class Rollout:
     logprobs: Tensor  # [B, T] log-probability of each sampled token under the sampling distribution
     completions: list[str]  # [B] decoded text without specials
     truncated: Tensor  # [B] bool: no EOS within max_new_tokens
+    group_size: int = 1  # G: rows b·G .. b·G+G-1 share one prompt (1: no sharing assumed)
 
     @property
     def num_tokens(self) -> int:
         return int(self.completion_mask.sum())
 
     def select(self, rows: slice) -> Rollout:
-        """The sub-rollout of sequences ``rows`` (a micro-batch)."""
+        """The sub-rollout of sequences ``rows`` (a micro-batch); it keeps the group structure when ``rows``
+        starts and ends on group boundaries."""
+        start, stop, step = rows.indices(len(self.completions))
+        g = self.group_size
+        aligned = step == 1 and start % g == 0 and (stop - start) % g == 0
         return Rollout(
             self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows], self.completion_mask[rows],
-            self.logprobs[rows], self.completions[rows], self.truncated[rows],
+            self.logprobs[rows], self.completions[rows], self.truncated[rows], g if aligned else 1,
         )
 
 
@@ -67,6 +72,23 @@ def _keep_last(model: PreTrainedModel, n: int) -> dict:
     return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
+def shared_prompt_forward(model: PreTrainedModel, ids: Tensor, mask: Tensor, group: int) -> tuple[object, Tensor] | None:
+    """Forward the P distinct prompts ``ids``/``mask`` [P, Tp] once, for G = ``group`` completions each.
+
+    Returns the KV cache with every prompt's entries repeated G times in a row (``[B = P·G]`` rows, as the
+    rollout lays them out) and the logits of the last prompt position ``[B, V]``; None if the model's cache
+    cannot be repeated (the caller then forwards the B repeated prompts). With grad enabled the G copies
+    share one graph: backward sums their gradients, exactly what G separate prompt forwards would give.
+    """
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True, **_keep_last(model, 1))
+    cache = out[_cache_keyword(model)]
+    if not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    if group > 1:
+        cache.batch_repeat_interleave(group)
+    return cache, out.logits[:, -1, :].repeat_interleave(group, dim=0)
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -86,12 +108,18 @@ def generate(
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    prompt_ids, prompt_mask = (t.to(device) for t in encode_prompts(tokenizer, prompts, num_generations))
+    ids, mask = (t.to(device) for t in encode_prompts(tokenizer, prompts, 1))  # [P, Tp]
+    prompt_ids, prompt_mask = ids.repeat_interleave(num_generations, 0), mask.repeat_interleave(num_generations, 0)
     b = prompt_ids.shape[0]
     attn = prompt_mask.clone()
     cache_kw = _cache_keyword(model)
-    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=positions(attn), use_cache=True, **_keep_last(model, 1))
-    cache, logits = out[cache_kw], out.logits[:, -1, :]  # [B, V]
+    shared = shared_prompt_forward(model, ids, mask, num_generations)  # prefill each prompt once, not G times
+    if shared is not None:
+        cache, logits = shared
+    else:
+        out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=positions(attn), use_cache=True,
+                    **_keep_last(model, 1))
+        cache, logits = out[cache_kw], out.logits[:, -1, :]  # [B, V]
     next_pos = attn.sum(-1, keepdim=True)  # [B, 1]
     done = torch.zeros(b, dtype=torch.bool, device=device)
     tokens, logps, masks = [], [], []
@@ -118,20 +146,41 @@ def generate(
     completion_mask = torch.stack(masks, dim=1).long()  # [B, T]
     logprobs = torch.stack(logps, dim=1) * completion_mask  # [B, T]
     texts = tokenizer.batch_decode(completion_ids.masked_fill(completion_mask == 0, pad), skip_special_tokens=True)
-    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, logprobs, texts, ~done)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, logprobs, texts, ~done, num_generations)
 
 
 def sequence_logprobs(
     model: PreTrainedModel, rollout: Rollout, temperature: float = 1.0, with_entropy: bool = False
 ) -> tuple[Tensor, Tensor | None]:
-    """Per-token log π(o_t | q, o_<t) ``[B, T]`` of the rollout's completions in one forward pass (with grad
-    when enabled), at the sampling temperature; and the mean token entropy over the mask if asked."""
-    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)  # [B, Tp+T]
-    attn = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
+    """Per-token log π(o_t | q, o_<t) ``[B, T]`` of the rollout's completions (with grad when enabled), at
+    the sampling temperature; and the mean token entropy over the mask if asked.
+
+    With ``rollout.group_size`` G > 1 each prompt is forwarded once and its KV cache shared by its G
+    completions (``shared_prompt_forward``); the completions then run in one forward over that cache. The
+    result and its gradient equal one forward over the B full sequences (tests/test_rollout.py), with the
+    prompt's share of the FLOPs divided by G.
+    """
     t = rollout.completion_ids.shape[1]
-    keep = _keep_last(model, t + 1)  # the LM head runs on the T+1 last positions only, when supported
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=False, **keep).logits
-    logits = logits[:, -(t + 1) : -1, :].float() / temperature  # [B, T, V]: position t predicts token t+1
+    g = rollout.group_size
+    shared = None
+    if g > 1:
+        shared = shared_prompt_forward(model, rollout.prompt_ids[::g], rollout.prompt_mask[::g], g)
+    if shared is not None:
+        cache, first = shared  # first: [B, V], the prediction of completion token 0
+        parts = [first[:, None, :]]
+        if t > 1:  # positions of completion tokens 0..T-2 predict tokens 1..T-1
+            attn = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)[:, :-1]  # [B, Tp+T-1]
+            rest = model(input_ids=rollout.completion_ids[:, :-1], attention_mask=attn,
+                         position_ids=positions(attn)[:, -(t - 1):], use_cache=True,
+                         **{_cache_keyword(model): cache}).logits  # [B, T-1, V]
+            parts.append(rest)
+        logits = torch.cat(parts, dim=1).float() / temperature  # [B, T, V]
+    else:
+        ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)  # [B, Tp+T]
+        attn = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
+        keep = _keep_last(model, t + 1)  # the LM head runs on the T+1 last positions only, when supported
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=False, **keep).logits
+        logits = logits[:, -(t + 1) : -1, :].float() / temperature  # [B, T, V]: position t predicts token t+1
     logprobs = token_logprobs(logits, rollout.completion_ids)  # [B, T]
     entropy = None
     if with_entropy:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from grpo_lab.rollout import encode_prompts, generate, positions, sequence_logprobs
@@ -54,3 +55,52 @@ def test_eager_and_sdpa_attention_give_the_same_logprobs():
     m = r.completion_mask.bool()
     torch.testing.assert_close(a[m], b[m], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a[m], r.logprobs[m], atol=1e-5, rtol=1e-5)
+
+
+def _full_sequence_logprobs(model, r, temperature=1.0):
+    """The reference: one plain forward over the B full sequences (no prompt sharing)."""
+    ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
+    attn = torch.cat([r.prompt_mask, r.completion_mask], 1)
+    t = r.completion_ids.shape[1]
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn)).logits[:, -(t + 1):-1].float()
+    return torch.log_softmax(logits / temperature, -1).gather(-1, r.completion_ids[..., None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("max_new_tokens", [1, 5])
+def test_shared_prompt_forward_gives_the_full_forwards_logprobs_and_gradient(attn, max_new_tokens):
+    """The prompt forwarded once per group (KV cache repeated G times) == B full sequences, in value and in
+    gradient; left-padded prompts of different lengths, EOS-terminated completions, T = 1 included."""
+    from grpo_lab.policy import PolicyConfig, build_policy
+
+    model, tok = build_policy(PolicyConfig(hidden_size=32, num_layers=2, num_heads=2, attn_implementation=attn), seed=0)
+    torch.manual_seed(3)
+    r = generate(model, tok, ["1+2=", "13+45=", "7"], 4, max_new_tokens, temperature=1.5)
+    assert r.group_size == 4 and r.prompt_mask.sum(-1).unique().numel() == 3
+    from grpo_lab.rollout import shared_prompt_forward
+
+    assert shared_prompt_forward(model, r.prompt_ids[::4], r.prompt_mask[::4], 4) is not None  # the shared path runs
+    m = r.completion_mask.float()
+    shared, _ = sequence_logprobs(model, r, temperature=1.5)
+    full = _full_sequence_logprobs(model, r, temperature=1.5)
+    torch.testing.assert_close(shared * m, full * m, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(shared * m, r.logprobs, atol=2e-5, rtol=1e-5)  # the sampler's own log-probs too
+    weights = torch.randn_like(m) * m  # an arbitrary loss on the masked tokens
+
+    def grads(lp):
+        model.zero_grad()
+        (lp * weights).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(grads(sequence_logprobs(model, r, temperature=1.5)[0]), grads(full), strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_select_keeps_groups_only_on_group_boundaries(tiny_policy):
+    model, tok = tiny_policy
+    r = generate(model, tok, ["1+2=", "3+4=", "5+6="], 4, 3)
+    assert r.select(slice(4, 12)).group_size == 4 and r.select(slice(0, 12)).group_size == 4
+    assert r.select(slice(0, 6)).group_size == 1 and r.select(slice(2, 6)).group_size == 1
+    assert r.select(slice(8, 100)).group_size == 4  # a slice past the end is clamped
+    part = r.select(slice(0, 6))  # not aligned: falls back to the full forward, same values
+    torch.testing.assert_close(sequence_logprobs(model, part)[0] * part.completion_mask, part.logprobs, atol=2e-5, rtol=1e-5)
