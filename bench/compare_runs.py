@@ -2,9 +2,9 @@
 
     python bench/compare_runs.py fp32=runs/tiny/version_0 bf16=runs/tiny/version_1 --out docs/tiny_precision.png
 
-Prints, per run, the first-10% and last-10% mean of ``train/reward`` (the README's learning lift) and the
-last validation accuracies, and writes one PNG: the reward's moving average and the sampled validation
-accuracy on easy and hard queries, per run.
+Runs given the same label are seeds of one setting (drawn in one colour). Prints, per run, the first-10% and
+last-10% mean of ``train/reward`` (the README's learning lift) and the last validation accuracies, and writes
+one PNG: the reward's moving average and the sampled validation accuracy on easy and hard queries.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_r, ax_v) = plt.subplots(1, 2, figsize=(11, 4))
+    groups: dict[str, list[dict]] = {}  # runs with the same label are seeds of one setting
     for spec in args.runs:
         label, _, path = spec.partition("=")
         if not path:
@@ -40,13 +41,20 @@ def main(argv: list[str] | None = None) -> None:
         steps, reward = zip(*sorted(scalars["train/reward"]), strict=True)
         first, last = learning_lift(list(reward))
         finals = {tag.removeprefix("val/"): sorted(v)[-1][1] for tag, v in scalars.items() if tag.startswith("val/acc_sampled")}
-        print(f"{label}: train/reward first 10% {first:.3f} -> last 10% {last:.3f} (lift {last - first:+.3f}); "
+        print(f"{label} ({path}): train/reward first 10% {first:.3f} -> last 10% {last:.3f} (lift {last - first:+.3f}); "
               + ", ".join(f"{k} {v:.3f}" for k, v in sorted(finals.items())))
-        line, = ax_r.plot(steps, moving_average(list(reward), args.window), label=label)
-        for tag, style in (("val/acc_sampled_easy", "-"), ("val/acc_sampled_hard", "--")):
-            if tag in scalars:
-                s, v = zip(*sorted(scalars[tag]), strict=True)
-                ax_v.plot(s, v, style, marker="o", color=line.get_color(), label=f"{label} {tag.rsplit('_', 1)[1]}")
+        groups.setdefault(label, []).append({"steps": steps, "reward": reward, "scalars": scalars})
+    for label, runs in groups.items():
+        color = None
+        for k, run in enumerate(runs):
+            line, = ax_r.plot(run["steps"], moving_average(list(run["reward"]), args.window), color=color, lw=1.2,
+                              label=f"{label} ({len(runs)} run{'s' if len(runs) > 1 else ''})" if k == 0 else None)
+            color = line.get_color()
+            for tag, style in (("val/acc_sampled_easy", "-"), ("val/acc_sampled_hard", "--")):
+                if tag in run["scalars"]:
+                    s, v = zip(*sorted(run["scalars"][tag]), strict=True)
+                    ax_v.plot(s, v, style, marker="o", ms=3, color=color,
+                              label=f"{label} {tag.rsplit('_', 1)[1]}" if k == 0 else None)
     ax_r.set(title=f"train/reward ({args.window}-step moving average)", xlabel="step", ylabel="mean reward")
     ax_v.set(title="sampled validation accuracy (solid easy, dashed hard)", xlabel="step", ylabel="accuracy")
     for ax in (ax_r, ax_v):
