@@ -108,12 +108,12 @@ def generate(
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    ids, mask = (t.to(device) for t in encode_prompts(tokenizer, prompts, 1))  # [P, Tp]
-    prompt_ids, prompt_mask = ids.repeat_interleave(num_generations, 0), mask.repeat_interleave(num_generations, 0)
+    prompt_ids, prompt_mask = (t.to(device) for t in encode_prompts(tokenizer, prompts, num_generations))
     b = prompt_ids.shape[0]
     attn = prompt_mask.clone()
     cache_kw = _cache_keyword(model)
-    shared = shared_prompt_forward(model, ids, mask, num_generations)  # prefill each prompt once, not G times
+    g = num_generations  # prefill each prompt once, not G times
+    shared = shared_prompt_forward(model, prompt_ids[::g], prompt_mask[::g], g)
     if shared is not None:
         cache, logits = shared
     else:
