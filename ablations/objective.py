@@ -56,7 +56,7 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from ablations.pruning import DEFAULT_PRUNER, pruned_at
+from ablations.pruning import pruned_at
 from ablations.spaces import Space
 from grpo_lab.logs import read_scalars
 
@@ -110,7 +110,7 @@ def trial_overlay(space: Space, params: dict[str, Any], trial_dir: Path, root: P
         callbacks.append(space.probe.callback(dotted.get("model.advantage"), int(params.get("seed", 0))))
     if pruning is not None and not space.is_grid:
         callbacks.append({"class_path": "ablations.pruning.StudyPruning", "init_args": {
-            **pruning, "monitor": space.prune_monitor, "pruner": space.pruner or DEFAULT_PRUNER}})
+            **pruning, "monitor": space.prune_monitor, "pruner": space.pruner}})
     trainer["callbacks"] = callbacks
     return cfg
 

@@ -27,11 +27,9 @@ import optuna
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
+from ablations.spaces import DEFAULT_PRUNER
+
 PRUNED_AT = "grpo_lab:pruned_at_step"
-DEFAULT_PRUNER: dict[str, Any] = {
-    "class_path": "optuna.pruners.MedianPruner",
-    "init_args": {"n_startup_trials": 4, "n_warmup_steps": 20},
-}
 
 
 def make_pruner(spec: dict[str, Any] | None) -> optuna.pruners.BasePruner:

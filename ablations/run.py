@@ -79,7 +79,7 @@ from ablations.objective import (
     trial_overlay,
     write_overlay,
 )
-from ablations.pruning import DEFAULT_PRUNER, make_pruner
+from ablations.pruning import make_pruner
 from ablations.spaces import SPACES, Space, get_space
 
 log = logging.getLogger("ablations")
@@ -140,7 +140,7 @@ def make_storage(url: str, grace_period: int = 30) -> RDBStorage:
 
 
 def open_study(space: Space, name: str, storage: RDBStorage) -> optuna.Study:
-    pruner = make_pruner(space.pruner or DEFAULT_PRUNER) if not space.is_grid else optuna.pruners.NopPruner()
+    pruner = make_pruner(space.pruner if not space.is_grid else None)
     study = optuna.create_study(study_name=name, storage=storage, sampler=space.sampler(seed=0),
                                 direction="maximize", load_if_exists=True, pruner=pruner)
     study.set_user_attr("space", space.describe())

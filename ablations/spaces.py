@@ -38,12 +38,18 @@ runner then uses ``TPESampler`` and prunes unpromising trials on ``prune_monitor
 
 from __future__ import annotations
 
+import copy
 import importlib
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
+
+DEFAULT_PRUNER: dict[str, Any] = {
+    "class_path": "optuna.pruners.MedianPruner",
+    "init_args": {"n_startup_trials": 4, "n_warmup_steps": 20},
+}
 
 PROBE_CLASS = "grpo_lab.variance.GradientVarianceProbe"
 
@@ -109,9 +115,9 @@ class Space:
     """For tuning spaces: ``{key: distribution}`` sampled by TPE instead of a grid."""
     n_trials: int | None = None
     """Trials of a tuning space (``distributions``); a grid space runs each point once."""
-    pruner: dict[str, Any] | None = None
-    """Tuning spaces: ``{"class_path": "optuna.pruners.X", "init_args": {...}}`` (None: median pruning after
-    4 trials and 20 steps, ``ablations.pruning.DEFAULT_PRUNER``). Grid spaces are never pruned."""
+    pruner: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(DEFAULT_PRUNER))
+    """Tuning spaces: ``{"class_path": "optuna.pruners.X", "init_args": {...}}`` (default: median pruning
+    after 4 trials and 20 steps). Grid spaces are never pruned."""
     prune_monitor: str = "val/acc_sampled"
     """Tuning spaces: the metric the pruner sees at every validation (higher is better)."""
 
@@ -256,8 +262,9 @@ register_space(Space(
     baseline={"variant": "grpo"},
 ))
 
-# Single process vs DDP on CPU (gloo). The global batch is the same everywhere: data.prompts_per_step is global,
-# so ddp2 runs 2 processes with half the prompts each. 'auto' with 2 devices is not a valid combination, hence one key with presets.
+# Single process vs DDP on CPU (gloo). The global batch is the same everywhere: data.prompts_per_step is
+# global, so ddp2 runs 2 processes with half the prompts each. 'auto' with 2 devices is not a valid
+# combination, hence one key with presets.
 register_space(Space(
     name="strategies",
     description="single process vs DDP with 1 and 2 CPU processes (gloo), same global batch",
