@@ -432,7 +432,8 @@ def test_resume_after_sigkill_reruns_only_what_is_missing(tmp_path):
             pass
     done_numbers = sorted(n for v in first.values() for n in v)
     stamps = {n: (root / "ablate" / "smoke" / str(n) / "fit.log").stat().st_mtime_ns for n in done_numbers}
-    subprocess.run(_runner(root, "--grace-period", "3"), cwd=tmp_path, check=True, capture_output=True, timeout=600)
+    rerun = subprocess.run(_runner(root, "--grace-period", "3"), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, f"the rerun failed:\n{rerun.stdout[-4000:]}\n{rerun.stderr[-4000:]}"
     done = _complete_by_point(db)
     assert len(done) == len(SPACES["smoke"].points()) and all(len(v) == 1 for v in done.values())
     for key, numbers in first.items():
