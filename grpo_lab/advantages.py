@@ -32,7 +32,9 @@ Add an estimator without touching the trainer::
     def median_baseline(rewards, eps):          # [P, G] -> [P, G]
         return rewards - rewards.median(dim=-1, keepdim=True).values
 
-and select it with ``--model.advantage median_baseline``.
+and select it with ``--model.advantage median_baseline`` once the module is imported, or, without any
+import, by its path: ``--model.advantage my_pkg.my_estimators:median_baseline`` (a plain function named by
+path counts as a group estimator; decorate it to say otherwise).
 """
 
 from __future__ import annotations
@@ -48,12 +50,14 @@ AdvantageFn = Callable[[Tensor, float], Tensor]
 
 
 @dataclass(frozen=True)
-class _Estimator:
+class Estimator:
+    """A registered advantage estimator: the function and whether it compares completions within a group."""
+
     fn: AdvantageFn
-    needs_group: bool
+    needs_group: bool = True
 
 
-ADVANTAGES: dict[str, _Estimator] = {}
+ADVANTAGES: dict[str, Estimator] = {}
 
 
 def register_advantage(name: str, *, needs_group: bool = True) -> Callable[[AdvantageFn], AdvantageFn]:
@@ -64,7 +68,7 @@ def register_advantage(name: str, *, needs_group: bool = True) -> Callable[[Adva
     """
 
     def decorator(fn: AdvantageFn) -> AdvantageFn:
-        ADVANTAGES[name] = _Estimator(fn, needs_group)
+        ADVANTAGES[name] = Estimator(fn, needs_group)
         return fn
 
     return decorator
@@ -74,11 +78,16 @@ def available_advantages() -> list[str]:
     return sorted(ADVANTAGES)
 
 
+def get_estimator(name: str) -> Estimator:
+    """The estimator registered as ``name``, or the function at the import path ``package.module:function``."""
+    return lookup(ADVANTAGES, name, "advantage estimator", wrap=Estimator)
+
+
 def compute_advantages(rewards: Tensor, estimator: str, eps: float = 1e-6) -> Tensor:
     """Advantages ``[P, G]`` for rewards ``[P, G]`` (P queries, G completions each)."""
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be [P, G] (queries x completions), got shape {tuple(rewards.shape)}")
-    est = lookup(ADVANTAGES, estimator, "advantage estimator")
+    est = get_estimator(estimator)
     rewards = rewards.float() if not rewards.is_floating_point() else rewards
     if not est.needs_group:
         return est.fn(rewards, eps)

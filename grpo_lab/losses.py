@@ -67,6 +67,11 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") ->
     return lookup(KL_ESTIMATORS, estimator, "KL estimator")(logprobs, ref_logprobs)
 
 
+def get_aggregation(name: str) -> AggregateFn:
+    """The aggregation registered as ``name`` or the function at the import path ``package.module:function``."""
+    return lookup(AGGREGATIONS, name, "aggregation")
+
+
 @register_aggregation("token_mean")
 def token_mean(loss: Tensor, mask: Tensor, normalizer: float | Tensor | None = None) -> Tensor:
     """Σ(loss·mask) / Σmask over the whole batch (``normalizer`` overrides Σmask, e.g. a global count)."""
@@ -120,7 +125,7 @@ def policy_loss(
         raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got clip_low={clip_low}, clip_high={clip_high}")
     if beta < 0.0:
         raise ValueError(f"beta (KL coefficient) must be >= 0, got {beta}")
-    aggregate = lookup(AGGREGATIONS, aggregation, "aggregation")
+    aggregate = get_aggregation(aggregation)
     mask = mask.to(logprobs.dtype)
     adv = advantages.to(logprobs.dtype).unsqueeze(-1)  # [B, 1]
 

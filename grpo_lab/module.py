@@ -39,7 +39,7 @@ from lightning.pytorch.utilities import grad_norm
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from grpo_lab.advantages import ADVANTAGES, compute_advantages, zero_spread
+from grpo_lab.advantages import compute_advantages, get_estimator, zero_spread
 from grpo_lab.losses import AGGREGATIONS, KL_ESTIMATORS, policy_loss
 from grpo_lab.policy import PolicyConfig, build_policy
 from grpo_lab.registry import lookup
@@ -89,8 +89,8 @@ class GRPOModule(L.LightningModule):
             rewards: reward functions by registry name (``exact_match``, ``numeric_match``) or import path
                 ``package.module:function``; their weighted sum is the reward.
             reward_weights: one weight per reward function (default all 1).
-            advantage: advantage estimator: reward, mean_baseline, group_norm, rloo, batch_norm, or any
-                registered with ``@register_advantage``.
+            advantage: advantage estimator: reward, mean_baseline, group_norm, rloo, batch_norm, any
+                registered with ``@register_advantage``, or an import path ``package.module:function``.
             num_generations: G, completions sampled per query.
             max_new_tokens: longest completion; a completion without EOS by then is truncated.
             min_new_tokens: suppress EOS before this many tokens (benchmarks use it for fixed-length work).
@@ -98,8 +98,9 @@ class GRPOModule(L.LightningModule):
             clip_low: ε_low of the clipped ratio, ratio >= 1 - clip_low (must be < 1).
             clip_high: ε_high of the clipped ratio, ratio <= 1 + clip_high.
             beta: KL coefficient to a frozen reference copy of the starting policy (0: no reference built).
-            kl_estimator: per-token KL estimator: k1, k2 or k3.
-            aggregation: token_mean, sequence_mean (original GRPO) or constant (Dr. GRPO).
+            kl_estimator: per-token KL estimator: k1, k2, k3, or an import path ``package.module:function``.
+            aggregation: token_mean, sequence_mean (original GRPO), constant (Dr. GRPO), or an import path
+                ``package.module:function`` (its normalizer is the sequence count, as for sequence_mean).
             num_iterations: μ, optimizer updates per rollout batch (> 1 uses manual optimization).
             micro_batches: split each rollout batch's loss and backward into (at most) this many chunks of
                 whole groups (gradient accumulation with the whole batch's normalizer: same gradient, less
@@ -120,10 +121,10 @@ class GRPOModule(L.LightningModule):
         # LightningCLI may hand nested dataclasses over as dicts: normalise once, keep typed copies.
         self.policy_cfg = policy if isinstance(policy, PolicyConfig) else PolicyConfig(**policy)
         self.warm_start_cfg = warm_start if isinstance(warm_start, WarmStartConfig) else WarmStartConfig(**warm_start)
-        lookup(ADVANTAGES, advantage, "advantage estimator")
+        estimator = get_estimator(advantage)
         lookup(AGGREGATIONS, aggregation, "aggregation")
         lookup(KL_ESTIMATORS, kl_estimator, "KL estimator")
-        if ADVANTAGES[advantage].needs_group and num_generations < 2:
+        if estimator.needs_group and num_generations < 2:
             raise ValueError(f"advantage {advantage!r} needs num_generations >= 2 (got {num_generations}); or use 'reward'")
         if min(num_generations, num_iterations, max_new_tokens, micro_batches) < 1:
             raise ValueError("num_generations, num_iterations, micro_batches and max_new_tokens must be >= 1")

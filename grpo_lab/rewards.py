@@ -7,7 +7,6 @@ import path the user names (``my_package.my_module:my_reward``): code is importe
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 import numbers
@@ -15,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from grpo_lab.registry import registrar
+from grpo_lab.registry import lookup, registrar
 
 RewardFn = Callable[..., list[float]]
 REWARDS: dict[str, RewardFn] = {}
@@ -48,22 +47,7 @@ def numeric_match(completions: list[str], answer: list[str], **_) -> list[float]
 
 def load_reward(spec: str) -> RewardFn:
     """A registered reward by name, or ``package.module:function`` imported from the path the user named."""
-    if spec in REWARDS:
-        return REWARDS[spec]
-    if ":" not in spec:
-        raise ValueError(
-            f"unknown reward {spec!r}; built-in rewards: {', '.join(sorted(REWARDS))}; "
-            "or give an import path 'package.module:function'"
-        )
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"reward {spec!r}: cannot import module {module_name!r} ({err})") from err
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ValueError(f"reward {spec!r}: module {module_name!r} has no callable {attr!r}")
-    return fn
+    return lookup(REWARDS, spec, "reward")
 
 
 def reward_name(fn: RewardFn) -> str:

@@ -234,3 +234,33 @@ def test_register_custom_estimator_without_group_and_eps_passthrough():
         torch.testing.assert_close(out, torch.full((1, 3), 0.125))
     finally:
         ADVANTAGES.pop(name, None)
+
+
+def test_estimator_by_import_path_is_imported_only_from_that_path(tmp_path, monkeypatch):
+    (tmp_path / "my_estimators_xyz.py").write_text(
+        "from grpo_lab.advantages import register_advantage\n"
+        "def median_baseline(rewards, eps):\n"
+        "    return rewards - rewards.median(dim=-1, keepdim=True).values\n"
+        "@register_advantage('_test_flat', needs_group=False)\n"
+        "def flat(rewards, eps):\n"
+        "    return rewards * 0 + 7\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="unknown advantage estimator 'median_baseline'"):
+        compute_advantages(rewards(), "median_baseline")  # a bare name never searches modules
+    try:
+        r = torch.tensor([[1.0, 0.0, 0.0], [3.0, 1.0, 2.0]])
+        out = compute_advantages(r, "my_estimators_xyz:median_baseline")
+        torch.testing.assert_close(out, torch.tensor([[1.0, 0.0, 0.0], [1.0, -1.0, 0.0]]))
+        # a plain function named by path is a group estimator: zero-spread groups get 0, G = 1 is rejected
+        torch.testing.assert_close(compute_advantages(torch.ones(1, 3), "my_estimators_xyz:median_baseline"), torch.zeros(1, 3))
+        with pytest.raises(ValueError, match="num_generations >= 2"):
+            compute_advantages(torch.tensor([[1.0]]), "my_estimators_xyz:median_baseline")
+        # a decorated function keeps its registration's needs_group when named by path
+        torch.testing.assert_close(compute_advantages(torch.tensor([[1.0]]), "my_estimators_xyz:flat"), torch.tensor([[7.0]]))
+    finally:
+        ADVANTAGES.pop("_test_flat", None)
+    with pytest.raises(ValueError, match="cannot import module 'no_such_mod_xyz'"):
+        compute_advantages(r, "no_such_mod_xyz:f")
+    with pytest.raises(ValueError, match="has no attribute 'missing'"):
+        compute_advantages(r, "my_estimators_xyz:missing")

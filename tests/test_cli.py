@@ -66,3 +66,15 @@ def test_ckpt_path_last_resumes_in_the_same_run_directory(tmp_path):
     scalars = _fit(tmp_path, "--trainer.max_steps", "6", "--ckpt_path", "last")
     assert [p.name for p in (tmp_path / "runs" / "smoke").iterdir()] == ["version_0"]
     assert sorted(s for s, _ in scalars["train/reward"]) == list(range(6))
+
+
+def test_estimator_kl_and_aggregation_from_the_users_own_module(tmp_path):
+    """``--model.advantage pkg.mod:fn`` (and the KL estimator and aggregation) without any import trick."""
+    (tmp_path / "my_estimators.py").write_text(
+        "def median_baseline(rewards, eps):\n    return rewards - rewards.median(dim=-1, keepdim=True).values\n"
+        "def half_k1(logprobs, ref_logprobs):\n    return 0.5 * (logprobs - ref_logprobs)\n"
+        "def seq_sum(loss, mask, normalizer=None):\n    return (loss * mask).sum() / mask.shape[0]\n"
+    )
+    scalars = _fit(tmp_path, "--model.advantage", "my_estimators:median_baseline", "--model.beta", "0.05",
+                   "--model.kl_estimator", "my_estimators:half_k1", "--model.aggregation", "my_estimators:seq_sum")
+    assert len(scalars["train/reward"]) == 4 and "train/kl" in scalars

@@ -344,3 +344,19 @@ def test_shape_mismatch_rejected():
         policy_loss(logprobs, old, torch.ones(3, dtype=F64), mask)
     with pytest.raises(ValueError):
         policy_loss(logprobs, old, adv, mask, ref_logprobs=torch.zeros(2, 4, dtype=F64), beta=0.1)
+
+
+def test_kl_estimator_and_aggregation_by_import_path(tmp_path, monkeypatch):
+    (tmp_path / "my_losses_xyz.py").write_text(
+        "def sq(logprobs, ref_logprobs):\n    return (logprobs - ref_logprobs) ** 2\n"
+        "def total(loss, mask, normalizer=None):\n    return (loss * mask).sum()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    logprobs, old, adv, mask = example()
+    ref = torch.tensor(REF, dtype=F64)
+    torch.testing.assert_close(kl_penalty(logprobs, ref, "my_losses_xyz:sq"), 2 * kl_penalty(logprobs, ref, "k2"))
+    summed, _ = policy_loss(logprobs, old, adv, mask, aggregation="my_losses_xyz:total")
+    mean, _ = policy_loss(logprobs, old, adv, mask, aggregation="token_mean")
+    torch.testing.assert_close(summed, mean * mask.sum())
+    with pytest.raises(ValueError, match="has no attribute 'nope'"):
+        policy_loss(logprobs, old, adv, mask, aggregation="my_losses_xyz:nope")

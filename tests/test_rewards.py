@@ -19,11 +19,11 @@ def test_load_by_name_and_import_path(monkeypatch):
     monkeypatch.setitem(sys.modules, "my_rewards", mod)
     assert load_reward("exact_match") is exact_match
     assert load_reward("my_rewards:length")(["ab"]) == [2.0]
-    with pytest.raises(ValueError, match="built-in rewards: .*exact_match"):
+    with pytest.raises(ValueError, match="unknown reward 'nope'; known: .*exact_match"):
         load_reward("nope")
     with pytest.raises(ValueError, match="cannot import module"):
         load_reward("no_such_module_xyz:f")
-    with pytest.raises(ValueError, match="no callable 'missing'"):
+    with pytest.raises(ValueError, match="has no attribute 'missing'"):
         load_reward("my_rewards:missing")
 
 
