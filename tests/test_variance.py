@@ -1,5 +1,7 @@
 import json
 import math
+import threading
+import time
 
 import lightning as L
 import pytest
@@ -7,16 +9,17 @@ import torch
 
 from grpo_lab.advantages import compute_advantages
 from grpo_lab.data import QueryDataModule
+from grpo_lab.losses import policy_loss
 from grpo_lab.module import GRPOModule
 from grpo_lab.policy import PolicyConfig
+from grpo_lab.probe.cache import cached
+from grpo_lab.probe.gradients import batch_gradients
 from grpo_lab.rollout import sequence_logprobs
 from grpo_lab.tasks import load_queries
 from grpo_lab.variance import (
     DEFAULT_ESTIMATORS,
     GradientVarianceProbe,
-    _RunningMoments,
     estimator_gradients,
-    gradient_statistics,
     main,
     probe,
 )
@@ -48,6 +51,11 @@ def _params(module):
     return [p.detach().clone() for p in module.model.parameters()]
 
 
+def _same(a: dict, b: dict) -> bool:
+    """Equal as JSON (NaN equals NaN there)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
 def _recording_rollouts(module, monkeypatch):
     """Patch ``module.rollout`` to count its calls and keep the rollouts it returned."""
     seen = []
@@ -59,60 +67,6 @@ def _recording_rollouts(module, monkeypatch):
 
     monkeypatch.setattr(module, "rollout", rollout)
     return seen
-
-
-# ---- gradient_statistics ------------------------------------------------------------------------------
-HAND = torch.tensor([[1.0, 2.0], [3.0, 2.0], [2.0, 5.0]])  # K = 3 estimates of a D = 2 gradient
-
-
-def test_gradient_statistics_by_hand():
-    s = gradient_statistics(HAND, reference=torch.tensor([0.0, 1.0]))
-    # mean ḡ = ((1+3+2)/3, (2+2+5)/3) = (2, 3);  ‖ḡ‖² = 4 + 9 = 13
-    # deviations (-1,-1), (1,-1), (0,2): squared norms 2 + 2 + 4 = 8  ->  V = 8 / (K-1) = 4
-    # S = ‖ḡ‖² - V/K = 13 - 4/3 = 35/3;  SNR = S/V = 35/12
-    # cosine with (0,1): ḡ·r / (‖ḡ‖‖r‖) = 3 / √13;  relative variance V/‖ḡ‖² = 4/13
-    assert s["variance"] == pytest.approx(4.0)
-    assert s["signal"] == pytest.approx(35 / 3)
-    assert s["snr"] == pytest.approx(35 / 12)
-    assert s["cosine"] == pytest.approx(3 / math.sqrt(13))
-    assert s["mean_norm"] == pytest.approx(math.sqrt(13))
-    assert s["relative_variance"] == pytest.approx(4 / 13)
-    assert s["num_batches"] == 3
-    assert gradient_statistics(HAND)["cosine"] is None
-    assert gradient_statistics(HAND, torch.tensor([-4.0, -6.0]))["cosine"] == pytest.approx(-1.0)
-
-
-def test_scale_changes_variance_but_not_snr_or_cosine():
-    torch.manual_seed(1)
-    grads, ref = torch.randn(5, 7) + 0.5, torch.randn(7)
-    a, b = gradient_statistics(grads, ref), gradient_statistics(10 * grads, 10 * ref)
-    assert b["variance"] == pytest.approx(100 * a["variance"])
-    assert b["signal"] == pytest.approx(100 * a["signal"])
-    for key in ("snr", "cosine", "relative_variance"):
-        assert b[key] == pytest.approx(a[key])
-
-
-def test_degenerate_inputs():
-    with pytest.raises(ValueError, match="K >= 2"):
-        gradient_statistics(torch.ones(1, 3))
-    with pytest.raises(ValueError, match=r"\[K, D\]"):
-        gradient_statistics(torch.ones(3))
-    zero = gradient_statistics(torch.zeros(4, 3), torch.ones(3))  # e.g. every group had zero spread
-    assert zero["snr"] == 0.0 and zero["cosine"] == 0.0 and zero["relative_variance"] == 0.0
-    same = gradient_statistics(torch.ones(4, 3))  # no noise, non-zero signal
-    assert same["snr"] == math.inf and same["variance"] == 0.0
-    assert not any(isinstance(v, float) and math.isnan(v) for s in (zero, same) for v in s.values())
-
-
-def test_running_moments_match_the_two_pass_statistics():
-    torch.manual_seed(2)
-    grads, ref = torch.randn(6, 9) * 3 + 1, torch.randn(9)
-    acc = _RunningMoments()
-    for g in grads:
-        acc.update(g)
-    running, exact = acc.statistics(ref), gradient_statistics(grads, ref)
-    for key, value in exact.items():
-        assert running[key] == pytest.approx(value, rel=1e-9)
 
 
 # ---- estimator_gradients ------------------------------------------------------------------------------
@@ -157,23 +111,104 @@ def test_constant_aggregation_sign_and_normalizer(monkeypatch):
         estimator_gradients(module, batch, ["rloo"])
 
 
+def _ascent(module, rollout, advantages, aggregation, normalizer=None):
+    """−∇ of the μ = 1 policy loss, written out directly (one backward pass per call)."""
+    h = module.hparams
+    logprobs, _ = sequence_logprobs(module.model, rollout, h.temperature)
+    loss, _ = policy_loss(logprobs, logprobs.detach(), advantages, rollout.completion_mask, aggregation=aggregation,
+                          normalizer=normalizer)
+    return -torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(module.model.parameters()))])
+
+
+def test_split_gradients_and_the_reference_match_the_direct_computation(monkeypatch):
+    """Hard queries go first in the rollout and each part is forwarded alone; the hard part, the whole and
+    the rloo/constant reference equal the gradients written out from the same rollout."""
+    module = _module()
+    batch = _queries(6)
+    assert {q["difficulty"] for q in batch} == {"easy", "hard"}
+    calls = _recording_rollouts(module, monkeypatch)
+    out = batch_gradients(module, batch, ["reward", "group_norm", "rloo"], "rloo", ("difficulty", "hard"))
+    (rollout,) = calls
+    n_hard = sum(q["difficulty"] == "hard" for q in batch)
+    ordered = sorted(batch, key=lambda q: q["difficulty"] != "hard")  # hard first, stable
+    assert rollout.completions and len(rollout.completions) == len(batch) * G
+    rewards = module.reward(rollout, ordered)
+    hard = torch.arange(len(batch) * G) < n_hard * G
+    for name in ("reward", "group_norm", "rloo"):
+        adv = compute_advantages(rewards, name).flatten()
+        torch.testing.assert_close(out.full[name], _ascent(module, rollout, adv, "token_mean"), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(out.hard[name], _ascent(module, rollout, adv * hard, "token_mean"), rtol=1e-4, atol=1e-6)
+        assert out.hard[name].norm() > 0 and (out.full[name] - out.hard[name]).norm() > 0
+    ref = _ascent(module, rollout, compute_advantages(rewards, "rloo").flatten(), "constant", len(batch) * G * 4)
+    torch.testing.assert_close(out.reference, ref, rtol=1e-4, atol=1e-6)
+    easy_only = [q for q in _queries(16) if q["difficulty"] == "easy"][:3]
+    none_hard = batch_gradients(module, easy_only, ["reward"], None, ("difficulty", "hard"))
+    assert none_hard.hard["reward"].abs().max() == 0 and none_hard.full["reward"].norm() > 0
+
+
 # ---- probe --------------------------------------------------------------------------------------------
 def test_probe_leaves_parameters_and_rng_alone():
     module = _module()
     module.model.eval()
     before, rng = _params(module), torch.get_rng_state()
-    kwargs = {"num_batches": 3, "reference_batches": 3, "prompts_per_batch": 2, "seed": 5}
+    kwargs = {"num_batches": 6, "prompts_per_batch": 2, "seed": 5, "n_resamples": 200}
     stats = probe(module, _queries(), **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(before, _params(module), strict=True))
     assert torch.equal(rng, torch.get_rng_state())
     assert not module.model.training  # mode restored
     assert list(stats) == list(DEFAULT_ESTIMATORS)
     for s in stats.values():
-        assert math.isfinite(s["snr"]) and -1.0 <= s["cosine"] <= 1.0 and s["variance"] > 0
-        assert math.isfinite(s["reference_snr"])
-    assert probe(module, _queries(), **kwargs) == stats  # seeded: reproducible
+        assert math.isfinite(s["snr"]) and s["variance"] > 0 and s["num_batches"] == 6
+        assert s["cosine"] is None or -1.0 <= s["cosine"] <= 1.0
+        assert s["hard_share"] is not None and s["ratio_to"] == "reward"
+        if s["snr"] > 0 and stats["reward"]["snr"] > 0:  # a ratio of SNRs means nothing when a signal is <= 0
+            assert s["snr_ratio"] == pytest.approx(s["snr"] / stats["reward"]["snr"])
+        else:
+            assert math.isnan(s["snr_ratio"])
+    # rloo = G/(G-1) mean_baseline on every batch: the same SNR, exactly a ratio of 1 between them
+    assert stats["rloo"]["snr"] == pytest.approx(stats["mean_baseline"]["snr"], rel=1e-6)
+    assert _same(probe(module, _queries(), **kwargs), stats)  # seeded: reproducible
     with pytest.raises(ValueError, match="num_batches must be >= 2"):
         probe(module, _queries(), num_batches=1)
+
+
+def test_cached_computes_once_when_two_callers_race(tmp_path):
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.3)
+        return {"x": 1.5}
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cached(tmp_path, "k", slow))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and sorted(hit for _, hit in results) == [False, True]
+    assert all(value == {"x": 1.5} for value, _ in results)
+    assert cached(None, "k", lambda: {"y": 2}) == ({"y": 2}, False)  # no cache dir: always computed
+
+
+def test_second_trial_of_a_seed_reads_the_warm_start_probe_from_the_cache(tmp_path, monkeypatch):
+    """Two trials of one seed start from the same weights: the second one's warm-start probe does no rollout.
+    Other weights, another probe seed or other rollout settings are other entries."""
+    kwargs = {"num_batches": 3, "prompts_per_batch": 2, "seed": 1, "n_resamples": 100, "cache_dir": str(tmp_path)}
+    queries = _queries()
+    first, second = _module(advantage="reward"), _module(advantage="rloo")  # same weights: seeded init
+    calls = _recording_rollouts(second, monkeypatch)
+    a, hit_a = GradientVarianceProbe(**kwargs).measure(first, queries)
+    b, hit_b = GradientVarianceProbe(**kwargs).measure(second, queries)
+    assert (hit_a, hit_b) == (False, True) and calls == [] and _same(a, b)
+    _, hit = GradientVarianceProbe(**{**kwargs, "seed": 2}).measure(second, queries)
+    assert not hit and len(calls) == 3
+    with torch.no_grad():
+        next(second.model.parameters()).add_(1e-3)
+    _, hit = GradientVarianceProbe(**kwargs).measure(second, queries)
+    assert not hit
+    _, hit = GradientVarianceProbe(**kwargs).measure(_module(temperature=0.7), queries)
+    assert not hit and len(list(tmp_path.glob("*.json"))) == 4
 
 
 # ---- the callback and the command line ----------------------------------------------------------------
@@ -188,7 +223,7 @@ def _fit(module, callbacks=(), steps=2):
 
 
 def test_callback_probes_at_start_middle_and_end_without_perturbing_training(in_tmp):
-    cb = GradientVarianceProbe(num_batches=3, reference_batches=4, prompts_per_batch=2)
+    cb = GradientVarianceProbe(num_batches=3, reference_batches=2, prompts_per_batch=2, n_resamples=100)
     probed = _module()
     _fit(probed, [cb])
     assert sorted({(r["fraction"], r["step"]) for r in cb.results}) == [(0.0, 0), (0.5, 1), (1.0, 2)]
@@ -206,7 +241,7 @@ def test_command_line_on_a_checkpoint(in_tmp, capsys):
     trainer = _fit(module, steps=1)
     trainer.save_checkpoint(in_tmp / "x.ckpt")
     out = in_tmp / "out.json"
-    main(["--ckpt", str(in_tmp / "x.ckpt"), "--estimators", "reward", "rloo", "--num-batches", "2",
+    main(["--ckpt", str(in_tmp / "x.ckpt"), "--estimators", "reward", "rloo", "--num-batches", "3",
           "--reference-batches", "2", "--reference-estimator", "rloo", "--prompts-per-batch", "2", "--num-queries", "16", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert [r["estimator"] for r in saved["results"]] == ["reward", "rloo"]

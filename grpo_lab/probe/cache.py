@@ -1,0 +1,88 @@
+"""A probe point computed once per policy: the warm start is the same policy for every trial of a seed.
+
+The key is a hash of everything the probe's numbers depend on: the policy's weights (its ``state_dict``
+bytes, so two trials share an entry exactly when they probe the same parameters), the probe's settings
+(estimators, batches, seed, split ...), the module settings that shape a rollout and its reward (G,
+lengths, temperature, aggregation, rewards and weights, policy config), the queries the batches are drawn
+from, and the torch version. Entries are JSON files written atomically (beside, then renamed). Two trials
+that miss the same entry at once do not both compute it: the first takes an exclusive ``fcntl`` lock on
+``<key>.lock`` and the second waits for it, then reads the entry (where ``fcntl`` is missing, both compute
+and the last rename wins: the same numbers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+CACHE_VERSION = 2
+MODULE_KEYS = ("num_generations", "max_new_tokens", "min_new_tokens", "temperature", "aggregation", "rewards",
+               "reward_weights", "invalid_rewards", "policy")
+
+
+def _jsonable(value):
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
+def cache_key(module, queries: list[dict], settings: dict) -> str:
+    """Hex key of one probe point: weights, probe ``settings``, rollout settings, queries, torch version."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    hp = module.hparams
+    ident = {
+        "version": CACHE_VERSION, "torch": torch.__version__, "settings": settings,
+        "module": {k: _jsonable(hp.get(k)) for k in MODULE_KEYS},
+        "queries": hashlib.sha256(json.dumps(queries, sort_keys=True, default=str).encode()).hexdigest(),
+    }
+    h.update(json.dumps(ident, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:24]
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def write_json(path: Path, payload) -> None:
+    """Atomically (written beside, then renamed); non-finite floats as the JSON extensions Infinity/NaN."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def cached(cache_dir: str | Path | None, key: str, compute: Callable[[], dict]) -> tuple[dict, bool]:
+    """``(value, hit)``: the entry ``key`` under ``cache_dir``, or ``compute()`` stored there (no cache
+    with ``cache_dir=None``). Concurrent callers with one key compute it once (see the module docstring)."""
+    if cache_dir is None:
+        return compute(), False
+    path = Path(cache_dir) / f"{key}.json"
+    with _locked(Path(cache_dir) / f"{key}.lock"):
+        if path.is_file():
+            return json.loads(path.read_text()), True
+        value = compute()
+        write_json(path, value)
+        return value, False

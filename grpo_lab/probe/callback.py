@@ -1,0 +1,165 @@
+"""``GradientVarianceProbe``: the probe at fractions of a fit, as a Lightning callback (rank 0 only)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
+
+from grpo_lab.probe.cache import cache_key, cached, write_json
+from grpo_lab.probe.core import (
+    DEFAULT_ESTIMATORS,
+    DEFAULT_SPLIT,
+    NUM_BATCHES,
+    PROMPTS_PER_BATCH,
+    REFERENCE_ESTIMATOR,
+    probe,
+)
+from grpo_lab.probe.gradients import REFERENCE_AGGREGATION
+
+LOGGED = ("snr", "cosine", "relative_variance", "snr_ratio", "hard_share")
+
+
+class GradientVarianceProbe(L.Callback):
+    """Probe the estimators' gradient statistics at fractions of a fit (rank 0 only).
+
+    Fraction 0 runs in ``on_train_start``, fractions strictly between 0 and 1 at the first training batch
+    whose ``global_step`` reaches ``fraction × max_steps`` (or the estimated number of steps when
+    ``max_steps`` is unset), and fraction 1 in ``on_train_end``. Each probe appends rows
+    ``{"step", "fraction", "estimator", "cached", **stats}`` (``grpo_lab.probe.probe``) to :attr:`results`,
+    logs ``probe/<stat>_<est>`` for ``snr``, ``cosine``, ``relative_variance``, ``snr_ratio`` and
+    ``hard_share`` (finite values) to the trainer's loggers, and rewrites ``probe.json`` in
+    ``trainer.log_dir``. The probe forks the RNG, so the fit samples the same completions with or without
+    it. With ``cache_dir`` a probe point whose policy, settings and queries were probed before (the warm
+    start, by another trial of the same seed) is read back instead of computed (``cache.py``).
+    """
+
+    def __init__(
+        self,
+        estimators: Sequence[str] = DEFAULT_ESTIMATORS,
+        num_batches: int = NUM_BATCHES,
+        reference_batches: int = 0,
+        prompts_per_batch: int = PROMPTS_PER_BATCH,
+        at_fractions: Sequence[float] = (0.0, 0.5, 1.0),
+        seed: int = 0,
+        reference_estimator: str = REFERENCE_ESTIMATOR,
+        split_column: str | None = DEFAULT_SPLIT[0],
+        split_value: str = DEFAULT_SPLIT[1],
+        cache_dir: str | None = None,
+        n_resamples: int = 2000,
+    ) -> None:
+        """
+        Args:
+            estimators: advantage estimators to compare (registry names); SNR ratios are to the first.
+            num_batches: K, independent rollout batches per probe.
+            reference_batches: further batches used only for the reference gradient (0: the K batches).
+            prompts_per_batch: queries per probe batch (each gets the module's G completions).
+            at_fractions: when to probe, as fractions of the fit's steps in [0, 1].
+            seed: seed of the probe's queries and samples (the same at every probe).
+            reference_estimator: unbiased estimator of the reference ∇J (``rloo`` or ``reward``), with
+                ``constant`` aggregation.
+            split_column: query column to split each gradient by (None: no split), e.g. ``difficulty``.
+            split_value: the column's value whose share is reported (``hard``).
+            cache_dir: directory of computed probe points, shared by the trials of a study (None: none).
+            n_resamples: bootstrap resamples of the batches for the intervals.
+        """
+        if any(not 0.0 <= f <= 1.0 for f in at_fractions):
+            raise ValueError(f"at_fractions must lie in [0, 1], got {list(at_fractions)}")
+        if num_batches < 2 or reference_batches < 0 or prompts_per_batch < 1:
+            raise ValueError("need num_batches >= 2, reference_batches >= 0 and prompts_per_batch >= 1")
+        self.estimators = list(estimators)
+        self.num_batches = num_batches
+        self.reference_batches = reference_batches
+        self.prompts_per_batch = prompts_per_batch
+        self.at_fractions = sorted(set(float(f) for f in at_fractions))
+        self.seed = seed
+        self.reference_estimator = reference_estimator
+        self.split = None if split_column is None else (split_column, split_value)
+        self.cache_dir = cache_dir
+        self.n_resamples = n_resamples
+        self.results: list[dict] = []
+        self._done: set[float] = set()
+
+    # -- hooks
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._maybe_probe(trainer, pl_module, [f for f in self.at_fractions if f == 0.0])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        middle = [f for f in self.at_fractions if 0.0 < f < 1.0 and f not in self._done]
+        if not middle:
+            return
+        total = self._total_steps(trainer)
+        if total is None:
+            return
+        self._maybe_probe(trainer, pl_module, [f for f in middle if trainer.global_step >= f * total])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._maybe_probe(trainer, pl_module, [f for f in self.at_fractions if f == 1.0])
+
+    def state_dict(self) -> dict:
+        return {"results": self.results, "done": sorted(self._done)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.results = list(state_dict.get("results", []))
+        self._done = set(state_dict.get("done", []))
+
+    # -- work
+    def settings(self, prompts_per_batch: int) -> dict:
+        """What the probe's numbers depend on besides the module and the queries (the cache key's part)."""
+        return {"estimators": self.estimators, "num_batches": self.num_batches,
+                "reference_batches": self.reference_batches, "prompts_per_batch": prompts_per_batch,
+                "seed": self.seed, "reference": f"{self.reference_estimator}/{REFERENCE_AGGREGATION}",
+                "split": list(self.split) if self.split else None, "n_resamples": self.n_resamples}
+
+    def _total_steps(self, trainer) -> float | None:
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            return float(trainer.max_steps)
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            rank_zero_warn("GradientVarianceProbe: the fit has no finite length; middle fractions are skipped")
+            return None
+        return float(total)
+
+    def _maybe_probe(self, trainer, pl_module, fractions: list[float]) -> None:
+        fractions = [f for f in fractions if f not in self._done]
+        if not fractions:
+            return
+        self._done.update(fractions)
+        if not trainer.is_global_zero:
+            return
+        dm = getattr(trainer, "datamodule", None)
+        queries = getattr(dm, "train_set", None)
+        if not queries:
+            rank_zero_warn("GradientVarianceProbe: the trainer has no datamodule with a train_set; not probing")
+            return
+        stats, hit = self.measure(pl_module, queries)
+        step = int(trainer.global_step)
+        for f in fractions:
+            for name, s in stats.items():
+                self.results.append({"step": step, "fraction": f, "estimator": name, "cached": hit, **s})
+        metrics = {f"probe/{key}_{name}": float(s[key]) for name, s in stats.items() for key in LOGGED
+                   if s.get(key) is not None and math.isfinite(s[key])}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        if trainer.log_dir:
+            write_json(Path(trainer.log_dir) / "probe.json", self._report())
+
+    def measure(self, pl_module, queries: list[dict]) -> tuple[dict[str, dict], bool]:
+        """``(stats, from_cache)`` at the module's current parameters."""
+        ppb = min(self.prompts_per_batch, len(queries))
+        settings = self.settings(ppb)
+
+        def compute() -> dict:
+            return probe(pl_module, queries, self.estimators, self.num_batches, self.reference_batches, ppb,
+                         self.seed, reference_estimator=self.reference_estimator, split=self.split,
+                         n_resamples=self.n_resamples)
+
+        key = cache_key(pl_module, queries, settings) if self.cache_dir else ""
+        return cached(self.cache_dir, key, compute)
+
+    def _report(self) -> dict:
+        return {"config": {**self.settings(self.prompts_per_batch), "at_fractions": self.at_fractions},
+                "results": self.results}

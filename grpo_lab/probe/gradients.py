@@ -1,0 +1,141 @@
+"""Every estimator's gradient on ONE shared rollout, split by query difficulty, with few backward passes.
+
+Gradients are the μ = 1 form of the policy loss (π_old = π_θ detached, ratio 1: the REINFORCE gradient
+−Σ A·∇log π / normalizer), the ascent direction −∇loss, w.r.t. the policy's trainable parameters before
+any clipping; the KL term is left out (the same for every estimator, no part of ∇J).
+
+At ratio 1 the loss's gradient w.r.t. the log-probabilities, c = ∂loss/∂logprobs ``[B, T]``, is linear in
+the advantages for a fixed normalizer, and the parameter gradient is the backward pass of c through the
+network, J_θᵀ c. So the probe computes the cheap c of every vector it needs (each estimator's advantages,
+restricted to hard and to easy queries, and the reference estimator with ``constant`` aggregation), finds
+a basis of their span (an SVD), runs one backward pass per basis vector and combines. The default four
+estimators with a difficulty split and an rloo reference need 6 backward passes instead of 9: ``rloo`` is
+G/(G−1) × ``mean_baseline`` and the reference is a rescaled ``rloo``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from grpo_lab.advantages import compute_advantages
+from grpo_lab.losses import policy_loss
+from grpo_lab.rollout import sequence_logprobs
+
+REFERENCE_AGGREGATION = "constant"
+
+
+@dataclass
+class BatchGradients:
+    """One batch's ascent directions ``[D]`` (float32, CPU): per estimator the whole gradient and (with a
+    split) its part from the split's queries; the reference estimator's with ``constant`` aggregation."""
+
+    full: dict[str, Tensor]
+    hard: dict[str, Tensor] | None = None
+    reference: Tensor | None = None
+
+
+def policy_parameters(module) -> list[Tensor]:
+    return [p for p in module.model.parameters() if p.requires_grad]
+
+
+def _flat(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
+    parts = [(torch.zeros(p.numel(), dtype=torch.float32) if g is None else g.detach().float().flatten().cpu())
+             for g, p in zip(grads, params, strict=True)]
+    return torch.cat(parts)
+
+
+def _split_order(batch: list[dict], split: tuple[str, object] | None) -> tuple[list[dict], int]:
+    """The batch with the split's queries first (stable) and how many there are (0 without a split)."""
+    if split is None:
+        return batch, 0
+    column, value = split
+    inside = [q for q in batch if str(q.get(column)) == str(value)]
+    return inside + [q for q in batch if str(q.get(column)) != str(value)], len(inside)
+
+
+def _basis(cotangents: Tensor, rtol: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """``(basis [r, N], coefficients [n, r])`` with cotangents ``[n, N]`` ≈ coefficients @ basis, rows of
+    the basis orthonormal; directions are compared after scaling each row to unit norm, so a small vector
+    is kept unless it is (within ``rtol``) a combination of the others."""
+    c = cotangents.double()
+    norms = c.norm(dim=1, keepdim=True)
+    if not bool((norms > 0).any()):
+        return c.new_zeros(0, c.shape[1]), c.new_zeros(c.shape[0], 0)
+    unit = torch.where(norms > 0, c / norms.clamp(min=1e-300), torch.zeros_like(c))
+    _, s, vh = torch.linalg.svd(unit, full_matrices=False)
+    basis = vh[: int((s > rtol * s[0]).sum())]
+    return basis, c @ basis.T
+
+
+def _backward(logprobs: Tensor, cotangents: Tensor, params: list[Tensor]) -> Tensor:
+    """``[n, D]`` (float64): J_θᵀ c for each row c of ``cotangents`` ``[n, *logprobs.shape]``, through one
+    backward pass per vector of a basis of their span."""
+    d = sum(p.numel() for p in params)
+    basis, coefs = _basis(cotangents.flatten(1))
+    grads = []
+    for i in range(basis.shape[0]):
+        out = torch.autograd.grad(logprobs, params, grad_outputs=basis[i].view_as(logprobs).to(logprobs.dtype),
+                                  retain_graph=i < basis.shape[0] - 1, allow_unused=True)
+        grads.append(_flat(out, params))
+    stacked = torch.stack(grads).double() if grads else torch.zeros(0, d, dtype=torch.float64)
+    return coefs @ stacked
+
+
+def batch_gradients(module, batch: list[dict], estimators: Sequence[str], reference: str | None = None,
+                    split: tuple[str, object] | None = None, aggregation: str | None = None) -> BatchGradients:
+    """Each estimator's gradient on one rollout of ``batch`` (``module.rollout``, ``module.reward`` [P, G]).
+
+    ``aggregation`` overrides the module's (``constant`` divides by B·``max_new_tokens`` as the module
+    does; ``token_mean``'s token count is the local one, so a probe on one process never waits for the
+    others). ``split=(column, value)`` also returns each estimator's part from the queries whose column
+    equals value (the rest is ``full − hard``), both with the whole batch's normalizer: those queries go
+    first in the rollout and the two parts are forwarded separately, so each backward pass runs over one
+    part's sequences and the split costs about nothing. ``reference`` adds that estimator's gradient with
+    ``constant`` aggregation. Group estimators on G = 1 raise ``compute_advantages``'s ValueError.
+    """
+    names = list(dict.fromkeys(estimators))
+    if not names:
+        raise ValueError("estimators must name at least one advantage estimator")
+    h = module.hparams
+    agg = aggregation or h.aggregation
+    batch, n_in = _split_order(batch, split)
+    rollout = module.rollout(batch)
+    rewards = module.reward(rollout, batch)  # [P, G]
+    mask = rollout.completion_mask  # [B, T]
+    b, g = mask.shape[0], rewards.shape[1]
+    vectors = [(compute_advantages(rewards, name).flatten(), agg) for name in names]  # [B] each
+    if reference is not None:
+        vectors.append((compute_advantages(rewards, reference).flatten(), REFERENCE_AGGREGATION))
+    cut = n_in * g  # rows [0, cut) are the split's queries
+    parts = [slice(0, cut), slice(cut, b)] if split is not None else [slice(0, b)]
+    parts = [p for p in parts if p.stop > p.start]
+    params = policy_parameters(module)
+    with torch.inference_mode(False), torch.enable_grad():
+        logprobs = [sequence_logprobs(module.model, rollout.select(p), h.temperature)[0] for p in parts]  # [b_p, T]
+        leaf = torch.cat(logprobs).detach().requires_grad_(True)  # [B, T]
+        cots = []
+        for adv, a in vectors:  # ∂loss/∂logprobs of each vector, over the whole batch: elementwise work only
+            normalizer = b * h.max_new_tokens if a == "constant" else None
+            loss, _ = policy_loss(leaf, leaf.detach(), adv, mask, clip_low=h.clip_low, clip_high=h.clip_high,
+                                  kl_estimator=h.kl_estimator, aggregation=a, normalizer=normalizer)
+            cots.append(torch.autograd.grad(loss, leaf)[0])
+        cots = torch.stack(cots)  # [n, B, T]
+        grads = {p.start: _backward(lp, cots[:, p], params) for p, lp in zip(parts, logprobs, strict=True)}
+    zero = torch.zeros(len(vectors), sum(p.numel() for p in params), dtype=torch.float64)
+    inside = grads.get(0, zero) if split is not None and cut > 0 else zero  # [n, D]
+    total = -sum(grads.values()).float()  # ascent directions [n, D]
+    full = {name: total[i] for i, name in enumerate(names)}
+    hard = None if split is None else {name: -inside[i].float() for i, name in enumerate(names)}
+    return BatchGradients(full, hard, total[len(names)] if reference is not None else None)
+
+
+def estimator_gradients(module, batch: list[dict], estimators: Sequence[str],
+                        aggregation: str | None = None) -> dict[str, Tensor]:
+    """The ascent direction −∇loss ``[D]`` (float32, CPU) of each estimator on ONE rollout of ``batch``:
+    :func:`batch_gradients` without split or reference. D counts the trainable parameters of
+    ``module.model`` in ``parameters()`` order (tied weights once)."""
+    return batch_gradients(module, batch, estimators, aggregation=aggregation).full
