@@ -107,7 +107,8 @@ def trial_overlay(space: Space, params: dict[str, Any], trial_dir: Path, root: P
     trainer["logger"] = {"class_path": TENSORBOARD, "init_args": {"save_dir": str(trial_dir), "name": "", "version": ""}}
     callbacks = []
     if probe and space.probe is not None:
-        callbacks.append(space.probe.callback(dotted.get("model.advantage"), int(params.get("seed", 0))))
+        seed = int(dotted.get("seed_everything", params.get("seed", 0)))  # with the arm's seed_offset
+        callbacks.append(space.probe.callback(dotted.get("model.advantage"), seed, str(root / "probe_cache")))
     if pruning is not None and not space.is_grid:
         callbacks.append({"class_path": "ablations.pruning.StudyPruning", "init_args": {
             **pruning, "monitor": space.prune_monitor, "pruner": space.pruner}})

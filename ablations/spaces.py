@@ -13,7 +13,13 @@ of keys are expanded before they reach the config:
   sampling and the data order, and every estimator sees the same queries in the same order;
 - a key listed in ``presets`` names a bundle of overrides per value (``"ddp2"`` -> strategy ddp, 2 devices,
   half the prompts per process). Use it when only some combinations make sense (auto + 2 devices does not)
-  or when one factor is changed at a time (the ``objectives`` space).
+  or when one factor is changed at a time (the ``objectives`` space). A bundle's ``seed_offset`` shifts
+  the seed of its trials (an independent seed stream that still pairs with the same ``seed`` value: the
+  A/A control of the ``controls`` space).
+
+``seed`` is an integer parameter (``suggest_int`` over [0, 2³¹)), so a study can grow by seeds
+(``grpo-lab-ablate --until-decisive`` enqueues new ones); the grid's list is the first round.
+Each group is compared to ``baseline`` paired by seed, or the space lists its ``comparisons``.
 
 Adding a space, without touching the runner::
 
@@ -52,26 +58,47 @@ DEFAULT_PRUNER: dict[str, Any] = {
 }
 
 PROBE_CLASS = "grpo_lab.variance.GradientVarianceProbe"
+SEED_MAX = 2**31 - 1
+KINDS = ("comparison", "positive_control", "aa_control")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One paired comparison of a report: ``group`` against ``baseline`` (params without the seed), by seed.
+
+    ``kind``: ``comparison`` (a question the study asks), ``positive_control`` (a difference that must be
+    detected) or ``aa_control`` (two arms that differ only in their seed streams: any difference found is
+    a false positive)."""
+
+    label: str
+    group: dict[str, Any]
+    baseline: dict[str, Any]
+    kind: str = "comparison"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"comparison {self.label!r}: kind must be one of {KINDS}, got {self.kind!r}")
 
 
 @dataclass(frozen=True)
 class ProbeSettings:
     """Settings of ``grpo_lab.variance.GradientVarianceProbe`` for every trial of a space.
 
-    By default all four estimators are probed on the same rollouts (paired, at the trial's parameters); the
-    reference gradient's ``reference_batches`` rollouts dominate the cost (measured: probing one estimator
-    or four costs the same), so there is little to save. ``estimators="own"`` probes only the trial's own
-    ``model.advantage``. The report uses each trial's own estimator's rows (its gradient quality along its
-    own training trajectory).
+    By default all four estimators are probed on the same rollouts (paired, at the trial's parameters): the
+    backward passes dominate the cost and four estimators need few more than one (``grpo_lab/probe``).
+    ``estimators="own"`` probes only the trial's own ``model.advantage``. K = 64 batches of 8 prompts give
+    a paired SNR-ratio interval of about ±30% at one probe point of the default study (README, "The
+    probe's precision"); the report pools the points and seeds. The warm-start point is the same policy for
+    every trial of a seed and is computed once per seed (the probe's cache under ``<root>/probe_cache``).
     """
 
     estimators: tuple[str, ...] | str = ("reward", "mean_baseline", "group_norm", "rloo")
-    num_batches: int = 16
-    reference_batches: int = 64
+    num_batches: int = 64
+    reference_batches: int = 0
     prompts_per_batch: int = 8
     at_fractions: tuple[float, ...] = (0.0, 0.5, 1.0)
 
-    def callback(self, advantage: str | None, seed: int) -> dict:
+    def callback(self, advantage: str | None, seed: int, cache_dir: str | None = None) -> dict:
         """The callback entry (``class_path`` + ``init_args``) for a trial's overlay."""
         if self.estimators == "own":
             estimators = [advantage or "group_norm"]
@@ -86,6 +113,7 @@ class ProbeSettings:
                 "prompts_per_batch": self.prompts_per_batch,
                 "at_fractions": list(self.at_fractions),
                 "seed": seed,
+                "cache_dir": cache_dir,
             },
         }
 
@@ -120,6 +148,8 @@ class Space:
     after 4 trials and 20 steps). Grid spaces are never pruned."""
     prune_monitor: str = "val/acc_sampled"
     """Tuning spaces: the metric the pruner sees at every validation (higher is better)."""
+    comparisons: tuple[Comparison, ...] | None = None
+    """The report's paired comparisons (default: every group against ``baseline``)."""
 
     def __post_init__(self) -> None:
         if (self.grid is None) == (self.distributions is None):
@@ -151,27 +181,42 @@ class Space:
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(4, self.n_trials or 4))
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
-        """The trial's params: grid values through ``suggest_categorical``, else the distributions."""
+        """The trial's params: grid values through ``suggest_categorical`` (``seed`` through ``suggest_int``,
+        or as stored by a study of an older grpo_lab), else the distributions."""
         if self.grid is not None:
-            return {k: trial.suggest_categorical(k, self.grid[k]) for k in sorted(self.grid)}
+            return {k: _suggest(trial, k, _seed_distribution(trial) if k == "seed" else
+                                optuna.distributions.CategoricalDistribution(self.grid[k])) for k in sorted(self.grid)}
         return {k: _suggest(trial, k, d) for k, d in sorted(self.distributions.items())}
 
     def trial_overrides(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Dotted config overrides of one trial: the space's ``overrides``, then each param expanded."""
+        """Dotted config overrides of one trial: the space's ``overrides``, then each param expanded, the
+        seed last (shifted by its presets' ``seed_offset``)."""
         out = dict(self.overrides)
+        offset = 0
         for key, value in params.items():
             if key == "seed":
-                out["seed_everything"] = int(value)
-                out["data.seed"] = int(value)
-            elif key in self.presets:
-                out.update(self.presets[key][value])
+                continue
+            if key in self.presets:
+                bundle = dict(self.presets[key][value])
+                offset += int(bundle.pop("seed_offset", 0))
+                out.update(bundle)
             else:
                 out[key] = value
+        if "seed" in params:
+            out["seed_everything"] = out["data.seed"] = int(params["seed"]) + offset
         return out
 
     def group_of(self, params: dict[str, Any]) -> dict[str, Any]:
         """The params that define a compared group (everything but the seed)."""
         return {k: v for k, v in params.items() if k != "seed"}
+
+    def groups(self) -> list[dict[str, Any]]:
+        """Every group of a grid space (its points without the seed), in grid order."""
+        return list({tuple(sorted(self.group_of(p).items())): self.group_of(p) for p in self.points()}.values())
+
+    def points_for(self, seeds: list[int]) -> list[dict[str, Any]]:
+        """Every group at each of ``seeds`` (a grid space whose grid has a ``seed`` key)."""
+        return [{**g, "seed": int(s)} for s in seeds for g in self.groups()]
 
     def describe(self) -> dict[str, Any]:
         """JSON-safe summary stored on the study (the report reads only the study)."""
@@ -182,12 +227,22 @@ class Space:
             "base_config": self.base_config,
             "threshold": self.threshold,
             "baseline": self.baseline,
+            "comparisons": None if self.comparisons is None else [
+                {"label": c.label, "group": c.group, "baseline": c.baseline, "kind": c.kind} for c in self.comparisons],
             "probe": None if self.probe is None else {
                 "estimators": self.probe.estimators, "num_batches": self.probe.num_batches,
                 "reference_batches": self.probe.reference_batches,
                 "prompts_per_batch": self.probe.prompts_per_batch, "at_fractions": list(self.probe.at_fractions),
             },
         }
+
+
+def _seed_distribution(trial: optuna.Trial) -> optuna.distributions.BaseDistribution:
+    """``IntDistribution(0, SEED_MAX)``, or the categorical one a study made by an older grpo_lab stored."""
+    for t in trial.study.get_trials(deepcopy=False):
+        if "seed" in t.distributions:
+            return t.distributions["seed"]
+    return optuna.distributions.IntDistribution(0, SEED_MAX)
 
 
 def _suggest(trial: optuna.Trial, name: str, dist: optuna.distributions.BaseDistribution) -> Any:
@@ -237,7 +292,7 @@ register_space(Space(
     description="2 estimators x 2 seeds on a tiny policy: checks the harness end to end in about a minute",
     grid={"model.advantage": ["reward", "rloo"], "seed": [0, 1]},
     base_config="configs/ablate_smoke.yaml",
-    probe=ProbeSettings(num_batches=4, reference_batches=8, prompts_per_batch=4, at_fractions=(0.0, 1.0)),
+    probe=ProbeSettings(num_batches=8, prompts_per_batch=4, at_fractions=(0.0, 1.0)),
     threshold=0.15,
     baseline={"model.advantage": "reward"},
 ))
@@ -290,4 +345,45 @@ register_space(Space(
     n_trials=12,
     overrides={"model.advantage": "rloo"},
     probe=None,
+))
+
+# Controls: does the harness detect a difference that must be there, and claim none where there is none?
+# Positive: exact_match + 3 (a constant reward from ablations/controls.py, weight 3). The shift adds
+# 3·Σ∇log π to every `reward` gradient and leaves every centred estimator unchanged, so mean_baseline,
+# group_norm and rloo must beat reward on gradient SNR (the probe measures all four in every trial).
+# A/A: rloo (shift-invariant: it trains exactly as without the shift) twice, the second arm on seeds
+# shifted by 1000 (other queries, data order and samples), paired with the first by seed value.
+CONTROL_SHIFT = {"model.rewards": ["exact_match", "ablations.controls:constant"], "model.reward_weights": [1.0, 3.0]}
+CONTROL_ARMS = {
+    "reward+3": {"model.advantage": "reward"},
+    "rloo+3": {"model.advantage": "rloo"},
+    "rloo+3 (seeds+1000)": {"model.advantage": "rloo", "seed_offset": 1000},
+}
+CONTROL_COMPARISONS = (
+    Comparison("positive control: rloo+3 vs reward+3", {"arm": "rloo+3"}, {"arm": "reward+3"}, "positive_control"),
+    Comparison("A/A control: rloo+3, independent seeds", {"arm": "rloo+3 (seeds+1000)"}, {"arm": "rloo+3"}, "aa_control"),
+)
+
+register_space(Space(
+    name="controls",
+    description="controls: a reward shift of +3 that every centred estimator must see through (positive), "
+                "and rloo against itself on independent seeds (A/A)",
+    grid={"arm": list(CONTROL_ARMS), "seed": [0, 1, 2, 3]},
+    presets={"arm": CONTROL_ARMS},
+    overrides=CONTROL_SHIFT,
+    baseline={"arm": "reward+3"},
+    comparisons=CONTROL_COMPARISONS,
+))
+
+register_space(Space(
+    name="controls_smoke",
+    description="the controls on the smoke policy (tests, and a quick check of a new machine)",
+    grid={"arm": list(CONTROL_ARMS), "seed": [0, 1, 2]},
+    presets={"arm": CONTROL_ARMS},
+    overrides=CONTROL_SHIFT,
+    base_config="configs/ablate_smoke.yaml",
+    probe=ProbeSettings(num_batches=8, prompts_per_batch=4, at_fractions=(0.0, 1.0)),
+    threshold=0.15,
+    baseline={"arm": "reward+3"},
+    comparisons=CONTROL_COMPARISONS,
 ))

@@ -1,0 +1,193 @@
+"""The statistics of an ablation report: Student-t intervals, paired comparisons, power, and verdicts.
+
+Everything is from ``scipy.stats`` (the t and noncentral-t distributions) and ``scipy.optimize.brentq``;
+nothing here reads a study.
+
+- ``t_interval``: mean and the two-sided Student-t interval over seeds.
+- ``paired``: a comparison of two groups paired by seed, mean of the per-seed differences (or of the log
+  ratios, for ratio metrics such as the SNR) with its t-interval, the SD of the differences, and the
+  **minimum detectable effect**: the smallest true mean difference a two-sided paired t-test at
+  α = 0.05 would detect with 80% power at this n, given the observed SD of the differences (noncentral t,
+  ``mde``). With fewer than 2 pairs every interval and the MDE are NaN (reported as n/a).
+- ``verdict``: *holds* (the interval excludes no-difference, in the claimed direction), *does not hold*
+  (it excludes it the other way; or it includes it but the MDE is at most the smallest effect of
+  interest, so "no difference larger than the MDE"), or *cannot tell at this n* (the MDE is larger than
+  the smallest effect of interest).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import optimize
+from scipy import stats as sps
+
+ALPHA = 0.05
+POWER = 0.80
+
+
+def _finite(values) -> np.ndarray:
+    return np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+
+
+def t_half_width(sd, n: int, confidence: float = 1 - ALPHA):
+    """Half-width of the two-sided Student-t interval of a mean of ``n`` values with SD ``sd``."""
+    if n < 2:
+        return np.full_like(np.asarray(sd, dtype=float), math.nan)
+    return sps.t.ppf(0.5 + confidence / 2, n - 1) * np.asarray(sd, dtype=float) / math.sqrt(n)
+
+
+def t_interval(values, confidence: float = 1 - ALPHA) -> tuple[float, float, float]:
+    """``(mean, low, high)``: the two-sided Student t-interval of the mean of the finite ``values``; NaN
+    bounds with fewer than 2 values, all NaN with none."""
+    x = _finite(values)
+    if len(x) == 0:
+        return (math.nan, math.nan, math.nan)
+    mean = float(x.mean())
+    if len(x) < 2:
+        return (mean, math.nan, math.nan)
+    half = float(t_half_width(x.std(ddof=1), len(x), confidence))
+    return (mean, mean - half, mean + half)
+
+
+def t_test_power(ncp: float, df: float, alpha: float = ALPHA) -> float:
+    """Power of a two-sided t-test with ``df`` degrees of freedom when the statistic is noncentral t with
+    noncentrality ``ncp``: P(|T| > t_{1−α/2}) (both tails)."""
+    crit, ncp = sps.t.ppf(1 - alpha / 2, df), abs(ncp)  # the power is symmetric in the sign of ncp
+    far = sps.nct.cdf(-crit, df, ncp)  # the wrong-sign tail: tiny, and NaN in scipy where it underflows
+    return float(sps.nct.sf(crit, df, ncp) + (far if np.isfinite(far) else 0.0))
+
+
+def paired_power(effect: float, sd: float, n: int, alpha: float = ALPHA) -> float:
+    """Power of the two-sided paired t-test on ``n`` pairs whose differences have SD ``sd``, when the true
+    mean difference is ``effect``: noncentral t with n − 1 df and noncentrality effect·√n / sd."""
+    return t_test_power(effect * math.sqrt(n) / sd, n - 1, alpha)
+
+
+def mde(sd: float, n: int, alpha: float = ALPHA, power: float = POWER) -> float:
+    """Minimum detectable effect of the two-sided paired t-test: the true mean difference with
+    ``paired_power`` = ``power`` (NaN with n < 2 or a non-finite SD; 0 when the SD is 0)."""
+    if n < 2 or not np.isfinite(sd):
+        return math.nan
+    if sd == 0:
+        return 0.0
+    hi = sd
+    while paired_power(hi, sd, n, alpha) < power:
+        hi *= 2
+    return float(optimize.brentq(lambda e: paired_power(e, sd, n, alpha) - power, 0.0, hi, xtol=1e-12 * sd))
+
+
+@dataclass
+class Paired:
+    """A paired comparison: ``mean`` [``lo``, ``hi``] of the per-seed differences, their ``sd``, ``n`` pairs and
+    the ``mde``; for a ratio metric (``log=True``) all are on the log scale and :meth:`as_dict` reports
+    exp(mean) [exp(lo), exp(hi)] and the MDE as a factor exp(mde)."""
+
+    mean: float
+    lo: float
+    hi: float
+    sd: float
+    n: int
+    mde: float
+    log: bool = False
+
+    def excludes_null(self) -> bool | None:
+        """Whether the interval excludes no difference (None when the interval is n/a)."""
+        if not (np.isfinite(self.lo) and np.isfinite(self.hi)):
+            return None
+        return self.lo > 0 or self.hi < 0
+
+    def as_dict(self) -> dict[str, float | int]:
+        f = math.exp if self.log else float
+        out = {k: f(v) if np.isfinite(v) else math.nan for k, v in
+               (("mean", self.mean), ("lo", self.lo), ("hi", self.hi), ("mde", self.mde))}
+        return {**out, "n": self.n}
+
+
+def paired(a: dict, b: dict, log: bool = False, confidence: float = 1 - ALPHA) -> Paired:
+    """``a`` − ``b`` paired by key (seed), over the keys both have with finite values (positive ones for
+    ``log``, which compares log a − log b)."""
+    d = {}
+    for k in a:
+        x, y = a[k], b.get(k)
+        if x is None or y is None or not (np.isfinite(x) and np.isfinite(y)) or (log and (x <= 0 or y <= 0)):
+            continue
+        d[k] = math.log(x) - math.log(y) if log else x - y
+    return differences(d, log, confidence)
+
+
+def differences(d: dict, log: bool = False, confidence: float = 1 - ALPHA) -> Paired:
+    """The comparison from per-seed differences ``d`` already taken (log ratios with ``log``)."""
+    x = _finite(d.values())
+    mean, lo, hi = t_interval(x, confidence)
+    sd = float(x.std(ddof=1)) if len(x) >= 2 else math.nan
+    return Paired(mean, lo, hi, sd, len(x), mde(sd, len(x)), log)
+
+
+def verdict(p: Paired, min_effect: float, higher_is_better: bool = True) -> tuple[str, str]:
+    """``(code, sentence)`` with code ``holds`` / ``does not hold`` / ``cannot tell`` (see the module
+    docstring); ``min_effect`` is the smallest effect of interest, in the metric's units (for a ratio
+    metric: relative, 0.10 = ×1.10)."""
+    d = p.as_dict()
+    unit = (lambda v: f"×{v:.3g}") if p.log else (lambda v: f"{v:+.3g}")
+    ci = f"{unit(d['mean'])} [{unit(d['lo'])}, {unit(d['hi'])}]"
+    mde_text = f"±{(d['mde'] - 1) * 100:.0f}%" if p.log else f"±{d['mde']:.3g}"
+    if p.n < 2 or not np.isfinite(p.mde):
+        return "cannot tell", f"cannot tell with {p.n} pair(s)"
+    small = (d["mde"] - 1 if p.log else d["mde"]) <= min_effect
+    if p.excludes_null():
+        better = (p.mean > 0) == higher_is_better
+        if better:
+            return "holds", f"holds: {ci}, n = {p.n}"
+        return "does not hold", f"does not hold, the opposite is seen: {ci}, n = {p.n}"
+    if small:
+        return "does not hold", f"does not hold: no difference larger than {mde_text} (MDE at n = {p.n}), {ci}"
+    return "cannot tell", f"cannot tell at n = {p.n} (MDE {mde_text}): {ci}"
+
+
+def decided(p: Paired, min_effect: float) -> bool:
+    """Settled: the interval excludes no difference, or the MDE is at most ``min_effect``."""
+    if p.excludes_null():
+        return True
+    if not np.isfinite(p.mde):
+        return False
+    return (math.exp(p.mde) - 1 if p.log else p.mde) <= min_effect
+
+
+def interval_dict(ci: tuple[float, float, float]) -> dict[str, float]:
+    mean, lo, hi = ci
+    return {"mean": mean, "lo": lo, "hi": hi}
+
+
+def lift(points: np.ndarray, fraction: float = 0.1) -> float:
+    """Mean of the last ``fraction`` of a curve's values minus the mean of its first ``fraction`` (at least
+    one point each); NaN with fewer than 2 points. ``points`` ``[N, 2]`` (step, value)."""
+    pts = np.asarray(points, dtype=float).reshape(-1, 2)
+    if len(pts) < 2:
+        return math.nan
+    k = max(1, int(round(fraction * len(pts))))
+    return float(pts[-k:, 1].mean() - pts[:k, 1].mean())
+
+
+def fmt_ci(ci, spec: str = ".3f", prefix: str = "") -> str:
+    """``0.412 ± 0.031`` (mean ± half-width), ``0.412 (CI n/a)``, or ``n/a``; ``ci`` a tuple or a dict."""
+    mean, lo, hi = (ci["mean"], ci["lo"], ci["hi"]) if isinstance(ci, dict) else ci
+    if mean is None or not np.isfinite(mean):
+        return "n/a"
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return f"{prefix}{mean:{spec}} (CI n/a)"
+    return f"{prefix}{mean:{spec}} ± {(hi - lo) / 2:{spec}}"
+
+
+def fmt_diff(d: dict, spec: str = ".3f", ratio: bool = False) -> str:
+    """``+0.031 [+0.010, +0.052] (MDE 0.04)`` or ``×1.20 [×1.05, ×1.37] (MDE ×1.15)``; n/a parts said so."""
+    mean, lo, hi, m = d["mean"], d["lo"], d["hi"], d.get("mde", math.nan)
+    if mean is None or not np.isfinite(mean):
+        return "n/a"
+    f = (lambda v: f"×{v:{spec}}") if ratio else (lambda v: f"{v:+{spec}}")
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return f"{f(mean)} (CI n/a)"
+    mde_text = f"±{(m - 1) * 100:.0f}%" if ratio else f"{m:{spec.lstrip('+')}}"
+    return f"{f(mean)} [{f(lo)}, {f(hi)}] (MDE {mde_text})" if np.isfinite(m) else f"{f(mean)} [{f(lo)}, {f(hi)}]"

@@ -1,0 +1,250 @@
+"""``summary.json``: every number of an ablation report, machine-readable; the report's tables come from it.
+
+    python -m ablations.summary runs/ablate/default/summary.json     # the README's markdown table
+
+Schema (metrics are objects ``{"mean", "lo", "hi"}``, 95% Student-t intervals over seeds; comparisons add
+``mde`` (80% power, α = 0.05, two-sided paired t on the observed paired SD), ``n`` pairs and a verdict)::
+
+    {"study", "space", "wall_s", "baseline", "threshold", "n_trials", "min_effect": {metric: x},
+     "groups": {label: {"n_seeds", "seeds", "lift", "hard_lift", "auc", "final_acc", "final_acc_easy",
+                        "final_acc_hard", "steps_to_threshold", "reached", "snr", "hard_share", "cosine"}},
+     "comparisons": {label: {"group", "baseline", "kind", "n", "auc_diff", "lift_diff", "hard_lift_diff",
+                             "final_acc_diff", "steps_diff", "snr_ratio", "hard_share_diff",
+                             "mde": {metric: x}, "verdict": {metric: code}, "decided"}},
+     "claims": {name: {"statement", "lines": [...]}}, "controls": {"positive", "aa"}, "decisive"}
+
+``snr_ratio`` is a ratio: its mean/lo/hi are exp of the mean/interval of the per-seed log ratios (a
+geometric mean) and its ``mde`` a factor (1.15: ratios beyond ×1.15 or below ÷1.15 would be detected);
+``probe_half_width`` is the median relative half-width of the probe's own per-point intervals. A verdict
+(``stats.verdict``) is ``holds``, ``does not hold`` or ``cannot tell``, and ``verdict_text`` says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+
+from ablations.controls import SHIFT_INVARIANT, aa_line, positive_line
+from ablations.runs import (
+    ProbeView,
+    Run,
+    baseline_group,
+    group_of,
+    load_runs,
+    log_ratio_by_seed,
+    ordered_groups,
+    point_half_widths,
+)
+from ablations.stats import decided, differences, interval_dict, paired, t_interval, verdict
+
+# The smallest effect worth detecting, per comparison metric (reward units; snr_ratio relative: 0.10 = ×1.10).
+DEFAULT_MIN_EFFECT = {"auc_diff": 0.02, "lift_diff": 0.03, "hard_lift_diff": 0.03, "final_acc_diff": 0.05,
+                      "snr_ratio": 0.10, "hard_share_diff": 0.01, "steps_diff": 25.0}
+# comparison metric: (per-run value, higher is better)
+DIFFS = {
+    "auc_diff": (lambda r: r.attrs.get("auc", math.nan), True),
+    "lift_diff": (lambda r: r.lift("train/reward"), True),
+    "hard_lift_diff": (lambda r: r.lift("train/reward_hard"), True),
+    "final_acc_diff": (lambda r: r.final("sampled"), True),
+    "steps_diff": (lambda r: r.steps_censored(), False),
+}
+DECIDING = ("auc_diff", "snr_ratio")  # what --until-decisive waits for
+
+
+def _num(v) -> float:
+    return math.nan if v is None else float(v)
+
+
+def group_entry(runs: list[Run], view: ProbeView | None, label: str) -> dict[str, Any]:
+    ci = lambda f: interval_dict(t_interval([f(r) for r in runs]))  # noqa: E731
+    reached = sum(r.attrs.get("steps_to_threshold") is not None for r in runs)
+    out = {"n_seeds": len(runs), "seeds": [r.seed for r in runs],
+           "lift": ci(lambda r: r.lift("train/reward")), "hard_lift": ci(lambda r: r.lift("train/reward_hard")),
+           "auc": ci(lambda r: _num(r.attrs.get("auc"))), "final_acc": ci(lambda r: r.final("sampled")),
+           "final_acc_easy": ci(lambda r: r.final("sampled_easy")), "final_acc_hard": ci(lambda r: r.final("sampled_hard")),
+           "final_acc_greedy": ci(lambda r: r.final("greedy")), "steps_to_threshold": ci(Run.steps_censored),
+           "reached": f"{reached}/{len(runs)}", "wall_s": ci(lambda r: _num(r.attrs.get("wall_time_s")))}
+    if view is not None:
+        for metric in ("snr", "hard_share", "cosine"):
+            out[metric] = interval_dict(t_interval(list(view.values(label, metric).values())))
+    return out
+
+
+def compare(by_group: dict[str, list[Run]], view: ProbeView | None, g: str, b: str, kind: str,
+            min_effect: dict[str, float]) -> dict[str, Any]:
+    """One comparison: every metric paired by seed, its MDE and verdict, and whether it is settled."""
+    seeds = {r.seed for r in by_group[g]} & {r.seed for r in by_group[b]}
+    out: dict[str, Any] = {"group": g, "baseline": b, "kind": kind, "n": len(seeds), "mde": {}, "verdict": {},
+                           "verdict_text": {}}
+    tests = {}
+    for name, (value, higher) in DIFFS.items():
+        tests[name] = (paired({r.seed: value(r) for r in by_group[g]}, {r.seed: value(r) for r in by_group[b]}), higher)
+    if view is not None:
+        tests["snr_ratio"] = (differences(view.log_ratios(g, b), log=True), True)
+        tests["hard_share_diff"] = (paired(view.values(g, "hard_share"), view.values(b, "hard_share")), True)
+    for name, (p, higher) in tests.items():
+        code, text = verdict(p, min_effect[name], higher)
+        out[name] = p.as_dict()
+        out["mde"][name], out["verdict"][name], out["verdict_text"][name] = out[name]["mde"], code, text
+    if view is not None and view.same_params:
+        hw = point_half_widths(view.runs, view.estimator[g], view.estimator[b])
+        out["snr_ratio"]["probe_half_width"] = float(np.median(hw)) if hw else math.nan
+        out["snr_ratio"]["probe_points"] = len(hw)
+    out["decided"] = all(decided(tests[m][0], min_effect[m]) for m in DECIDING if m in tests)
+    out["false_positives"] = [m for m, (p, _) in tests.items() if p.excludes_null()] if kind == "aa_control" else None
+    out["tests"] = sum(p.excludes_null() is not None for p, _ in tests.values())
+    return out
+
+
+def _by_verdict(comparisons: dict, metric: str) -> str:
+    found: dict[str, list[str]] = {}
+    for c in comparisons.values():
+        if metric in c["verdict"]:
+            found.setdefault(c["verdict"][metric], []).append(c["group"])
+    return "; ".join(f"{code}: {', '.join(gs)}" for code, gs in found.items()) or "n/a"
+
+
+def claims(comparisons: dict, groups: dict, base: str) -> dict[str, dict]:
+    """The seed post's three claims, each with a verdict line per estimator (comparisons against ``base``)."""
+    mine = {k: c for k, c in comparisons.items() if c["kind"] == "comparison" and c["baseline"] == base}
+    lines = lambda m: [f"{c['group']} vs {base}: {c['verdict_text'][m]}" for c in mine.values() if m in c["verdict_text"]]  # noqa: E731
+    out = {}
+    if any("snr_ratio" in c for c in mine.values()):
+        out["baselines_lower_variance"] = {
+            "statement": f"(i) baselines lower gradient variance: gradient SNR against `{base}` (ratio > 1)",
+            "summary": _by_verdict(mine, "snr_ratio"), "lines": lines("snr_ratio")}
+    shares = [f"{g} {groups[g]['hard_share']['mean']:.3f}" for g in groups if "hard_share" in groups[g]
+              and np.isfinite(groups[g]["hard_share"]["mean"])]
+    out["group_credit_helps_hard_queries"] = {
+        "statement": f"(ii) group-relative credit helps hard queries: hard-query reward lift against `{base}`",
+        "summary": _by_verdict(mine, "hard_lift_diff"),
+        "lines": lines("hard_lift_diff") + ([f"share of the gradient's squared norm from hard queries: {', '.join(shares)}"]
+                                            + [f"{c['group']} vs {base}, hard share: {c['verdict_text']['hard_share_diff']}"
+                                               for c in mine.values() if "hard_share_diff" in c] if shares else [])}
+    out["advantages_speed_up_learning"] = {
+        "statement": f"(iii) advantages speed up learning: AUC of the reward curve against `{base}` (steps to "
+                     "threshold below, runs that never reach it counted at their length)",
+        "summary": _by_verdict(mine, "auc_diff"),
+        "lines": lines("auc_diff") + [f"{c['group']} vs {base}, steps to threshold: {c['verdict_text']['steps_diff']}"
+                                      for c in mine.values()]}
+    return out
+
+
+def controls(runs: list[Run], by_group: dict, comparisons: dict) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for c in comparisons.values():
+        if c["kind"] == "positive_control":
+            pool = by_group[c["group"]] + by_group[c["baseline"]]
+            found = set.intersection(*(r.probe_estimators() for r in pool)) if pool else set()
+            det = {e: differences(log_ratio_by_seed(pool, e, "reward"), log=True).as_dict()
+                   for e in SHIFT_INVARIANT if e in found and "reward" in found}
+            out["positive"] = {"comparison": c["group"], "snr_ratio_vs_reward": det,
+                               "detected": bool(det) and all(d["lo"] > 1 for d in det.values()),
+                               "auc_diff": c["auc_diff"], "line": positive_line(det)}
+        elif c["kind"] == "aa_control":
+            out["aa"] = {"comparison": c["group"], "false_positives": c["false_positives"], "tests": c["tests"],
+                         "line": aa_line(c["false_positives"], c["tests"])}
+    return out
+
+
+def build_summary(study: optuna.Study, min_effect: dict[str, float] | None = None) -> dict[str, Any]:
+    """The summary of a study's COMPLETE trials (see the module docstring); ``min_effect`` overrides the
+    study's stored smallest effects of interest, which override ``DEFAULT_MIN_EFFECT``."""
+    space = study.user_attrs.get("space", {})
+    effects = {**DEFAULT_MIN_EFFECT, **study.user_attrs.get("min_effect", {}), **(min_effect or {})}
+    runs, extras = load_runs(study)
+    groups = ordered_groups(runs, space)
+    by_group = {g: sorted((r for r in runs if r.group == g), key=lambda r: str(r.seed)) for g in groups}
+    base = baseline_group(runs, groups, space)
+    view = ProbeView(by_group) if any(r.probe_rows() for r in runs) else None
+    out: dict[str, Any] = {"study": study.study_name, "space": space.get("name"), "baseline": base,
+                           "threshold": space.get("threshold"), "n_trials": len(runs), "extra_trials": extras,
+                           "wall_s": wall_seconds(study), "min_effect": effects, "alpha": 0.05, "power": 0.8,
+                           "probe": None if view is None else view.description,
+                           "groups": {g: group_entry(rs, view, g) for g, rs in by_group.items()}}
+    specs = space.get("comparisons") or [{"label": g, "group": None, "baseline": None, "kind": "comparison"}
+                                         for g in groups if g != base]
+    comparisons = {}
+    for spec in specs if space.get("grid") else []:
+        g = spec["label"] if spec["group"] is None else group_of(runs, spec["group"])
+        b = base if spec["baseline"] is None else group_of(runs, spec["baseline"])
+        if g in by_group and b in by_group:
+            comparisons[spec["label"]] = compare(by_group, view, g, b, spec["kind"], effects)
+    out["comparisons"] = comparisons
+    out["claims"] = claims(comparisons, out["groups"], base) if _estimator_study(space, base) else {}
+    out["controls"] = controls(runs, by_group, comparisons)
+    out["decisive"] = bool(comparisons) and all(c["decided"] for c in comparisons.values())
+    return out
+
+
+def _estimator_study(space: dict, base: str | None) -> bool:
+    """A study that compares advantage estimators against `reward` (the seed post's claims apply)."""
+    return "model.advantage" in (space.get("grid") or {}) and base == "reward"
+
+
+def wall_seconds(study: optuna.Study) -> float:
+    """The runner's recorded wall time (warm start included), else first trial start → last trial end."""
+    if "wall_s" in study.user_attrs:
+        return float(study.user_attrs["wall_s"])
+    trials = [t for t in study.get_trials(deepcopy=False) if t.datetime_start and t.datetime_complete]
+    if not trials:
+        return math.nan
+    return (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
+
+
+def write_summary(summary: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
+# ---- the README table ------------------------------------------------------------------------------------
+def readme_table(summary: dict) -> str:
+    """The markdown table the README quotes: one row per group, its comparison against the baseline."""
+    from ablations.stats import fmt_ci, fmt_diff
+
+    by_group = {c["group"]: c for c in summary["comparisons"].values() if c["kind"] == "comparison"}
+    probe = any("snr" in g for g in summary["groups"].values())
+    head = ["group", "seeds", "lift", "AUC", "final acc (sampled)"] + (["SNR", "hard share"] if probe else [])
+    head += [f"AUC − {summary['baseline']}"] + ([f"SNR / {summary['baseline']}'s"] if probe else []) + ["verdicts (AUC; SNR)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, g in summary["groups"].items():
+        c = by_group.get(label)
+        row = [f"`{label}`", str(g["n_seeds"]), fmt_ci(g["lift"]), fmt_ci(g["auc"]), fmt_ci(g["final_acc"])]
+        if probe:
+            row += [fmt_ci(g["snr"], ".3g"), fmt_ci(g["hard_share"])]
+        if c is None:
+            row += ["(baseline)"] + (["(baseline)"] if probe else []) + [""]
+        else:
+            row += [fmt_diff(c["auc_diff"])] + ([fmt_diff(c["snr_ratio"], ratio=True)] if probe else [])
+            row += ["; ".join(c["verdict"][m] for m in ("auc_diff", "snr_ratio") if m in c["verdict"])]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ablations.summary", description="Print the README's markdown table "
+                                "(groups, comparisons, verdicts) from a study's summary.json.")
+    p.add_argument("summary", help="path to runs/ablate/<study>/summary.json")
+    args = p.parse_args(argv)
+    path = Path(args.summary)
+    if not path.is_file():
+        print(f"error: {path} does not exist; run grpo-lab-ablate (or --report-only) first", file=sys.stderr)
+        return 2
+    summary = json.loads(path.read_text())
+    print(readme_table(summary))
+    print(f"\n{summary['n_trials']} trials, wall {summary['wall_s'] / 60:.1f} min; study `{summary['study']}`.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
