@@ -3,6 +3,7 @@
     grpo-lab-ablate --space default                  # make ablate: 4 estimators x 3 seeds -> runs/ablate/default/
     grpo-lab-ablate --space smoke                    # make ablate-smoke: the harness end to end in about a minute
     grpo-lab-ablate --space default --report-only    # rewrite report.md and the plots from the stored study
+    grpo-lab-ablate --space default --until-decisive --budget 20m   # add seeds until every comparison is settled
     grpo-lab-ablate --space default --storage postgresql://user@host/db   # many runners share one study
 
 Layout (``--root`` defaults to ``runs``)::
@@ -52,23 +53,13 @@ import sys
 import threading
 import time
 import warnings
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import optuna
 import sqlalchemy.exc
 from optuna.storages import RDBStorage
-from optuna.trial import FrozenTrial, TrialState
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
+from optuna.trial import TrialState
 
 from ablations.objective import (
     FitFailed,
@@ -79,11 +70,12 @@ from ablations.objective import (
     trial_overlay,
     write_overlay,
 )
+from ablations.progress import StudyProgress, _key, console, point_status  # noqa: F401 (re-exported)
 from ablations.pruning import make_pruner
 from ablations.spaces import SPACES, Space, get_space
+from ablations.summary import DEFAULT_MIN_EFFECT, add_wall_time, min_effects
 
 log = logging.getLogger("ablations")
-console = Console(stderr=True)
 
 
 def _quietly(fn, *args, **kwargs):
@@ -112,6 +104,23 @@ def normalize_url(url: str) -> str:
     return url
 
 
+class SerialPopRDBStorage(RDBStorage):
+    """``RDBStorage`` whose WAITING -> RUNNING claims are serialized between the threads of one process.
+
+    Optuna claims an enqueued trial by reading its state and setting RUNNING in one session, relying on
+    ``SELECT ... FOR UPDATE``, which SQLite ignores: two ``n_jobs`` threads that pop at the same moment
+    can both claim one trial, and the second then fails with "Cannot tell a COMPLETE trial" (seen with
+    fast trials). Claims from other processes still need a server database (PostgreSQL)."""
+
+    _claims = threading.Lock()
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
+        if state != TrialState.RUNNING:
+            return super().set_trial_state_values(trial_id, state, values)
+        with self._claims:
+            return super().set_trial_state_values(trial_id, state, values)
+
+
 def make_storage(url: str, grace_period: int = 30) -> RDBStorage:
     """``RDBStorage`` with heartbeats (a dead runner's trials go stale) and retries of stale trials.
 
@@ -131,7 +140,7 @@ def make_storage(url: str, grace_period: int = 30) -> RDBStorage:
                   grace_period=grace_period, **retry)
     for attempt in range(5):
         try:
-            return _quietly(RDBStorage, url, **kwargs)
+            return _quietly(SerialPopRDBStorage if url.startswith("sqlite") else RDBStorage, url, **kwargs)
         except sqlalchemy.exc.SQLAlchemyError:  # runners starting together race to create the schema
             if attempt == 4:
                 raise
@@ -145,89 +154,6 @@ def open_study(space: Space, name: str, storage: RDBStorage) -> optuna.Study:
                                 direction="maximize", load_if_exists=True, pruner=pruner)
     study.set_user_attr("space", space.describe())
     return study
-
-
-# ---- grid bookkeeping ----------------------------------------------------------------------------------
-def _key(params: dict[str, Any]) -> tuple:
-    return tuple(sorted(params.items()))
-
-
-def point_status(trials: list[FrozenTrial], points: list[dict[str, Any]]) -> dict[tuple, Counter]:
-    """Per grid point, how many trials are in each state (a WAITING trial's params are its fixed params)."""
-    status = {_key(p): Counter() for p in points}
-    for t in trials:
-        params = t.params or t.system_attrs.get("fixed_params") or {}
-        if _key(params) in status:
-            status[_key(params)][t.state.name] += 1
-    return status
-
-
-# ---- progress ------------------------------------------------------------------------------------------
-class StudyProgress:
-    """A live line (trials done / running / failed, ETA) from polling the storage in a background thread."""
-
-    def __init__(self, study: optuna.Study, points: list[dict], n_jobs: int, interval: float = 2.0) -> None:
-        self.study, self.points, self.n_jobs, self.interval = study, points, n_jobs, interval
-        self.progress = Progress(
-            SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"),
-            console=console, transient=False,
-        )
-        self.task = self.progress.add_task(study.study_name, total=len(points) or None, status="", eta="?")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._t0 = time.time()
-
-    def update(self) -> None:
-        trials = self.study.get_trials(deepcopy=False)
-        status = point_status(trials, self.points)
-        done = sum(1 for c in status.values() if c["COMPLETE"])
-        states = Counter(t.state.name for t in trials)
-        walls = [t.user_attrs["wall_time_s"] for t in trials if t.state == TrialState.COMPLETE and "wall_time_s" in t.user_attrs]
-        left = len(self.points) - done
-        eta = "?"
-        if walls and left:
-            eta = f"{left * (sum(walls) / len(walls)) / self.n_jobs / 60:.1f} min"
-        elif not left:
-            eta = "0"
-        # A tuning space (no points) is done with a trial once it is COMPLETE or PRUNED.
-        self.progress.update(
-            self.task, completed=done if self.points else states["COMPLETE"] + states["PRUNED"], eta=eta,
-            status=f"running {states['RUNNING']} | failed {states['FAIL']} | pruned {states['PRUNED']}",
-        )
-
-    def on_trial_end(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        """Optuna callback: one line per finished trial."""
-        what = {k: v for k, v in trial.params.items()}
-        if trial.state == TrialState.COMPLETE:
-            msg = f"auc {trial.value:.3f}  ({trial.user_attrs.get('wall_time_s', 0):.0f} s)"
-        elif trial.state == TrialState.PRUNED:
-            msg = f"pruned ({'duplicate of trial ' + str(trial.user_attrs['duplicate_of']) if 'duplicate_of' in trial.user_attrs else 'by the pruner'})"
-        else:
-            msg = f"[red]{trial.state.name}[/red]; see {trial.user_attrs.get('logdir', '?')}/fit.log"
-        self.progress.console.print(f"trial {trial.number} {what}: {msg}")
-        self.update()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.update()
-            except Exception:  # a transient storage error must not kill the display
-                pass
-
-    def __enter__(self) -> StudyProgress:
-        self.update()
-        self.progress.start()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        try:
-            self.update()
-        finally:
-            self.progress.stop()
 
 
 # ---- the study loop ------------------------------------------------------------------------------------
@@ -245,9 +171,10 @@ def build_warm_start(space: Space, objective: Objective, study_dir: Path, thread
 
 
 def run_grid(study: optuna.Study, space: Space, objective: Objective, n_jobs: int, max_failures: int = 3,
-             wait: float = 5.0, max_rounds: int | None = None) -> dict[str, list[dict]]:
-    """Optimize until every grid point has a COMPLETE trial (or failed ``max_failures`` times)."""
-    points = space.points()
+             wait: float = 5.0, max_rounds: int | None = None, points: list[dict] | None = None) -> dict[str, list[dict]]:
+    """Optimize until every grid point (or every one of ``points``, all enqueued) has a COMPLETE trial (or
+    failed ``max_failures`` times)."""
+    use_grid, points = points is None, space.points() if points is None else points
     max_rounds = max_rounds or len(points) * (max_failures + 2) + 10
     gave_up: list[dict] = []
     rounds, waiting = 0, False
@@ -277,7 +204,7 @@ def run_grid(study: optuna.Study, space: Space, objective: Objective, n_jobs: in
             # Exception, not just FitFailed: a broken trial must not take the other trials down with it;
             # Optuna logs its traceback and the point is retried up to max_failures times.
             kw = dict(n_jobs=min(n_jobs, len(free)), catch=(Exception,), callbacks=[progress.on_trial_end])
-            if rounds == 0 and not space.sampler().is_exhausted(study):
+            if rounds == 0 and use_grid and not space.sampler().is_exhausted(study):
                 study.optimize(objective, **kw)  # GridSampler hands out the points, then stops the study
             else:
                 for p in free:
@@ -320,6 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-probe", action="store_true", help="run the trials without the gradient-variance probe")
     p.add_argument("--no-report", action="store_true", help="run the trials but do not write the report")
     p.add_argument("--report-only", action="store_true", help="only (re)write the report from the stored study")
+    p.add_argument("--until-decisive", action="store_true", help="add seeds in rounds until every comparison is "
+                   "settled or the budget is spent (ablations/sequential.py)")
+    p.add_argument("--budget", default="20m", help="--until-decisive: wall-time budget of the study (20m, 90s, 1.5h)")
+    p.add_argument("--min-effect", type=float, default=None, help="smallest AUC difference worth detecting (default "
+                   "0.02): an interval with 0 in it and an MDE below this reads 'no difference larger than the MDE'")
+    p.add_argument("--min-snr-effect", type=float, default=None,
+                   help="smallest relative SNR difference worth detecting (default 0.10, i.e. x1.10)")
+    p.add_argument("--round-seeds", type=int, default=2, help="--until-decisive: seeds added per round")
+    p.add_argument("--max-seeds", type=int, default=64, help="--until-decisive: stop at this many seeds")
     return p
 
 
@@ -342,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             study = optuna.load_study(study_name=name, storage=storage)
         except KeyError:
             raise SystemExit(f"no study {name!r} in {url}: run without --report-only first") from None
-        console.print(f"report: {write_report(study, study_dir)}")
+        console.print(f"report: {write_report(study, study_dir, min_effects(args))}")
         return 0
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -356,21 +292,28 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     gave_up: list[dict] = []
     complete = point_status(study.get_trials(deepcopy=False), space.points()) if space.is_grid else {}
-    if not space.is_grid or any(not c["COMPLETE"] for c in complete.values()):
+    if not space.is_grid or args.until_decisive or any(not c["COMPLETE"] for c in complete.values()):
         # One thread per worker here too: two threads on two busy cores measured 20x slower than one.
         build_warm_start(space, objective, study_dir, threads)
-        if space.is_grid:
+        if args.until_decisive:
+            from ablations.sequential import parse_duration, run_until_decisive
+
+            gave_up = run_until_decisive(study, space, objective, n_jobs, parse_duration(args.budget),
+                                         {**DEFAULT_MIN_EFFECT, **min_effects(args)}, args.round_seeds, args.max_seeds,
+                                         args.max_failures, say=console.print)["gave_up"]
+        elif space.is_grid:
             gave_up = run_grid(study, space, objective, n_jobs, args.max_failures)["gave_up"]
         else:
             run_tuning(study, space, objective, n_jobs)
     console.print(f"trials done in {time.perf_counter() - t0:.0f} s")
+    add_wall_time(study, time.perf_counter() - t0)
     if gave_up:
         console.print(f"[red]gave up on {len(gave_up)} point(s) after {args.max_failures} failures: {gave_up}[/red]")
         failed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL and t.user_attrs.get("logdir")]
         if failed:
             console.print(log_tail(Path(failed[-1].user_attrs["logdir"]) / "fit.log", 15))
     if not args.no_report:
-        console.print(f"report: {write_report(study, study_dir)}")
+        console.print(f"report: {write_report(study, study_dir, min_effects(args))}")
     return 1 if gave_up else 0
 
 

@@ -199,6 +199,17 @@ def wall_seconds(study: optuna.Study) -> float:
     return (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
 
 
+def min_effects(args: argparse.Namespace) -> dict[str, float]:
+    """The runner's ``--min-effect``/``--min-snr-effect`` overrides of ``DEFAULT_MIN_EFFECT`` that were given."""
+    given = {"auc_diff": args.min_effect, "snr_ratio": args.min_snr_effect}
+    return {k: float(v) for k, v in given.items() if v is not None}
+
+
+def add_wall_time(study: optuna.Study, seconds: float) -> None:
+    """Add a runner's wall time (warm start included) to the study's ``wall_s`` (read by ``wall_seconds``)."""
+    study.set_user_attr("wall_s", float(study.user_attrs.get("wall_s", 0.0)) + seconds)
+
+
 def write_summary(summary: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -262,6 +262,46 @@ def test_run_grid_retries_failed_points_and_counts_each_point_once(tmp_path):
     assert len(study.get_trials()) == n
 
 
+def _effect_objective(space, effects, sd=0.02, wall=10.0):
+    """A fit-free objective whose AUC is 0.5 + effects[advantage] + a seeded N(0, sd) per (group, seed)."""
+    def objective(trial):
+        params = space.suggest(trial)
+        obj.check_duplicate(trial, params)
+        rng = np.random.default_rng([params["seed"], sorted(effects).index(params["model.advantage"])])
+        trial.set_user_attr("auc", 0.5 + effects[params["model.advantage"]] + float(rng.normal(0, sd)))
+        trial.set_user_attr("wall_time_s", wall)
+        return 0.0
+
+    return objective
+
+
+def test_until_decisive_adds_seeds_until_the_comparison_is_settled_and_resumes(tmp_path):
+    from ablations.sequential import parse_duration, run_until_decisive
+    from ablations.summary import DEFAULT_MIN_EFFECT
+
+    assert (parse_duration("20m"), parse_duration("90s"), parse_duration("1.5h"), parse_duration("7")) == (1200, 90, 5400, 7)
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration("soon")
+    space = Space(name="d", description="d", grid={"model.advantage": ["reward", "rloo"], "seed": [2, 3]}, probe=None)
+    storage = make_storage(f"sqlite:///{tmp_path / 'd.db'}")
+    study = open_study(space, "d", storage)
+    objective = _effect_objective(space, {"reward": 0.0, "rloo": 0.05})
+    out = run_until_decisive(study, space, objective, 1, 3600, DEFAULT_MIN_EFFECT, round_seeds=2, say=lambda m: None)
+    assert out["reason"] == "every comparison is settled" and out["open"] == []
+    assert out["seeds"] == [2, 3, 4, 5]  # seeds 2, 3 differ by +0.05 and +0.01: t with 1 df cannot settle that
+    status = point_status(study.get_trials(), space.points_for(out["seeds"]))
+    assert all(c["COMPLETE"] == 1 for c in status.values())
+    n = len(study.get_trials())
+    again = run_until_decisive(study, space, objective, 1, 3600, DEFAULT_MIN_EFFECT, say=lambda m: None)
+    assert again["seeds"] == out["seeds"] and len(study.get_trials()) == n  # resumed: nothing new to run
+    # No effect, large noise, 2 threads (enqueued trials claimed at once: SerialPopRDBStorage), and a budget
+    # below the next round's cost (2 groups x 2 seeds x 60 s / 2 workers): stops for the budget, says so.
+    null = open_study(space, "null", storage)
+    out = run_until_decisive(null, space, _effect_objective(space, {"reward": 0.0, "rloo": 0.0}, sd=0.2, wall=60.0),
+                             2, 100, DEFAULT_MIN_EFFECT, say=lambda m: None)
+    assert out["reason"].startswith("budget") and out["open"] == ["rloo"] and out["seeds"] == [2, 3]
+
+
 def test_a_duplicate_trial_is_pruned_before_any_fit(tmp_path):
     space = SPACES["smoke"]
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'd.db'}", direction="maximize")

@@ -1,0 +1,107 @@
+"""``grpo-lab-ablate --until-decisive --budget 20m``: add seeds in rounds until every comparison is settled.
+
+A comparison is settled when its 95% interval excludes no difference or its minimum detectable effect is
+at most the smallest effect of interest (``--min-effect`` for the AUC difference, ``--min-snr-effect`` for
+the SNR ratio; ``summary.DECIDING``). Round 1 is the space's grid (its seeds); each later round enqueues
+every group at ``--round-seeds`` new seeds (the next unused integers), runs them through ``run_grid`` and
+checks again. It stops when every comparison is settled, when the next round's expected cost (the mean
+trial wall time × its trials / workers) would pass the budget, or at ``--max-seeds``.
+
+Seeds are an integer parameter (``spaces.SEED_MAX``), so new seeds need no change of the study's search
+space; enqueued trials carry all their params, and the rounds use a study handle whose sampler is
+``RandomSampler`` (the grid sampler would stop the study once its own seeds were visited). The budget
+spent so far and the seeds are stored on the study (user attr ``until_decisive``): rerunning the same
+command after a kill completes the missing trials of the seeds it had reached, then goes on with what is
+left of the budget. Time spent in a round that was killed is not counted.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from ablations.run import run_grid
+from ablations.spaces import Space
+from ablations.summary import build_summary
+
+UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``"20m"``, ``"90s"``, ``"1.5h"`` or ``"1200"`` (seconds)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|m|min|h)?\s*", str(text))
+    if not m:
+        raise ValueError(f"budget {text!r} is not a duration: use e.g. 20m, 90s, 1.5h or a number of seconds")
+    return float(m.group(1)) * UNITS[m.group(2) or "s"]
+
+
+def study_seeds(study: optuna.Study, space: Space) -> list[int]:
+    """The space's grid seeds and every seed a trial of the study holds (waiting ones included)."""
+    seeds = {int(s) for s in (space.grid or {}).get("seed", [0])}
+    for t in study.get_trials(deepcopy=False):
+        params = t.params or t.system_attrs.get("fixed_params") or {}
+        if "seed" in params:
+            seeds.add(int(params["seed"]))
+    return sorted(seeds)
+
+
+def mean_trial_seconds(study: optuna.Study) -> float:
+    walls = [t.user_attrs["wall_time_s"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+             if "wall_time_s" in t.user_attrs]
+    return sum(walls) / len(walls) if walls else math.nan
+
+
+def open_comparisons(study: optuna.Study, min_effect: dict[str, float]) -> list[str]:
+    """Labels of the comparisons that are not settled yet (all of them when there is no comparison)."""
+    summary = build_summary(study, min_effect)
+    if not summary["comparisons"]:
+        return ["(no comparison yet)"]
+    return [label for label, c in summary["comparisons"].items() if not c["decided"]]
+
+
+def run_until_decisive(study: optuna.Study, space: Space, objective, n_jobs: int, budget_s: float,
+                       min_effect: dict[str, float], round_seeds: int = 2, max_seeds: int = 64,
+                       max_failures: int = 3, say: Callable[[str], Any] = print,
+                       evaluate: Callable[[optuna.Study, dict], list[str]] = open_comparisons) -> dict[str, Any]:
+    """Rounds of seeds until every comparison is settled, the budget is spent, or ``max_seeds`` (see the
+    module docstring). Returns ``{"reason", "seeds", "spent_s", "open", "gave_up"}``."""
+    if not space.is_grid or "seed" not in (space.grid or {}):
+        raise ValueError(f"space {space.name!r}: --until-decisive needs a grid with a 'seed' key")
+    if round_seeds < 1 or max_seeds < 2:
+        raise ValueError("--round-seeds must be >= 1 and --max-seeds >= 2")
+    study.set_user_attr("min_effect", min_effect)
+    spent = float(study.user_attrs.get("until_decisive", {}).get("spent_s", 0.0))
+    rounds = optuna.load_study(study_name=study.study_name, storage=study._storage,
+                               sampler=optuna.samplers.RandomSampler(seed=0), pruner=optuna.pruners.NopPruner())
+    seeds = study_seeds(study, space)
+    gave_up: list[dict] = []
+    while True:
+        t0 = time.perf_counter()
+        gave_up = run_grid(rounds, space, objective, n_jobs, max_failures, points=space.points_for(seeds))["gave_up"]
+        spent += time.perf_counter() - t0
+        study.set_user_attr("until_decisive", {"spent_s": spent, "seeds": seeds, "budget_s": budget_s})
+        still = evaluate(study, min_effect)
+        say(f"{len(seeds)} seeds, {spent / 60:.1f} of {budget_s / 60:.1f} min spent: "
+            + (f"{len(still)} comparison(s) not settled: {', '.join(still)}" if still else "every comparison is settled"))
+        if not still:
+            reason = "every comparison is settled"
+            break
+        if gave_up:
+            reason = f"{len(gave_up)} point(s) failed {max_failures} times"
+            break
+        if len(seeds) + round_seeds > max_seeds:
+            reason = f"--max-seeds {max_seeds} reached"
+            break
+        cost = mean_trial_seconds(study) * len(space.groups()) * round_seeds / max(1, n_jobs)
+        if not spent + cost <= budget_s:
+            reason = f"budget: the next round (~{cost / 60:.1f} min) would pass {budget_s / 60:.1f} min"
+            break
+        seeds = seeds + [max(seeds) + 1 + i for i in range(round_seeds)]
+    say(f"stopped: {reason}")
+    return {"reason": reason, "seeds": seeds, "spent_s": spent, "open": still, "gave_up": gave_up}
