@@ -3,7 +3,8 @@
 - Positive control: ``rewards: [exact_match, ablations.controls:constant]`` with ``reward_weights: [1, c]``
   shifts every reward by c. A baseline-free estimator (``reward``) then carries c·Σ∇log π of pure noise
   in every gradient; a centred one (``mean_baseline``, ``group_norm``, ``rloo``) is unchanged. Every such
-  estimator must beat ``reward`` on gradient SNR, with an interval above ×1: *detected*.
+  estimator must beat ``reward`` on gradient SNR: *detected* when every paired SNR difference (per seed,
+  averaged over the probe points) has its 95% interval above 0.
 - A/A control: two arms with identical settings and independent seed streams. Every interval that
   excludes no difference is a false positive; the report counts them (about 5% of the tests are expected
   at α = 0.05) and claims nothing.
@@ -14,21 +15,35 @@ from __future__ import annotations
 SHIFT_INVARIANT = ("mean_baseline", "group_norm", "rloo", "batch_norm")
 
 
+def length(completions: list[str], **_) -> list[float]:
+    """len(completion) / 4: a dense reward every group spreads on, so that the small ``controls_smoke``
+    policy has a gradient signal the probe resolves in a few batches (``exact_match`` is almost always 0
+    there)."""
+    return [len(c) / 4 for c in completions]
+
+
 def constant(completions: list[str], **_) -> list[float]:
     """1.0 for every completion: with a weight c, a constant shift r + c of the reward."""
     return [1.0] * len(completions)
 
 
-def positive_line(detections: dict[str, dict]) -> str:
-    """One sentence from ``{estimator: snr_ratio dict (mean, lo, hi, n)}`` of the centred estimators
-    against ``reward`` under the shift."""
-    if not detections:
+def positive_line(diffs: dict[str, dict], ratios: dict[str, dict]) -> str:
+    """One sentence from the centred estimators' paired SNR differences against ``reward`` under the shift
+    (``{estimator: {mean, lo, hi, n}}``; detected when every interval is above 0) and their SNR ratios
+    (geometric means over seeds, where the SNRs were positive: under a large shift `reward`'s signal
+    estimate is often ≤ 0 at a few batches, and its ratio undefined)."""
+    if not diffs:
         return "positive control: no probe rows of centred estimators and `reward` under the shift: not measured"
-    parts = [f"{e} ×{d['mean']:.3g} [{d['lo']:.3g}, {d['hi']:.3g}]" for e, d in detections.items()]
-    ok = all(d["lo"] > 1 for d in detections.values())
-    n = min(d["n"] for d in detections.values())
-    return (f"positive control {'DETECTED' if ok else 'NOT detected'}: gradient SNR against `reward` under the shift "
-            f"({n} seeds): " + "; ".join(parts) + ("" if ok else " (an interval reaches ×1 or is n/a)"))
+    ok = all(d["lo"] > 0 for d in diffs.values())
+    n = min(d["n"] for d in diffs.values())
+
+    def ratio(e: str) -> str:
+        r = ratios.get(e, {})
+        return f", ×{r['mean']:.3g} over {r['n']} seed(s)" if r.get("n") else ""
+
+    parts = [f"{e} {d['mean']:+.3g} [{d['lo']:+.3g}, {d['hi']:+.3g}]{ratio(e)}" for e, d in diffs.items()]
+    return (f"positive control {'DETECTED' if ok else 'NOT detected'}: gradient SNR minus `reward`'s under the shift "
+            f"({n} seeds): " + "; ".join(parts) + ("" if ok else " (an interval reaches 0 or is n/a)"))
 
 
 def aa_line(false_positives: list[str], tests: int) -> str:

@@ -98,12 +98,22 @@ def points(runs: list[Run]) -> dict[Any, list[dict[str, dict]]]:
 def log_ratio_by_seed(runs: list[Run], estimator: str, base: str) -> dict[Any, float]:
     """Per seed, the mean over its probe points of log(SNR_estimator / SNR_base), both measured on the same
     rollouts at each point (paired). Points where either SNR is not positive are left out."""
+    return _by_seed(runs, estimator, base, lambda a, b: math.log(a / b) if a > 0 and b > 0 else math.nan)
+
+
+def snr_difference_by_seed(runs: list[Run], estimator: str, base: str) -> dict[Any, float]:
+    """Per seed, the mean over its probe points of SNR_estimator − SNR_base (paired, as above): defined
+    even where a signal estimate is ≤ 0, which a ratio is not (``reward`` under a large reward shift)."""
+    return _by_seed(runs, estimator, base, lambda a, b: a - b)
+
+
+def _by_seed(runs: list[Run], estimator: str, base: str, how) -> dict[Any, float]:
     out = {}
     for seed, pts in points(runs).items():
-        logs = [math.log(p[estimator]["snr"] / p[base]["snr"]) for p in pts if estimator in p and base in p
-                and _num(p[estimator].get("snr")) > 0 and _num(p[base].get("snr")) > 0]
-        if logs:
-            out[seed] = float(np.mean(logs))
+        vals = [how(_num(p[estimator].get("snr")), _num(p[base].get("snr"))) for p in pts if estimator in p and base in p]
+        vals = [v for v in vals if np.isfinite(v)]
+        if vals:
+            out[seed] = float(np.mean(vals))
     return out
 
 

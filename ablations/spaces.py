@@ -377,13 +377,15 @@ register_space(Space(
 
 register_space(Space(
     name="controls_smoke",
-    description="the controls on the smoke policy (tests, and a quick check of a new machine)",
+    description="the controls on the smoke policy, 8 steps, with a dense reward (completion length) the probe "
+                "resolves in a few batches: tests, and a quick check of a new machine",
     grid={"arm": list(CONTROL_ARMS), "seed": [0, 1, 2]},
     presets={"arm": CONTROL_ARMS},
-    overrides=CONTROL_SHIFT,
+    overrides={"model.rewards": ["ablations.controls:length", "ablations.controls:constant"],
+               "model.reward_weights": [1.0, 3.0], "trainer.max_steps": 8, "trainer.val_check_interval": 4},
     base_config="configs/ablate_smoke.yaml",
-    probe=ProbeSettings(num_batches=8, prompts_per_batch=4, at_fractions=(0.0, 1.0)),
-    threshold=0.15,
+    probe=ProbeSettings(num_batches=12, prompts_per_batch=4, at_fractions=(0.0, 1.0)),
+    threshold=0.5,
     baseline={"arm": "reward+3"},
     comparisons=CONTROL_COMPARISONS,
 ))

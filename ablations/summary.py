@@ -41,6 +41,7 @@ from ablations.runs import (
     log_ratio_by_seed,
     ordered_groups,
     point_half_widths,
+    snr_difference_by_seed,
 )
 from ablations.stats import decided, differences, interval_dict, paired, t_interval, verdict
 
@@ -143,11 +144,12 @@ def controls(runs: list[Run], by_group: dict, comparisons: dict) -> dict[str, An
         if c["kind"] == "positive_control":
             pool = by_group[c["group"]] + by_group[c["baseline"]]
             found = set.intersection(*(r.probe_estimators() for r in pool)) if pool else set()
-            det = {e: differences(log_ratio_by_seed(pool, e, "reward"), log=True).as_dict()
-                   for e in SHIFT_INVARIANT if e in found and "reward" in found}
-            out["positive"] = {"comparison": c["group"], "snr_ratio_vs_reward": det,
-                               "detected": bool(det) and all(d["lo"] > 1 for d in det.values()),
-                               "auc_diff": c["auc_diff"], "line": positive_line(det)}
+            ests = [e for e in SHIFT_INVARIANT if e in found and "reward" in found]
+            diff = {e: differences(snr_difference_by_seed(pool, e, "reward")).as_dict() for e in ests}
+            ratio = {e: differences(log_ratio_by_seed(pool, e, "reward"), log=True).as_dict() for e in ests}
+            out["positive"] = {"comparison": c["group"], "snr_diff_vs_reward": diff, "snr_ratio_vs_reward": ratio,
+                               "detected": bool(diff) and all(d["lo"] > 0 for d in diff.values()),
+                               "auc_diff": c["auc_diff"], "line": positive_line(diff, ratio)}
         elif c["kind"] == "aa_control":
             out["aa"] = {"comparison": c["group"], "false_positives": c["false_positives"], "tests": c["tests"],
                          "line": aa_line(c["false_positives"], c["tests"])}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import shutil
 import signal
@@ -42,21 +43,62 @@ def _complete_by_point(db: Path) -> dict[tuple, list[int]]:
 
 
 @pytest.mark.slow
-def test_smoke_study_end_to_end(tmp_path):
-    """``grpo-lab-ablate --space smoke`` from another directory: one COMPLETE trial per point and a report."""
-    subprocess.run(_runner(tmp_path / "runs"), cwd=tmp_path, check=True, capture_output=True, timeout=600)
-    done = _complete_by_point(tmp_path / "runs" / "ablate" / "smoke.db")
+def test_smoke_study_end_to_end_until_decisive_and_resumed(tmp_path):
+    """``grpo-lab-ablate --space smoke --until-decisive --budget 1s`` from another directory: the grid's seeds
+    as round 1, then the budget stops it; one COMPLETE trial per point, summary.json and a report. The same
+    command again resumes the finished study: no trial is rerun, the budget is still spent."""
+    cmd = _runner(tmp_path / "runs", "--until-decisive", "--budget", "1s")
+    first = subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, text=True, timeout=600)
+    assert "stopped: budget" in first.stderr.replace("\n", " ")
+    db = tmp_path / "runs" / "ablate" / "smoke.db"
+    done = _complete_by_point(db)
     assert len(done) == len(SPACES["smoke"].points()) and all(len(v) == 1 for v in done.values())
-    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{tmp_path / 'runs/ablate/smoke.db'}")
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{db}")
     t = study.get_trials(states=(TrialState.COMPLETE,))[0]
     assert {"curves", "probe", "wall_time_s", "steps_to_threshold", "auc", "final", "command", "logdir"} <= set(t.user_attrs)
     assert "train/reward" in t.user_attrs["curves"] and "val/acc_sampled_easy" in t.user_attrs["curves"]
-    assert t.user_attrs["probe"] and {"snr", "cosine", "relative_variance"} <= set(t.user_attrs["probe"][0])
+    assert t.user_attrs["probe"] and {"snr", "snr_ratio", "cosine", "hard_share"} <= set(t.user_attrs["probe"][0])
     out = tmp_path / "runs" / "ablate" / "smoke"
     assert (out / "report.md").is_file() and (out / "probe.png").is_file()
     assert (out / str(t.number) / "trial.yaml").is_file() and (out / str(t.number) / "fit.log").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["wall_s"] > 0 and set(summary["comparisons"]) == {"rloo"} and summary["groups"]["rloo"]["n_seeds"] == 2
+    n = len(study.get_trials())
+    subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, timeout=600)
+    assert len(study.get_trials()) == n and study.user_attrs["until_decisive"]["seeds"] == [0, 1]
+    assert json.loads((out / "summary.json").read_text())["wall_s"] > summary["wall_s"]  # both runs counted
 
 
+@pytest.mark.slow
+def test_controls_end_to_end_at_small_shapes(tmp_path, monkeypatch):
+    """``controls_smoke``: 3 arms x 3 seeds of real fits with the probe, run in this process (9 interpreter
+    start-ups would cost more than the fits). The report detects the reward shift and, for the A/A arms,
+    counts false positives without claiming a difference."""
+    from ablations import objective as obj
+    from ablations.report import write_report
+    from grpo_lab.cli import cli_main
+
+    def in_process(cmd, log_path, threads, cwd=None):
+        assert cmd[1:4] == ["-m", "grpo_lab.cli", "fit"]
+        cli_main(cmd[3:])
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(obj, "run_fit", in_process)
+    space = SPACES["controls_smoke"]
+    study = open_study(space, "controls_smoke", make_storage(f"sqlite:///{tmp_path / 'c.db'}"))
+    run_grid(study, space, obj.Objective(space, tmp_path / "study", tmp_path / "runs"), n_jobs=1)
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 9
+    text = write_report(study, tmp_path / "report").read_text()
+    controls = json.loads((tmp_path / "report" / "summary.json").read_text())["controls"]
+    assert controls["positive"]["detected"], controls["positive"]["line"]
+    assert set(controls["positive"]["snr_diff_vs_reward"]) == {"mean_baseline", "group_norm", "rloo"}
+    assert controls["aa"]["tests"] >= 5 and "A/A control:" in text and "No difference is claimed" in text
+    assert "positive control DETECTED" in text
+    # The warm start is probed once per probe seed: the reward+3 and rloo+3 trials of a seed share it (3 hits),
+    # the A/A arm's seeds are its own; every end point is its own policy: 6 + 9 entries.
+    hits = [t.number for t in study.get_trials(states=(TrialState.COMPLETE,))
+            if any(r["cached"] for r in t.user_attrs["probe"] if r["fraction"] == 0.0)]
+    assert len(hits) == 3 and len(list((tmp_path / "runs" / "probe_cache").glob("*.json"))) == 6 + 9
 def _fits_of(root: Path, sub: str = "") -> list[int]:
     """Pids of live processes whose command line mentions ``root`` (the runner's fits; ``sub`` = "fit" leaves
     out the warm-start build)."""
