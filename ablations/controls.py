@@ -14,6 +14,23 @@ from __future__ import annotations
 
 SHIFT_INVARIANT = ("mean_baseline", "group_norm", "rloo", "batch_norm")
 
+# The `controls` spaces (registered in spaces.py). The shift: exact_match + 3·constant. rloo is exactly
+# shift-invariant, so the rloo arms train as without the shift while the probe, which measures all four
+# estimators in every trial, sees `reward` under it. The A/A arm's seeds are shifted by 1000: other queries,
+# data order and samples, paired with the first arm by seed value.
+SHIFTED_REWARD = {"model.rewards": ["exact_match", "ablations.controls:constant"], "model.reward_weights": [1.0, 3.0]}
+SHIFTED_DENSE_REWARD = {"model.rewards": ["ablations.controls:length", "ablations.controls:constant"],
+                        "model.reward_weights": [1.0, 3.0]}
+ARMS = {
+    "reward+3": {"model.advantage": "reward"},
+    "rloo+3": {"model.advantage": "rloo"},
+    "rloo+3 (seeds+1000)": {"model.advantage": "rloo", "seed_offset": 1000},
+}
+COMPARISONS = (  # (label, group, baseline, kind) of ablations.spaces.Comparison
+    ("positive control: rloo+3 vs reward+3", {"arm": "rloo+3"}, {"arm": "reward+3"}, "positive_control"),
+    ("A/A control: rloo+3, independent seeds", {"arm": "rloo+3 (seeds+1000)"}, {"arm": "rloo+3"}, "aa_control"),
+)
+
 
 def length(completions: list[str], **_) -> list[float]:
     """len(completion) / 4: a dense reward every group spreads on, so that the small ``controls_smoke``

@@ -52,6 +52,8 @@ from typing import Any
 
 import optuna
 
+from ablations import controls
+
 DEFAULT_PRUNER: dict[str, Any] = {
     "class_path": "optuna.pruners.MedianPruner",
     "init_args": {"n_startup_trials": 4, "n_warmup_steps": 20},
@@ -347,30 +349,17 @@ register_space(Space(
     probe=None,
 ))
 
-# Controls: does the harness detect a difference that must be there, and claim none where there is none?
-# Positive: exact_match + 3 (a constant reward from ablations/controls.py, weight 3). The shift adds
-# 3·Σ∇log π to every `reward` gradient and leaves every centred estimator unchanged, so mean_baseline,
-# group_norm and rloo must beat reward on gradient SNR (the probe measures all four in every trial).
-# A/A: rloo (shift-invariant: it trains exactly as without the shift) twice, the second arm on seeds
-# shifted by 1000 (other queries, data order and samples), paired with the first by seed value.
-CONTROL_SHIFT = {"model.rewards": ["exact_match", "ablations.controls:constant"], "model.reward_weights": [1.0, 3.0]}
-CONTROL_ARMS = {
-    "reward+3": {"model.advantage": "reward"},
-    "rloo+3": {"model.advantage": "rloo"},
-    "rloo+3 (seeds+1000)": {"model.advantage": "rloo", "seed_offset": 1000},
-}
-CONTROL_COMPARISONS = (
-    Comparison("positive control: rloo+3 vs reward+3", {"arm": "rloo+3"}, {"arm": "reward+3"}, "positive_control"),
-    Comparison("A/A control: rloo+3, independent seeds", {"arm": "rloo+3 (seeds+1000)"}, {"arm": "rloo+3"}, "aa_control"),
-)
+# Controls (ablations/controls.py): a reward shift of +3 every centred estimator must see through, and rloo
+# against itself on seeds shifted by 1000 (A/A).
+CONTROL_COMPARISONS = tuple(Comparison(*c) for c in controls.COMPARISONS)
 
 register_space(Space(
     name="controls",
     description="controls: a reward shift of +3 that every centred estimator must see through (positive), "
                 "and rloo against itself on independent seeds (A/A)",
-    grid={"arm": list(CONTROL_ARMS), "seed": [0, 1, 2, 3]},
-    presets={"arm": CONTROL_ARMS},
-    overrides=CONTROL_SHIFT,
+    grid={"arm": list(controls.ARMS), "seed": [0, 1, 2, 3]},
+    presets={"arm": controls.ARMS},
+    overrides=controls.SHIFTED_REWARD,
     baseline={"arm": "reward+3"},
     comparisons=CONTROL_COMPARISONS,
 ))
@@ -379,10 +368,9 @@ register_space(Space(
     name="controls_smoke",
     description="the controls on the smoke policy, 8 steps, with a dense reward (completion length) the probe "
                 "resolves in a few batches: tests, and a quick check of a new machine",
-    grid={"arm": list(CONTROL_ARMS), "seed": [0, 1, 2]},
-    presets={"arm": CONTROL_ARMS},
-    overrides={"model.rewards": ["ablations.controls:length", "ablations.controls:constant"],
-               "model.reward_weights": [1.0, 3.0], "trainer.max_steps": 8, "trainer.val_check_interval": 4},
+    grid={"arm": list(controls.ARMS), "seed": [0, 1, 2]},
+    presets={"arm": controls.ARMS},
+    overrides={**controls.SHIFTED_DENSE_REWARD, "trainer.max_steps": 8, "trainer.val_check_interval": 4},
     base_config="configs/ablate_smoke.yaml",
     probe=ProbeSettings(num_batches=12, prompts_per_batch=4, at_fractions=(0.0, 1.0)),
     threshold=0.5,

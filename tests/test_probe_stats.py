@@ -133,6 +133,12 @@ def test_snr_intervals_pair_the_estimators_and_contain_the_point_estimate():
     assert iv["b"]["snr_ratio_lo"] < iv["b"]["snr_ratio"] < iv["b"]["snr_ratio_hi"]
     assert iv["a"]["snr_lo"] < snr["a"] < iv["a"]["snr_hi"]
     assert iv["a"]["snr_ratio"] == 1.0 and iv["a2"]["snr_ratio"] == pytest.approx(1.0)  # scale-free
+    # Pure noise: a signal estimate <= 0 is log SNR = -inf, so its ratio to a is 0 and the interval still exists.
+    noise = rng.normal(size=(40, 8))
+    grams["n"] = noise @ noise.T
+    if gram_statistics(grams["n"])["snr"] <= 0:
+        iv = snr_intervals(grams, "a", n_resamples=500)["n"]
+        assert iv["snr_ratio"] == 0.0 and iv["snr_ratio_lo"] == 0.0 and 0 < iv["snr_ratio_hi"] < 1
 
 
 def test_bootstrap_ratio_interval_covers_the_truth():

@@ -13,7 +13,7 @@ from grpo_lab.losses import policy_loss
 from grpo_lab.module import GRPOModule
 from grpo_lab.policy import PolicyConfig
 from grpo_lab.probe.cache import cached
-from grpo_lab.probe.gradients import batch_gradients
+from grpo_lab.probe.gradients import _basis, batch_gradients
 from grpo_lab.rollout import sequence_logprobs
 from grpo_lab.tasks import load_queries
 from grpo_lab.variance import (
@@ -146,6 +146,16 @@ def test_split_gradients_and_the_reference_match_the_direct_computation(monkeypa
     assert none_hard.hard["reward"].abs().max() == 0 and none_hard.full["reward"].norm() > 0
 
 
+def test_basis_spans_the_cotangents_with_one_vector_per_direction():
+    """rloo = G/(G-1) mean_baseline and the reference is a rescaled rloo: collinear cotangents cost no
+    extra backward pass; a zero vector none at all; a small independent one is kept."""
+    a, b = torch.tensor([1.0, 2.0, 0.0, -1.0]), torch.tensor([0.0, 1.0, 1.0, 0.0])
+    rows = torch.stack([a, 4 / 3 * a, b, 0.25 * a, torch.zeros(4), 1e-3 * torch.tensor([1.0, 0.0, 0.0, 0.0])])
+    basis, coefs = _basis(rows)
+    assert basis.shape == (3, 4)
+    torch.testing.assert_close(coefs @ basis, rows.double(), rtol=0, atol=1e-12)
+
+
 # ---- probe --------------------------------------------------------------------------------------------
 def test_probe_leaves_parameters_and_rng_alone():
     module = _module()
@@ -161,10 +171,10 @@ def test_probe_leaves_parameters_and_rng_alone():
         assert math.isfinite(s["snr"]) and s["variance"] > 0 and s["num_batches"] == 6
         assert s["cosine"] is None or -1.0 <= s["cosine"] <= 1.0
         assert s["hard_share"] is not None and s["ratio_to"] == "reward"
-        if s["snr"] > 0 and stats["reward"]["snr"] > 0:  # a ratio of SNRs means nothing when a signal is <= 0
+        if s["snr"] > 0 and stats["reward"]["snr"] > 0:
             assert s["snr_ratio"] == pytest.approx(s["snr"] / stats["reward"]["snr"])
-        else:
-            assert math.isnan(s["snr_ratio"])
+        else:  # an SNR <= 0 is log SNR = -inf: the ratio is 0, inf, or (both <= 0) NaN
+            assert not 0 < s.get("snr_ratio", math.nan) < math.inf
     # rloo = G/(G-1) mean_baseline on every batch: the same SNR, exactly a ratio of 1 between them
     assert stats["rloo"]["snr"] == pytest.approx(stats["mean_baseline"]["snr"], rel=1e-6)
     assert _same(probe(module, _queries(), **kwargs), stats)  # seeded: reproducible

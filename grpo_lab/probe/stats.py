@@ -134,8 +134,8 @@ def snr_intervals(grams: dict[str, np.ndarray], ratio_to: str | None, n_resample
     """BCa bootstrap over the K batches (``scipy.stats.bootstrap``), the same resampled batches for every
     estimator (the comparison is paired): per estimator ``snr_lo``/``snr_hi`` and, against ``ratio_to``,
     ``snr_ratio`` = SNR_e / SNR_ratio_to with ``snr_ratio_lo``/``snr_ratio_hi`` (the interval of the log
-    ratio, exponentiated). NaN bounds where a resample's SNR is not positive (too few batches for the
-    signal) or where BCa cannot be computed."""
+    ratio, exponentiated). A signal estimate ≤ 0 (too few batches to see the signal) counts as log SNR = −∞,
+    so a ratio or a bound can be 0 or ``inf``; NaN where both SNRs are ≤ 0 or BCa cannot be computed."""
     names = list(grams)
     k = next(iter(grams.values())).shape[0]
     stacked = np.stack([np.asarray(grams[n], dtype=np.float64) for n in names])  # [E, K, K]
@@ -145,9 +145,9 @@ def snr_intervals(grams: dict[str, np.ndarray], ratio_to: str | None, n_resample
         idx = np.moveaxis(np.asarray(idx), axis, -1)
         counts = (idx[..., None] == np.arange(k)).sum(-2)  # [..., K]
         snr = np.stack([gram_snr(g, counts) for g in stacked])  # [E, ...]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            logs = np.where(snr > 0, np.log(np.where(snr > 0, snr, 1.0)), np.nan)
-        ratio = logs - logs[base] if base is not None else np.full_like(logs, np.nan)
+        with np.errstate(divide="ignore", invalid="ignore"):  # an SNR <= 0 counts as log SNR = −∞
+            logs = np.where(snr > 0, np.log(np.where(snr > 0, snr, 1.0)), -np.inf)
+            ratio = logs - logs[base] if base is not None else np.full_like(logs, np.nan)  # −∞ − −∞: NaN
         return np.concatenate([snr, ratio])
 
     point = statistic(np.arange(k))
@@ -159,6 +159,11 @@ def snr_intervals(grams: dict[str, np.ndarray], ratio_to: str | None, n_resample
                                 confidence_level=confidence, method="BCa", batch=250,
                                 rng=np.random.default_rng(seed))
         lo, hi = np.asarray(res.confidence_interval.low), np.asarray(res.confidence_interval.high)
+        # Where BCa is undefined (its jackknife meets an SNR <= 0: log −∞), the percentile interval of the
+        # same resamples, taken without interpolation so that ±∞ stay ±∞.
+        dist, tail = res.bootstrap_distribution, (1 - confidence) / 2
+        lo = np.where(np.isnan(lo), np.quantile(dist, tail, axis=-1, method="lower"), lo)
+        hi = np.where(np.isnan(hi), np.quantile(dist, 1 - tail, axis=-1, method="higher"), hi)
     out: dict[str, dict[str, float]] = {}
     e = len(names)
     for i, name in enumerate(names):

@@ -1,0 +1,77 @@
+"""How precise is the probe at a config's warm start? Half-widths of the paired SNR-ratio intervals.
+
+    python -m grpo_lab.probe.precision --config configs/ablate.yaml --num-batches 64 --seeds 0 1 2
+
+For each seed: the probe at the warm start the config's fits start from (built if absent), with the
+seed's data and probe seed as a study trial of that seed has them. Prints per estimator the SNR ratio to
+the first estimator with its 95% bootstrap interval over the K batches and the interval's relative
+half-width, the seconds the probe took, and, over the seeds, the t-interval of the mean log ratio (how the
+report pools seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+
+from grpo_lab.probe.core import DEFAULT_ESTIMATORS, NUM_BATCHES, PROMPTS_PER_BATCH, probe, relative_half_width
+
+
+def load_warm_start(config: str, seed: int):
+    """``(module, train queries)`` of ``grpo-lab fit --config <config>`` with ``seed`` at its first step."""
+    from grpo_lab.cli import cli_main
+    from grpo_lab.warmstart import ensure_warm_start
+
+    cli = cli_main(["--config", config, "--seed_everything", str(seed), "--data.seed", str(seed)], run=False)
+    module, dm = cli.model, cli.datamodule
+    if module.warm_start_cfg.steps > 0:
+        path = ensure_warm_start(module.policy_cfg, module.warm_start_cfg, dm.hparams.dataset)
+        weights = type(module.model).from_pretrained(str(path), local_files_only=True).state_dict()
+        module.model.load_state_dict(weights)
+    dm.setup("fit")
+    return module, dm.train_set
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m grpo_lab.probe.precision", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/ablate.yaml", help="the fit config whose warm start is probed")
+    p.add_argument("--num-batches", type=int, default=NUM_BATCHES, help="K batches per probe point")
+    p.add_argument("--prompts-per-batch", type=int, default=PROMPTS_PER_BATCH, help="queries per batch")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (data and probe), one point each")
+    p.add_argument("--estimators", nargs="+", default=list(DEFAULT_ESTIMATORS), help="the first is the ratios' baseline")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (a study's trial gets cores / workers)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logs: dict[str, list[float]] = {e: [] for e in args.estimators[1:]}
+    print(f"K = {args.num_batches} batches of {args.prompts_per_batch} prompts at the warm start of {args.config}")
+    for seed in args.seeds:
+        module, queries = load_warm_start(args.config, seed)
+        t0 = time.perf_counter()
+        stats = probe(module, queries, args.estimators, args.num_batches, 0, args.prompts_per_batch, seed)
+        took = time.perf_counter() - t0
+        cells = []
+        for e in args.estimators[1:]:
+            s = stats[e]
+            cells.append(f"{e} ×{s['snr_ratio']:.3f} [{s['snr_ratio_lo']:.3f}, {s['snr_ratio_hi']:.3f}] "
+                         f"±{relative_half_width(s):.0%}")
+            if s["snr_ratio"] > 0 and math.isfinite(s["snr_ratio"]):
+                logs[e].append(math.log(s["snr_ratio"]))
+        print(f"seed {seed}: {took:.1f} s ({took / args.num_batches:.3f} s/batch); " + "; ".join(cells))
+    from scipy import stats as sps
+
+    pooled = {}
+    for e, x in logs.items():
+        if len(x) >= 2:
+            half = sps.t.ppf(0.975, len(x) - 1) * np.std(x, ddof=1) / math.sqrt(len(x))
+            pooled[e] = (math.exp(np.mean(x)), math.exp(np.mean(x) - half), math.exp(np.mean(x) + half))
+            print(f"pooled over {len(x)} seeds: {e} ×{pooled[e][0]:.3f} [{pooled[e][1]:.3f}, {pooled[e][2]:.3f}] "
+                  f"±{(pooled[e][2] - pooled[e][1]) / 2 / pooled[e][0]:.0%}")
+    return pooled
+
+
+if __name__ == "__main__":
+    main()
