@@ -11,7 +11,8 @@ Layout (``--root`` defaults to ``runs``)::
     runs/ablate/<study>.db                 the SQLite study (unless --storage names another database)
     runs/ablate/<study>/warmstart.log      the warm start built once before the trials
     runs/ablate/<study>/<trial>/           trial.yaml, fit.log, TensorBoard events, probe.json
-    runs/ablate/<study>/report.md, *.png   the report (ablations/report.py)
+    runs/ablate/<study>/report.md, *.png   the report and summary.json (ablations/report.py, summary.py)
+    runs/probe_cache/                      probe points computed once per policy (the warm start, per seed)
 
 How a study runs:
 
@@ -29,7 +30,7 @@ How a study runs:
    held by a RUNNING trial of another runner (or of a killed one, until its heartbeat goes stale) are
    waited for, not duplicated; the objective's duplicate check makes sure of it (``objective.py``).
    Rerunning the same command after an interruption, even a SIGKILL, keeps every finished trial and runs
-   only what is missing.
+   only what is missing. ``--until-decisive`` then adds seeds in rounds (``sequential.py``).
 
 Parallelism: ``study.optimize(n_jobs=N)`` threads. Each trial is a subprocess, so a thread only waits on
 it: the GIL costs nothing, the threads share one storage engine and one progress display,

@@ -9,7 +9,7 @@ unbiased reference ∇J and the share of the gradient that comes from hard queri
 ``cache`` the per-policy cache, ``callback`` the Lightning callback); this module keeps the names it
 always had and the command line::
 
-    python -m grpo_lab.variance --ckpt runs/.../last.ckpt --num-batches 48 --out probe.json
+    python -m grpo_lab.variance --ckpt runs/.../last.ckpt --num-batches 64 --out probe.json
 
 or attach :class:`GradientVarianceProbe` to a ``Trainer`` to probe at the start, middle and end of a fit.
 """
