@@ -89,7 +89,7 @@ class ProbeSettings:
     By default all four estimators are probed on the same rollouts (paired, at the trial's parameters): the
     backward passes dominate the cost and four estimators need few more than one (``grpo_lab/probe``).
     ``estimators="own"`` probes only the trial's own ``model.advantage``. K = 64 batches of 8 prompts give
-    a paired SNR-ratio interval of about ±30% at one probe point of the default study (README, "The
+    a paired SNR-ratio interval of ±31–53% at one probe point of the default study (docs/ablations.md, "The
     probe's precision"); the report pools the points and seeds. The warm-start point is the same policy for
     every trial of a seed and is computed once per seed (the probe's cache under ``<root>/probe_cache``).
     """

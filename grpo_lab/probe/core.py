@@ -28,7 +28,7 @@ from grpo_lab.probe.stats import GramAccumulator, snr_intervals
 DEFAULT_ESTIMATORS: tuple[str, ...] = ("reward", "mean_baseline", "group_norm", "rloo")
 REFERENCE_ESTIMATOR = "rloo"
 DEFAULT_SPLIT = ("difficulty", "hard")
-NUM_BATCHES = 64  # ablations.spaces.ProbeSettings says the same (README, "The probe's precision")
+NUM_BATCHES = 64  # ablations.spaces.ProbeSettings says the same (docs/ablations.md, "The probe's precision")
 PROMPTS_PER_BATCH = 8
 
 
