@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 import sqlalchemy.exc
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
@@ -115,6 +116,9 @@ def normalize_url(url: str) -> str:
 def make_storage(url: str, grace_period: int = 30) -> RDBStorage:
     """``RDBStorage`` with heartbeats (a dead runner's trials go stale) and retries of stale trials.
 
+    SQLite: every transaction starts with ``BEGIN IMMEDIATE`` (:func:`serialize_sqlite_transactions`), so two
+    workers can never both take the same WAITING trial (see there). PostgreSQL's row locks already prevent it.
+
     ``RetryHeartbeatStaleTrialCallback`` is Optuna >= 4.9's name for ``RetryFailedTrialCallback`` (and
     ``heartbeat_stale_trial_callback`` for ``failed_trial_callback``); older Optuna gets the old names.
     """
@@ -122,7 +126,8 @@ def make_storage(url: str, grace_period: int = 30) -> RDBStorage:
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs = {"connect_args": {"timeout": 60}}  # threads and heartbeats write concurrently
+        # threads and heartbeats write concurrently; isolation_level None: we issue BEGIN ourselves
+        engine_kwargs = {"connect_args": {"timeout": 60, "isolation_level": None}}
     if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
         retry = {"heartbeat_stale_trial_callback": _quietly(optuna.storages.RetryHeartbeatStaleTrialCallback, max_retry=2)}
     else:  # pragma: no cover - Optuna < 4.9
@@ -131,12 +136,29 @@ def make_storage(url: str, grace_period: int = 30) -> RDBStorage:
                   grace_period=grace_period, **retry)
     for attempt in range(5):
         try:
-            return _quietly(RDBStorage, url, **kwargs)
+            storage = _quietly(RDBStorage, url, **kwargs)
+            if url.startswith("sqlite"):
+                serialize_sqlite_transactions(storage.engine)
+            return storage
         except sqlalchemy.exc.SQLAlchemyError:  # runners starting together race to create the schema
             if attempt == 4:
                 raise
             time.sleep(1.0 + attempt)
     raise AssertionError("unreachable")
+
+
+def serialize_sqlite_transactions(engine: sqlalchemy.engine.Engine) -> None:
+    """Start every transaction on ``engine`` with ``BEGIN IMMEDIATE`` (SQLAlchemy's documented pysqlite recipe).
+
+    Optuna takes a WAITING trial by reading it ``FOR UPDATE`` and then setting it RUNNING. SQLite ignores
+    ``FOR UPDATE``, and Python's sqlite3 driver runs the read outside any transaction, so two worker threads
+    (``optimize(n_jobs=2)``) could both read the same WAITING trial and both set it RUNNING: both then ran the
+    same trial, and the second to finish crashed the runner with "Cannot tell a COMPLETE trial" (seen when a
+    study resumed after a SIGKILL, whose stale trial is re-enqueued as WAITING). With the write lock taken at
+    the start of the transaction, the read and the update are one atomic step. The connection must be in
+    the driver's autocommit mode (``isolation_level=None``) so that this BEGIN is the only one.
+    """
+    sqlalchemy.event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
 
 
 def open_study(space: Space, name: str, storage: RDBStorage) -> optuna.Study:
