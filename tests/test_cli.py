@@ -52,13 +52,20 @@ def test_smoke_fit_with_kl_and_several_updates(tmp_path):
 
 @pytest.mark.slow
 def test_grpo_from_the_warm_start_raises_the_reward(tmp_path):
-    """Small but real: the group-normalized objective lifts the train reward on the arithmetic mixture."""
+    """Small but real: the group-normalized objective lifts the train reward, by a margin that holds on any x86 CPU.
+
+    A GRPO trajectory depends on the floating-point paths (AVX-512, AVX2 or none), so the regime is chosen to
+    learn by a wide margin rather than to sit near the threshold: one-digit sums from a weak warm start (60 SFT
+    steps: about 40% right). Measured lifts (first 20% -> last 20% of 200 steps), 2026-11-26, Intel Xeon, each
+    with its own warm start built under that capability: +0.245 (AVX-512), +0.288 (ATEN_CPU_CAPABILITY=avx2),
+    +0.226 (=default) with seed 0; seeds 1 and 2 under =default +0.294 and +0.235. The mixture with hard two-digit sums, which this test used before, lifted
+    only +0.03-0.04 on this CPU: too close to any threshold."""
     scalars = _fit(tmp_path, "--model.policy.hidden_size", "128", "--model.policy.num_layers", "2",
-                   "--model.policy.num_heads", "4", "--model.warm_start.steps", "200", "--model.num_generations", "16",
-                   "--data.prompts_per_step", "16", "--data.num_train", "4096", "--trainer.max_steps", "300",
-                   "--trainer.val_check_interval", "300")
+                   "--model.policy.num_heads", "4", "--model.warm_start.steps", "60", "--model.num_generations", "16",
+                   "--data.dataset", "arithmetic_easy", "--data.prompts_per_step", "16", "--data.num_train", "4096",
+                   "--trainer.max_steps", "200", "--trainer.val_check_interval", "200")
     first, last = learning_lift([v for _, v in scalars["train/reward"]], 0.2)
-    assert last - first >= 0.05, (first, last)
+    assert last - first >= 0.10, (first, last)
 
 
 def test_ckpt_path_last_resumes_in_the_same_run_directory(tmp_path):
