@@ -58,6 +58,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ablations.pruning import pruned_at
 from ablations.spaces import Space
+from grpo_lab.errors import UserError, UserFileNotFoundError
 from grpo_lab.logs import read_scalars
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +81,7 @@ def nest(dotted: dict[str, Any]) -> dict[str, Any]:
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ValueError(f"config key {key!r} conflicts with a value set for {p!r}")
+                raise UserError(f"config key {key!r} conflicts with a value set for {p!r}")
         node[leaf] = value
     return out
 
@@ -92,7 +93,7 @@ def resolve_config(path: str | Path) -> str:
         return str(p)
     if not p.is_absolute() and (REPO_ROOT / p).is_file():
         return str(REPO_ROOT / p)
-    raise FileNotFoundError(f"config {path!r} not found in {Path.cwd()} nor in {REPO_ROOT}")
+    raise UserFileNotFoundError(f"config {path!r} not found in {Path.cwd()} nor in {REPO_ROOT}")
 
 
 def trial_overlay(space: Space, params: dict[str, Any], trial_dir: Path, root: Path, probe: bool = True,

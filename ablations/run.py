@@ -82,6 +82,7 @@ from ablations.objective import (
 )
 from ablations.pruning import make_pruner
 from ablations.spaces import SPACES, Space, get_space
+from grpo_lab.errors import UserError, run_cli
 
 log = logging.getLogger("ablations")
 console = Console(stderr=True)
@@ -140,6 +141,8 @@ def make_storage(url: str, grace_period: int = 30) -> RDBStorage:
             if url.startswith("sqlite"):
                 serialize_sqlite_transactions(storage.engine)
             return storage
+        except sqlalchemy.exc.ArgumentError:  # a bad URL: no use retrying
+            raise
         except sqlalchemy.exc.SQLAlchemyError:  # runners starting together race to create the schema
             if attempt == 4:
                 raise
@@ -262,6 +265,10 @@ def build_warm_start(space: Space, objective: Objective, study_dir: Path, thread
     try:
         run_fit(grpo_command("warmstart", objective.base_config, overlay), study_dir / "warmstart.log", threads)
     except FitFailed as err:
+        last = log_tail(study_dir / "warmstart.log", 1).strip()
+        if last.startswith("error: "):  # the space's config is wrong: the fit said why in one line
+            raise UserError(f"building the warm start failed: {last.removeprefix('error: ')} "
+                            f"(see {study_dir / 'warmstart.log'})") from None
         raise SystemExit(f"building the warm start failed: {err}") from None
     console.print(f"warm start ready ({time.perf_counter() - t0:.0f} s; {study_dir / 'warmstart.log'})")
 
@@ -342,10 +349,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-probe", action="store_true", help="run the trials without the gradient-variance probe")
     p.add_argument("--no-report", action="store_true", help="run the trials but do not write the report")
     p.add_argument("--report-only", action="store_true", help="only (re)write the report from the stored study")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of a user error (bad space, storage, study) instead of one line; the "
+                        "trials' fit.log files get full tracebacks too (also: GRPO_LAB_DEBUG=1)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``grpo-lab-ablate``: a bad flag, space or storage URL is one ``error:`` line and exit status 2
+    (``--debug`` for the traceback; see ``grpo_lab.errors``). Returns the exit status."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -355,7 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.root)
     study_dir = root / "ablate" / name
     url = args.storage or default_storage(root, name)
-    storage = make_storage(url, args.grace_period)
+    try:
+        storage = make_storage(url, args.grace_period)
+    except sqlalchemy.exc.ArgumentError as err:  # not a URL, or an unknown database dialect
+        raise UserError(f"--storage {url!r} is not a database URL SQLAlchemy can open ({err})") from None
 
     from ablations.report import write_report  # matplotlib only when needed
 
@@ -363,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             study = optuna.load_study(study_name=name, storage=storage)
         except KeyError:
-            raise SystemExit(f"no study {name!r} in {url}: run without --report-only first") from None
+            raise UserError(f"no study {name!r} in {url}: run without --report-only first") from None
         console.print(f"report: {write_report(study, study_dir)}")
         return 0
 

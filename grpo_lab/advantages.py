@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from grpo_lab.errors import UserError
 from grpo_lab.registry import lookup
 
 AdvantageFn = Callable[[Tensor, float], Tensor]
@@ -92,7 +93,7 @@ def compute_advantages(rewards: Tensor, estimator: str, eps: float = 1e-6) -> Te
     if not est.needs_group:
         return est.fn(rewards, eps)
     if rewards.shape[1] < 2:
-        raise ValueError(
+        raise UserError(
             f"advantage estimator {estimator!r} compares completions within a group and needs "
             f"num_generations >= 2, got G={rewards.shape[1]}; raise num_generations or use 'reward'"
         )

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from grpo_lab.errors import UserError
 from grpo_lab.tasks import TASKS, Query, load_queries
 
 
@@ -59,7 +60,7 @@ class QueryDataModule(L.LightningDataModule):
         """
         super().__init__()
         if prompts_per_step < 1:
-            raise ValueError(f"prompts_per_step must be >= 1, got {prompts_per_step}")
+            raise UserError(f"prompts_per_step must be >= 1, got {prompts_per_step}")
         self.save_hyperparameters()
         self.train_set: list[Query] = []
         self.val_set: list[Query] = []
@@ -80,7 +81,7 @@ class QueryDataModule(L.LightningDataModule):
             self.val_set = [rows[i] for i in order[:n_val]]
             self.train_set = [rows[i] for i in order[n_val:]]
         if len(self.train_set) < h.prompts_per_step:
-            raise ValueError(
+            raise UserError(
                 f"dataset {h.dataset!r} has {len(self.train_set)} training queries, fewer than "
                 f"prompts_per_step={h.prompts_per_step}"
             )
@@ -89,7 +90,7 @@ class QueryDataModule(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         p = self.hparams.prompts_per_step
         if p % world:
-            raise ValueError(
+            raise UserError(
                 f"prompts_per_step={p} is not divisible across {world} processes; use a multiple of {world}"
             )
         return p // world

@@ -40,6 +40,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from grpo_lab.advantages import compute_advantages, get_estimator, zero_spread
+from grpo_lab.errors import UserError, UserRuntimeError
 from grpo_lab.losses import AGGREGATIONS, KL_ESTIMATORS, policy_loss
 from grpo_lab.policy import PolicyConfig, build_policy
 from grpo_lab.registry import lookup
@@ -125,17 +126,17 @@ class GRPOModule(L.LightningModule):
         lookup(AGGREGATIONS, aggregation, "aggregation")
         lookup(KL_ESTIMATORS, kl_estimator, "KL estimator")
         if estimator.needs_group and num_generations < 2:
-            raise ValueError(f"advantage {advantage!r} needs num_generations >= 2 (got {num_generations}); or use 'reward'")
+            raise UserError(f"advantage {advantage!r} needs num_generations >= 2 (got {num_generations}); or use 'reward'")
         if min(num_generations, num_iterations, max_new_tokens, micro_batches) < 1:
-            raise ValueError("num_generations, num_iterations, micro_batches and max_new_tokens must be >= 1")
+            raise UserError("num_generations, num_iterations, micro_batches and max_new_tokens must be >= 1")
         if not 0.0 <= clip_low < 1.0 or clip_high < 0.0:
-            raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
+            raise UserError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
         if beta < 0.0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
+            raise UserError(f"beta must be >= 0, got {beta}")
         if temperature <= 0.0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise UserError(f"temperature must be > 0, got {temperature}")
         if invalid_rewards not in ("error", "drop"):
-            raise ValueError(f"invalid_rewards must be 'error' or 'drop', got {invalid_rewards!r}")
+            raise UserError(f"invalid_rewards must be 'error' or 'drop', got {invalid_rewards!r}")
         self.save_hyperparameters()
         # Keep hparams plain data so checkpoints load with torch's weights_only=True.
         self.hparams.update(policy=asdict(self.policy_cfg), warm_start=asdict(self.warm_start_cfg))
@@ -153,7 +154,7 @@ class GRPOModule(L.LightningModule):
     # ---- set-up -------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         if self.trainer.accumulate_grad_batches > 1:
-            raise ValueError(
+            raise UserError(
                 "trainer.accumulate_grad_batches > 1 would average per-rollout normalized losses; "
                 "use model.micro_batches to accumulate within a rollout batch with its global normalizer"
             )
@@ -296,7 +297,7 @@ class GRPOModule(L.LightningModule):
         self.skipped_steps += 1
         self._bad_in_a_row += 1
         if self._bad_in_a_row >= self.hparams.max_bad_steps:
-            raise RuntimeError(
+            raise UserRuntimeError(
                 f"{self._bad_in_a_row} steps in a row had a non-finite loss or gradient (last: {why}); stopping. "
                 "Lower the learning rate, check the reward function, or raise model.max_bad_steps"
             )
@@ -324,7 +325,7 @@ class GRPOModule(L.LightningModule):
             return
         ws = self.warm_start_path and Path(self.warm_start_path).name
         if state["warm_start"] != ws:
-            raise ValueError(f"checkpoint was trained from warm start {state['warm_start']!r}, this config gives {ws!r}")
+            raise UserError(f"checkpoint was trained from warm start {state['warm_start']!r}, this config gives {ws!r}")
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         kind, keys, pos, has_gauss, gauss = state["rng"]["numpy"]

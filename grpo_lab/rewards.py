@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from grpo_lab.errors import UserError, UserRuntimeError
 from grpo_lab.registry import lookup, registrar
 
 RewardFn = Callable[..., list[float]]
@@ -71,7 +72,7 @@ def check_reward_columns(fns: Sequence[RewardFn], rows: list[dict], source: str)
             for i, row in enumerate(rows):
                 if col not in row:
                     where = f"{source}:{row['_line']}" if "_line" in row else f"{source} (query {i})"
-                    raise ValueError(
+                    raise UserError(
                         f"reward function {reward_name(fn)!r} needs the column {col!r}, which {where} lacks; "
                         f"add it to every query or choose another reward"
                     )
@@ -93,16 +94,16 @@ def score(
         try:
             values = fn(completions, **columns)
         except Exception as err:
-            raise RuntimeError(f"reward function {name!r} raised {type(err).__name__}: {err}") from err
+            raise UserRuntimeError(f"reward function {name!r} raised {type(err).__name__}: {err}") from err
         values = list(values) if values is not None else []
         if len(values) != len(completions):
-            raise ValueError(f"reward function {name!r} returned {len(values)} values for {len(completions)} completions")
+            raise UserError(f"reward function {name!r} returned {len(values)} values for {len(completions)} completions")
         for i, v in enumerate(values):
             if not isinstance(v, numbers.Real) or not math.isfinite(v):
                 if allow_invalid:
                     values[i] = math.nan
                     continue
-                raise ValueError(
+                raise UserError(
                     f"reward function {name!r} returned {v!r} for completion {completions[i]!r}; rewards must be "
                     "finite numbers (or set model.invalid_rewards: drop to leave such completions out)"
                 )

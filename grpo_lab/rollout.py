@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from grpo_lab.errors import UserError
+
 
 @dataclass
 class Rollout:
@@ -45,7 +47,7 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], repea
     """Left-padded ``[P·repeats, Tp]`` ids and mask, each prompt repeated ``repeats`` times in a row."""
     enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
     if enc["input_ids"].shape[1] == 0 or (enc["attention_mask"].sum(-1) == 0).any():
-        raise ValueError("every prompt must encode to at least one token")
+        raise UserError("every prompt must encode to at least one token")
     ids = enc["input_ids"].repeat_interleave(repeats, dim=0)
     mask = enc["attention_mask"].repeat_interleave(repeats, dim=0)
     return ids, mask
@@ -105,7 +107,7 @@ def generate(
     Sampling uses torch's global RNG, so a seeded run samples the same completions.
     """
     if temperature <= 0 and not greedy:
-        raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+        raise UserError(f"temperature must be > 0 for sampling, got {temperature}")
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompt_ids, prompt_mask = (t.to(device) for t in encode_prompts(tokenizer, prompts, num_generations))

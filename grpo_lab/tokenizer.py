@@ -14,6 +14,8 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from grpo_lab.errors import UserError
+
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
 CHARSET = "".join(ch for ch in string.printable if ch.isprintable())  # 95 printable ASCII characters
 
@@ -39,5 +41,5 @@ def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerBase:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if tok.eos_token is None:
-        raise ValueError(f"tokenizer in {path} has no eos_token; completions could never stop")
+        raise UserError(f"tokenizer in {path} has no eos_token; completions could never stop")
     return tok

@@ -37,6 +37,7 @@ import math
 import os
 import pickle
 import sys
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from grpo_lab.advantages import compute_advantages
+from grpo_lab.errors import UserError, UserFileNotFoundError, run_cli
 from grpo_lab.losses import policy_loss
 from grpo_lab.rollout import sequence_logprobs
 
@@ -178,7 +180,7 @@ def estimator_gradients(
     Group estimators on G = 1 raise ``compute_advantages``'s ValueError; ``reward`` works with any G.
     """
     if not estimators:
-        raise ValueError("estimators must name at least one advantage estimator")
+        raise UserError("estimators must name at least one advantage estimator")
     h = module.hparams
     agg = aggregation or h.aggregation
     rollout = module.rollout(batch)
@@ -274,13 +276,13 @@ def probe(
     """
     estimators = list(dict.fromkeys(estimators))
     if not estimators:
-        raise ValueError("estimators must name at least one advantage estimator")
+        raise UserError("estimators must name at least one advantage estimator")
     if num_batches < 2:
-        raise ValueError(f"num_batches must be >= 2 to estimate a variance, got {num_batches}")
+        raise UserError(f"num_batches must be >= 2 to estimate a variance, got {num_batches}")
     if reference_batches < 1:
-        raise ValueError(f"reference_batches must be >= 1, got {reference_batches}")
+        raise UserError(f"reference_batches must be >= 1, got {reference_batches}")
     if not 1 <= prompts_per_batch <= len(queries):
-        raise ValueError(f"prompts_per_batch must be in [1, {len(queries)}] (the queries given), got {prompts_per_batch}")
+        raise UserError(f"prompts_per_batch must be in [1, {len(queries)}] (the queries given), got {prompts_per_batch}")
     moments = {name: _RunningMoments() for name in estimators}
     reference = _RunningMoments()
     gen = torch.Generator().manual_seed(seed)
@@ -335,9 +337,9 @@ class GradientVarianceProbe(L.Callback):
                 ``constant`` aggregation.
         """
         if any(not 0.0 <= f <= 1.0 for f in at_fractions):
-            raise ValueError(f"at_fractions must lie in [0, 1], got {list(at_fractions)}")
+            raise UserError(f"at_fractions must lie in [0, 1], got {list(at_fractions)}")
         if num_batches < 2 or reference_batches < 1 or prompts_per_batch < 1:
-            raise ValueError("need num_batches >= 2, reference_batches >= 1 and prompts_per_batch >= 1")
+            raise UserError("need num_batches >= 2, reference_batches >= 1 and prompts_per_batch >= 1")
         self.estimators = list(estimators)
         self.num_batches = num_batches
         self.reference_batches = reference_batches
@@ -476,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="unpickle the checkpoint in full (torch.load weights_only=False): only for checkpoints you made "
         "yourself, e.g. with an optimizer callable in its hyperparameters",
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error, not just its line")
     return parser
 
 
@@ -493,16 +496,26 @@ def load_module(ckpt: str | Path, trust: bool = False):
         with torch.serialization.safe_globals([PolicyConfig, WarmStartConfig]):
             return GRPOModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise SystemExit(
-            f"{ckpt}: cannot be loaded with weights_only torch loading ({err}).\n"
+        raise UserError(
+            f"{ckpt}: cannot be loaded with weights_only torch loading ({err}). "
             "If you made this checkpoint yourself, rerun with --trust-checkpoint."
         ) from None
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
+    """``python -m grpo_lab.variance``: a bad checkpoint path or setting is one ``error:`` line and exit
+    status 2 (``--debug`` for the traceback; see ``grpo_lab.errors``). Returns the statistics."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> dict[str, dict[str, float | None]]:
     args = build_parser().parse_args(argv)
     from grpo_lab.tasks import load_queries
 
+    if not Path(args.ckpt).is_file():
+        raise UserFileNotFoundError(f"--ckpt {args.ckpt}: no such checkpoint file")
+    if not zipfile.is_zipfile(args.ckpt):  # what torch.save (and so Lightning) has written since torch 1.6
+        raise UserError(f"--ckpt {args.ckpt}: not a checkpoint (a Lightning .ckpt is a zip archive written by torch.save)")
     module = load_module(args.ckpt, trust=args.trust_checkpoint).to(args.device)
     queries = load_queries(args.dataset, args.num_queries, args.seed)
     stats = probe(

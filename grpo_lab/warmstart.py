@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from grpo_lab.errors import UserError
 from grpo_lab.policy import PolicyConfig, build_policy, save_policy
 from grpo_lab.rollout import generate
 from grpo_lab.tasks import Query, load_queries
@@ -61,7 +62,7 @@ def sft_batch(tok: PreTrainedTokenizerBase, queries: list[Query]) -> tuple[torch
     rows, labels = [], []
     for q in queries:
         if "answer" not in q:
-            raise ValueError("the warm start needs an 'answer' column in the dataset (the SFT target)")
+            raise UserError("the warm start needs an 'answer' column in the dataset (the SFT target)")
         p = tok(q["prompt"], add_special_tokens=False)["input_ids"]
         a = tok(str(q["answer"]), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         rows.append(p + a)
