@@ -14,8 +14,8 @@ For trial N of study S the objective
 4. runs ``python -m grpo_lab.cli fit --config <space base config> --config runs/ablate/S/N/trial.yaml``
    (stored as the trial's ``command`` user attr, to rerun by hand from the same directory), with
    ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` set to the runner's threads per worker, output to ``fit.log``
-   and, on Linux, ``PR_SET_PDEATHSIG`` so the fit dies with the thread that waits on it (a SIGKILLed
-   runner leaves no orphan fits behind);
+   and, on Linux, ``PR_SET_PDEATHSIG`` (``grpo_lab.processes``) so the fit, and every process it starts
+   (a DDP trial's second rank), dies with the runner: a SIGKILLed runner leaves no orphans behind;
 5. reads the scalars back and returns the AUC of the reward curve (the mean ``train/reward`` over
    training: the normalised area under the curve, which rewards learning early as well as learning much).
 
@@ -38,12 +38,10 @@ and raises ``TrialPruned``. Grid spaces are never pruned: every grid point is a 
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -60,6 +58,7 @@ from ablations.pruning import pruned_at
 from ablations.spaces import Space
 from grpo_lab.errors import UserError, UserFileNotFoundError
 from grpo_lab.logs import read_scalars
+from grpo_lab.processes import child_env, parent_death_preexec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CURVE_PREFIXES = ("train/reward", "val/acc_sampled", "val/acc_greedy")
@@ -129,33 +128,17 @@ def grpo_command(sub: str, base_config: str, overlay: Path) -> list[str]:
 
 
 # ---- running a fit -------------------------------------------------------------------------------------
-def _libc_prctl():
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # not Linux
-        return None
-
-
-_PRCTL = _libc_prctl() if sys.platform.startswith("linux") else None  # resolved here, not in the forked child
-
-
-def _die_with_parent() -> None:
-    """In the child between fork and exec: SIGKILL me when the thread that started me dies."""
-    parent = os.getppid()
-    _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
 def launch(cmd: list[str], log_path: Path, threads: int, cwd: str | Path | None = None) -> subprocess.Popen:
-    """Start ``cmd`` with its output in ``log_path`` and ``threads`` BLAS/OpenMP threads."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+    """Start ``cmd`` with its output in ``log_path`` and ``threads`` BLAS/OpenMP threads, tied to this
+    process's life (``grpo_lab.processes``): it, and every process it starts that calls ``die_with_parent``
+    (any grpo_lab entry point, e.g. a DDP fit's second rank), is SIGKILLed when the runner dies."""
+    env = {**child_env(), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         return subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd,
-            preexec_fn=_die_with_parent if _PRCTL is not None else None,
+            preexec_fn=parent_death_preexec(),
         )
 
 

@@ -36,10 +36,10 @@ and the subprocess boundary gives each fit its own torch thread pool (``OMP_NUM_
 worker) and a crash that cannot take the runner down. Worker processes would add nothing but start-up.
 For several machines, start one runner per machine on a shared ``postgresql://`` storage.
 
-Caveats: ``PR_SET_PDEATHSIG`` fires when the *thread* that started a fit exits, which here is the thread
-waiting on it, so it only ever fires when the runner dies. A DDP trial (``strategies`` space) starts its
-second rank itself; that rank is not covered by the runner's death signal. DDP trials get the same
-``OMP_NUM_THREADS`` per process, so run that space with ``--n-jobs 1``.
+Every process a trial starts dies with the runner, a DDP trial's second rank included
+(``grpo_lab.processes``: each fit, and each process it starts, is SIGKILLed by the kernel when its parent
+dies). DDP trials get the same ``OMP_NUM_THREADS`` per process, so run the ``strategies`` space with
+``--n-jobs 1``.
 """
 
 from __future__ import annotations

@@ -58,8 +58,12 @@ def error_line(err: BaseException) -> str:
 
 def run_cli(main: Callable[[list[str] | None], T], argv: list[str] | None = None) -> T:
     """Call ``main(argv)`` as an entry point: ``--debug`` taken out of the arguments (of ``sys.argv`` itself
-    when ``argv`` is None, since LightningCLI and argparse read it there), and a ``UserError`` turned into
-    one ``error:`` line on stderr and ``SystemExit(2)``. Returns what ``main`` returns."""
+    when ``argv`` is None, since LightningCLI and argparse read it there), the process tied to its parent's
+    life when the parent asked for it (``grpo_lab.processes.die_with_parent``), and a ``UserError`` turned
+    into one ``error:`` line on stderr and ``SystemExit(2)``. Returns what ``main`` returns."""
+    from grpo_lab.processes import die_with_parent
+
+    die_with_parent()
     args = list(sys.argv[1:] if argv is None else argv)
     if DEBUG_FLAG in args:
         os.environ[DEBUG_ENV] = "1"  # an entry point may set the environment; children inherit it
