@@ -23,6 +23,8 @@ from grpo_lab.module import GRPOModule
 from grpo_lab.warmstart import ensure_warm_start
 
 BASE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "base.yaml"
+DEBUG_HELP = ("A mistake in the config or data prints one 'error: ...' line (exit status 2); --debug (anywhere on "
+              "the command line) or GRPO_LAB_DEBUG=1 shows its full traceback.")
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # ckpt_path values that are not file names
 
 
@@ -62,7 +64,7 @@ class GRPOCLI(LightningCLI):
 
 def _parser_kwargs() -> dict:
     defaults = [str(BASE_CONFIG)] if BASE_CONFIG.is_file() else []
-    return {sub: {"default_config_files": defaults} for sub in ("fit", "validate", "test", "predict")}
+    return {sub: {"default_config_files": defaults, "epilog": DEBUG_HELP} for sub in ("fit", "validate", "test", "predict")}
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> GRPOCLI:

@@ -23,6 +23,8 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
+from grpo_lab.processes import die_with_parent
+
 T = TypeVar("T")
 
 DEBUG_FLAG = "--debug"
@@ -61,8 +63,6 @@ def run_cli(main: Callable[[list[str] | None], T], argv: list[str] | None = None
     when ``argv`` is None, since LightningCLI and argparse read it there), the process tied to its parent's
     life when the parent asked for it (``grpo_lab.processes.die_with_parent``), and a ``UserError`` turned
     into one ``error:`` line on stderr and ``SystemExit(2)``. Returns what ``main`` returns."""
-    from grpo_lab.processes import die_with_parent
-
     die_with_parent()
     args = list(sys.argv[1:] if argv is None else argv)
     if DEBUG_FLAG in args:
