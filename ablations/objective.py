@@ -8,16 +8,18 @@ For trial N of study S the objective
    it would have been failed by ``fail_stale_trials``). Ties are broken by (start time, number), so of two
    trials racing for one grid point exactly one goes on. The report therefore sees one COMPLETE trial per
    grid point, however often the study is resumed or however many workers share it;
-3. writes ``runs/ablate/S/N/trial.yaml``: the space's overrides for these params, TensorBoard to
-   ``runs/ablate/S/N/``, no progress bar or checkpoints, and the gradient-variance probe as the only
-   callback;
-4. runs ``python -m grpo_lab.cli fit --config <space base config> --config runs/ablate/S/N/trial.yaml``
+3. writes ``runs/ablate/S/<params>/trial_N/trial.yaml`` (``<params>`` = ``advantage=rloo/seed=0``, see
+   ``ablations/tensorboard_runs.py``): the space's overrides for these params, TensorBoard to that directory
+   (without Lightning's constant ``hp_metric``), no progress bar or checkpoints, and the gradient-variance
+   probe as the only callback;
+4. runs ``python -m grpo_lab.cli fit --config <space base config> --config .../trial_N/trial.yaml``
    (stored as the trial's ``command`` user attr, to rerun by hand from the same directory), with
    ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` set to the runner's threads per worker, output to ``fit.log``
    and, on Linux, ``PR_SET_PDEATHSIG`` (``grpo_lab.processes``) so the fit, and every process it starts
    (a DDP trial's second rank), dies with the runner: a SIGKILLed runner leaves no orphans behind;
 5. reads the scalars back and returns the AUC of the reward curve (the mean ``train/reward`` over
-   training: the normalised area under the curve, which rewards learning early as well as learning much).
+   training: the normalised area under the curve, which rewards learning early as well as learning much);
+   a COMPLETE trial also writes its params and final metrics as an HParams row into its TensorBoard run.
 
 User attrs of a COMPLETE trial (what ``report.py`` reads):
 
@@ -54,6 +56,7 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
+from ablations import tensorboard_runs
 from ablations.pruning import pruned_at
 from ablations.spaces import Space
 from grpo_lab.errors import UserError, UserFileNotFoundError
@@ -104,7 +107,8 @@ def trial_overlay(space: Space, params: dict[str, Any], trial_dir: Path, root: P
     cfg = nest(dotted)
     trainer = cfg.setdefault("trainer", {})
     trainer.update(enable_progress_bar=False, enable_checkpointing=False)
-    trainer["logger"] = {"class_path": TENSORBOARD, "init_args": {"save_dir": str(trial_dir), "name": "", "version": ""}}
+    trainer["logger"] = {"class_path": TENSORBOARD, "init_args": {"save_dir": str(trial_dir), "name": "", "version": "",
+                                                                  "default_hp_metric": False}}
     callbacks = []
     if probe and space.probe is not None:
         callbacks.append(space.probe.callback(dotted.get("model.advantage"), int(params.get("seed", 0))))
@@ -115,10 +119,10 @@ def trial_overlay(space: Space, params: dict[str, Any], trial_dir: Path, root: P
     return cfg
 
 
-def write_overlay(cfg: dict, path: Path) -> Path:
+def write_overlay(cfg: dict, path: Path, note: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("# written by ablations/objective.py: one trial's overrides on its space's base config\n"
-                    + yaml.safe_dump(cfg, sort_keys=False))
+                    + (f"# {note}\n" if note else "") + yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
@@ -276,13 +280,13 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         params = self.space.suggest(trial)
         check_duplicate(trial, params)
-        trial_dir = self.study_dir / str(trial.number)
+        trial_dir = tensorboard_runs.trial_dir(self.study_dir, self.space, params, trial.number)
         if trial_dir.exists():  # left over from a deleted study of the same name
             shutil.rmtree(trial_dir)
         pruning = None if self.storage_url is None else {
             "storage": self.storage_url, "study_name": trial.study.study_name, "trial_number": trial.number}
         overlay = write_overlay(trial_overlay(self.space, params, trial_dir, self.root, self.probe, pruning),
-                                trial_dir / "trial.yaml")
+                                trial_dir / "trial.yaml", f"trial {trial.number} of study {trial.study.study_name!r}: {params}")
         cmd = grpo_command("fit", self.base_config, overlay)
         trial.set_user_attr("overrides", self.space.trial_overrides(params))
         trial.set_user_attr("command", shlex.join(cmd))
@@ -297,4 +301,6 @@ class Objective:
         step = pruned_at(trial) if pruning is not None else None
         if step is not None:
             raise optuna.TrialPruned(f"pruned at step {step} ({self.space.prune_monitor})")
+        probed = self.probe and self.space.probe is not None
+        tensorboard_runs.write_hparams(trial_dir, self.space, params, metrics, probed, step=metrics["last_step"])
         return metrics["auc"]

@@ -9,7 +9,8 @@ Layout (``--root`` defaults to ``runs``)::
 
     runs/ablate/<study>.db                 the SQLite study (unless --storage names another database)
     runs/ablate/<study>/warmstart.log      the warm start built once before the trials
-    runs/ablate/<study>/<trial>/           trial.yaml, fit.log, TensorBoard events, probe.json
+    runs/ablate/<study>/<params>/trial_N/  trial.yaml, fit.log, TensorBoard events, probe.json; <params> is
+                                           e.g. advantage=rloo/seed=0 (the run's name in TensorBoard)
     runs/ablate/<study>/report.md, *.png   the report (ablations/report.py)
 
 How a study runs:

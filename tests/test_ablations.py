@@ -31,8 +31,11 @@ from ablations.pruning import DEFAULT_PRUNER, StudyPruning, make_pruner, pruned_
 from ablations.report import paired_bootstrap, t_interval, t_quantile, write_report
 from ablations.run import build_parser, make_storage, open_study, point_status, run_grid
 from ablations.spaces import SPACES, ProbeSettings, Space, get_space
+from ablations.tensorboard_runs import run_name
 from grpo_lab.cli import cli_main
+from grpo_lab.logs import read_scalars
 from tests.conftest import CONFIGS, ROOT
+from tests.test_tensorboard import hparams_table
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -383,7 +386,17 @@ def test_smoke_study_end_to_end(tmp_path):
     assert t.user_attrs["probe"] and {"snr", "cosine", "relative_variance"} <= set(t.user_attrs["probe"][0])
     out = tmp_path / "runs" / "ablate" / "smoke"
     assert (out / "report.md").is_file() and (out / "probe.png").is_file()
-    assert (out / str(t.number) / "trial.yaml").is_file() and (out / str(t.number) / "fit.log").is_file()
+    trial_dir = Path(t.user_attrs["logdir"])  # runs/ablate/smoke/advantage=.../seed=.../trial_N
+    assert trial_dir.relative_to(out).parts[-1] == f"trial_{t.number}"
+    assert (trial_dir / "trial.yaml").is_file() and (trial_dir / "fit.log").is_file()
+    assert "hp_metric" not in read_scalars(trial_dir)  # Lightning's constant -1 is off
+    _, rows = hparams_table(out)  # TensorBoard's HParams tab: one row per trial, named by its params
+    assert sorted(g["name"] for g in rows) == sorted(run_name(SPACES["smoke"], p) for p in SPACES["smoke"].points())
+
+
+def _trial_log(root: Path, number: int) -> Path:
+    """fit.log of trial ``number`` of the smoke study (its directory is named by its params)."""
+    return next((root / "ablate" / "smoke").rglob(f"trial_{number}/fit.log"))
 
 
 def _fits_of(root: Path, sub: str = "") -> list[int]:
@@ -431,14 +444,14 @@ def test_resume_after_sigkill_reruns_only_what_is_missing(tmp_path):
         except ProcessLookupError:
             pass
     done_numbers = sorted(n for v in first.values() for n in v)
-    stamps = {n: (root / "ablate" / "smoke" / str(n) / "fit.log").stat().st_mtime_ns for n in done_numbers}
+    stamps = {n: _trial_log(root, n).stat().st_mtime_ns for n in done_numbers}
     rerun = subprocess.run(_runner(root, "--grace-period", "3"), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, f"the rerun failed:\n{rerun.stdout[-4000:]}\n{rerun.stderr[-4000:]}"
     done = _complete_by_point(db)
     assert len(done) == len(SPACES["smoke"].points()) and all(len(v) == 1 for v in done.values())
     for key, numbers in first.items():
         assert done[key] == numbers  # the finished trials were kept, not rerun
-    assert stamps == {n: (root / "ablate" / "smoke" / str(n) / "fit.log").stat().st_mtime_ns for n in done_numbers}
+    assert stamps == {n: _trial_log(root, n).stat().st_mtime_ns for n in done_numbers}
     assert (root / "ablate" / "smoke" / "report.md").is_file()
 
 
