@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from ablations.run import main as ablate_main
+from ablations.spaces import Space
 from grpo_lab import cli
 from grpo_lab.data import QueryDataModule
 from grpo_lab.errors import DEBUG_ENV, UserError, UserFileNotFoundError, UserRuntimeError, error_line, run_cli
@@ -129,6 +130,8 @@ def raises(completions, **_):
 CASES = {
     "bad_jsonl_line": (["--data.dataset", "{tmp}/bad.jsonl"], r"error: .*bad\.jsonl:2: invalid JSON \(Expecting"),
     "missing_dataset": (["--data.dataset", "{tmp}/nope.jsonl"], r"error: dataset file .*nope\.jsonl does not exist"),
+    "reward_column": (["--data.dataset", "{tmp}/no_answer.jsonl"],
+                      r"error: reward function 'exact_match' needs the column 'answer', which .*no_answer\.jsonl:3 lacks"),
     "unknown_dataset": (["--data.dataset", "arithmetik"], r"error: unknown dataset 'arithmetik': use a built-in task"),
     "unknown_estimator": (["--model.advantage", "nope"], r"error: unknown advantage estimator 'nope'; known: .*group_norm"),
     "bad_estimator_path": (["--model.advantage", "no_such_module:fn"],
@@ -153,6 +156,8 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_grpo_lab_user_error_is_one_line(case, tmp_path, ws, capsys):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n{bad\n')
+    (tmp_path / "no_answer.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n' * 2 + '{"prompt": "2+2="}\n'
+                                              + '{"prompt": "3+3=", "answer": "6"}\n' * 20)
     extra, pattern = CASES[case]
     with pytest.raises(SystemExit) as exit_:
         cli.main(_grpo_lab(tmp_path, ws, *[a.format(tmp=tmp_path) for a in extra]))
@@ -198,6 +203,20 @@ def test_ablate_user_errors(argv, pattern, tmp_path, capsys):
 def test_ablate_debug_shows_the_traceback(tmp_path):
     with pytest.raises(UserError, match="cannot import module 'no_such_module'"):
         ablate_main(["--space", "no_such_module:SPACE", "--root", str(tmp_path), "--debug"])
+
+
+BAD_SPACE = Space(name="bad_temperature", description="a space whose config is wrong", grid={"seed": [0]},
+                  base_config="configs/ablate_smoke.yaml", overrides={"model.temperature": 0.0}, probe=None)
+
+
+@pytest.mark.slow
+def test_ablate_space_with_a_bad_config_value_is_one_line(tmp_path, capsys):
+    """The warm start's ``grpo-lab warmstart`` fit ends in its own error line; the runner says it in one."""
+    with pytest.raises(SystemExit) as exit_:
+        ablate_main(["--space", "tests.test_errors:BAD_SPACE", "--root", str(tmp_path)])
+    err = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and err[-1].startswith(
+        "error: building the warm start failed: temperature must be > 0, got 0.0 (see "), err[-5:]
 
 
 def test_probe_user_errors(tmp_path, capsys):
