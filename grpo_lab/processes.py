@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 PARENT_ENV = "GRPO_LAB_PARENT_PID"
 PR_SET_PDEATHSIG = 1
@@ -51,13 +52,17 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
 
 
 def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a killed parent whose own parent has not reaped it yet)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
+        pass
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc: trust kill(0)
         return True
-    return True
 
 
 def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -56,8 +56,9 @@ def _alive(pid: int) -> bool:
 def test_die_with_parent_chains_through_grandchildren(tmp_path):
     """runner -> child -> grandchild, each started with ``child_env()`` and calling ``die_with_parent()``:
     SIGKILL of the runner takes both down, though the grandchild was not started by the runner."""
-    pids = tmp_path / "pids"
-    grandchild = "import time\nfrom grpo_lab.processes import die_with_parent\nassert die_with_parent()\ntime.sleep(60)\n"
+    pids, ready = tmp_path / "pids", tmp_path / "ready"
+    grandchild = ("import time\nfrom grpo_lab.processes import die_with_parent\nassert die_with_parent()\n"
+                  f"open({str(ready)!r}, 'w').close()\ntime.sleep(60)\n")
     child = (
         "import subprocess, sys, time\nfrom grpo_lab.processes import die_with_parent\nassert die_with_parent()\n"
         f"g = subprocess.Popen([sys.executable, '-c', {grandchild!r}])\n"  # env inherited: the request passes on
@@ -69,15 +70,22 @@ def test_die_with_parent_chains_through_grandchildren(tmp_path):
     )
     proc = _python(runner, start_new_session=True)
     try:
-        gpid = int(_wait_for(lambda: pids.is_file() and pids.read_text(), 60, "the grandchild"))
+        gpid = int(_wait_for(lambda: pids.is_file() and pids.read_text(), 120, "the grandchild"))
+        _wait_for(ready.is_file, 120, "the grandchild to call die_with_parent")  # importing grpo_lab takes seconds
         children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
-        time.sleep(1.0)  # the grandchild has called die_with_parent (it starts in well under a second)
         assert _alive(gpid) and len(children) == 1
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         _wait_for(lambda: not _alive(children[0]) and not _alive(gpid), 10, "the child and grandchild to die")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_zombie_parent_counts_as_gone():
+    zombie = _python("pass")
+    _wait_for(lambda: not _alive(zombie.pid), 60, "the child to exit")  # exited, not reaped: a zombie
+    assert not processes._alive(zombie.pid) and processes._alive(os.getpid())
+    zombie.wait()
 
 
 def test_a_child_whose_parent_is_already_gone_exits():
@@ -125,8 +133,9 @@ def test_sigkill_of_the_runner_kills_both_ranks_of_a_ddp_trial(tmp_path):
         ranks = _wait_for(lambda: len(_trial_processes(root)) == 2 and _trial_processes(root), 300, "rank 1 to start")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        # Rank 0 dies at once; rank 1 once it is through its imports (seconds) and reaches die_with_parent.
-        deadline = time.time() + 90
+        # Rank 0 dies at once; rank 1 once it is through its imports (seconds; a minute on a loaded machine) and
+        # reaches die_with_parent. Without it, rank 1 would wait for torch's 30-minute rendezvous timeout.
+        deadline = time.time() + 180
         while time.time() < deadline and any(_alive(p) for p in ranks):
             time.sleep(0.2)
         survivors = [p for p in ranks if _alive(p)]
