@@ -152,10 +152,12 @@ def generate(
 
 
 def sequence_logprobs(
-    model: PreTrainedModel, rollout: Rollout, temperature: float = 1.0, with_entropy: bool = False
+    model: PreTrainedModel, rollout: Rollout, temperature: float = 1.0, with_entropy: bool = False,
+    token_entropy: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-token log π(o_t | q, o_<t) ``[B, T]`` of the rollout's completions (with grad when enabled), at
-    the sampling temperature; and the mean token entropy over the mask if asked.
+    the sampling temperature; and the mean token entropy over the mask if asked (``token_entropy``: the
+    per-token entropy ``[B, T]`` instead, with its graph, for an entropy term in the loss).
 
     With ``rollout.group_size`` G > 1 each prompt is forwarded once and its KV cache shared by its G
     completions (``shared_prompt_forward``); the completions then run in one forward over that cache. The
@@ -185,7 +187,10 @@ def sequence_logprobs(
         logits = logits[:, -(t + 1) : -1, :].float() / temperature  # [B, T, V]: position t predicts token t+1
     logprobs = token_logprobs(logits, rollout.completion_ids)  # [B, T]
     entropy = None
-    if with_entropy:
+    if token_entropy:
+        logp = torch.log_softmax(logits, dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1)  # [B, T]
+    elif with_entropy:
         with torch.no_grad():
             logp = torch.log_softmax(logits, dim=-1)
             ent = -(logp.exp() * logp).sum(-1)  # [B, T]
