@@ -169,7 +169,8 @@ def reward_columns(batch: list[dict], g: int, **rollout: list | int) -> dict[str
     """The keyword columns of a reward call for the G completions of each query of ``batch``: the query's
     columns (not ``prompt`` nor private ``_`` keys) repeated G times, then the rollout's (a list per
     completion, or one value for all)."""
-    columns = {k: [q[k] for q in batch for _ in range(g)] for k in batch[0] if k != "prompt" and not k.startswith("_")}
+    own = [k for k in batch[0] if k != "prompt" and not k.startswith("_") and k not in rollout]
+    columns = {k: [q[k] for q in batch for _ in range(g)] for k in own}
     columns.update({k: v if isinstance(v, list) else [v] * (g * len(batch)) for k, v in rollout.items()})
     return columns
 
