@@ -292,3 +292,41 @@ register_space(Space(
     overrides={"model.advantage": "rloo"},
     probe=None,
 ))
+
+# The field's GRPO variants (README "The variants"), one factor at a time around GRPO (group_norm, token-level
+# clip 0.2, token_mean, beta 0), each arm 6 seeds with the probe on. Two settings are common to every arm so
+# that each variant can act at all: mu = 2 (at mu = 1 the ratio is exactly 1 and GSPO, CISPO and dual-clip have
+# GRPO's gradient) and max_new_tokens = 6 (a 2-token overlong buffer then only reaches completions longer than
+# any correct answer). The probe measures the advantage estimators on the same rollouts (gradient_weighted needs
+# the rollout's log-probabilities, which the probe does not pass, so it is left out of the probe's list).
+FIELD_PROBE_ESTIMATORS = ("reward", "mean_baseline", "group_norm", "rloo", "batch_norm", "batch_whiten", "james_stein")
+OVERLONG = {"model.rewards": ["exact_match", "overlong_penalty"], "model.overlong_buffer": 2}
+FIELD_VARIANTS: dict[str, dict[str, Any]] = {
+    "grpo": {},
+    "gspo": {"model.importance_level": "sequence"},
+    "cispo": {"model.objective": "cispo"},
+    "dual_clip_3": {"model.dual_clip": 3.0},
+    "entropy_0.01": {"model.entropy_coef": 0.01},
+    "top_entropy_0.2": {"model.top_entropy_quantile": 0.2},
+    "kl_loss_0.04": {"model.beta": 0.04},
+    "kl_reward_0.04": {"model.beta": 0.04, "model.kl_in": "reward"},
+    "dr_grpo": {"model.advantage": "mean_baseline"},
+    "rloo": {"model.advantage": "rloo"},
+    "batch_norm": {"model.advantage": "batch_norm"},
+    "batch_whiten": {"model.advantage": "batch_whiten"},
+    "james_stein": {"model.advantage": "james_stein"},
+    "gradient_weighted": {"model.advantage": "gradient_weighted"},
+    "overlong": dict(OVERLONG),
+    "overlong_normalized": {**OVERLONG, "model.reward_aggregation": "normalize_then_sum"},
+    "dynamic_sampling": {"model.dynamic_sampling": True, "model.max_resample_rounds": 3},
+}
+
+register_space(Space(
+    name="field",
+    description="the field's GRPO variants one at a time around GRPO (mu 2, 6 tokens): loss, advantage, reward, sampling",
+    grid={"variant": list(FIELD_VARIANTS), "seed": [0, 1, 2, 3, 4, 5]},
+    presets={"variant": FIELD_VARIANTS},
+    overrides={"model.advantage": "group_norm", "model.num_iterations": 2, "model.max_new_tokens": 6},
+    probe=ProbeSettings(estimators=FIELD_PROBE_ESTIMATORS),
+    baseline={"variant": "grpo"},
+))

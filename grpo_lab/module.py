@@ -165,40 +165,46 @@ class GRPOModule(SampledAccuracy, L.LightningModule):
         )
 
     def reward(self, rollout: Rollout, batch: list[Query], aggregation: str | None = None) -> Tensor:
-        """Rewards ``[P, G]`` of the rollout's completions; reward functions see the query columns and the
-        rollout's (``rewards.ROLLOUT_COLUMNS``). With ``invalid_rewards="drop"`` an invalid value gets its
-        group's mean and leaves the loss. ``aggregation`` overrides ``reward_aggregation``."""
+        """Rewards ``[P, G]`` of the rollout's completions (``aggregation`` overrides ``reward_aggregation``)."""
+        return self.score(rollout, batch, aggregation)[0]
+
+    def score(self, rollout: Rollout, batch: list[Query], aggregation: str | None = None) -> tuple[Tensor, Tensor]:
+        """``(rewards, objective)`` ``[P, G]``: the reward functions combined by ``reward_aggregation`` (what the
+        advantage sees) and by their weighted sum (J's estimate, for the metrics). Reward functions see the query
+        columns and the rollout's (``rewards.ROLLOUT_COLUMNS``). With ``invalid_rewards="drop"`` an invalid
+        value gets its group's mean and leaves the loss."""
         rl, g = self.rl, len(rollout.completions) // len(batch)
         length = torch.where(rollout.truncated, rl.max_new_tokens, rollout.completion_mask.sum(-1))  # incl. EOS
         columns = reward_columns(batch, g, completion_length=length.tolist(), truncated=rollout.truncated.tolist(),
                                  max_new_tokens=rl.max_new_tokens, overlong_buffer=rl.overlong_tokens)
         values = score_each(self.reward_fns, rollout.completions, columns, allow_invalid=rl.invalid_rewards == "drop")
-        r = aggregate_rewards(values.view(len(self.reward_fns), len(batch), g), rl.reward_weights,
-                              aggregation or rl.reward_aggregation).to(self.device)  # [P, G]
-        r, invalid = fill_invalid(r)  # [P, G]; only possible with drop
+        values = values.view(len(self.reward_fns), len(batch), g).to(self.device)  # [K, P, G]
+        aggregation = aggregation or rl.reward_aggregation
+        r, invalid = fill_invalid(aggregate_rewards(values, rl.reward_weights, aggregation))  # [P, G]
+        j = r if aggregation == "weighted_sum" else fill_invalid(aggregate_rewards(values, rl.reward_weights))[0]
         rollout.completion_mask[invalid.flatten()] = 0
         self._invalid_rewards += int(invalid.sum())
-        return r
+        return r, j
 
     def sample(self, batch: list[Query]) -> Sample:
         """rollout -> reward for the data loader's batch; with ``dynamic_sampling`` its zero-spread groups are
         replaced by groups of fresh queries (``sampling.dynamic_sample``)."""
         self._invalid_rewards = 0
-        rollout, rewards = self._rollout_and_reward(batch)
+        rollout, rewards, objective = self._rollout_and_reward(batch)
         if not self.rl.dynamic_sampling:
-            return Sample(batch, rollout, rewards, batch, rewards, sampled_tokens=rollout.num_tokens)
+            return Sample(batch, rollout, rewards, batch, objective, sampled_tokens=rollout.num_tokens)
         if self.stream is None:
             raise RuntimeError("dynamic_sampling draws fresh queries from the training set: fit with a "
                                "QueryDataModule, or set module.stream to a grpo_lab.sampling.QueryStream")
-        return dynamic_sample(batch, rollout, rewards, self._rollout_and_reward, self.stream.draw,
+        return dynamic_sample(batch, rollout, rewards, lambda q: self._rollout_and_reward(q)[:2], self.stream.draw,
                               self.rl.max_resample_rounds, self.tokenizer.pad_token_id,
-                              lambda kept: min_over_processes(kept, self.device))
+                              lambda kept: min_over_processes(kept, self.device), seen_rewards=objective)
 
-    def _rollout_and_reward(self, batch: list[Query]) -> tuple[Rollout, Tensor]:
+    def _rollout_and_reward(self, batch: list[Query]) -> tuple[Rollout, Tensor, Tensor]:
         rollout = self.rollout(batch)  # B = P·G completions, no grad
         if self.rl.mask_truncated:
             rollout.completion_mask[rollout.truncated] = 0
-        return rollout, self.reward(rollout, batch)
+        return rollout, *self.score(rollout, batch)  # rewards and objective [P, G]
 
     def sequence_kl(self, rollout: Rollout) -> Tensor:
         """k1 of each completion to the reference ``[B]``: Σ_t log π_old(o_t) − log π_ref(o_t) (``kl_in="reward"``)."""

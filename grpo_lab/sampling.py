@@ -116,6 +116,7 @@ def dynamic_sample(
     max_rounds: int,
     pad_id: int,
     agree: Callable[[int], int] = lambda kept: kept,
+    seen_rewards: Tensor | None = None,
 ) -> Sample:
     """Drop the zero-spread groups of the first batch (``queries``, its ``rollout`` and ``rewards`` [P, G]) and
     refill from ``draw(n)`` (n fresh queries), ``sample`` giving each refill's rollout and rewards, until P
@@ -124,8 +125,9 @@ def dynamic_sample(
     ``agree(kept)`` returns the number of groups every process keeps (under DDP, the minimum over the ranks,
     so all ranks run the same number of micro-batches); each process keeps that many, the first ones. If no
     group with spread is left anywhere, the step trains on the first batch unchanged (its group-relative
-    advantages are all 0).
+    advantages are all 0). ``seen_rewards``: the first batch's rewards for the metrics (default ``rewards``).
     """
+    seen = rewards if seen_rewards is None else seen_rewards
     target = len(queries)
     parts = [(queries, rollout, rewards)]
     kept = int((~zero_spread(rewards)).sum())
@@ -139,7 +141,7 @@ def dynamic_sample(
     keep_n = agree(min(kept, target))
     dropped = 1.0 - (keep_n or target) / sampled
     if keep_n == 0:
-        return Sample(queries, rollout, rewards, queries, rewards, rounds, dropped, tokens)
+        return Sample(queries, rollout, rewards, queries, seen, rounds, dropped, tokens)
     out_q, out_r, out_w = [], [], []
     for qs, r, rw in parts:
         groups = (~zero_spread(rw)).nonzero().flatten().tolist()[: keep_n - len(out_q)]
@@ -147,4 +149,4 @@ def dynamic_sample(
             out_q += [qs[i] for i in groups]
             out_r.append(take_groups(r, groups))
             out_w.append(rw[groups])
-    return Sample(out_q, cat_rollouts(out_r, pad_id), torch.cat(out_w), queries, rewards, rounds, dropped, tokens)
+    return Sample(out_q, cat_rollouts(out_r, pad_id), torch.cat(out_w), queries, seen, rounds, dropped, tokens)

@@ -245,3 +245,43 @@ def test_kl_in_reward_shapes_the_reward_before_the_advantage_and_leaves_the_loss
     assert "kl" not in seen["stats"]  # no KL term in the loss
     plain, _ = module.loss(sample.rollout, seen["adv"], None)  # the loss is the policy term alone
     torch.testing.assert_close(loss.detach(), plain.detach())
+
+
+def test_normalize_then_sum_feeds_the_advantage_and_the_metrics_keep_the_weighted_sum():
+    from grpo_lab.rewards import aggregate_rewards, exact_match
+
+    torch.manual_seed(0)
+    module = GRPOModule(policy=SMALL, rewards=["exact_match", "tests.test_module:length_reward"], reward_weights=[1.0, 0.5],
+                        reward_aggregation="normalize_then_sum", num_generations=3, temperature=1.5)
+    batch = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+5=", "answer": "7"}]
+    sample = module.sample(batch)
+    texts, answers = sample.rollout.completions, [q["answer"] for q in batch for _ in range(3)]
+    values = torch.tensor([exact_match(texts, answers), length_reward(texts)]).view(2, 2, 3)
+    torch.testing.assert_close(sample.seen_rewards, values[0] + 0.5 * values[1])  # train/reward: J's estimate
+    torch.testing.assert_close(sample.rewards, aggregate_rewards(values, [1.0, 0.5], "normalize_then_sum"))
+
+
+def test_every_setting_is_a_flag_with_help_and_parses_from_the_command_line():
+    import subprocess
+    import sys
+    from dataclasses import fields
+
+    from grpo_lab.cli import cli_main
+    from grpo_lab.config import RLConfig
+    from tests.conftest import ROOT
+
+    out = subprocess.run([sys.executable, "-m", "grpo_lab.cli", "fit", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    for f in fields(RLConfig):
+        assert f"--model.{f.name} " in out, f.name
+    assert "GSPO" in out and "80/20" in out and "DAPO's dynamic sampling" in out
+    cli = cli_main(["--model.importance_level", "sequence", "--model.objective", "cispo", "--model.entropy_coef", "0.1",
+                    "--model.top_entropy_quantile", "0.2", "--model.advantage", "rloo", "--model.advantage_scale", "batch",
+                    "--model.beta", "0.1", "--model.kl_in", "reward", "--model.dynamic_sampling", "true",
+                    "--model.reward_aggregation", "normalize_then_sum", "--model.rewards", "[exact_match, overlong_penalty]",
+                    "--model.overlong_buffer", "2", "--model.policy.hidden_size", "32", "--model.policy.num_heads", "2",
+                    "--trainer.logger", "false"], run=False)
+    rl = cli.model.rl
+    assert (rl.importance_level, rl.objective, rl.entropy_coef, rl.top_entropy_quantile, rl.kl_in) == ("sequence", "cispo", 0.1, 0.2, "reward")
+    assert (cli.model.estimator.center, cli.model.estimator.scale) == ("leave_one_out", "batch")
+    assert rl.dynamic_sampling and rl.rewards == ["exact_match", "overlong_penalty"] and rl.overlong_tokens == 2
