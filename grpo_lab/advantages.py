@@ -321,7 +321,7 @@ def resolve_estimator(advantage: str, center: str | None = None, scale: str | No
     if center is None and scale is None:
         return est
     if est.center is None:
-        raise ValueError(
+        raise UserError(
             f"advantage {advantage!r} is not a center/scale preset, so advantage_center/advantage_scale cannot "
             f"modify it; use one of {', '.join(sorted(PRESETS))}"
         )

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import grad_norm
 
+from grpo_lab.errors import UserError, UserRuntimeError
+
 
 def _numpy_state() -> tuple:
     """numpy's global RNG state as plain Python data (checkpoints load with weights_only=True)."""
@@ -35,7 +37,7 @@ class NonFiniteGuard:
         self.skipped += 1
         self.in_a_row += 1
         if self.in_a_row >= self.max_bad_steps:
-            raise RuntimeError(
+            raise UserRuntimeError(
                 f"{self.in_a_row} steps in a row had a non-finite loss or gradient (last: {why}); stopping. "
                 "Lower the learning rate, check the reward function, or raise model.max_bad_steps"
             )
@@ -83,7 +85,7 @@ class ExactResume(L.Callback):
             return
         ws = pl_module.warm_start_path and Path(pl_module.warm_start_path).name
         if state["warm_start"] != ws:
-            raise ValueError(f"checkpoint was trained from warm start {state['warm_start']!r}, this config gives {ws!r}")
+            raise UserError(f"checkpoint was trained from warm start {state['warm_start']!r}, this config gives {ws!r}")
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         kind, keys, pos, has_gauss, gauss = state["rng"]["numpy"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from grpo_lab.advantages import resolve_estimator
+from grpo_lab.errors import UserError
 from grpo_lab.losses import AGGREGATIONS, IMPORTANCE_LEVELS, KL_ESTIMATORS, OBJECTIVES, check_loss_settings
 from grpo_lab.registry import lookup
 from grpo_lab.rewards import REWARD_AGGREGATIONS
@@ -118,26 +119,26 @@ class RLConfig:
                                      (REWARD_AGGREGATIONS, self.reward_aggregation, "reward aggregation")):
             lookup(registry, name, what)
         if estimator.needs_group and self.num_generations < 2:
-            raise ValueError(
+            raise UserError(
                 f"advantage {self.advantage!r} needs num_generations >= 2 (got {self.num_generations}); or use 'reward'"
             )
         if min(self.num_generations, self.num_iterations, self.max_new_tokens, self.micro_batches) < 1:
-            raise ValueError("num_generations, num_iterations, micro_batches and max_new_tokens must be >= 1")
+            raise UserError("num_generations, num_iterations, micro_batches and max_new_tokens must be >= 1")
         check_loss_settings(self.clip_low, self.clip_high, self.beta, self.dual_clip, self.entropy_coef,
                             self.top_entropy_quantile, self.objective)
         if self.temperature <= 0.0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise UserError(f"temperature must be > 0, got {self.temperature}")
         if self.invalid_rewards not in ("error", "drop"):
-            raise ValueError(f"invalid_rewards must be 'error' or 'drop', got {self.invalid_rewards!r}")
+            raise UserError(f"invalid_rewards must be 'error' or 'drop', got {self.invalid_rewards!r}")
         if self.kl_in not in ("loss", "reward"):
-            raise ValueError(f"kl_in must be 'loss' or 'reward', got {self.kl_in!r}")
+            raise UserError(f"kl_in must be 'loss' or 'reward', got {self.kl_in!r}")
         if self.kl_in == "reward" and self.beta <= 0.0:
-            raise ValueError("kl_in='reward' needs beta > 0 (the KL coefficient of the reward penalty)")
+            raise UserError("kl_in='reward' needs beta > 0 (the KL coefficient of the reward penalty)")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
-            raise ValueError(f"reward_weights has {len(self.reward_weights)} weights for {len(self.rewards)} rewards")
+            raise UserError(f"reward_weights has {len(self.reward_weights)} weights for {len(self.rewards)} rewards")
         if self.max_resample_rounds < 0 or (self.overlong_buffer is not None and
                                             not 1 <= self.overlong_buffer <= self.max_new_tokens):
-            raise ValueError(f"need max_resample_rounds >= 0 and 1 <= overlong_buffer <= max_new_tokens, got "
+            raise UserError(f"need max_resample_rounds >= 0 and 1 <= overlong_buffer <= max_new_tokens, got "
                              f"{self.max_resample_rounds} and {self.overlong_buffer}")
 
     @property

@@ -42,6 +42,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from grpo_lab.errors import UserError
 from grpo_lab.registry import lookup, registrar
 
 KLFn = Callable[[Tensor, Tensor], Tensor]
@@ -256,12 +257,12 @@ def check_loss_settings(clip_low: float, clip_high: float, beta: float, dual_cli
                         entropy_coef: float = 0.0, top_entropy_quantile: float = 1.0, objective: str = "clip") -> None:
     """``ValueError`` naming the first bad loss setting (shared by :func:`policy_loss` and the config)."""
     if not 0.0 <= clip_low < 1.0 or clip_high < 0.0:
-        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got clip_low={clip_low}, clip_high={clip_high}")
+        raise UserError(f"need 0 <= clip_low < 1 and clip_high >= 0, got clip_low={clip_low}, clip_high={clip_high}")
     if beta < 0.0:
-        raise ValueError(f"beta must be >= 0 (KL coefficient), got {beta}")
+        raise UserError(f"beta must be >= 0 (KL coefficient), got {beta}")
     if dual_clip is not None and (dual_clip <= 1.0 or objective != "clip"):
-        raise ValueError(f"dual_clip must be > 1 and needs objective='clip', got {dual_clip} with {objective!r}")
+        raise UserError(f"dual_clip must be > 1 and needs objective='clip', got {dual_clip} with {objective!r}")
     if entropy_coef < 0.0:
-        raise ValueError(f"entropy_coef must be >= 0 (an entropy bonus), got {entropy_coef}")
+        raise UserError(f"entropy_coef must be >= 0 (an entropy bonus), got {entropy_coef}")
     if not 0.0 < top_entropy_quantile <= 1.0:
-        raise ValueError(f"top_entropy_quantile must be in (0, 1], got {top_entropy_quantile}")
+        raise UserError(f"top_entropy_quantile must be in (0, 1], got {top_entropy_quantile}")

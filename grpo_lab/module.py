@@ -42,6 +42,7 @@ from grpo_lab.advantages import compute_advantages, logit_gradient_energy
 from grpo_lab.callbacks import ExactResume, NonFiniteGuard
 from grpo_lab.config import RLConfig
 from grpo_lab.distributed import min_over_processes, sum_over_processes, world_size
+from grpo_lab.errors import UserError, UserRuntimeError
 from grpo_lab.losses import high_entropy_mask, policy_loss, sequence_kl
 from grpo_lab.metrics import step_metrics
 from grpo_lab.policy import PolicyConfig, build_policy
@@ -108,7 +109,7 @@ class GRPOModule(SampledAccuracy, L.LightningModule):
     # ---- set-up -------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         if self.trainer.accumulate_grad_batches > 1:
-            raise ValueError(
+            raise UserError(
                 "trainer.accumulate_grad_batches > 1 would average per-rollout normalized losses; "
                 "use model.micro_batches to accumulate within a rollout batch with its global normalizer"
             )
@@ -194,7 +195,7 @@ class GRPOModule(SampledAccuracy, L.LightningModule):
         if not self.rl.dynamic_sampling:
             return Sample(batch, rollout, rewards, batch, objective, sampled_tokens=rollout.num_tokens)
         if self.stream is None:
-            raise RuntimeError("dynamic_sampling draws fresh queries from the training set: fit with a "
+            raise UserRuntimeError("dynamic_sampling draws fresh queries from the training set: fit with a "
                                "QueryDataModule, or set module.stream to a grpo_lab.sampling.QueryStream")
         return dynamic_sample(batch, rollout, rewards, lambda q: self._rollout_and_reward(q)[:2], self.stream.draw,
                               self.rl.max_resample_rounds, self.tokenizer.pad_token_id,

@@ -161,7 +161,7 @@ def aggregate_rewards(values: torch.Tensor, weights: Sequence[float] | None, agg
     """One reward per completion ``[P, G]`` from each function's values ``[K, P, G]`` (K functions)."""
     w = torch.tensor(list(weights) if weights is not None else [1.0] * values.shape[0], dtype=torch.float32)
     if w.numel() != values.shape[0]:
-        raise ValueError(f"reward_weights has {w.numel()} weights for {values.shape[0]} reward functions")
+        raise UserError(f"reward_weights has {w.numel()} weights for {values.shape[0]} reward functions")
     return lookup(REWARD_AGGREGATIONS, aggregation, "reward aggregation")(values, w)
 
 
