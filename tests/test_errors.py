@@ -145,7 +145,7 @@ CASES = {
                      r"error: reward function 'one_short' returned 15 values for 16 completions$"),
     "reward_raises": (["--model.rewards", "[tests.test_errors:raises]"],
                       r"error: reward function 'raises' raised KeyError: 'missing' \(rerun with --debug"),
-    "clip_low": (["--model.clip_low", "1.0"], r"error: need 0 <= clip_low < 1 and clip_high >= 0, got 1.0, "),
+    "clip_low": (["--model.clip_low", "1.0"], r"error: need 0 <= clip_low < 1 and clip_high >= 0, got clip_low=1.0, "),
     "temperature": (["--model.temperature", "0"], r"error: temperature must be > 0, got 0.0$"),
     "num_heads": (["--model.policy.num_heads", "3"], r"error: num_heads=3 must divide hidden_size=32$"),
     "accumulate": (["--trainer.accumulate_grad_batches", "2"], r"error: trainer.accumulate_grad_batches > 1 .*micro_batches"),
