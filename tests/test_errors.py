@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from ablations.run import main as ablate_main
-from ablations.spaces import Space
+from ablations.spaces import SPACES, Space
 from grpo_lab import cli
 from grpo_lab.data import QueryDataModule
 from grpo_lab.errors import DEBUG_ENV, UserError, UserFileNotFoundError, UserRuntimeError, error_line, run_cli
@@ -238,8 +238,8 @@ def _run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_the_commands_print_one_line_and_exit_2(tmp_path):
     res = _run([str(BIN / "grpo-lab-ablate"), "--space", "nope", "--root", str(tmp_path)], tmp_path)
-    assert (res.returncode, res.stderr) == (2, "error: unknown space 'nope'; known: default, objectives, smoke, "
-                                               "strategies, tune_lr (or give 'module:attribute')\n")
+    known = ", ".join(sorted(SPACES))
+    assert (res.returncode, res.stderr) == (2, f"error: unknown space 'nope'; known: {known} (or give 'module:attribute')\n")
     res = _run([sys.executable, "-m", "grpo_lab.variance", "--ckpt", "missing.ckpt"], tmp_path)
     assert (res.returncode, res.stderr) == (2, "error: --ckpt missing.ckpt: no such checkpoint file\n")
 
