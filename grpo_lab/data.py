@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from grpo_lab.errors import UserError
 from grpo_lab.tasks import TASKS, Query, load_queries
@@ -19,20 +19,34 @@ def _as_list(batch: list[Query]) -> list[Query]:
     return batch
 
 
-class EpochSampler(Sampler[int]):
-    """A seeded permutation per epoch, ``randperm(n, seed, epoch)``, that can start ``skip`` items in."""
+class EpochSampler(DistributedSampler):
+    """A seeded permutation per epoch, ``randperm(n, seed, epoch)``, that can start ``skip`` items in, shared
+    out by global batch: of each ``batch`` consecutive queries process ``rank`` of ``world`` takes the
+    ``rank``-th ``batch / world``, so W processes see together, step by step, the queries one process would.
 
-    def __init__(self, n: int, seed: int, epoch_fn, skip_fn) -> None:
-        self.n, self.seed, self.epoch_fn, self.skip_fn = n, seed, epoch_fn, skip_fn
+    A ``DistributedSampler`` only so that Lightning keeps it under DDP: a plain sampler would be wrapped in a
+    ``DistributedSamplerWrapper``, which reshuffles the order with its own seed (a 1-process DDP run then
+    trained on other queries than the same run without a strategy, and resuming skipped the wrong ones).
+    """
+
+    def __init__(self, n: int, seed: int, epoch_fn, skip_fn, batch: int = 1, rank: int = 0, world: int = 1) -> None:
+        if batch % world:
+            raise ValueError(f"batch={batch} is not divisible across {world} processes")
+        super().__init__(range(n), num_replicas=world, rank=rank, shuffle=False, seed=seed)
+        self.n, self.seed, self.epoch_fn, self.skip_fn, self.batch = n, seed, epoch_fn, skip_fn, batch
 
     def __len__(self) -> int:
-        return self.n
+        return self.n if self.num_replicas == 1 else self.n // self.batch * (self.batch // self.num_replicas)
 
     def __iter__(self):
         epoch = self.epoch_fn()
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.n, generator=gen).tolist()
-        return iter(order[self.skip_fn(epoch) :])
+        order = torch.randperm(self.n, generator=gen).tolist()[self.skip_fn(epoch) :]
+        if self.num_replicas == 1:
+            return iter(order)
+        per = self.batch // self.num_replicas  # this process's share of each global batch
+        lo = self.rank * per
+        return iter([i for k in range(0, len(order) - self.batch + 1, self.batch) for i in order[k + lo : k + lo + per]])
 
 
 class QueryDataModule(L.LightningDataModule):
@@ -97,10 +111,14 @@ class QueryDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Seeded shuffling: the same seed gives the same query order in every trial.
-        sampler = EpochSampler(len(self.train_set), self.hparams.seed, self._epoch, self._skip)
+        per = self.per_process_prompts()
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        world = self.trainer.world_size if self.trainer is not None else 1
+        sampler = EpochSampler(len(self.train_set), self.hparams.seed, self._epoch, self._skip,
+                               batch=self.hparams.prompts_per_step, rank=rank, world=world)
         return DataLoader(
             self.train_set,
-            batch_size=self.per_process_prompts(),
+            batch_size=per,
             sampler=sampler,
             collate_fn=_as_list,
             drop_last=True,
