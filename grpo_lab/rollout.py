@@ -7,6 +7,7 @@ Shapes: P prompts, G completions each, B = P·G sequences (a query's G completio
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,9 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpo_lab.errors import UserError
+
+log = logging.getLogger(__name__)
+_UNSHARED: set[str] = set()  # model classes whose cache cannot be repeated (logged once each)
 
 
 @dataclass
@@ -85,6 +89,11 @@ def shared_prompt_forward(model: PreTrainedModel, ids: Tensor, mask: Tensor, gro
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True, **_keep_last(model, 1))
     cache = out[_cache_keyword(model)]
     if not hasattr(cache, "batch_repeat_interleave"):
+        name = type(model).__name__
+        if name not in _UNSHARED:
+            _UNSHARED.add(name)
+            log.warning("%s returns a %s KV cache, which cannot be repeated per group: each completion's prompt "
+                        "is forwarded again (same result, more compute)", name, type(cache).__name__)
         return None
     if group > 1:
         cache.batch_repeat_interleave(group)
