@@ -47,7 +47,8 @@ def arithmetic_easy(n: int, seed: int) -> list[Query]:
 
 
 def load_jsonl(path: str | Path) -> list[Query]:
-    """One JSON object per line with a string ``prompt`` and any other columns; blank lines are skipped.
+    """One JSON object per line with a string ``prompt`` (or, GSM8K's layout, ``question``, which then is the
+    prompt) and any other columns; blank lines are skipped.
     Errors name the file and the line. Plain ``json`` parsing only: no dataset text is ever evaluated."""
     path = Path(path)
     if not path.is_file():
@@ -63,8 +64,10 @@ def load_jsonl(path: str | Path) -> list[Query]:
                 raise UserError(f"{path}:{lineno}: invalid JSON ({err.msg}); each line must be one JSON object") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            if "prompt" not in row and isinstance(row.get("question"), str):  # GSM8K's layout
+                row["prompt"] = row["question"]
             if not isinstance(row.get("prompt"), str) or not row["prompt"]:
-                raise UserError(f"{path}:{lineno}: missing a non-empty string field 'prompt'")
+                raise UserError(f"{path}:{lineno}: missing a non-empty string field 'prompt' (or 'question')")
             row["_line"] = lineno
             rows.append(row)
     if not rows:
