@@ -3,6 +3,10 @@
 The training order is a function of (seed, epoch) only, and the module remembers how many batches of the
 current epoch were used: a checkpoint stores that position (``state_dict``) and a resumed run continues
 with the next unseen batch, so an interrupted run sees exactly the queries an uninterrupted one would.
+
+With ``chat_template`` each prompt becomes one user message in the policy tokenizer's own chat template. The
+DataModule does not own the tokenizer: ``setup`` takes it from the Trainer's LightningModule (``.tokenizer``),
+which Lightning builds before any ``setup`` runs, so prompts are templated once, on every process alike.
 """
 
 from __future__ import annotations
@@ -13,10 +17,17 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from grpo_lab.errors import UserError
 from grpo_lab.tasks import TASKS, Query, load_queries
+from grpo_lab.tokenizer import PreTrainedTokenizerBase, chat_prompt
 
 
 def _as_list(batch: list[Query]) -> list[Query]:
     return batch
+
+
+def chat_queries(queries: list[Query], tokenizer: PreTrainedTokenizerBase) -> list[Query]:
+    """The queries with each ``prompt`` wrapped by ``tokenizer``'s chat template as one user message (the
+    other columns unchanged, the raw prompt kept as ``_raw_prompt``, hidden from reward functions)."""
+    return [{**q, "prompt": chat_prompt(tokenizer, q["prompt"]), "_raw_prompt": q["prompt"]} for q in queries]
 
 
 class EpochSampler(DistributedSampler):
@@ -58,6 +69,7 @@ class QueryDataModule(L.LightningDataModule):
         num_val: int = 128,
         val_batch_size: int = 64,
         seed: int = 0,
+        chat_template: bool = False,
     ) -> None:
         """Queries for GRPO.
 
@@ -71,6 +83,9 @@ class QueryDataModule(L.LightningDataModule):
                 up this many of its lines, chosen with ``seed``).
             val_batch_size: queries per validation batch.
             seed: seed of the data (built-in generation, JSONL split, and the shuffling order).
+            chat_template: wrap each prompt as a user message with the policy tokenizer's own chat template
+                (``apply_chat_template(..., add_generation_prompt=True)``); an error if it has none. Set
+                ``model.warm_start.chat_template`` the same, so the warm start trains on the same prompts.
         """
         super().__init__()
         if prompts_per_step < 1:
@@ -99,6 +114,20 @@ class QueryDataModule(L.LightningDataModule):
                 f"dataset {h.dataset!r} has {len(self.train_set)} training queries, fewer than "
                 f"prompts_per_step={h.prompts_per_step}"
             )
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        ws = getattr(module, "warm_start_cfg", None)
+        if ws is not None and ws.steps > 0 and bool(getattr(ws, "chat_template", False)) != h.chat_template:
+            raise ValueError(
+                f"data.chat_template is {str(h.chat_template).lower()} but model.warm_start.chat_template is "
+                f"{str(not h.chat_template).lower()}: the warm start would train on prompts the RL run never sees; "
+                "set both the same"
+            )
+        if h.chat_template:
+            tok = getattr(module, "tokenizer", None)
+            if tok is None:
+                raise ValueError("data.chat_template needs the policy's tokenizer: attach the DataModule to a "
+                                 "Trainer fitting a GRPOModule")
+            self.train_set, self.val_set = chat_queries(self.train_set, tok), chat_queries(self.val_set, tok)
 
     def per_process_prompts(self) -> int:
         world = self.trainer.world_size if self.trainer is not None else 1

@@ -92,3 +92,52 @@ def test_lightning_keeps_the_sampler_under_ddp(tmp_path):
                             limit_val_batches=0, callbacks=[rec], default_root_dir=tmp_path)
         trainer.fit(Tiny(), datamodule=QueryDataModule(prompts_per_step=4, num_train=64, num_val=4, seed=1))
     assert seen["auto"] == seen["ddp"] and len(seen["auto"]) == 2
+
+
+def _chat_trainer(tmp_path, template=True, ws_chat=False, ws_steps=0):
+    from grpo_lab.tokenizer import build_bpe_tokenizer, load_tokenizer
+    from grpo_lab.warmstart import WarmStartConfig
+
+    tok = build_bpe_tokenizer(["What is 1+2?", "#### 3"], 280, chat_template=None if not template else
+                              "{% for m in messages %}<|im_start|>{{ m['role'] }}:{{ m['content'] }}<|im_end|>{% endfor %}"
+                              "{% if add_generation_prompt %}<|im_start|>assistant:{% endif %}")
+    tok.save_pretrained(tmp_path / "tok")
+    module = SimpleNamespace(tokenizer=load_tokenizer(tmp_path / "tok"),
+                             warm_start_cfg=WarmStartConfig(steps=ws_steps, chat_template=ws_chat))
+    return SimpleNamespace(lightning_module=module, world_size=1, global_rank=0)
+
+
+def _jsonl(tmp_path):
+    p = tmp_path / "q.jsonl"
+    p.write_text("".join(f'{{"question": "What is {i}+1?", "answer": "#### {i + 1}"}}\n' for i in range(20)))
+    return str(p)
+
+
+def test_chat_template_wraps_prompts_with_the_policy_tokenizer(tmp_path):
+    dm = QueryDataModule(dataset=_jsonl(tmp_path), prompts_per_step=2, num_val=4, chat_template=True)
+    dm.trainer = _chat_trainer(tmp_path)
+    dm.setup("fit")
+    for q in dm.train_set + dm.val_set:
+        assert q["prompt"] == f"<|im_start|>user:{q['question']}<|im_end|><|im_start|>assistant:"
+        assert q["_raw_prompt"] == q["question"]  # kept, hidden from rewards (leading underscore)
+    plain = QueryDataModule(dataset=_jsonl(tmp_path), prompts_per_step=2, num_val=4)
+    plain.setup("fit")
+    assert [q["_raw_prompt"] for q in dm.train_set] == [q["prompt"] for q in plain.train_set]  # same split
+
+
+def test_chat_template_errors(tmp_path):
+    dm = QueryDataModule(dataset=_jsonl(tmp_path), prompts_per_step=2, chat_template=True)
+    with pytest.raises(ValueError, match="needs the policy's tokenizer"):
+        dm.setup("fit")
+    dm = QueryDataModule(dataset=_jsonl(tmp_path), prompts_per_step=2, chat_template=True)
+    dm.trainer = _chat_trainer(tmp_path, template=False)
+    with pytest.raises(ValueError, match=f"tokenizer in {tmp_path / 'tok'} has no chat template"):
+        dm.setup("fit")
+    for data_chat, ws_chat in ((True, False), (False, True)):  # the warm start must see the same prompts
+        dm = QueryDataModule(dataset=_jsonl(tmp_path), prompts_per_step=2, chat_template=data_chat)
+        dm.trainer = _chat_trainer(tmp_path, ws_chat=ws_chat, ws_steps=5)
+        with pytest.raises(ValueError, match="model.warm_start.chat_template is"):
+            dm.setup("fit")
+    dm = QueryDataModule(dataset=_jsonl(tmp_path), prompts_per_step=2, chat_template=True)
+    dm.trainer = _chat_trainer(tmp_path, ws_chat=False, ws_steps=0)  # no warm start: nothing to agree with
+    dm.setup("fit")
