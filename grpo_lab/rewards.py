@@ -196,3 +196,6 @@ def score(
     With ``allow_invalid`` a NaN/inf/non-number value becomes NaN in the result instead of an error."""
     values = score_each(fns, completions, columns, allow_invalid)  # [K, B]
     return aggregate_rewards(values.unsqueeze(1), weights).squeeze(0)
+
+
+from grpo_lab import math_rewards  # noqa: E402,F401  (registers math_verify and format)

@@ -10,9 +10,25 @@ from tests.conftest import CONFIGS, ROOT
 SHIPPED = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 
 
+def _local_model_args(name: str, tmp_path) -> list[str]:
+    """A config that points at a locally built model directory (configs/math_sample.yaml): build a small one
+    with the builder its comment names, from the config's dataset, so the test holds in a fresh clone."""
+    import yaml
+
+    from grpo_lab.build_model import ModelSpec, build_model, corpus_texts
+
+    cfg = yaml.safe_load((CONFIGS / name).read_text()) or {}
+    pretrained = ((cfg.get("model") or {}).get("policy") or {}).get("pretrained")
+    if pretrained is None:
+        return []
+    out = build_model(ModelSpec(arch="qwen2", hidden_size=16, num_layers=1, num_heads=2, vocab_size=300),
+                      corpus_texts(ROOT / cfg["data"]["dataset"]), tmp_path / "model")
+    return ["--model.policy.pretrained", str(out)]
+
+
 @pytest.mark.parametrize("name", SHIPPED)
-def test_every_shipped_yaml_loads(name):
-    cli = cli_main(["--config", str(CONFIGS / name)], run=False)
+def test_every_shipped_yaml_loads(name, tmp_path):
+    cli = cli_main(["--config", str(CONFIGS / name), *_local_model_args(name, tmp_path)], run=False)
     assert cli.model.hparams.advantage and cli.datamodule.hparams.prompts_per_step >= 1
 
 
