@@ -177,12 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="the same steps on CPU at tiny sizes (a test runs this)")
     p.add_argument("--out", type=Path, default=None,
                    help="results JSON (default: bench/gpu_results.json; with --dry-run a temporary path)")
-    p.add_argument("--workdir", type=Path, default=None, help="logs, stats and checkpoints (default: a temp dir)")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="logs, stats and checkpoints (default: runs/gpu_check, or a temp dir with --dry-run)")
     p.add_argument("--skip", default="", help="comma-separated steps to leave out: wheels, fit, ddp, fsdp, bench, probe")
     args = p.parse_args(argv)
     plan = DRY if args.dry_run or os.environ.get("GPU_CHECK_DRY_RUN") == "1" else REAL
     dry = plan is DRY
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    work = args.workdir or (Path(tempfile.mkdtemp(prefix="gpu_check_")) if dry else ROOT / "runs" / "gpu_check")
     work.mkdir(parents=True, exist_ok=True)
     out = args.out or (work / "gpu_results.json" if dry else ROOT / "bench" / "gpu_results.json")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -207,8 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     def fit(name: str, strategy: str, steps: int, checkpoint: bool) -> dict:
         cfg = work / f"{name}.yaml"
         cfg.write_text(json.dumps(fit_config(plan, work, name, strategy, steps, checkpoint), indent=1))
-        rec = run_step([sys.executable, "-m", "grpo_lab.cli", "fit", "--config", str(cfg)], work / f"{name}.log",
-                       limit(name), env)
+        cmd = [sys.executable, "-m", "grpo_lab.cli", "fit", "--config", str(cfg)]
+        rec = run_step(cmd, work / f"{name}.log", limit(name), env)
+        if not rec["ok"] and "EADDRINUSE" in "\n".join(rec.get("log_tail", [])):  # a port taken between pick and bind
+            rec = {**run_step(cmd, work / f"{name}.log", limit(name), env), "retried": "EADDRINUSE"}
         return {**rec, **fit_summary(work / f"{name}.stats.json")}
 
     if "fit" not in skip:

@@ -52,6 +52,7 @@ def gold_text(answer: object) -> str:
 def _math_verify():
     try:
         import math_verify
+        import math_verify.errors  # noqa: F401  (TimeoutException, caught below)
     except ModuleNotFoundError as err:
         raise ModuleNotFoundError("the math_verify reward needs the math-verify package: pip install -e '.[math]'") from err
     return math_verify
