@@ -33,6 +33,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from grpo_lab.errors import UserError, UserFileNotFoundError, run_cli
 from grpo_lab.policy import save_policy
 from grpo_lab.tokenizer import CHATML_TEMPLATE, build_bpe_tokenizer
 
@@ -62,12 +63,12 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
-            raise ValueError(f"unknown arch {self.arch!r}; known: {', '.join(ARCHS)}")
+            raise UserError(f"unknown arch {self.arch!r}; known: {', '.join(ARCHS)}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
+            raise UserError(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
         kv = self.kv_heads()
         if self.num_heads % kv:
-            raise ValueError(f"num_kv_heads={kv} must divide num_heads={self.num_heads}")
+            raise UserError(f"num_kv_heads={kv} must divide num_heads={self.num_heads}")
 
     def kv_heads(self) -> int:
         return self.num_kv_heads or max(1, self.num_heads // 2)
@@ -78,7 +79,7 @@ def corpus_texts(path: str | Path) -> list[str]:
     lines of any other text file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"corpus {path} does not exist")
+        raise UserFileNotFoundError(f"corpus {path} does not exist")
     lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if path.suffix != ".jsonl":
         return lines
@@ -87,7 +88,7 @@ def corpus_texts(path: str | Path) -> list[str]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{i}: invalid JSON ({err.msg})") from None
+            raise UserError(f"{path}:{i}: invalid JSON ({err.msg})") from None
         texts.extend(v for v in (row.values() if isinstance(row, dict) else []) if isinstance(v, str))
     return texts
 
@@ -111,7 +112,7 @@ def build_model(spec: ModelSpec, texts: list[str], out: str | Path) -> Path:
     """Train the BPE tokenizer on ``texts``, build ``spec``'s model with seeded random weights, save both to
     ``out`` (atomically) with a ``build.json`` of the spec; returns ``out``."""
     if not texts:
-        raise ValueError("the tokenizer corpus is empty")
+        raise UserError("the tokenizer corpus is empty")
     family = "gpt2" if spec.arch == "gpt2" else "chatml"
     tok = build_bpe_tokenizer(texts, spec.vocab_size, family=family,
                               chat_template=None if family == "gpt2" else CHATML_TEMPLATE)
@@ -147,14 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     if (out / "config.json").is_file() and not args.force:
         print(f"{out} exists (use --force to rebuild)")
         return 0
-    try:
-        spec = ModelSpec(arch=args.arch, hidden_size=args.hidden_size, num_layers=args.num_layers,
-                         num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, vocab_size=args.vocab_size,
-                         max_positions=args.max_positions, seed=args.seed)
-        texts = corpus_texts(args.corpus)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    spec = ModelSpec(arch=args.arch, hidden_size=args.hidden_size, num_layers=args.num_layers,
+                     num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, vocab_size=args.vocab_size,
+                     max_positions=args.max_positions, seed=args.seed)
+    texts = corpus_texts(args.corpus)
     if out.exists() and args.force:
         shutil.rmtree(out)
     build_model(spec, texts, out)
@@ -164,4 +161,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -117,7 +117,7 @@ class QueryDataModule(L.LightningDataModule):
         module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
         ws = getattr(module, "warm_start_cfg", None)
         if ws is not None and ws.steps > 0 and bool(getattr(ws, "chat_template", False)) != h.chat_template:
-            raise ValueError(
+            raise UserError(
                 f"data.chat_template is {str(h.chat_template).lower()} but model.warm_start.chat_template is "
                 f"{str(not h.chat_template).lower()}: the warm start would train on prompts the RL run never sees; "
                 "set both the same"
@@ -125,7 +125,7 @@ class QueryDataModule(L.LightningDataModule):
         if h.chat_template:
             tok = getattr(module, "tokenizer", None)
             if tok is None:
-                raise ValueError("data.chat_template needs the policy's tokenizer: attach the DataModule to a "
+                raise UserError("data.chat_template needs the policy's tokenizer: attach the DataModule to a "
                                  "Trainer fitting a GRPOModule")
             self.train_set, self.val_set = chat_queries(self.train_set, tok), chat_queries(self.val_set, tok)
 

@@ -60,7 +60,7 @@ def build_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512, family: str
     for none) is saved with the tokenizer; the default is ChatML, whose markers are ``chatml``'s specials.
     """
     if family not in BPE_FAMILIES:
-        raise ValueError(f"unknown BPE family {family!r}; known: {', '.join(BPE_FAMILIES)}")
+        raise UserError(f"unknown BPE family {family!r}; known: {', '.join(BPE_FAMILIES)}")
     spec = BPE_FAMILIES[family]
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -94,7 +94,7 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     if not getattr(tokenizer, "chat_template", None):
         where = getattr(tokenizer, "name_or_path", "") or ""
         what = f"the tokenizer in {where}" if where else "the built-in character tokenizer"
-        raise ValueError(f"chat_template is set but {what} has no chat template; set it to false or use a "
+        raise UserError(f"chat_template is set but {what} has no chat template; set it to false or use a "
                          "model directory whose tokenizer has one")
     messages = [{"role": "user", "content": prompt}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
