@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install test test-fast lint smoke tiny warmstart tensorboard ablate ablate-smoke bench clean
+.PHONY: install test test-fast lint smoke tiny warmstart tensorboard ablate ablate-smoke bench gpu-wheels gpu-check-dry math-sample clean
 
 install: $(BIN)/grpo-lab ## create .venv, torch (CPU file on disk) first, then the project with [dev]
 
@@ -50,6 +50,22 @@ ablate-smoke: install
 bench: install
 	$(PYTHON) -m pip install -q -e '.[bench]'
 	$(PYTHON) bench/run.py
+
+# The GPU machine of bench/gpu_check.sh has torch, lightning, transformers, tensorboard and torchmetrics and no
+# network: this downloads the rest (bench/gpu_requirements.txt and its dependencies, never torch or CUDA
+# libraries) as wheels for its Python and platform into bench/wheels/, which travels with the script.
+GPU_PY       ?= 3.11
+GPU_PLATFORM ?= manylinux_2_28_x86_64
+GPU_HAVE     ?=
+gpu-wheels: install ## wheels for bench/gpu_check.sh's offline GPU machine -> bench/wheels/ (GPU_HAVE="pyarrow pandas" if it has them)
+	$(PYTHON) bench/gpu_wheels.py --python-version $(GPU_PY) --platform $(GPU_PLATFORM) --out bench/wheels $(if $(GPU_HAVE),--have $(GPU_HAVE))
+
+gpu-check-dry: install ## bench/gpu_check.sh's steps on CPU at tiny sizes (JSON to a temp dir)
+	PYTHON=$(PYTHON) bash bench/gpu_check.sh --dry-run
+
+math-sample: install ## build the local Qwen2-architecture model and run configs/math_sample.yaml (wiring, not learning)
+	$(PYTHON) -m grpo_lab.build_model --arch qwen2 --out runs/models/qwen2-math --corpus examples/math_sample.jsonl
+	$(BIN)/grpo-lab fit --config configs/math_sample.yaml
 
 clean:
 	rm -rf runs .pytest_cache

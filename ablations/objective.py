@@ -8,16 +8,18 @@ For trial N of study S the objective
    it would have been failed by ``fail_stale_trials``). Ties are broken by (start time, number), so of two
    trials racing for one grid point exactly one goes on. The report therefore sees one COMPLETE trial per
    grid point, however often the study is resumed or however many workers share it;
-3. writes ``runs/ablate/S/N/trial.yaml``: the space's overrides for these params, TensorBoard to
-   ``runs/ablate/S/N/``, no progress bar or checkpoints, and the gradient-variance probe as the only
-   callback;
-4. runs ``python -m grpo_lab.cli fit --config <space base config> --config runs/ablate/S/N/trial.yaml``
+3. writes ``runs/ablate/S/<params>/trial_N/trial.yaml`` (``<params>`` = ``advantage=rloo/seed=0``, see
+   ``ablations/tensorboard_runs.py``): the space's overrides for these params, TensorBoard to that directory
+   (without Lightning's constant ``hp_metric``), no progress bar or checkpoints, and the gradient-variance
+   probe as the only callback;
+4. runs ``python -m grpo_lab.cli fit --config <space base config> --config .../trial_N/trial.yaml``
    (stored as the trial's ``command`` user attr, to rerun by hand from the same directory), with
    ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` set to the runner's threads per worker, output to ``fit.log``
-   and, on Linux, ``PR_SET_PDEATHSIG`` so the fit dies with the thread that waits on it (a SIGKILLed
-   runner leaves no orphan fits behind);
+   and, on Linux, ``PR_SET_PDEATHSIG`` (``grpo_lab.processes``) so the fit, and every process it starts
+   (a DDP trial's second rank), dies with the runner: a SIGKILLed runner leaves no orphans behind;
 5. reads the scalars back and returns the AUC of the reward curve (the mean ``train/reward`` over
-   training: the normalised area under the curve, which rewards learning early as well as learning much).
+   training: the normalised area under the curve, which rewards learning early as well as learning much);
+   a COMPLETE trial also writes its params and final metrics as an HParams row into its TensorBoard run.
 
 User attrs of a COMPLETE trial (what ``report.py`` reads):
 
@@ -38,12 +40,10 @@ and raises ``TrialPruned``. Grid spaces are never pruned: every grid point is a 
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -56,9 +56,12 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
+from ablations import tensorboard_runs
 from ablations.pruning import pruned_at
 from ablations.spaces import Space
+from grpo_lab.errors import UserError, UserFileNotFoundError
 from grpo_lab.logs import read_scalars
+from grpo_lab.processes import child_env, parent_death_preexec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CURVE_PREFIXES = ("train/reward", "val/acc_sampled", "val/acc_greedy")
@@ -80,7 +83,7 @@ def nest(dotted: dict[str, Any]) -> dict[str, Any]:
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ValueError(f"config key {key!r} conflicts with a value set for {p!r}")
+                raise UserError(f"config key {key!r} conflicts with a value set for {p!r}")
         node[leaf] = value
     return out
 
@@ -92,7 +95,7 @@ def resolve_config(path: str | Path) -> str:
         return str(p)
     if not p.is_absolute() and (REPO_ROOT / p).is_file():
         return str(REPO_ROOT / p)
-    raise FileNotFoundError(f"config {path!r} not found in {Path.cwd()} nor in {REPO_ROOT}")
+    raise UserFileNotFoundError(f"config {path!r} not found in {Path.cwd()} nor in {REPO_ROOT}")
 
 
 def trial_overlay(space: Space, params: dict[str, Any], trial_dir: Path, root: Path, probe: bool = True,
@@ -104,7 +107,8 @@ def trial_overlay(space: Space, params: dict[str, Any], trial_dir: Path, root: P
     cfg = nest(dotted)
     trainer = cfg.setdefault("trainer", {})
     trainer.update(enable_progress_bar=False, enable_checkpointing=False)
-    trainer["logger"] = {"class_path": TENSORBOARD, "init_args": {"save_dir": str(trial_dir), "name": "", "version": ""}}
+    trainer["logger"] = {"class_path": TENSORBOARD, "init_args": {"save_dir": str(trial_dir), "name": "", "version": "",
+                                                                  "default_hp_metric": False}}
     callbacks = []
     if probe and space.probe is not None:
         seed = int(dotted.get("seed_everything", params.get("seed", 0)))  # with the arm's seed_offset
@@ -116,10 +120,10 @@ def trial_overlay(space: Space, params: dict[str, Any], trial_dir: Path, root: P
     return cfg
 
 
-def write_overlay(cfg: dict, path: Path) -> Path:
+def write_overlay(cfg: dict, path: Path, note: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("# written by ablations/objective.py: one trial's overrides on its space's base config\n"
-                    + yaml.safe_dump(cfg, sort_keys=False))
+                    + (f"# {note}\n" if note else "") + yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
@@ -129,33 +133,17 @@ def grpo_command(sub: str, base_config: str, overlay: Path) -> list[str]:
 
 
 # ---- running a fit -------------------------------------------------------------------------------------
-def _libc_prctl():
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # not Linux
-        return None
-
-
-_PRCTL = _libc_prctl() if sys.platform.startswith("linux") else None  # resolved here, not in the forked child
-
-
-def _die_with_parent() -> None:
-    """In the child between fork and exec: SIGKILL me when the thread that started me dies."""
-    parent = os.getppid()
-    _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
 def launch(cmd: list[str], log_path: Path, threads: int, cwd: str | Path | None = None) -> subprocess.Popen:
-    """Start ``cmd`` with its output in ``log_path`` and ``threads`` BLAS/OpenMP threads."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+    """Start ``cmd`` with its output in ``log_path`` and ``threads`` BLAS/OpenMP threads, tied to this
+    process's life (``grpo_lab.processes``): it, and every process it starts that calls ``die_with_parent``
+    (any grpo_lab entry point, e.g. a DDP fit's second rank), is SIGKILLed when the runner dies."""
+    env = {**child_env(), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         return subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd,
-            preexec_fn=_die_with_parent if _PRCTL is not None else None,
+            preexec_fn=parent_death_preexec(),
         )
 
 
@@ -293,13 +281,13 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         params = self.space.suggest(trial)
         check_duplicate(trial, params)
-        trial_dir = self.study_dir / str(trial.number)
+        trial_dir = tensorboard_runs.trial_dir(self.study_dir, self.space, params, trial.number)
         if trial_dir.exists():  # left over from a deleted study of the same name
             shutil.rmtree(trial_dir)
         pruning = None if self.storage_url is None else {
             "storage": self.storage_url, "study_name": trial.study.study_name, "trial_number": trial.number}
         overlay = write_overlay(trial_overlay(self.space, params, trial_dir, self.root, self.probe, pruning),
-                                trial_dir / "trial.yaml")
+                                trial_dir / "trial.yaml", f"trial {trial.number} of study {trial.study.study_name!r}: {params}")
         cmd = grpo_command("fit", self.base_config, overlay)
         trial.set_user_attr("overrides", self.space.trial_overrides(params))
         trial.set_user_attr("command", shlex.join(cmd))
@@ -314,4 +302,6 @@ class Objective:
         step = pruned_at(trial) if pruning is not None else None
         if step is not None:
             raise optuna.TrialPruned(f"pruned at step {step} ({self.space.prune_monitor})")
+        probed = self.probe and self.space.probe is not None
+        tensorboard_runs.write_hparams(trial_dir, self.space, params, metrics, probed, step=metrics["last_step"])
         return metrics["auc"]

@@ -28,6 +28,7 @@ from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from ablations.spaces import DEFAULT_PRUNER
+from grpo_lab.errors import UserError
 
 PRUNED_AT = "grpo_lab:pruned_at_step"
 
@@ -39,7 +40,7 @@ def make_pruner(spec: dict[str, Any] | None) -> optuna.pruners.BasePruner:
     module, _, name = spec["class_path"].rpartition(".")
     cls = getattr(importlib.import_module(module), name, None)
     if not (isinstance(cls, type) and issubclass(cls, optuna.pruners.BasePruner)):
-        raise ValueError(f"pruner {spec['class_path']!r} is not an optuna.pruners.BasePruner subclass")
+        raise UserError(f"pruner {spec['class_path']!r} is not an optuna.pruners.BasePruner subclass")
     return cls(**spec.get("init_args", {}))
 
 

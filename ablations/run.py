@@ -10,7 +10,8 @@ Layout (``--root`` defaults to ``runs``)::
 
     runs/ablate/<study>.db                 the SQLite study (unless --storage names another database)
     runs/ablate/<study>/warmstart.log      the warm start built once before the trials
-    runs/ablate/<study>/<trial>/           trial.yaml, fit.log, TensorBoard events, probe.json
+    runs/ablate/<study>/<params>/trial_N/  trial.yaml, fit.log, TensorBoard events, probe.json; <params> is
+                                           e.g. advantage=rloo/seed=0 (the run's name in TensorBoard)
     runs/ablate/<study>/report.md, *.png   the report and summary.json (ablations/report.py, summary.py)
     runs/probe_cache/                      probe points computed once per policy (the warm start, per seed)
 
@@ -38,10 +39,10 @@ and the subprocess boundary gives each fit its own torch thread pool (``OMP_NUM_
 worker) and a crash that cannot take the runner down. Worker processes would add nothing but start-up.
 For several machines, start one runner per machine on a shared ``postgresql://`` storage.
 
-Caveats: ``PR_SET_PDEATHSIG`` fires when the *thread* that started a fit exits, which here is the thread
-waiting on it, so it only ever fires when the runner dies. A DDP trial (``strategies`` space) starts its
-second rank itself; that rank is not covered by the runner's death signal. DDP trials get the same
-``OMP_NUM_THREADS`` per process, so run that space with ``--n-jobs 1``.
+Every process a trial starts dies with the runner, a DDP trial's second rank included
+(``grpo_lab.processes``: each fit, and each process it starts, is SIGKILLed by the kernel when its parent
+dies). DDP trials get the same ``OMP_NUM_THREADS`` per process, so run the ``strategies`` space with
+``--n-jobs 1``.
 """
 
 from __future__ import annotations
@@ -51,13 +52,13 @@ import importlib.util
 import logging
 import os
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 import sqlalchemy.exc
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
@@ -75,6 +76,7 @@ from ablations.progress import StudyProgress, _key, console, point_status  # noq
 from ablations.pruning import make_pruner
 from ablations.spaces import SPACES, Space, get_space
 from ablations.summary import DEFAULT_MIN_EFFECT, add_wall_time, min_effects
+from grpo_lab.errors import UserError, run_cli
 
 log = logging.getLogger("ablations")
 
@@ -105,25 +107,11 @@ def normalize_url(url: str) -> str:
     return url
 
 
-class SerialPopRDBStorage(RDBStorage):
-    """``RDBStorage`` whose WAITING -> RUNNING claims are serialized between the threads of one process.
-
-    Optuna claims an enqueued trial by reading its state and setting RUNNING in one session, relying on
-    ``SELECT ... FOR UPDATE``, which SQLite ignores: two ``n_jobs`` threads that pop at the same moment
-    can both claim one trial, and the second then fails with "Cannot tell a COMPLETE trial" (seen with
-    fast trials). Claims from other processes still need a server database (PostgreSQL)."""
-
-    _claims = threading.Lock()
-
-    def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
-        if state != TrialState.RUNNING:
-            return super().set_trial_state_values(trial_id, state, values)
-        with self._claims:
-            return super().set_trial_state_values(trial_id, state, values)
-
-
 def make_storage(url: str, grace_period: int = 30) -> RDBStorage:
     """``RDBStorage`` with heartbeats (a dead runner's trials go stale) and retries of stale trials.
+
+    SQLite: every transaction starts with ``BEGIN IMMEDIATE`` (:func:`serialize_sqlite_transactions`), so two
+    workers can never both take the same WAITING trial (see there). PostgreSQL's row locks already prevent it.
 
     ``RetryHeartbeatStaleTrialCallback`` is Optuna >= 4.9's name for ``RetryFailedTrialCallback`` (and
     ``heartbeat_stale_trial_callback`` for ``failed_trial_callback``); older Optuna gets the old names.
@@ -132,7 +120,8 @@ def make_storage(url: str, grace_period: int = 30) -> RDBStorage:
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs = {"connect_args": {"timeout": 60}}  # threads and heartbeats write concurrently
+        # threads and heartbeats write concurrently; isolation_level None: we issue BEGIN ourselves
+        engine_kwargs = {"connect_args": {"timeout": 60, "isolation_level": None}}
     if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
         retry = {"heartbeat_stale_trial_callback": _quietly(optuna.storages.RetryHeartbeatStaleTrialCallback, max_retry=2)}
     else:  # pragma: no cover - Optuna < 4.9
@@ -141,12 +130,31 @@ def make_storage(url: str, grace_period: int = 30) -> RDBStorage:
                   grace_period=grace_period, **retry)
     for attempt in range(5):
         try:
-            return _quietly(SerialPopRDBStorage if url.startswith("sqlite") else RDBStorage, url, **kwargs)
+            storage = _quietly(RDBStorage, url, **kwargs)
+            if url.startswith("sqlite"):
+                serialize_sqlite_transactions(storage.engine)
+            return storage
+        except sqlalchemy.exc.ArgumentError:  # a bad URL: no use retrying
+            raise
         except sqlalchemy.exc.SQLAlchemyError:  # runners starting together race to create the schema
             if attempt == 4:
                 raise
             time.sleep(1.0 + attempt)
     raise AssertionError("unreachable")
+
+
+def serialize_sqlite_transactions(engine: sqlalchemy.engine.Engine) -> None:
+    """Start every transaction on ``engine`` with ``BEGIN IMMEDIATE`` (SQLAlchemy's documented pysqlite recipe).
+
+    Optuna takes a WAITING trial by reading it ``FOR UPDATE`` and then setting it RUNNING. SQLite ignores
+    ``FOR UPDATE``, and Python's sqlite3 driver runs the read outside any transaction, so two worker threads
+    (``optimize(n_jobs=2)``) could both read the same WAITING trial and both set it RUNNING: both then ran the
+    same trial, and the second to finish crashed the runner with "Cannot tell a COMPLETE trial" (seen when a
+    study resumed after a SIGKILL, whose stale trial is re-enqueued as WAITING). With the write lock taken at
+    the start of the transaction, the read and the update are one atomic step. The connection must be in
+    the driver's autocommit mode (``isolation_level=None``) so that this BEGIN is the only one.
+    """
+    sqlalchemy.event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
 
 
 def open_study(space: Space, name: str, storage: RDBStorage) -> optuna.Study:
@@ -167,6 +175,10 @@ def build_warm_start(space: Space, objective: Objective, study_dir: Path, thread
     try:
         run_fit(grpo_command("warmstart", objective.base_config, overlay), study_dir / "warmstart.log", threads)
     except FitFailed as err:
+        last = log_tail(study_dir / "warmstart.log", 1).strip()
+        if last.startswith("error: "):  # the space's config is wrong: the fit said why in one line
+            raise UserError(f"building the warm start failed: {last.removeprefix('error: ')} "
+                            f"(see {study_dir / 'warmstart.log'})") from None
         raise SystemExit(f"building the warm start failed: {err}") from None
     console.print(f"warm start ready ({time.perf_counter() - t0:.0f} s; {study_dir / 'warmstart.log'})")
 
@@ -257,10 +269,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smallest relative SNR difference worth detecting (default 0.10, i.e. x1.10)")
     p.add_argument("--round-seeds", type=int, default=2, help="--until-decisive: seeds added per round")
     p.add_argument("--max-seeds", type=int, default=64, help="--until-decisive: stop at this many seeds")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of a user error (bad space, storage, study) instead of one line; the "
+                        "trials' fit.log files get full tracebacks too (also: GRPO_LAB_DEBUG=1)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``grpo-lab-ablate``: a bad flag, space or storage URL is one ``error:`` line and exit status 2
+    (``--debug`` for the traceback; see ``grpo_lab.errors``). Returns the exit status."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -270,7 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.root)
     study_dir = root / "ablate" / name
     url = args.storage or default_storage(root, name)
-    storage = make_storage(url, args.grace_period)
+    try:
+        storage = make_storage(url, args.grace_period)
+    except sqlalchemy.exc.ArgumentError as err:  # not a URL, or an unknown database dialect
+        raise UserError(f"--storage {url!r} is not a database URL SQLAlchemy can open ({err})") from None
 
     from ablations.report import write_report  # matplotlib only when needed
 
@@ -278,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             study = optuna.load_study(study_name=name, storage=storage)
         except KeyError:
-            raise SystemExit(f"no study {name!r} in {url}: run without --report-only first") from None
+            raise UserError(f"no study {name!r} in {url}: run without --report-only first") from None
         console.print(f"report: {write_report(study, study_dir, min_effects(args))}")
         return 0
 

@@ -45,14 +45,15 @@ runner then uses ``TPESampler`` and prunes unpromising trials on ``prune_monitor
 from __future__ import annotations
 
 import copy
-import importlib
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 
-from ablations import controls
+from ablations import controls, variants
+from grpo_lab.errors import UserError
+from grpo_lab.registry import import_object
 
 DEFAULT_PRUNER: dict[str, Any] = {
     "class_path": "optuna.pruners.MedianPruner",
@@ -155,16 +156,16 @@ class Space:
 
     def __post_init__(self) -> None:
         if (self.grid is None) == (self.distributions is None):
-            raise ValueError(f"space {self.name!r}: give exactly one of grid= and distributions=")
+            raise UserError(f"space {self.name!r}: give exactly one of grid= and distributions=")
         if self.distributions is not None and not self.n_trials:
-            raise ValueError(f"space {self.name!r}: a space with distributions needs n_trials")
+            raise UserError(f"space {self.name!r}: a space with distributions needs n_trials")
         for key, values in (self.grid or {}).items():
             if not values:
-                raise ValueError(f"space {self.name!r}: grid key {key!r} has no values")
+                raise UserError(f"space {self.name!r}: grid key {key!r} has no values")
             if key in self.presets:
                 unknown = [v for v in values if v not in self.presets[key]]
                 if unknown:
-                    raise ValueError(f"space {self.name!r}: {key}={unknown} have no preset; known: {list(self.presets[key])}")
+                    raise UserError(f"space {self.name!r}: {key}={unknown} have no preset; known: {list(self.presets[key])}")
 
     @property
     def is_grid(self) -> bool:
@@ -272,12 +273,11 @@ def get_space(name: str) -> Space:
     if name in SPACES:
         return SPACES[name]
     if ":" in name:
-        module, attr = name.split(":", 1)
-        obj = getattr(importlib.import_module(module), attr)
+        obj = import_object(name, "space")
         if not isinstance(obj, Space):
-            raise ValueError(f"{name!r} is a {type(obj).__name__}, not an ablations.spaces.Space")
+            raise UserError(f"{name!r} is a {type(obj).__name__}, not an ablations.spaces.Space")
         return register_space(obj)
-    raise ValueError(f"unknown space {name!r}; known: {', '.join(sorted(SPACES))} (or give 'module:attribute')")
+    raise UserError(f"unknown space {name!r}; known: {', '.join(sorted(SPACES))} (or give 'module:attribute')")
 
 
 ESTIMATORS = ["reward", "mean_baseline", "group_norm", "rloo"]
@@ -376,4 +376,15 @@ register_space(Space(
     threshold=0.5,
     baseline={"arm": "reward+3"},
     comparisons=CONTROL_COMPARISONS,
+))
+
+# The field's GRPO variants, one factor at a time around GRPO (data in ablations/variants.py).
+register_space(Space(
+    name="field",
+    description="the field's GRPO variants one at a time around GRPO (mu 2, 6 tokens): loss, advantage, reward, sampling",
+    grid={"variant": list(variants.VARIANTS), "seed": [0, 1, 2, 3, 4, 5]},
+    presets={"variant": variants.VARIANTS},
+    overrides={"model.advantage": "group_norm", "model.num_iterations": 2, "model.max_new_tokens": 6},
+    probe=ProbeSettings(estimators=variants.PROBE_ESTIMATORS),
+    baseline={"variant": "grpo"},
 ))

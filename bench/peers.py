@@ -56,6 +56,12 @@ def _other_load(a: tuple[float, float, float], b: tuple[float, float, float]) ->
     return max(0.0, ((b[0] - a[0]) - (b[1] - a[1])) / wall)
 
 
+def _sync() -> None:
+    """Wait for queued CUDA work, so a step's GPU time is inside the step it belongs to."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class _Clock:
     """Step times and the other processes' load during each step."""
 
@@ -67,10 +73,12 @@ class _Clock:
         self._t0 = 0.0
 
     def start(self) -> None:
+        _sync()
         self._snap = _cpu_snapshot()
         self._t0 = time.perf_counter()
 
     def stop(self) -> None:
+        _sync()
         dt = time.perf_counter() - self._t0
         snap = _cpu_snapshot()
         self.times.append(dt)
@@ -134,7 +142,7 @@ def run_grpo_lab(spec: dict) -> dict:
     dm = QueryDataModule(dataset=spec["dataset"], prompts_per_step=spec["prompts"], num_train=spec["num_train"],
                          num_val=16, seed=spec["seed"])
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=spec["warmup"] + spec["steps"], logger=False,
+        accelerator="gpu" if spec.get("device") == "cuda" else "cpu", devices=1, max_steps=spec["warmup"] + spec["steps"], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[StepTimer()],
         precision="bf16-mixed" if spec["bf16"] else "32-true",
@@ -191,8 +199,8 @@ def run_trl(spec: dict) -> dict:
         args = GRPOConfig(
             output_dir=out_dir,
             seed=spec["seed"],
-            use_cpu=True,
-            bf16=False,  # TRL's default is bf16=True; the comparison is fp32
+            use_cpu=spec.get("device", "cpu") == "cpu",
+            bf16=bool(spec["bf16"]),  # TRL's default is bf16=True; fp32 unless bench/run.py asks (cuda only)
             fp16=False,
             gradient_checkpointing=False,  # TRL's default is True; grpo_lab does not checkpoint
             per_device_train_batch_size=batch,  # P*G completions per optimizer step
@@ -243,7 +251,7 @@ def run_trl(spec: dict) -> dict:
         flags["weight_decay"] = sorted({g["weight_decay"] for g in opt.param_groups})
         info["optimizer"] = f"{type(opt).__module__}.{type(opt).__name__}({flags}) via optim={str(args.optim)!r}"
     return {"step_seconds": clock.times, "other_load_cores": clock.other_load, "cpu_seconds": clock.cpu, "completion_lengths": lengths,
-            "prompt_padded_lengths": prompt_lens, "precision": "fp32", **info}
+            "prompt_padded_lengths": prompt_lens, "precision": "bf16 (autocast)" if spec["bf16"] else "fp32", **info}
 
 
 def main(argv: list[str]) -> None:

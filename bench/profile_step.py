@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         min_new_tokens=spec["completion_tokens"], beta=0.0, max_grad_norm=spec["max_grad_norm"],
         optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
     )
-    module.reward = ph.wrap("reward", module.reward)
+    module.score = ph.wrap("reward", module.score)  # the training step scores through module.score
     module._log_step = ph.wrap("log_step (metrics)", module._log_step)
     clip_hook = module.on_before_optimizer_step
     marks: dict[str, float] = {}

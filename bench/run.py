@@ -34,7 +34,8 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SHAPES = {"bench": ROOT / "configs" / "bench.yaml", "tiny": ROOT / "configs" / "bench_tiny.yaml"}
+SHAPES = {"bench": ROOT / "configs" / "bench.yaml", "tiny": ROOT / "configs" / "bench_tiny.yaml",
+          "gpu": ROOT / "configs" / "bench_gpu.yaml"}  # gpu: the bench shape scaled up, for --device cuda
 PEERS = ("grpo_lab", "trl")
 TARGETS_DOC = {
     "bench_fp32_ratio": ("bench shape, fp32: grpo_lab s/step / TRL s/step", 0.6),
@@ -105,21 +106,23 @@ def estimate_flops(spec: dict, prompt_len: float, vocab: int) -> dict:
     }
 
 
-def matmul_gflops(dtype_name: str, size: int, threads: int, seconds: float) -> dict:
-    """GFLOP/s of ``size``^3 matmuls: best and median over ~10 timed windows (after a warm-up)."""
+def matmul_gflops(dtype_name: str, size: int, threads: int, seconds: float, device: str = "cpu") -> dict:
+    """GFLOP/s of ``size``^3 matmuls on ``device``: best and median over ~10 timed windows (after a warm-up)."""
     import torch
 
     torch.set_num_threads(threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=gen).to(dtype)
-    b = torch.randn(size, size, generator=gen).to(dtype)
-    out = torch.empty(size, size, dtype=dtype)
+    a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    out = torch.empty(size, size, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     flop = 2.0 * size**3
     t0 = time.perf_counter()
     reps = 0
     while time.perf_counter() - t0 < max(0.3, seconds / 10):  # warm-up, and sizes the windows
         torch.mm(a, b, out=out)
+        sync()
         reps += 1
     per = (time.perf_counter() - t0) / reps
     k = max(1, int(seconds / 10 / per))
@@ -128,9 +131,11 @@ def matmul_gflops(dtype_name: str, size: int, threads: int, seconds: float) -> d
         t = time.perf_counter()
         for _ in range(k):
             torch.mm(a, b, out=out)
+        sync()
         rates.append(flop * k / (time.perf_counter() - t) / 1e9)
     return {
         "dtype": dtype_name,
+        "device": device,
         "size": size,
         "threads": threads,
         "peak_gflops": max(rates),
@@ -179,6 +184,9 @@ def _machine(threads: int) -> dict:
         import torch
 
         info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        if torch.cuda.is_available():
+            info["cuda_device"] = torch.cuda.get_device_name(0)
+            info["cuda_version"] = torch.version.cuda
     except Exception:  # noqa: BLE001
         pass
     return info
@@ -370,9 +378,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(configs/bench.yaml, configs/bench_tiny.yaml), relative to this machine's matmul peak; write JSON.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--shape", choices=["bench", "tiny", "all"], default="all",
+    p.add_argument("--shape", choices=["bench", "tiny", "gpu", "all"], default="all",
                    help="which shape(s) to time: bench (hidden 256, 4 layers, 32 tokens), tiny (hidden 128, "
-                   "2 layers, 4 tokens), or all")
+                   "2 layers, 4 tokens), all (bench and tiny), or gpu (hidden 512, 8 layers, P16xG8, 64 tokens: "
+                   "for --device cuda)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where both peers train (and the matmul probe runs); with cuda and --bf16 TRL is also "
+                   "timed with bf16=True (autocast, as grpo_lab's bf16-mixed)")
     p.add_argument("--steps", type=int, default=5, help="timed training steps per peer and shape")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps before the timed ones")
     p.add_argument("--peers", default="grpo_lab,trl",
@@ -437,14 +449,15 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         },
         "contention_at_start": busy,
+        "device": args.device,
         "flop_formula": FLOP_FORMULA,
     }
 
     console.print(f"[bold]matmul probe[/bold] {args.matmul_size}^3, {threads} threads ...")
     results["matmul_quiet"] = wait_for_quiet(args.wait_quiet, args.quiet_threshold, console)
-    mm = {"fp32": matmul_gflops("fp32", args.matmul_size, threads, args.matmul_seconds)}
+    mm = {"fp32": matmul_gflops("fp32", args.matmul_size, threads, args.matmul_seconds, args.device)}
     try:
-        mm["bf16"] = matmul_gflops("bf16", args.matmul_size, threads, args.matmul_seconds)
+        mm["bf16"] = matmul_gflops("bf16", args.matmul_size, threads, args.matmul_seconds, args.device)
         mm["bf16"]["faster_than_fp32"] = mm["bf16"]["peak_gflops"] > mm["fp32"]["peak_gflops"]
         mm["bf16"]["speedup_vs_fp32"] = mm["bf16"]["peak_gflops"] / mm["fp32"]["peak_gflops"]
     except Exception as err:  # noqa: BLE001  (bf16 matmul unsupported on this CPU/build)
@@ -469,10 +482,12 @@ def main(argv: list[str] | None = None) -> int:
             vocab = model.config.vocab_size
             del model
             base = {**spec, "model_dir": str(model_dir), "num_train": 4096, "seed": args.seed,
-                    "warmup": args.warmup, "steps": args.steps, "threads": threads}
+                    "warmup": args.warmup, "steps": args.steps, "threads": threads, "device": args.device}
             runs = [(p, False) for p in args.peers]
             if args.bf16 and "grpo_lab" in args.peers:
                 runs.append(("grpo_lab", True))
+            if args.bf16 and "trl" in args.peers and args.device == "cuda":
+                runs.append(("trl", True))
             entry = {"work": {**spec, "batch_sequences": spec["prompts"] * spec["num_generations"],
                               "vocab_size": vocab}, "peers": {}}
             for peer, bf16 in runs:
@@ -499,10 +514,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # A second probe (fp32, bf16) after the peers: contention only ever lowers a probe, so the peak is the best of both.
     wait_for_quiet(min(args.wait_quiet, 60.0), args.quiet_threshold, console)
-    again = matmul_gflops("fp32", args.matmul_size, threads, args.matmul_seconds)
+    again = matmul_gflops("fp32", args.matmul_size, threads, args.matmul_seconds, args.device)
     mm["fp32_end_probe"] = again
     if "peak_gflops" in mm["bf16"]:
-        again_bf16 = matmul_gflops("bf16", args.matmul_size, threads, args.matmul_seconds)
+        again_bf16 = matmul_gflops("bf16", args.matmul_size, threads, args.matmul_seconds, args.device)
         mm["bf16_end_probe"] = again_bf16
         mm["bf16"]["peak_gflops"] = max(mm["bf16"]["peak_gflops"], again_bf16["peak_gflops"])
     if again["peak_gflops"] > peak:
@@ -553,9 +568,11 @@ def _ratios(peers: dict) -> dict:
         return p["seconds_per_step"]["median"] if p and p.get("ok") else None
 
     out = {}
-    g, t, b = med("grpo_lab"), med("trl"), med("grpo_lab_bf16")
+    g, t, b, tb = med("grpo_lab"), med("trl"), med("grpo_lab_bf16"), med("trl_bf16")
     if g and t:
         out["grpo_lab_over_trl"] = g / t
+    if b and tb:
+        out["grpo_lab_bf16_over_trl_bf16"] = b / tb
     if b and t:
         out["grpo_lab_bf16_over_trl_fp32"] = b / t
     if b and g:

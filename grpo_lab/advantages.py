@@ -15,14 +15,27 @@ The derivation (README, "From reward to advantage"):
    the unbiased std, lie within ±(G−1)/√G (one correct answer out of G). A group whose G rewards are all
    equal carries no signal relative to itself: its std is 0 and its advantage is exactly 0, never NaN.
 
-Departures and choices, each a registered estimator so the ablation can compare them:
+Normalization is two independent choices, as in ROLL: A = (r − b) / s with a **center** b (``CENTERS``:
+none, group, leave_one_out, batch, james_stein, gradient_weighted) and a **scale** s (``SCALES``: none,
+group, batch). The named estimators are presets of the pair (``PRESETS``):
 
-- ``mean_baseline`` and ``group_norm`` include r_i in its own baseline; that correlates the baseline with
-  the sample and biases the gradient by a factor (G−1)/G (``group_norm``'s division by std also rescales
-  it per query). ``rloo`` (leave-one-out) excludes it and is unbiased.
-- ``group_norm`` uses Bessel's correction (as TRL and verl do) and adds ``eps`` to the std.
-- ``batch_norm`` centres per group but scales by the std of the whole batch (REINFORCE++-style), so easy
-  and hard groups keep their relative scale.
+    reward = (none, none)   mean_baseline = (group, none)   group_norm = (group, group)
+    rloo = (leave_one_out, none)   batch_norm = (group, batch)   batch_whiten = (batch, batch)
+    james_stein = (james_stein, none)   gradient_weighted = (gradient_weighted, none)
+
+and ``compute_advantages(r, "group_norm")`` gives exactly the values it always gave (same operations).
+
+Departures and choices:
+
+- ``group`` (in ``mean_baseline``, ``group_norm``) includes r_i in its own baseline; that correlates the
+  baseline with the sample and biases the gradient by (G−1)/G (``group_norm``'s std also rescales it per
+  query). ``leave_one_out`` excludes it and is unbiased; so are ``james_stein`` and ``gradient_weighted``,
+  whose baselines are built without r_i too.
+- The ``group`` scale uses Bessel's correction (as TRL and verl) and adds ``eps`` to the std.
+- ``batch`` statistics are over this process's batch (P·G rewards), as verl and TRL do per rank.
+- A group whose G rewards are all equal gets advantage exactly 0 when its center is group-relative or its
+  scale is per group (the rule ``needs_group``/``flat_is_zero`` of the estimator); a baseline that borrows
+  from other groups (``batch``, ``james_stein``) keeps such a group's signal, as in those papers.
 
 Add an estimator without touching the trainer::
 
@@ -42,19 +55,35 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
+from grpo_lab.errors import UserError
 from grpo_lab.registry import lookup
 
-AdvantageFn = Callable[[Tensor, float], Tensor]
+AdvantageFn = Callable[..., Tensor]  # fn(rewards[P, G], eps[, weights=[P, G]]) -> advantages[P, G]
 
 
 @dataclass(frozen=True)
 class Estimator:
-    """A registered advantage estimator: the function and whether it compares completions within a group."""
+    """A registered advantage estimator: the function and how it treats groups.
+
+    ``needs_group``: it compares completions within a group (G >= 2). ``flat_is_zero``: a group whose G
+    rewards are equal gets exactly 0 (default: the same as ``needs_group``). ``needs_weights``: ``fn`` takes
+    ``weights=[P, G]`` (per-completion gradient-energy weights, see :func:`logit_gradient_energy`).
+    ``center``/``scale``: the pair this estimator is a preset of (None for a free-form estimator).
+    """
 
     fn: AdvantageFn
     needs_group: bool = True
+    flat_is_zero: bool | None = None
+    needs_weights: bool = False
+    center: str | None = None
+    scale: str | None = None
+
+    @property
+    def zeroes_flat_groups(self) -> bool:
+        return self.needs_group if self.flat_is_zero is None else self.flat_is_zero
 
 
 ADVANTAGES: dict[str, Estimator] = {}
@@ -83,20 +112,31 @@ def get_estimator(name: str) -> Estimator:
     return lookup(ADVANTAGES, name, "advantage estimator", wrap=Estimator)
 
 
-def compute_advantages(rewards: Tensor, estimator: str, eps: float = 1e-6) -> Tensor:
-    """Advantages ``[P, G]`` for rewards ``[P, G]`` (P queries, G completions each)."""
+def compute_advantages(rewards: Tensor, estimator: str | Estimator, eps: float = 1e-6, *,
+                       weights: Tensor | None = None) -> Tensor:
+    """Advantages ``[P, G]`` for rewards ``[P, G]`` (P queries, G completions each).
+
+    ``estimator``: a name (or import path), or an :class:`Estimator` (e.g. from :func:`resolve_estimator`).
+    ``weights`` ``[P, G]``: per-completion weights, needed by estimators with ``needs_weights``.
+    """
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be [P, G] (queries x completions), got shape {tuple(rewards.shape)}")
-    est = get_estimator(estimator)
+    est = get_estimator(estimator) if isinstance(estimator, str) else estimator
     rewards = rewards.float() if not rewards.is_floating_point() else rewards
-    if not est.needs_group:
-        return est.fn(rewards, eps)
-    if rewards.shape[1] < 2:
-        raise ValueError(
+    if est.needs_group and rewards.shape[1] < 2:
+        raise UserError(
             f"advantage estimator {estimator!r} compares completions within a group and needs "
             f"num_generations >= 2, got G={rewards.shape[1]}; raise num_generations or use 'reward'"
         )
-    adv = est.fn(rewards, eps)  # [P, G]
+    if est.needs_weights:
+        if weights is None or weights.shape != rewards.shape:
+            got = None if weights is None else tuple(weights.shape)
+            raise ValueError(f"advantage estimator {estimator!r} needs weights of shape {tuple(rewards.shape)}, got {got}")
+        adv = est.fn(rewards, eps, weights=weights.to(rewards.dtype))
+    else:
+        adv = est.fn(rewards, eps)  # [P, G]
+    if not est.zeroes_flat_groups:
+        return adv
     return adv.masked_fill(zero_spread(rewards).unsqueeze(-1), 0.0)
 
 
@@ -105,37 +145,184 @@ def zero_spread(rewards: Tensor) -> Tensor:
     return rewards.amax(dim=-1) == rewards.amin(dim=-1)
 
 
-@register_advantage("reward", needs_group=False)
-def reward(rewards: Tensor, eps: float) -> Tensor:
-    """A = r: plain REINFORCE on the raw reward (the seed's starting point)."""
-    return rewards
+# ---- centers: the baseline b ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Center:
+    """A baseline: ``fn(rewards[P, G], weights[P, G] | None) -> b`` (broadcastable to [P, G]) or None
+    (no baseline). ``group_relative``: b comes from the query's own group only (a flat group gets 0);
+    ``needs_group``: it uses the other completions of the group (G >= 2)."""
+
+    fn: Callable[[Tensor, Tensor | None], Tensor | None]
+    group_relative: bool
+    needs_group: bool
+    needs_weights: bool = False
 
 
-@register_advantage("mean_baseline")
-def mean_baseline(rewards: Tensor, eps: float) -> Tensor:
-    """A = r − mean_G(r): the group mean as baseline (self-inclusive, biased by (G−1)/G)."""
-    return rewards - rewards.mean(dim=-1, keepdim=True)
+def _no_center(rewards: Tensor, weights: Tensor | None) -> None:
+    return None
 
 
-@register_advantage("group_norm")
-def group_norm(rewards: Tensor, eps: float) -> Tensor:
-    """A = (r − mean_G(r)) / (std_G(r) + eps), Bessel-corrected std: GRPO's advantage."""
-    mean = rewards.mean(dim=-1, keepdim=True)  # [P, 1]
-    std = rewards.std(dim=-1, keepdim=True)  # [P, 1]
-    return (rewards - mean) / (std + eps)
+def _group_mean(rewards: Tensor, weights: Tensor | None) -> Tensor:
+    """b = mean_G(r) ``[P, 1]`` (self-inclusive)."""
+    return rewards.mean(dim=-1, keepdim=True)
 
 
-@register_advantage("rloo")
-def rloo(rewards: Tensor, eps: float) -> Tensor:
-    """A_i = r_i − mean_{j≠i} r_j = G/(G−1) · (r_i − mean_G(r)): leave-one-out, unbiased."""
+def _leave_one_out(rewards: Tensor, weights: Tensor | None) -> Tensor:
+    """b_i = mean_{j≠i} r_j = (Σ_j r_j − r_i) / (G−1) ``[P, G]``: RLOO's baseline, independent of o_i."""
     g = rewards.shape[-1]
-    others = (rewards.sum(dim=-1, keepdim=True) - rewards) / (g - 1)  # [P, G]
-    return rewards - others
+    return (rewards.sum(dim=-1, keepdim=True) - rewards) / (g - 1)  # [P, G]
 
 
-@register_advantage("batch_norm")
-def batch_norm(rewards: Tensor, eps: float) -> Tensor:
-    """A = (r − mean_G(r)) / (std over all P·G rewards + eps)."""
-    centred = rewards - rewards.mean(dim=-1, keepdim=True)
+def _batch_mean(rewards: Tensor, weights: Tensor | None) -> Tensor:
+    """b = mean of all P·G rewards (a scalar): REINFORCE++'s global baseline."""
+    return rewards.mean()
+
+
+def james_stein_baseline(rewards: Tensor, eps: float = 1e-6) -> Tensor:
+    """James–Stein shrinkage baseline ``[P, G]`` (Zeng et al., arXiv 2511.03710; their verl code ``jspo``).
+
+    The per-query mean from G samples is a noisy estimate of the query's success rate; Stein's paradox
+    says pooling it with the other queries' means lowers its total squared error. For completion i of query
+    p, with every statistic taken *without* query p (so b never depends on o_i: the gradient stays
+    unbiased, a "two-level leave-one-out"):
+
+        μ_q = mean_G(r_q),  v_q = var_G(r_q) / G (Bessel)              per query q ≠ p
+        m̄ = mean_{q≠p} μ_q,  v² = mean_{q≠p} v_q,  s² = mean_{q≠p} (μ_q − m̄)²
+        λ = v² / (v² + s² + eps)                                       shrinkage in [0, 1)
+        b_{p,i} = (1 − λ) · mean_{j≠i} r_{p,j} + λ · m̄
+
+    λ → 0 when queries differ much more than the noise of their means (b → RLOO), λ → 1 when they look
+    alike (b → the other queries' mean). With P = 1 there is nothing to shrink toward: λ = 0 (RLOO).
+    """
+    p, g = rewards.shape
+    loo = _leave_one_out(rewards, None)  # [P, G]
+    if p < 2:
+        return loo
+    mu = rewards.mean(dim=-1)  # [P]
+    v = rewards.var(dim=-1) / g  # [P]
+    others = ~torch.eye(p, dtype=torch.bool, device=rewards.device)  # [P, P]: row p marks the queries q ≠ p
+    m_bar = (mu.sum() - mu) / (p - 1)  # [P]
+    v2 = (v.sum() - v) / (p - 1)  # [P]
+    s2 = ((mu.unsqueeze(0) - m_bar.unsqueeze(1)) ** 2 * others).sum(-1) / (p - 1)  # [P]
+    lam = (v2 / (v2 + s2 + eps)).unsqueeze(-1)  # [P, 1]
+    return (1 - lam) * loo + lam * m_bar.unsqueeze(-1)
+
+
+def gradient_weighted_baseline(rewards: Tensor, weights: Tensor) -> Tensor:
+    """Leave-one-out weighted mean ``[P, G]``: b_i = Σ_{j≠i} w_j r_j / Σ_{j≠i} w_j.
+
+    In the spirit of the Optimal Token Baseline (Li et al., arXiv 2602.07078; verl ``optimal_token_baseline``):
+    the variance-minimising constant baseline of REINFORCE is b* = E[‖∇log π(o)‖² R] / E[‖∇log π(o)‖²], the
+    reward averaged with weight ‖∇log π‖², not the plain mean. ``weights`` are a per-completion proxy of
+    ‖∇log π(o)‖² (:func:`logit_gradient_energy`); we use one baseline per completion, not OTB's one per token
+    position, because our advantages are per sequence. Leaving o_i out keeps b_i independent of o_i
+    (unbiased). Equal weights give exactly RLOO's baseline; a group whose other weights are all 0 falls
+    back to the unweighted leave-one-out mean.
+    """
+    wr = weights * rewards
+    num = wr.sum(dim=-1, keepdim=True) - wr  # [P, G]
+    den = weights.sum(dim=-1, keepdim=True) - weights  # [P, G]
+    return torch.where(den > 0, num / den.clamp(min=1e-12), _leave_one_out(rewards, None))
+
+
+def logit_gradient_energy(logprobs: Tensor, mask: Tensor) -> Tensor:
+    """Per-completion weight ``[B]``: W = Σ_t mask·(1 − π(o_t))², from the sampled tokens' log-probabilities
+    ``logprobs`` ``[B, T]`` (the rollout's, so no extra forward pass).
+
+    Why this weight: the gradient of log π(o_t) with respect to the logits is e_{o_t} − π, whose squared
+    norm is 1 − 2π(o_t) + Σ_v π_v² (OTB's "logit-gradient proxy"). Without the full distribution we use
+    (1 − π(o_t))²: since Σ_{v≠o_t} π_v² lies in [0, (1 − π(o_t))²], the exact value is between 1× and 2× of
+    it. Summing over tokens ignores the correlation between tokens (OTB's cumulative W_T does the same).
+    Confident completions (π ≈ 1 per token) get weight ≈ 0, uncertain and long ones a large weight.
+    """
+    mask = mask.to(logprobs.dtype)
+    return ((1.0 - logprobs.exp()) ** 2 * mask).sum(dim=-1)
+
+
+def _james_stein(rewards: Tensor, weights: Tensor | None) -> Tensor:
+    return james_stein_baseline(rewards)
+
+
+def _gradient_weighted(rewards: Tensor, weights: Tensor | None) -> Tensor:
+    return gradient_weighted_baseline(rewards, weights)
+
+
+CENTERS: dict[str, Center] = {
+    "none": Center(_no_center, group_relative=False, needs_group=False),
+    "group": Center(_group_mean, group_relative=True, needs_group=True),
+    "leave_one_out": Center(_leave_one_out, group_relative=True, needs_group=True),
+    "batch": Center(_batch_mean, group_relative=False, needs_group=False),
+    "james_stein": Center(_james_stein, group_relative=False, needs_group=True),
+    "gradient_weighted": Center(_gradient_weighted, group_relative=True, needs_group=True, needs_weights=True),
+}
+
+
+# ---- scales: the divisor s -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Scale:
+    """A divisor: ``fn(centred[P, G], rewards[P, G], eps) -> advantages``. ``per_group``: s is per group."""
+
+    fn: Callable[[Tensor, Tensor, float], Tensor]
+    per_group: bool
+
+
+def _no_scale(centred: Tensor, rewards: Tensor, eps: float) -> Tensor:
+    return centred
+
+
+def _group_std(centred: Tensor, rewards: Tensor, eps: float) -> Tensor:
+    """÷ (std_G(r) + eps), Bessel-corrected: GRPO's scale."""
+    return centred / (rewards.std(dim=-1, keepdim=True) + eps)  # [P, 1] broadcast
+
+
+def _batch_std(centred: Tensor, rewards: Tensor, eps: float) -> Tensor:
+    """÷ (std over all P·G rewards + eps): REINFORCE++'s scale, keeps easy and hard groups' relative size."""
     std = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())
     return centred / (std + eps)
+
+
+SCALES: dict[str, Scale] = {
+    "none": Scale(_no_scale, per_group=False),
+    "group": Scale(_group_std, per_group=True),
+    "batch": Scale(_batch_std, per_group=False),
+}
+
+
+def normalized(center: str, scale: str) -> Estimator:
+    """The estimator A = (r − b) / s for a center and a scale by name (``ValueError`` lists the known ones)."""
+    c, s = lookup(CENTERS, center, "advantage center"), lookup(SCALES, scale, "advantage scale")
+
+    def fn(rewards: Tensor, eps: float, weights: Tensor | None = None) -> Tensor:
+        b = c.fn(rewards, weights)
+        return s.fn(rewards if b is None else rewards - b, rewards, eps)
+
+    fn.__name__ = f"{center}_{scale}"
+    return Estimator(fn, needs_group=c.needs_group or s.per_group, flat_is_zero=c.group_relative or s.per_group,
+                     needs_weights=c.needs_weights, center=center, scale=scale)
+
+
+PRESETS: dict[str, tuple[str, str]] = {
+    "reward": ("none", "none"),  # plain REINFORCE on the raw reward
+    "mean_baseline": ("group", "none"),  # Dr. GRPO
+    "group_norm": ("group", "group"),  # GRPO
+    "rloo": ("leave_one_out", "none"),
+    "batch_norm": ("group", "batch"),
+    "batch_whiten": ("batch", "batch"),  # REINFORCE++
+    "james_stein": ("james_stein", "none"),
+    "gradient_weighted": ("gradient_weighted", "none"),
+}
+ADVANTAGES.update({name: normalized(*pair) for name, pair in PRESETS.items()})
+
+
+def resolve_estimator(advantage: str, center: str | None = None, scale: str | None = None) -> Estimator:
+    """``advantage`` with its center and/or scale replaced: ``("group_norm", scale="none")`` is
+    ``mean_baseline``. Only presets of a pair can be modified (a free-form estimator has no halves)."""
+    est = get_estimator(advantage)
+    if center is None and scale is None:
+        return est
+    if est.center is None:
+        raise UserError(
+            f"advantage {advantage!r} is not a center/scale preset, so advantage_center/advantage_scale cannot "
+            f"modify it; use one of {', '.join(sorted(PRESETS))}"
+        )
+    return normalized(center or est.center, scale or est.scale)

@@ -3,6 +3,7 @@
     grpo-lab fit --config configs/tiny.yaml [--model.advantage rloo ...]
     grpo-lab warmstart --config configs/tiny.yaml     # build (or find) the cached warm start only
     grpo-lab fit --help                               # every option with its help text
+    grpo-lab fit --config my.yaml --debug             # a user error's full traceback, not just its line
 
 ``configs/base.yaml`` is loaded first as the default config (when present), so the shipped configs are small
 overlays on it.
@@ -17,10 +18,14 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from grpo_lab.data import QueryDataModule
+from grpo_lab.errors import UserFileNotFoundError, run_cli
 from grpo_lab.module import GRPOModule
 from grpo_lab.warmstart import ensure_warm_start
 
 BASE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "base.yaml"
+DEBUG_HELP = ("A mistake in the config or data prints one 'error: ...' line (exit status 2); --debug (anywhere on "
+              "the command line) or GRPO_LAB_DEBUG=1 shows its full traceback.")
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # ckpt_path values that are not file names
 
 
 class GRPOCLI(LightningCLI):
@@ -28,10 +33,15 @@ class GRPOCLI(LightningCLI):
         parser.set_defaults({"seed_everything": 0})
 
     def before_instantiate_classes(self) -> None:
-        """``--ckpt_path last``: continue in the newest TensorBoard version that holds a ``last.ckpt``, so the
-        checkpoint is found and the curves carry on in the same run directory."""
+        """``--ckpt_path PATH`` must exist (a user error before anything is built, not Lightning's traceback
+        after). ``--ckpt_path last``: continue in the newest TensorBoard version that holds a ``last.ckpt``,
+        so the checkpoint is found and the curves carry on in the same run directory."""
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
-        if cfg is None or cfg.get("ckpt_path") != "last":
+        ckpt = cfg.get("ckpt_path") if cfg is not None else None
+        if isinstance(ckpt, str) and ckpt.split(":")[0] not in LIGHTNING_CKPT_NAMES and "://" not in ckpt \
+                and not Path(ckpt).exists():  # a file, or a directory for sharded (FSDP, DeepSpeed) checkpoints
+            raise UserFileNotFoundError(f"--ckpt_path {ckpt}: no such checkpoint (give a .ckpt path, or 'last')")
+        if ckpt != "last":
             return
         logger = cfg.get("trainer", {}).get("logger")
         args = getattr(logger, "init_args", None) if logger is not None and not isinstance(logger, bool) else None
@@ -54,7 +64,7 @@ class GRPOCLI(LightningCLI):
 
 def _parser_kwargs() -> dict:
     defaults = [str(BASE_CONFIG)] if BASE_CONFIG.is_file() else []
-    return {sub: {"default_config_files": defaults} for sub in ("fit", "validate", "test", "predict")}
+    return {sub: {"default_config_files": defaults, "epilog": DEBUG_HELP} for sub in ("fit", "validate", "test", "predict")}
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> GRPOCLI:
@@ -79,12 +89,18 @@ def warmstart_main(args: list[str]) -> None:
         print(meta.read_text())
 
 
-def main(argv: list[str] | None = None) -> None:
+def _main(argv: list[str] | None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "warmstart":
         warmstart_main(args[1:])
     else:
         cli_main(argv)  # None: LightningCLI reads sys.argv itself
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``grpo-lab`` command: a mistake in the config or data is one ``error:`` line and exit status 2
+    (``--debug`` for the traceback); see ``grpo_lab.errors``."""
+    run_cli(_main, argv)
 
 
 if __name__ == "__main__":

@@ -3,35 +3,61 @@
 The training order is a function of (seed, epoch) only, and the module remembers how many batches of the
 current epoch were used: a checkpoint stores that position (``state_dict``) and a resumed run continues
 with the next unseen batch, so an interrupted run sees exactly the queries an uninterrupted one would.
+
+With ``chat_template`` each prompt becomes one user message in the policy tokenizer's own chat template. The
+DataModule does not own the tokenizer: ``setup`` takes it from the Trainer's LightningModule (``.tokenizer``),
+which Lightning builds before any ``setup`` runs, so prompts are templated once, on every process alike.
 """
 
 from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
+from grpo_lab.errors import UserError
 from grpo_lab.tasks import TASKS, Query, load_queries
+from grpo_lab.tokenizer import PreTrainedTokenizerBase, chat_prompt
 
 
 def _as_list(batch: list[Query]) -> list[Query]:
     return batch
 
 
-class EpochSampler(Sampler[int]):
-    """A seeded permutation per epoch, ``randperm(n, seed, epoch)``, that can start ``skip`` items in."""
+def chat_queries(queries: list[Query], tokenizer: PreTrainedTokenizerBase) -> list[Query]:
+    """The queries with each ``prompt`` wrapped by ``tokenizer``'s chat template as one user message (the
+    other columns unchanged, the raw prompt kept as ``_raw_prompt``, hidden from reward functions)."""
+    return [{**q, "prompt": chat_prompt(tokenizer, q["prompt"]), "_raw_prompt": q["prompt"]} for q in queries]
 
-    def __init__(self, n: int, seed: int, epoch_fn, skip_fn) -> None:
-        self.n, self.seed, self.epoch_fn, self.skip_fn = n, seed, epoch_fn, skip_fn
+
+class EpochSampler(DistributedSampler):
+    """A seeded permutation per epoch, ``randperm(n, seed, epoch)``, that can start ``skip`` items in, shared
+    out by global batch: of each ``batch`` consecutive queries process ``rank`` of ``world`` takes the
+    ``rank``-th ``batch / world``, so W processes see together, step by step, the queries one process would.
+
+    A ``DistributedSampler`` only so that Lightning keeps it under DDP: a plain sampler would be wrapped in a
+    ``DistributedSamplerWrapper``, which reshuffles the order with its own seed (a 1-process DDP run then
+    trained on other queries than the same run without a strategy, and resuming skipped the wrong ones).
+    """
+
+    def __init__(self, n: int, seed: int, epoch_fn, skip_fn, batch: int = 1, rank: int = 0, world: int = 1) -> None:
+        if batch % world:
+            raise ValueError(f"batch={batch} is not divisible across {world} processes")
+        super().__init__(range(n), num_replicas=world, rank=rank, shuffle=False, seed=seed)
+        self.n, self.seed, self.epoch_fn, self.skip_fn, self.batch = n, seed, epoch_fn, skip_fn, batch
 
     def __len__(self) -> int:
-        return self.n
+        return self.n if self.num_replicas == 1 else self.n // self.batch * (self.batch // self.num_replicas)
 
     def __iter__(self):
         epoch = self.epoch_fn()
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.n, generator=gen).tolist()
-        return iter(order[self.skip_fn(epoch) :])
+        order = torch.randperm(self.n, generator=gen).tolist()[self.skip_fn(epoch) :]
+        if self.num_replicas == 1:
+            return iter(order)
+        per = self.batch // self.num_replicas  # this process's share of each global batch
+        lo = self.rank * per
+        return iter([i for k in range(0, len(order) - self.batch + 1, self.batch) for i in order[k + lo : k + lo + per]])
 
 
 class QueryDataModule(L.LightningDataModule):
@@ -43,6 +69,7 @@ class QueryDataModule(L.LightningDataModule):
         num_val: int = 128,
         val_batch_size: int = 64,
         seed: int = 0,
+        chat_template: bool = False,
     ) -> None:
         """Queries for GRPO.
 
@@ -56,10 +83,13 @@ class QueryDataModule(L.LightningDataModule):
                 up this many of its lines, chosen with ``seed``).
             val_batch_size: queries per validation batch.
             seed: seed of the data (built-in generation, JSONL split, and the shuffling order).
+            chat_template: wrap each prompt as a user message with the policy tokenizer's own chat template
+                (``apply_chat_template(..., add_generation_prompt=True)``); an error if it has none. Set
+                ``model.warm_start.chat_template`` the same, so the warm start trains on the same prompts.
         """
         super().__init__()
         if prompts_per_step < 1:
-            raise ValueError(f"prompts_per_step must be >= 1, got {prompts_per_step}")
+            raise UserError(f"prompts_per_step must be >= 1, got {prompts_per_step}")
         self.save_hyperparameters()
         self.train_set: list[Query] = []
         self.val_set: list[Query] = []
@@ -80,26 +110,44 @@ class QueryDataModule(L.LightningDataModule):
             self.val_set = [rows[i] for i in order[:n_val]]
             self.train_set = [rows[i] for i in order[n_val:]]
         if len(self.train_set) < h.prompts_per_step:
-            raise ValueError(
+            raise UserError(
                 f"dataset {h.dataset!r} has {len(self.train_set)} training queries, fewer than "
                 f"prompts_per_step={h.prompts_per_step}"
             )
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        ws = getattr(module, "warm_start_cfg", None)
+        if ws is not None and ws.steps > 0 and bool(getattr(ws, "chat_template", False)) != h.chat_template:
+            raise UserError(
+                f"data.chat_template is {str(h.chat_template).lower()} but model.warm_start.chat_template is "
+                f"{str(not h.chat_template).lower()}: the warm start would train on prompts the RL run never sees; "
+                "set both the same"
+            )
+        if h.chat_template:
+            tok = getattr(module, "tokenizer", None)
+            if tok is None:
+                raise UserError("data.chat_template needs the policy's tokenizer: attach the DataModule to a "
+                                 "Trainer fitting a GRPOModule")
+            self.train_set, self.val_set = chat_queries(self.train_set, tok), chat_queries(self.val_set, tok)
 
     def per_process_prompts(self) -> int:
         world = self.trainer.world_size if self.trainer is not None else 1
         p = self.hparams.prompts_per_step
         if p % world:
-            raise ValueError(
+            raise UserError(
                 f"prompts_per_step={p} is not divisible across {world} processes; use a multiple of {world}"
             )
         return p // world
 
     def train_dataloader(self) -> DataLoader:
         # Seeded shuffling: the same seed gives the same query order in every trial.
-        sampler = EpochSampler(len(self.train_set), self.hparams.seed, self._epoch, self._skip)
+        per = self.per_process_prompts()
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        world = self.trainer.world_size if self.trainer is not None else 1
+        sampler = EpochSampler(len(self.train_set), self.hparams.seed, self._epoch, self._skip,
+                               batch=self.hparams.prompts_per_step, rank=rank, world=world)
         return DataLoader(
             self.train_set,
-            batch_size=self.per_process_prompts(),
+            batch_size=per,
             sampler=sampler,
             collate_fn=_as_list,
             drop_last=True,

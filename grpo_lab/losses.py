@@ -1,4 +1,4 @@
-"""The GRPO policy loss: clipped importance ratio, KL to a reference, aggregation. Pure torch.
+"""The GRPO policy loss and its variants: importance ratio, objective, KL, entropy, aggregation. Pure torch.
 
 From REINFORCE to GRPO (README, "The derivation"):
 
@@ -17,6 +17,20 @@ From REINFORCE to GRPO (README, "The derivation"):
   token), ``token_mean`` (DAPO, TRL's default, and ours) weights every token equally, ``constant``
   (Dr. GRPO) divides by a fixed B·T so the loss scale does not depend on the lengths sampled.
 
+The field's variants, each an option of :func:`policy_loss` (the default is textbook token-level GRPO):
+
+- ``importance_level="sequence"`` (GSPO, arXiv 2507.18071): one ratio per completion, the geometric mean
+  of its token ratios, s_i = exp(Σ_t m·(log π − log π_old) / Σ_t m), clipped and broadcast to its tokens.
+  ∇s_i = s_i · mean_t ∇log π_t, so at μ = 1 (s_i = 1) the gradient equals the token-level one.
+- ``objective="cispo"`` (MiniMax-M1, arXiv 2506.13585): per token −sg(clip(ratio, 1−ε_low, 1+ε_high))·A·log π.
+  The clip bounds the importance *weight*, never the gradient: every token keeps −w·A·∇log π; at μ = 1
+  (w = 1) that is REINFORCE's gradient.
+- ``dual_clip=c`` (dual-clip PPO, arXiv 1912.09729; verl ``clip_ratio_c``): for A < 0 the per-token loss is
+  min(clipped loss, −c·A), so a token whose ratio exploded (ratio > c) stops pushing (gradient 0).
+- ``entropy_coef`` adds −coef·H_t per token (an entropy bonus, aggregated like the policy term), and
+  ``top_entropy_quantile=ρ`` < 1 keeps in the policy term only the tokens whose entropy is in the top ρ of
+  the batch (arXiv 2506.01939, "80/20": ρ = 0.2); the normalizer still counts every token, as in TRL.
+
 Log-probabilities are per token of the *sampled* completion; the sequence log-probability is their sum,
 so the per-token form is the token-level factorisation of the sequence objective (as in all GRPO code).
 """
@@ -28,19 +42,29 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from grpo_lab.errors import UserError
 from grpo_lab.registry import lookup, registrar
 
 KLFn = Callable[[Tensor, Tensor], Tensor]
 AggregateFn = Callable[[Tensor, Tensor, "float | Tensor | None"], Tensor]
+RatioFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+ObjectiveFn = Callable[..., "tuple[Tensor, Tensor]"]
 
 KL_ESTIMATORS: dict[str, KLFn] = {}
 AGGREGATIONS: dict[str, AggregateFn] = {}
+IMPORTANCE_LEVELS: dict[str, RatioFn] = {}
+OBJECTIVES: dict[str, ObjectiveFn] = {}
 
 
 # ``@register_kl("name")``: fn(logprobs[B, T], ref_logprobs[B, T]) -> kl[B, T]
 register_kl = registrar(KL_ESTIMATORS)
 # ``@register_aggregation("name")``: fn(loss[B, T], mask[B, T], normalizer) -> scalar
 register_aggregation = registrar(AGGREGATIONS)
+# ``@register_importance_level("name")``: fn(logprobs[B, T], old_logprobs[B, T], mask[B, T]) -> ratio[B, T|1]
+register_importance_level = registrar(IMPORTANCE_LEVELS)
+# ``@register_objective("name")``: fn(ratio, logprobs, adv[B, 1], *, clip_low, clip_high, dual_clip)
+#   -> (per-token loss [B, T], clipped [B, T] bool)
+register_objective = registrar(OBJECTIVES)
 
 
 @register_kl("k1")
@@ -65,6 +89,13 @@ def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -> Tensor:
     """Per-token KL(π‖π_ref) estimate ``[B, T]`` from the sampled tokens' log-probabilities."""
     return lookup(KL_ESTIMATORS, estimator, "KL estimator")(logprobs, ref_logprobs)
+
+
+def sequence_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """k1 per completion ``[B]``: Σ_t mask·(log π − log π_ref) = log π(o)/π_ref(o), an unbiased estimate of the
+    sequence KL (verl's ``use_kl_in_reward`` with ``kl_penalty=kl``). As a reward it carries no gradient, so
+    k1's unbiasedness is what matters (k3's positivity matters for a loss)."""
+    return ((logprobs - ref_logprobs) * mask.to(logprobs.dtype)).sum(dim=-1)
 
 
 def get_aggregation(name: str) -> AggregateFn:
@@ -94,6 +125,57 @@ def constant(loss: Tensor, mask: Tensor, normalizer: float | Tensor | None = Non
     return (loss * mask).sum() / denom
 
 
+@register_importance_level("token")
+def token_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """π_θ(o_t)/π_old(o_t) per token ``[B, T]``; = 1 with a gradient when old is the detached logprobs."""
+    return torch.exp(logprobs - old_logprobs)
+
+
+@register_importance_level("sequence")
+def sequence_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """GSPO's s_i = exp(Σ_t m·(log π − log π_old) / Σ_t m) ``[B, 1]`` (broadcast over the tokens)."""
+    log_s = ((logprobs - old_logprobs) * mask).sum(dim=-1) / mask.sum(dim=-1).clamp(min=1.0)  # [B]
+    return torch.exp(log_s).unsqueeze(-1)
+
+
+@register_objective("clip")
+def clipped_objective(ratio: Tensor, logprobs: Tensor, adv: Tensor, *, clip_low: float, clip_high: float,
+                      dual_clip: float | None = None) -> tuple[Tensor, Tensor]:
+    """PPO/GRPO: −min(ratio·A, clip(ratio)·A); with ``dual_clip`` c, min(that, −c·A) where A < 0."""
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
+    per_token = -torch.minimum(unclipped, clipped)  # [B, T] (or [B, 1] for a sequence ratio)
+    with torch.no_grad():
+        active = ((ratio > 1.0 + clip_high) & (adv > 0)) | ((ratio < 1.0 - clip_low) & (adv < 0))
+    if dual_clip is not None:
+        floor = -dual_clip * adv  # the loss of a negative-advantage token never exceeds −c·A
+        per_token = torch.where(adv < 0, torch.minimum(per_token, floor), per_token)
+        with torch.no_grad():
+            active = active | ((adv < 0) & (ratio > dual_clip))
+    return per_token, active
+
+
+@register_objective("cispo")
+def cispo_objective(ratio: Tensor, logprobs: Tensor, adv: Tensor, *, clip_low: float, clip_high: float,
+                    dual_clip: float | None = None) -> tuple[Tensor, Tensor]:
+    """CISPO: −sg(clip(ratio, 1−ε_low, 1+ε_high))·A·log π; its gradient is −w·A·∇log π for every token."""
+    weight = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high).detach()
+    with torch.no_grad():
+        active = (ratio > 1.0 + clip_high) | (ratio < 1.0 - clip_low)
+    return -weight * adv * logprobs, active
+
+
+def high_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float) -> Tensor:
+    """``[B, T]`` bool: real tokens whose entropy is at least the (1 − ``quantile``) quantile of the real
+    tokens' entropies (torch.quantile, linear interpolation): the top ``quantile`` share by entropy."""
+    real = mask.bool()
+    values = entropy.detach()[real].float()
+    if values.numel() == 0:
+        return torch.zeros_like(real)
+    threshold = torch.quantile(values, 1.0 - quantile)
+    return (entropy.detach() >= threshold.to(entropy.dtype)) & real
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -107,12 +189,22 @@ def policy_loss(
     kl_estimator: str = "k3",
     aggregation: str = "token_mean",
     normalizer: float | Tensor | None = None,
+    importance_level: str = "token",
+    objective: str = "clip",
+    dual_clip: float | None = None,
+    entropy: Tensor | None = None,
+    entropy_coef: float = 0.0,
+    top_entropy_quantile: float = 1.0,
+    entropy_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The clipped GRPO loss and its diagnostics.
+    """The GRPO loss (or a variant, see the module docstring) and its diagnostics.
 
-    Shapes: ``logprobs``, ``old_logprobs``, ``ref_logprobs``, ``mask`` are ``[B, T]`` (B = P·G completions,
-    T completion tokens; mask 1 on real tokens including EOS); ``advantages`` is ``[B]``.
-    Returns ``(loss, stats)`` with stats ``clip_fraction``, ``ratio_mean`` and (given a reference) ``kl``.
+    Shapes: ``logprobs``, ``old_logprobs``, ``ref_logprobs``, ``mask``, ``entropy`` are ``[B, T]`` (B = P·G
+    completions, T completion tokens; mask 1 on real tokens including EOS); ``advantages`` is ``[B]``.
+    ``entropy`` (per-token entropy of π_θ, with its graph) is needed for ``entropy_coef`` > 0 and for
+    ``top_entropy_quantile`` < 1 unless ``entropy_mask`` (the kept tokens, e.g. chosen once for a whole batch
+    split in micro-batches) is given. Returns ``(loss, stats)`` with stats ``clip_fraction``, ``ratio_mean``,
+    (given a reference) ``kl`` and (with ``top_entropy_quantile`` < 1) ``entropy_kept_fraction``.
     """
     if logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape or logprobs.dim() != 2:
         raise ValueError(
@@ -121,26 +213,34 @@ def policy_loss(
         )
     if advantages.shape != logprobs.shape[:1]:
         raise ValueError(f"advantages must be [B]={logprobs.shape[0]}, got shape {tuple(advantages.shape)}")
-    if not 0.0 <= clip_low < 1.0 or clip_high < 0.0:
-        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got clip_low={clip_low}, clip_high={clip_high}")
-    if beta < 0.0:
-        raise ValueError(f"beta (KL coefficient) must be >= 0, got {beta}")
+    check_loss_settings(clip_low, clip_high, beta, dual_clip, entropy_coef, top_entropy_quantile, objective)
     aggregate = get_aggregation(aggregation)
+    ratio_fn = lookup(IMPORTANCE_LEVELS, importance_level, "importance level")
+    objective_fn = lookup(OBJECTIVES, objective, "objective")
     mask = mask.to(logprobs.dtype)
     adv = advantages.to(logprobs.dtype).unsqueeze(-1)  # [B, 1]
 
-    ratio = torch.exp(logprobs - old_logprobs)  # [B, T]; = 1 with a gradient when old is detached
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
-    per_token = -torch.minimum(unclipped, clipped)  # [B, T]
+    ratio = ratio_fn(logprobs, old_logprobs, mask)  # [B, T] (token) or [B, 1] (sequence)
+    per_token, active = objective_fn(ratio, logprobs, adv, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip)
+    per_token = per_token.expand_as(logprobs)  # [B, T]
 
     n_tokens = mask.sum().clamp(min=1.0)
     with torch.no_grad():
-        active = ((ratio > 1.0 + clip_high) & (adv > 0)) | ((ratio < 1.0 - clip_low) & (adv < 0))
         stats = {
-            "clip_fraction": (active.to(mask.dtype) * mask).sum() / n_tokens,
-            "ratio_mean": (ratio * mask).sum() / n_tokens,
+            "clip_fraction": (active.expand_as(mask).to(mask.dtype) * mask).sum() / n_tokens,
+            "ratio_mean": (ratio.expand_as(mask) * mask).sum() / n_tokens,
         }
+    if top_entropy_quantile < 1.0:
+        if entropy_mask is None:
+            if entropy is None:
+                raise ValueError("top_entropy_quantile < 1 needs the per-token entropy (or an entropy_mask)")
+            entropy_mask = high_entropy_mask(entropy, mask, top_entropy_quantile)
+        per_token = per_token * entropy_mask.to(per_token.dtype)  # only high-entropy tokens push the policy
+        stats["entropy_kept_fraction"] = (entropy_mask.to(mask.dtype) * mask).sum() / n_tokens
+    if entropy_coef > 0.0:
+        if entropy is None:
+            raise ValueError("entropy_coef > 0 needs the per-token entropy")
+        per_token = per_token - entropy_coef * entropy  # maximise entropy: a bonus, aggregated like the rest
     if ref_logprobs is not None:
         if ref_logprobs.shape != logprobs.shape:
             raise ValueError(f"ref_logprobs must be {tuple(logprobs.shape)}, got {tuple(ref_logprobs.shape)}")
@@ -151,3 +251,18 @@ def policy_loss(
     else:
         lookup(KL_ESTIMATORS, kl_estimator, "KL estimator")  # a bad name fails even when unused
     return aggregate(per_token, mask, normalizer), stats
+
+
+def check_loss_settings(clip_low: float, clip_high: float, beta: float, dual_clip: float | None = None,
+                        entropy_coef: float = 0.0, top_entropy_quantile: float = 1.0, objective: str = "clip") -> None:
+    """``ValueError`` naming the first bad loss setting (shared by :func:`policy_loss` and the config)."""
+    if not 0.0 <= clip_low < 1.0 or clip_high < 0.0:
+        raise UserError(f"need 0 <= clip_low < 1 and clip_high >= 0, got clip_low={clip_low}, clip_high={clip_high}")
+    if beta < 0.0:
+        raise UserError(f"beta must be >= 0 (KL coefficient), got {beta}")
+    if dual_clip is not None and (dual_clip <= 1.0 or objective != "clip"):
+        raise UserError(f"dual_clip must be > 1 and needs objective='clip', got {dual_clip} with {objective!r}")
+    if entropy_coef < 0.0:
+        raise UserError(f"entropy_coef must be >= 0 (an entropy bonus), got {entropy_coef}")
+    if not 0.0 < top_entropy_quantile <= 1.0:
+        raise UserError(f"top_entropy_quantile must be in (0, 1], got {top_entropy_quantile}")

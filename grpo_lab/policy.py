@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from grpo_lab.errors import UserError, UserFileNotFoundError
 from grpo_lab.tokenizer import PreTrainedTokenizerBase, load_tokenizer
 
 
@@ -38,9 +39,9 @@ class PolicyConfig:
 
     def __post_init__(self) -> None:
         if self.pretrained is None and self.hidden_size % self.num_heads:
-            raise ValueError(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
+            raise UserError(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
         if self.attn_implementation not in ("sdpa", "eager"):
-            raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
+            raise UserError(f"attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
 
     def key(self) -> dict:
         """What identifies the weights (the warm-start cache key): the kernel choice does not."""
@@ -52,7 +53,7 @@ def build_policy(cfg: PolicyConfig, seed: int | None = None) -> tuple[PreTrained
     if cfg.pretrained is not None:
         path = Path(cfg.pretrained)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(
+            raise UserFileNotFoundError(
                 f"policy.pretrained={cfg.pretrained!r} is not a local Hugging Face model directory "
                 "(no config.json); grpo_lab never downloads from a hub"
             )

@@ -10,6 +10,8 @@ import importlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from grpo_lab.errors import UserError
+
 T = TypeVar("T")
 
 
@@ -33,14 +35,14 @@ def import_object(spec: str, what: str) -> Any:
     such attribute."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"{what} {spec!r}: an import path must look like 'package.module:name'")
+        raise UserError(f"{what} {spec!r}: an import path must look like 'package.module:name'")
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"{what} {spec!r}: cannot import module {module_name!r} ({err})") from err
+        raise UserError(f"{what} {spec!r}: cannot import module {module_name!r} ({err})") from err
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"{what} {spec!r}: module {module_name!r} has no attribute {attr!r}")
+            raise UserError(f"{what} {spec!r}: module {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     return obj
 
@@ -56,13 +58,13 @@ def lookup(registry: dict[str, T], name: str, what: str, wrap: Callable[[Any], T
     if name in registry:
         return registry[name]
     if ":" not in name:
-        raise ValueError(
+        raise UserError(
             f"unknown {what} {name!r}; known: {', '.join(sorted(registry))} "
             "(or an import path 'package.module:name')"
         )
     obj = import_object(name, what)
     if not callable(obj):
-        raise ValueError(f"{what} {name!r}: {type(obj).__name__} is not callable")
+        raise UserError(f"{what} {name!r}: {type(obj).__name__} is not callable")
     for value in registry.values():
         if value is obj or getattr(value, "fn", None) is obj:
             return value

@@ -7,11 +7,17 @@ Shapes: P prompts, G completions each, B = P·G sequences (a query's G completio
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from grpo_lab.errors import UserError
+
+log = logging.getLogger(__name__)
+_UNSHARED: set[str] = set()  # model classes whose cache cannot be repeated (logged once each)
 
 
 @dataclass
@@ -45,7 +51,7 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], repea
     """Left-padded ``[P·repeats, Tp]`` ids and mask, each prompt repeated ``repeats`` times in a row."""
     enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
     if enc["input_ids"].shape[1] == 0 or (enc["attention_mask"].sum(-1) == 0).any():
-        raise ValueError("every prompt must encode to at least one token")
+        raise UserError("every prompt must encode to at least one token")
     ids = enc["input_ids"].repeat_interleave(repeats, dim=0)
     mask = enc["attention_mask"].repeat_interleave(repeats, dim=0)
     return ids, mask
@@ -83,6 +89,11 @@ def shared_prompt_forward(model: PreTrainedModel, ids: Tensor, mask: Tensor, gro
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True, **_keep_last(model, 1))
     cache = out[_cache_keyword(model)]
     if not hasattr(cache, "batch_repeat_interleave"):
+        name = type(model).__name__
+        if name not in _UNSHARED:
+            _UNSHARED.add(name)
+            log.warning("%s returns a %s KV cache, which cannot be repeated per group: each completion's prompt "
+                        "is forwarded again (same result, more compute)", name, type(cache).__name__)
         return None
     if group > 1:
         cache.batch_repeat_interleave(group)
@@ -105,7 +116,7 @@ def generate(
     Sampling uses torch's global RNG, so a seeded run samples the same completions.
     """
     if temperature <= 0 and not greedy:
-        raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+        raise UserError(f"temperature must be > 0 for sampling, got {temperature}")
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompt_ids, prompt_mask = (t.to(device) for t in encode_prompts(tokenizer, prompts, num_generations))
@@ -150,10 +161,12 @@ def generate(
 
 
 def sequence_logprobs(
-    model: PreTrainedModel, rollout: Rollout, temperature: float = 1.0, with_entropy: bool = False
+    model: PreTrainedModel, rollout: Rollout, temperature: float = 1.0, with_entropy: bool = False,
+    token_entropy: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-token log π(o_t | q, o_<t) ``[B, T]`` of the rollout's completions (with grad when enabled), at
-    the sampling temperature; and the mean token entropy over the mask if asked.
+    the sampling temperature; and the mean token entropy over the mask if asked (``token_entropy``: the
+    per-token entropy ``[B, T]`` instead, with its graph, for an entropy term in the loss).
 
     With ``rollout.group_size`` G > 1 each prompt is forwarded once and its KV cache shared by its G
     completions (``shared_prompt_forward``); the completions then run in one forward over that cache. The
@@ -183,7 +196,10 @@ def sequence_logprobs(
         logits = logits[:, -(t + 1) : -1, :].float() / temperature  # [B, T, V]: position t predicts token t+1
     logprobs = token_logprobs(logits, rollout.completion_ids)  # [B, T]
     entropy = None
-    if with_entropy:
+    if token_entropy:
+        logp = torch.log_softmax(logits, dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1)  # [B, T]
+    elif with_entropy:
         with torch.no_grad():
             logp = torch.log_softmax(logits, dim=-1)
             ent = -(logp.exp() * logp).sum(-1)  # [B, T]

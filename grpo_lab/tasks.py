@@ -11,6 +11,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
+from grpo_lab.errors import UserError, UserFileNotFoundError
 from grpo_lab.registry import registrar
 
 Query = dict
@@ -46,11 +47,12 @@ def arithmetic_easy(n: int, seed: int) -> list[Query]:
 
 
 def load_jsonl(path: str | Path) -> list[Query]:
-    """One JSON object per line with a string ``prompt`` and any other columns; blank lines are skipped.
+    """One JSON object per line with a string ``prompt`` (or, GSM8K's layout, ``question``, which then is the
+    prompt) and any other columns; blank lines are skipped.
     Errors name the file and the line. Plain ``json`` parsing only: no dataset text is ever evaluated."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"dataset file {path} does not exist")
+        raise UserFileNotFoundError(f"dataset file {path} does not exist")
     rows: list[Query] = []
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -59,15 +61,17 @@ def load_jsonl(path: str | Path) -> list[Query]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg}); each line must be one JSON object") from None
+                raise UserError(f"{path}:{lineno}: invalid JSON ({err.msg}); each line must be one JSON object") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            if "prompt" not in row and isinstance(row.get("question"), str):  # GSM8K's layout
+                row["prompt"] = row["question"]
             if not isinstance(row.get("prompt"), str) or not row["prompt"]:
-                raise ValueError(f"{path}:{lineno}: missing a non-empty string field 'prompt'")
+                raise UserError(f"{path}:{lineno}: missing a non-empty string field 'prompt' (or 'question')")
             row["_line"] = lineno
             rows.append(row)
     if not rows:
-        raise ValueError(f"{path} holds no queries; add one JSON object per line with a 'prompt' field")
+        raise UserError(f"{path} holds no queries; add one JSON object per line with a 'prompt' field")
     return rows
 
 
@@ -77,4 +81,4 @@ def load_queries(dataset: str, n: int, seed: int) -> list[Query]:
         return TASKS[dataset](n, seed)
     if dataset.endswith(".jsonl"):
         return load_jsonl(dataset)
-    raise ValueError(f"unknown dataset {dataset!r}: use a built-in task ({', '.join(sorted(TASKS))}) or a .jsonl path")
+    raise UserError(f"unknown dataset {dataset!r}: use a built-in task ({', '.join(sorted(TASKS))}) or a .jsonl path")

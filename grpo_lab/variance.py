@@ -19,10 +19,12 @@ from __future__ import annotations
 import argparse
 import math
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
 
+from grpo_lab.errors import UserError, UserFileNotFoundError, run_cli
 from grpo_lab.probe.cache import write_json as _write_json
 from grpo_lab.probe.callback import GradientVarianceProbe
 from grpo_lab.probe.core import (
@@ -84,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the queries and of the probe's sampling (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device to run the probe on, e.g. cpu or cuda (default: %(default)s)")
     parser.add_argument("--out", default="probe.json", help="where to write the results as JSON (default: %(default)s)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error, not just its line")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no table, only the JSON file")
     parser.add_argument(
         "--trust-checkpoint", action="store_true",
@@ -107,15 +110,26 @@ def load_module(ckpt: str | Path, trust: bool = False):
         with torch.serialization.safe_globals([PolicyConfig, WarmStartConfig]):
             return GRPOModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise SystemExit(
-            f"{ckpt}: cannot be loaded with weights_only torch loading ({err}).\n"
+        raise UserError(
+            f"{ckpt}: cannot be loaded with weights_only torch loading ({err}). "
             "If you made this checkpoint yourself, rerun with --trust-checkpoint."
         ) from None
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
+    """``python -m grpo_lab.variance``: a bad checkpoint path or setting is one ``error:`` line and exit
+    status 2 (``--debug`` for the traceback; see ``grpo_lab.errors``). Returns the statistics."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> dict[str, dict[str, float | None]]:
     args = build_parser().parse_args(argv)
     from grpo_lab.tasks import load_queries
+
+    if not Path(args.ckpt).is_file():
+        raise UserFileNotFoundError(f"--ckpt {args.ckpt}: no such checkpoint file")
+    if not zipfile.is_zipfile(args.ckpt):  # what torch.save (and so Lightning) has written since torch 1.6
+        raise UserError(f"--ckpt {args.ckpt}: not a checkpoint (a Lightning .ckpt is a zip archive written by torch.save)")
 
     module = load_module(args.ckpt, trust=args.trust_checkpoint).to(args.device)
     queries = load_queries(args.dataset, args.num_queries, args.seed)

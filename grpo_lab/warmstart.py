@@ -20,9 +20,11 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from grpo_lab.errors import UserError
 from grpo_lab.policy import PolicyConfig, build_policy, save_policy
 from grpo_lab.rollout import generate
 from grpo_lab.tasks import Query, load_queries
+from grpo_lab.tokenizer import chat_prompt
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +44,16 @@ class WarmStartConfig:
     starts from the same policy)."""
     cache_dir: str = "runs/warmstart"
     """Where warm starts are cached, one directory per configuration."""
+    chat_template: bool = False
+    """Wrap the SFT prompts in the tokenizer's chat template, as ``data.chat_template`` does for the RL
+    prompts (the two must agree; the DataModule checks)."""
 
 
 def warm_start_key(policy: PolicyConfig, cfg: WarmStartConfig, dataset: str) -> str:
-    ident = {"policy": policy.key(), "warm_start": {k: v for k, v in asdict(cfg).items() if k != "cache_dir"}}
+    """What determines the weights, hashed. ``chat_template`` enters only when true, so the keys (and the
+    caches, and the checkpoints that name them) of runs without it stay what they were."""
+    ws = {k: v for k, v in asdict(cfg).items() if k != "cache_dir" and not (k == "chat_template" and not v)}
+    ident = {"policy": policy.key(), "warm_start": ws}
     ident["dataset"] = dataset
     if dataset.endswith(".jsonl") and Path(dataset).is_file():
         ident["dataset_sha"] = hashlib.sha256(Path(dataset).read_bytes()).hexdigest()
@@ -61,7 +69,7 @@ def sft_batch(tok: PreTrainedTokenizerBase, queries: list[Query]) -> tuple[torch
     rows, labels = [], []
     for q in queries:
         if "answer" not in q:
-            raise ValueError("the warm start needs an 'answer' column in the dataset (the SFT target)")
+            raise UserError("the warm start needs an 'answer' column in the dataset (the SFT target)")
         p = tok(q["prompt"], add_special_tokens=False)["input_ids"]
         a = tok(str(q["answer"]), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         rows.append(p + a)
@@ -118,8 +126,12 @@ def ensure_warm_start(policy: PolicyConfig, cfg: WarmStartConfig, dataset: str) 
         if len(train_data) < cfg.steps * cfg.batch_size:  # a JSONL file: cycle through it
             reps = -(-cfg.steps * cfg.batch_size // len(train_data))
             train_data = (train_data * reps)[: cfg.steps * cfg.batch_size]
+        held_out = load_queries(dataset, 400, cfg.seed + 2)[:400]
+        if cfg.chat_template:  # the prompts the RL run sees with data.chat_template
+            chat = {p: chat_prompt(tok, p) for p in {q["prompt"] for q in train_data + held_out}}
+            train_data, held_out = ([{**q, "prompt": chat[q["prompt"]]} for q in qs] for qs in (train_data, held_out))
         train_sft(model, tok, train_data, cfg)
-        acc = sampled_accuracy(model, tok, load_queries(dataset, 400, cfg.seed + 2)[:400])
+        acc = sampled_accuracy(model, tok, held_out)
     meta = {"key": path.name, "dataset": dataset, "policy": policy.key(), "warm_start": asdict(cfg),
             "sampled_accuracy": acc, "seconds": round(time.perf_counter() - t0, 1)}
     save_policy(model, tok, path)

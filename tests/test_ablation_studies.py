@@ -23,8 +23,11 @@ from optuna.trial import TrialState
 
 from ablations.run import make_storage, open_study, run_grid
 from ablations.spaces import SPACES, Space
+from ablations.tensorboard_runs import run_name
+from grpo_lab.logs import read_scalars
 from tests.conftest import ROOT
 from tests.test_ablations import _fake_objective
+from tests.test_tensorboard import hparams_table
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -60,7 +63,12 @@ def test_smoke_study_end_to_end_until_decisive_and_resumed(tmp_path):
     assert t.user_attrs["probe"] and {"snr", "snr_ratio", "cosine", "hard_share"} <= set(t.user_attrs["probe"][0])
     out = tmp_path / "runs" / "ablate" / "smoke"
     assert (out / "report.md").is_file() and (out / "probe.png").is_file()
-    assert (out / str(t.number) / "trial.yaml").is_file() and (out / str(t.number) / "fit.log").is_file()
+    trial_dir = Path(t.user_attrs["logdir"])  # runs/ablate/smoke/advantage=.../seed=.../trial_N
+    assert trial_dir.relative_to(out).parts[-1] == f"trial_{t.number}"
+    assert (trial_dir / "trial.yaml").is_file() and (trial_dir / "fit.log").is_file()
+    assert "hp_metric" not in read_scalars(trial_dir)  # Lightning's constant -1 is off
+    _, rows = hparams_table(out)  # TensorBoard's HParams tab: one row per trial, named by its params
+    assert sorted(g["name"] for g in rows) == sorted(run_name(SPACES["smoke"], p) for p in SPACES["smoke"].points())
     summary = json.loads((out / "summary.json").read_text())
     assert summary["wall_s"] > 0 and set(summary["comparisons"]) == {"rloo"} and summary["groups"]["rloo"]["n_seeds"] == 2
     n = len(study.get_trials())
@@ -99,6 +107,11 @@ def test_controls_end_to_end_at_small_shapes(tmp_path, monkeypatch):
     hits = [t.number for t in study.get_trials(states=(TrialState.COMPLETE,))
             if any(r["cached"] for r in t.user_attrs["probe"] if r["fraction"] == 0.0)]
     assert len(hits) == 3 and len(list((tmp_path / "runs" / "probe_cache").glob("*.json"))) == 6 + 9
+def _trial_log(root: Path, number: int) -> Path:
+    """fit.log of trial ``number`` of the smoke study (its directory is named by its params)."""
+    return next((root / "ablate" / "smoke").rglob(f"trial_{number}/fit.log"))
+
+
 def _fits_of(root: Path, sub: str = "") -> list[int]:
     """Pids of live processes whose command line mentions ``root`` (the runner's fits; ``sub`` = "fit" leaves
     out the warm-start build)."""
@@ -144,14 +157,14 @@ def test_resume_after_sigkill_reruns_only_what_is_missing(tmp_path):
         except ProcessLookupError:
             pass
     done_numbers = sorted(n for v in first.values() for n in v)
-    stamps = {n: (root / "ablate" / "smoke" / str(n) / "fit.log").stat().st_mtime_ns for n in done_numbers}
+    stamps = {n: _trial_log(root, n).stat().st_mtime_ns for n in done_numbers}
     rerun = subprocess.run(_runner(root, "--grace-period", "3"), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, f"the rerun failed:\n{rerun.stdout[-4000:]}\n{rerun.stderr[-4000:]}"
     done = _complete_by_point(db)
     assert len(done) == len(SPACES["smoke"].points()) and all(len(v) == 1 for v in done.values())
     for key, numbers in first.items():
         assert done[key] == numbers  # the finished trials were kept, not rerun
-    assert stamps == {n: (root / "ablate" / "smoke" / str(n) / "fit.log").stat().st_mtime_ns for n in done_numbers}
+    assert stamps == {n: _trial_log(root, n).stat().st_mtime_ns for n in done_numbers}
     assert (root / "ablate" / "smoke" / "report.md").is_file()
 
 

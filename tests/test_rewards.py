@@ -51,3 +51,56 @@ def test_score_names_a_raising_function():
 
     with pytest.raises(RuntimeError, match="reward function 'boom' raised KeyError"):
         score([boom], ["a"], {})
+
+
+def test_overlong_penalty_by_hand():
+    from grpo_lab.rewards import overlong_penalty
+
+    # L = 8, C = 4: free up to 4 tokens, then (4 - n) / 4 down to -1 at n = 8
+    lengths = [3, 4, 5, 6, 8]
+    got = overlong_penalty(["x"] * 5, completion_length=lengths, max_new_tokens=[8] * 5, overlong_buffer=[4] * 5)
+    assert got == [0.0, 0.0, -0.25, -0.5, -1.0]
+    assert overlong_penalty(["x"], completion_length=[9], max_new_tokens=[8], overlong_buffer=[4]) == [-1.0]
+
+
+def test_normalize_then_sum_by_hand():
+    from grpo_lab.rewards import aggregate_rewards
+
+    # one group of G = 3, two functions, weights [1, .5]
+    #   f1 = [1, 0, 0]: mean 1/3, Bessel std sqrt(1/3) -> z1 = [2/3, -1/3, -1/3] / sqrt(1/3) = [1.1547, -.5774, -.5774]
+    #   f2 = [10, 20, 30]: mean 20, std 10 -> z2 = [-1, 0, 1]
+    #   sum = z1 + .5 z2 = [.6547, -.5774, -.0774]   (weighted_sum would give [6, 10, 15]: f2 drowns f1)
+    values = torch.tensor([[[1.0, 0.0, 0.0]], [[10.0, 20.0, 30.0]]], dtype=torch.float64)
+    s1, s2 = math.sqrt(1 / 3) + 1e-6, 10 + 1e-6
+    want = torch.tensor([[(2 / 3) / s1 - 0.5 * 10 / s2, (-1 / 3) / s1, (-1 / 3) / s1 + 0.5 * 10 / s2]], dtype=torch.float64)
+    torch.testing.assert_close(aggregate_rewards(values, [1.0, 0.5], "normalize_then_sum"), want)
+    torch.testing.assert_close(aggregate_rewards(values, [1.0, 0.5]), torch.tensor([[6.0, 10.0, 15.0]], dtype=torch.float64))
+    # a function flat in a group contributes exactly 0 there; a NaN stays NaN only where it was
+    flat = torch.tensor([[[0.1, 0.1, 0.1]], [[1.0, float("nan"), 0.0]]])
+    out = aggregate_rewards(flat, None, "normalize_then_sum")
+    # f2's valid values [1, 0]: mean .5, Bessel std sqrt(.5) -> z = +-.5 / sqrt(.5)
+    assert out[0, 0].item() == pytest.approx(0.5 / (math.sqrt(0.5) + 1e-6), rel=1e-6) and math.isnan(out[0, 1].item())
+    assert out[0, 2].item() == pytest.approx(-0.5 / (math.sqrt(0.5) + 1e-6), rel=1e-6)
+    with pytest.raises(ValueError, match="2 weights for 1 reward functions"):
+        aggregate_rewards(values[:1], [1.0, 2.0])
+    with pytest.raises(ValueError, match="unknown reward aggregation 'max'"):
+        aggregate_rewards(values, None, "max")
+
+
+def test_rollout_columns_and_invalid_fill():
+    from grpo_lab.rewards import (
+        ROLLOUT_COLUMNS,
+        check_reward_columns,
+        fill_invalid,
+        overlong_penalty,
+        reward_columns,
+    )
+
+    batch = [{"prompt": "1+1=", "answer": "2", "_line": 3, "completion_length": "stale"}, {"prompt": "2+2=", "answer": "4"}]
+    cols = reward_columns(batch, 2, completion_length=[1, 2, 3, 4], max_new_tokens=8)
+    assert cols == {"answer": ["2", "2", "4", "4"], "completion_length": [1, 2, 3, 4], "max_new_tokens": [8] * 4}
+    check_reward_columns([overlong_penalty], [{"prompt": "x"}], "q.jsonl")  # rollout columns are not query columns
+    assert {"completion_length", "max_new_tokens", "overlong_buffer"} <= set(ROLLOUT_COLUMNS)
+    r, invalid = fill_invalid(torch.tensor([[1.0, float("nan"), 0.0], [float("inf"), 2.0, 2.0]]))
+    torch.testing.assert_close(r, torch.tensor([[1.0, 0.5, 0.0], [2.0, 2.0, 2.0]]))
+    assert invalid.tolist() == [[False, True, False], [True, False, False]]

@@ -104,3 +104,37 @@ def test_select_keeps_groups_only_on_group_boundaries(tiny_policy):
     assert r.select(slice(8, 100)).group_size == 4  # a slice past the end is clamped
     part = r.select(slice(0, 6))  # not aligned: falls back to the full forward, same values
     torch.testing.assert_close(sequence_logprobs(model, part)[0] * part.completion_mask, part.logprobs, atol=2e-5, rtol=1e-5)
+
+
+def test_a_cache_that_cannot_be_repeated_falls_back_and_logs_once(caplog):
+    """A model whose KV cache has no batch_repeat_interleave: the full forward is used (same log-probs) and a
+    warning names the model class once, however many batches follow."""
+    import inspect
+    import logging
+    import types
+
+    from transformers import LlamaForCausalLM
+
+    from grpo_lab import rollout as rollout_mod
+    from grpo_lab.policy import PolicyConfig, build_policy
+
+    class OpaqueCacheLlama(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            if kwargs.get("use_cache"):
+                out[rollout_mod._cache_keyword(self)] = types.SimpleNamespace()  # no batch_repeat_interleave
+            return out
+
+    OpaqueCacheLlama.forward.__signature__ = inspect.signature(LlamaForCausalLM.forward)
+    model, tok = build_policy(PolicyConfig(hidden_size=32, num_layers=1, num_heads=2), seed=0)
+    r = generate(model, tok, ["1+2=", "13+45="], 3, 4)
+    ref, _ = sequence_logprobs(model, r)
+    opaque = OpaqueCacheLlama(model.config)
+    opaque.load_state_dict(model.state_dict())
+    rollout_mod._UNSHARED.discard("OpaqueCacheLlama")
+    with caplog.at_level(logging.WARNING, logger="grpo_lab.rollout"):
+        for _ in range(3):
+            got, _ = sequence_logprobs(opaque, r)
+            torch.testing.assert_close(got * r.completion_mask, ref * r.completion_mask, atol=1e-5, rtol=1e-5)
+    warnings = [rec.getMessage() for rec in caplog.records if "cannot be repeated" in rec.getMessage()]
+    assert len(warnings) == 1 and "OpaqueCacheLlama" in warnings[0]

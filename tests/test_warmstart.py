@@ -25,3 +25,15 @@ def test_warm_start_is_cached_by_config(tmp_path):
     assert set(meta["sampled_accuracy"]) >= {"all", "easy", "hard"}
     other = WarmStartConfig(steps=4, batch_size=8, cache_dir=str(tmp_path))
     assert warm_start_dir(SMALL, other, "arithmetic") != p1
+
+
+def test_chat_template_enters_the_key_only_when_set():
+    """Runs without the template keep the keys (caches, checkpoints) they had before the field existed."""
+    import hashlib
+    from dataclasses import asdict
+
+    cfg = WarmStartConfig(steps=3)
+    old = {"policy": SMALL.key(), "warm_start": {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "chat_template")},
+           "dataset": "arithmetic"}
+    assert warm_start_dir(SMALL, cfg, "arithmetic").name == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    assert warm_start_dir(SMALL, WarmStartConfig(steps=3, chat_template=True), "arithmetic") != warm_start_dir(SMALL, cfg, "arithmetic")

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 
+from grpo_lab.errors import UserError
 from grpo_lab.probe.cache import cache_key, cached, write_json
 from grpo_lab.probe.core import (
     DEFAULT_ESTIMATORS,
@@ -67,9 +68,9 @@ class GradientVarianceProbe(L.Callback):
             n_resamples: bootstrap resamples of the batches for the intervals.
         """
         if any(not 0.0 <= f <= 1.0 for f in at_fractions):
-            raise ValueError(f"at_fractions must lie in [0, 1], got {list(at_fractions)}")
+            raise UserError(f"at_fractions must lie in [0, 1], got {list(at_fractions)}")
         if num_batches < 2 or reference_batches < 0 or prompts_per_batch < 1:
-            raise ValueError("need num_batches >= 2, reference_batches >= 0 and prompts_per_batch >= 1")
+            raise UserError("need num_batches >= 2, reference_batches >= 0 and prompts_per_batch >= 1")
         self.estimators = list(estimators)
         self.num_batches = num_batches
         self.reference_batches = reference_batches

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from grpo_lab.errors import UserError
 from grpo_lab.probe.gradients import batch_gradients
 from grpo_lab.probe.stats import GramAccumulator, snr_intervals
 
@@ -100,13 +101,13 @@ def probe(
     """
     estimators = list(dict.fromkeys(estimators))
     if not estimators:
-        raise ValueError("estimators must name at least one advantage estimator")
+        raise UserError("estimators must name at least one advantage estimator")
     if num_batches < 2:
-        raise ValueError(f"num_batches must be >= 2 to estimate a variance, got {num_batches}")
+        raise UserError(f"num_batches must be >= 2 to estimate a variance, got {num_batches}")
     if reference_batches < 0:
-        raise ValueError(f"reference_batches must be >= 0, got {reference_batches}")
+        raise UserError(f"reference_batches must be >= 0, got {reference_batches}")
     if not 1 <= prompts_per_batch <= len(queries):
-        raise ValueError(f"prompts_per_batch must be in [1, {len(queries)}] (the queries given), got {prompts_per_batch}")
+        raise UserError(f"prompts_per_batch must be in [1, {len(queries)}] (the queries given), got {prompts_per_batch}")
     if split is not None and not any(split[0] in q for q in queries):
         split = None  # no such column: nothing to split by
     acc = GramAccumulator(estimators, num_batches)

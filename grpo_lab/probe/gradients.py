@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from grpo_lab.advantages import compute_advantages
+from grpo_lab.errors import UserError
 from grpo_lab.losses import policy_loss
 from grpo_lab.rollout import sequence_logprobs
 
@@ -100,7 +101,7 @@ def batch_gradients(module, batch: list[dict], estimators: Sequence[str], refere
     """
     names = list(dict.fromkeys(estimators))
     if not names:
-        raise ValueError("estimators must name at least one advantage estimator")
+        raise UserError("estimators must name at least one advantage estimator")
     h = module.hparams
     agg = aggregation or h.aggregation
     batch, n_in = _split_order(batch, split)

@@ -1,0 +1,79 @@
+"""A user's mistake is one line, a bug keeps its traceback.
+
+Code that validates what a user gave (a file, a name, a config value, the user's own reward function) raises
+``UserError`` or one of its subclasses; every entry point (``grpo-lab``, ``grpo-lab-ablate``,
+``python -m grpo_lab.variance``) runs through ``run_cli``, which prints such an error as::
+
+    error: reward function 'my_rewards:score' returned 15 values for 16 completions
+
+on stderr and exits with status 2. Anything else (a bug in our code or in a library) keeps its traceback.
+``--debug`` (accepted by every entry point, removed from the arguments before the parser sees them) or
+``GRPO_LAB_DEBUG=1`` shows the traceback of user errors too; ``--debug`` also sets ``GRPO_LAB_DEBUG=1`` for
+the processes the command starts (a DDP rank, an ablation trial's fit).
+
+``UserError`` subclasses ``ValueError`` and its two siblings also subclass ``FileNotFoundError`` and
+``RuntimeError``, so ``except ValueError`` (or ``FileNotFoundError`` / ``RuntimeError``) around library
+calls keeps working.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+from grpo_lab.processes import die_with_parent
+
+T = TypeVar("T")
+
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "GRPO_LAB_DEBUG"
+EXIT_USER_ERROR = 2  # as argparse's own usage errors
+
+
+class UserError(ValueError):
+    """Something the user gave is wrong: the message names the cause and the fix."""
+
+
+class UserFileNotFoundError(UserError, FileNotFoundError):
+    """A file or directory the user named does not exist."""
+
+
+class UserRuntimeError(UserError, RuntimeError):
+    """The run cannot go on because of the user's code or settings (their reward function raised, the loss
+    stayed non-finite step after step)."""
+
+
+def debug_enabled() -> bool:
+    """``GRPO_LAB_DEBUG`` is set to anything but ``""``/``0``."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def error_line(err: BaseException) -> str:
+    """``error: <message>`` on one line; a hint to ``--debug`` when the error wraps another exception (e.g.
+    the user's reward function raised), whose traceback is then worth seeing."""
+    message = " ".join(str(err).split()) or type(err).__name__
+    hint = f" (rerun with {DEBUG_FLAG} for the traceback)" if err.__cause__ is not None else ""
+    return f"error: {message}{hint}"
+
+
+def run_cli(main: Callable[[list[str] | None], T], argv: list[str] | None = None) -> T:
+    """Call ``main(argv)`` as an entry point: ``--debug`` taken out of the arguments (of ``sys.argv`` itself
+    when ``argv`` is None, since LightningCLI and argparse read it there), the process tied to its parent's
+    life when the parent asked for it (``grpo_lab.processes.die_with_parent``), and a ``UserError`` turned
+    into one ``error:`` line on stderr and ``SystemExit(2)``. Returns what ``main`` returns."""
+    die_with_parent()
+    args = list(sys.argv[1:] if argv is None else argv)
+    if DEBUG_FLAG in args:
+        os.environ[DEBUG_ENV] = "1"  # an entry point may set the environment; children inherit it
+        args = [a for a in args if a != DEBUG_FLAG]
+        if argv is None:
+            sys.argv[1:] = args
+    try:
+        return main(None if argv is None else args)
+    except UserError as err:
+        if debug_enabled():
+            raise
+        print(error_line(err), file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR) from None
