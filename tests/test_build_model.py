@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from grpo_lab.build_model import ModelSpec, build_model, corpus_texts, main
+from grpo_lab.errors import run_cli
 from grpo_lab.policy import PolicyConfig, build_policy
 from grpo_lab.tokenizer import build_bpe_tokenizer, chat_prompt, load_tokenizer
 from tests.conftest import ROOT
@@ -85,8 +86,9 @@ def test_bad_specs_and_the_command_line(tmp_path, capsys):
         ModelSpec(num_kv_heads=3)
     with pytest.raises(ValueError, match="corpus is empty"):
         build_model(ModelSpec(), [], tmp_path / "x")
-    assert main(["--out", str(tmp_path / "m"), "--corpus", str(tmp_path / "missing.jsonl")]) == 2
-    assert "error: corpus" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(main, ["--out", str(tmp_path / "m"), "--corpus", str(tmp_path / "missing.jsonl")])
+    assert exit_.value.code == 2 and capsys.readouterr().err.startswith("error: corpus ")
     args = ["--arch", "gpt2", "--out", str(tmp_path / "m"), "--corpus", str(SAMPLE), "--hidden-size", "16",
             "--num-heads", "2", "--num-layers", "1", "--vocab-size", "280"]
     assert main(args) == 0 and (tmp_path / "m" / "config.json").is_file()
