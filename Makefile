@@ -3,10 +3,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 PYTHON  := $(BIN)/python
-# Threads: the machine has 2 cores; torch picks its own count inside each process.
-export TOKENIZERS_PARALLELISM := false
-export HF_HUB_OFFLINE := 1
-export TRANSFORMERS_OFFLINE := 1
+# The offline environment variables are set by each program where it starts (grpo_lab/environment.py).
 
 .PHONY: install test test-fast lint smoke tiny warmstart tensorboard ablate ablate-smoke bench gpu-wheels gpu-check-dry math-sample clean
 

@@ -11,6 +11,9 @@ on stderr and exits with status 2. Anything else (a bug in our code or in a libr
 ``GRPO_LAB_DEBUG=1`` shows the traceback of user errors too; ``--debug`` also sets ``GRPO_LAB_DEBUG=1`` for
 the processes the command starts (a DDP rank, an ablation trial's fit).
 
+``run_cli`` is also where a program's process is set up (``grpo_lab.environment.configure_process``: the
+offline environment variables, transformers' logging), so importing grpo_lab changes nothing global.
+
 ``UserError`` subclasses ``ValueError`` and its two siblings also subclass ``FileNotFoundError`` and
 ``RuntimeError``, so ``except ValueError`` (or ``FileNotFoundError`` / ``RuntimeError``) around library
 calls keeps working.
@@ -23,6 +26,7 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
+from grpo_lab.environment import configure_process
 from grpo_lab.processes import die_with_parent
 
 T = TypeVar("T")
@@ -61,9 +65,11 @@ def error_line(err: BaseException) -> str:
 def run_cli(main: Callable[[list[str] | None], T], argv: list[str] | None = None) -> T:
     """Call ``main(argv)`` as an entry point: ``--debug`` taken out of the arguments (of ``sys.argv`` itself
     when ``argv`` is None, since LightningCLI and argparse read it there), the process tied to its parent's
-    life when the parent asked for it (``grpo_lab.processes.die_with_parent``), and a ``UserError`` turned
-    into one ``error:`` line on stderr and ``SystemExit(2)``. Returns what ``main`` returns."""
+    life when the parent asked for it (``grpo_lab.processes.die_with_parent``), the process set up
+    (``grpo_lab.environment.configure_process``), and a ``UserError`` turned into one ``error:`` line on
+    stderr and ``SystemExit(2)``. Returns what ``main`` returns."""
     die_with_parent()
+    configure_process()
     args = list(sys.argv[1:] if argv is None else argv)
     if DEBUG_FLAG in args:
         os.environ[DEBUG_ENV] = "1"  # an entry point may set the environment; children inherit it

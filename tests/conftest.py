@@ -1,12 +1,13 @@
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from grpo_lab.environment import configure_process
+
+configure_process()  # the test suite is a program too: offline, transformers' logging at errors only
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 

@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from grpo_lab.environment import configure_process
 from grpo_lab.probe.core import DEFAULT_ESTIMATORS, NUM_BATCHES, PROMPTS_PER_BATCH, probe, relative_half_width
 
 
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--estimators", nargs="+", default=list(DEFAULT_ESTIMATORS), help="the first is the ratios' baseline")
     p.add_argument("--threads", type=int, default=1, help="torch threads (a study's trial gets cores / workers)")
     args = p.parse_args(argv)
+    configure_process()
     torch.set_num_threads(args.threads)
     logs: dict[str, list[float]] = {e: [] for e in args.estimators[1:]}
     print(f"K = {args.num_batches} batches of {args.prompts_per_batch} prompts at the warm start of {args.config}")
