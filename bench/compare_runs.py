@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from ablations.objective import moving_average
-from grpo_lab.logs import learning_lift, read_scalars
+from grpo_lab.tensorboard_scalars import learning_lift, read_scalars
 
 
 def main(argv: list[str] | None = None) -> None:

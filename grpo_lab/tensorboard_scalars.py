@@ -1,4 +1,4 @@
-"""Reading logged scalars back from a TensorBoard run directory (for tests, measurements and reports)."""
+"""The scalars of a TensorBoard run directory, read back (for tests, measurements and reports)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 from ablations.run import make_storage, open_study, run_grid
 from ablations.spaces import SPACES, Space
 from ablations.tensorboard_runs import run_name
-from grpo_lab.logs import read_scalars
+from grpo_lab.tensorboard_scalars import read_scalars
 from tests.conftest import ROOT
 from tests.test_ablations import _fake_objective
 from tests.test_tensorboard import hparams_table

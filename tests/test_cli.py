@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from grpo_lab.cli import cli_main
-from grpo_lab.logs import learning_lift, read_scalars
+from grpo_lab.tensorboard_scalars import learning_lift, read_scalars
 from tests.conftest import CONFIGS, ROOT
 
 SHIPPED = sorted(p.name for p in CONFIGS.glob("*.yaml"))

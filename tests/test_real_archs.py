@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from grpo_lab.build_model import ModelSpec, build_model, corpus_texts
-from grpo_lab.logs import read_scalars
+from grpo_lab.tensorboard_scalars import read_scalars
 from grpo_lab.policy import PolicyConfig, build_policy
 from grpo_lab.rollout import generate, positions, sequence_logprobs, shared_prompt_forward
 from grpo_lab.tokenizer import chat_prompt
