@@ -1,7 +1,7 @@
 """Query sets: the built-in easy/hard arithmetic mixture and JSONL files, validated before training starts.
 
-A query is a plain dict: ``prompt`` (the text the policy continues) plus any other columns, which reward
-functions receive as keyword arguments (e.g. ``answer``, ``difficulty``).
+A query is a dict (:class:`Query`): ``prompt`` (the text the policy continues) plus any other columns, which
+reward functions receive as keyword arguments (e.g. ``answer``, ``difficulty``).
 """
 
 from __future__ import annotations
@@ -10,11 +10,29 @@ import json
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypedDict
 
 from grpo_lab.errors import UserError, UserFileNotFoundError
 from grpo_lab.registry import registrar
 
-Query = dict
+
+class _Prompt(TypedDict):
+    prompt: str
+    """The text the policy continues (a JSONL line in GSM8K's layout gives it as ``question``)."""
+
+
+class Query(_Prompt, total=False):
+    """One query: a ``prompt`` and, optionally, the columns the built-in tasks and rewards use. A JSONL file may
+    add any other column (a reward function receives it by name); at run time a query is a plain dict."""
+
+    answer: str
+    """The reference answer (``exact_match``, ``numeric_match``, ``math_verify`` and the warm start read it)."""
+    difficulty: str
+    """A label the metrics split by (``train/reward_<difficulty>``, ``val/acc_*_<difficulty>``)."""
+    _line: int
+    """The JSONL line the query came from (error messages name it)."""
+
+
 TaskFn = Callable[[int, int], list[Query]]
 TASKS: dict[str, TaskFn] = {}
 
