@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpo_lab.errors import UserError
 from grpo_lab.policy import PolicyConfig, build_policy, save_policy
+from grpo_lab.rewards import exact_match
 from grpo_lab.rollout import generate
 from grpo_lab.tasks import Query, load_queries
 from grpo_lab.tokenizer import chat_prompt
@@ -88,8 +89,8 @@ def sampled_accuracy(model: PreTrainedModel, tok: PreTrainedTokenizerBase, queri
     model.eval()
     roll = generate(model, tok, [q["prompt"] for q in queries], 1, max_new_tokens, 1.0)
     hits: dict[str, list[float]] = {"all": []}
-    for q, c in zip(queries, roll.completions, strict=True):
-        ok = float(c.strip() == str(q.get("answer", "")).strip())
+    scores = exact_match(roll.completions, [q.get("answer", "") for q in queries])
+    for q, ok in zip(queries, scores, strict=True):
         hits["all"].append(ok)
         hits.setdefault(str(q.get("difficulty", "all")), []).append(ok)
     return {k: sum(v) / len(v) for k, v in hits.items()}
