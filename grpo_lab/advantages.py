@@ -312,6 +312,9 @@ PRESETS: dict[str, tuple[str, str]] = {
     "gradient_weighted": ("gradient_weighted", "none"),
 }
 ADVANTAGES.update({name: normalized(*pair) for name, pair in PRESETS.items()})
+CLASSIC_ESTIMATORS: tuple[str, ...] = ("reward", "mean_baseline", "group_norm", "rloo")
+"""REINFORCE, its group-mean baseline, GRPO's normalization and RLOO: the four the default study and the
+gradient probe compare (the first is the baseline of their ratios)."""
 
 
 def resolve_estimator(advantage: str, center: str | None = None, scale: str | None = None) -> Estimator:

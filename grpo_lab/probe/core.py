@@ -22,11 +22,12 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from grpo_lab.advantages import CLASSIC_ESTIMATORS
 from grpo_lab.errors import UserError
 from grpo_lab.probe.gradients import batch_gradients
 from grpo_lab.probe.stats import GramAccumulator, snr_intervals
 
-DEFAULT_ESTIMATORS: tuple[str, ...] = ("reward", "mean_baseline", "group_norm", "rloo")
+DEFAULT_ESTIMATORS: tuple[str, ...] = CLASSIC_ESTIMATORS
 REFERENCE_ESTIMATOR = "rloo"
 DEFAULT_SPLIT = ("difficulty", "hard")
 NUM_BATCHES = 64  # ablations.spaces.ProbeSettings says the same (docs/ablations.md, "The probe's precision")
