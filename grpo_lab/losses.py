@@ -15,7 +15,8 @@ From REINFORCE to GRPO (README, "The derivation"):
 - Aggregation of the per-token loss ``[B, T]`` into a scalar: ``sequence_mean`` is the original GRPO
   (mean over tokens of each completion, then over completions; long completions get less weight per
   token), ``token_mean`` (DAPO, TRL's default, and ours) weights every token equally, ``constant``
-  (Dr. GRPO) divides by a fixed B·T so the loss scale does not depend on the lengths sampled.
+  (Dr. GRPO) divides by a fixed B·T so the loss scale does not depend on the lengths sampled. Each one's
+  denominator (the normalizer) is :func:`aggregation_normalizer`, the one rule the module and the probe use.
 
 The field's variants, each an option of :func:`policy_loss` (the default is textbook token-level GRPO):
 
@@ -103,10 +104,31 @@ def get_aggregation(name: str) -> AggregateFn:
     return lookup(AGGREGATIONS, name, "aggregation")
 
 
+def aggregation_normalizer(aggregation: str, mask: Tensor, max_new_tokens: int | None = None, *,
+                           total: Callable[[Tensor], Tensor] | None = None, world: int = 1) -> Tensor:
+    """The denominator of ``aggregation`` for a batch with completion mask ``mask`` ``[B, T]`` (a float scalar).
+
+    ``token_mean``: the real tokens Σmask; ``sequence_mean`` (and an aggregation named by import path): the
+    sequences B; ``constant``: B·``max_new_tokens`` (Dr. GRPO's B·L, L the generation budget; default the
+    padded width T). Under DDP each process holds part of the batch and the gradients are averaged over the
+    N processes: ``total`` sums the count over them (``distributed.sum_over_processes``) and ``world`` = N
+    divides it back, so 1 process, N processes and micro-batches of one batch all divide by the same number.
+    """
+    dtype = mask.dtype if mask.is_floating_point() else torch.float32
+    if aggregation == "token_mean":
+        count = mask.sum().to(dtype)
+    else:
+        count = torch.tensor(float(mask.shape[0]), dtype=dtype, device=mask.device)
+    count = (count if total is None else total(count)).clamp(min=1.0) / world
+    if aggregation == "constant":
+        return count * (mask.shape[-1] if max_new_tokens is None else max_new_tokens)
+    return count
+
+
 @register_aggregation("token_mean")
 def token_mean(loss: Tensor, mask: Tensor, normalizer: float | Tensor | None = None) -> Tensor:
     """Σ(loss·mask) / Σmask over the whole batch (``normalizer`` overrides Σmask, e.g. a global count)."""
-    denom = mask.sum().clamp(min=1.0) if normalizer is None else normalizer
+    denom = aggregation_normalizer("token_mean", mask) if normalizer is None else normalizer
     return (loss * mask).sum() / denom
 
 
@@ -115,13 +137,13 @@ def sequence_mean(loss: Tensor, mask: Tensor, normalizer: float | Tensor | None 
     """mean_b (Σ_t loss·mask / Σ_t mask): the original GRPO (an empty completion contributes 0).
     ``normalizer`` overrides the number of sequences B."""
     per_seq = (loss * mask).sum(dim=-1) / mask.sum(dim=-1).clamp(min=1.0)  # [B]
-    return per_seq.sum() / (per_seq.numel() if normalizer is None else normalizer)
+    return per_seq.sum() / (aggregation_normalizer("sequence_mean", mask) if normalizer is None else normalizer)
 
 
 @register_aggregation("constant")
 def constant(loss: Tensor, mask: Tensor, normalizer: float | Tensor | None = None) -> Tensor:
     """Σ(loss·mask) / (B·T): Dr. GRPO's length-independent normalizer (``normalizer`` overrides B·T)."""
-    denom = mask.numel() if normalizer is None else normalizer
+    denom = aggregation_normalizer("constant", mask) if normalizer is None else normalizer
     return (loss * mask).sum() / denom
 
 

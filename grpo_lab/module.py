@@ -43,7 +43,7 @@ from grpo_lab.callbacks import ExactResume, NonFiniteGuard
 from grpo_lab.config import RLConfig
 from grpo_lab.distributed import min_over_processes, sum_over_processes, world_size
 from grpo_lab.errors import UserError, UserRuntimeError
-from grpo_lab.losses import high_entropy_mask, policy_loss, sequence_kl
+from grpo_lab.losses import aggregation_normalizer, high_entropy_mask, policy_loss, sequence_kl
 from grpo_lab.metrics import step_metrics
 from grpo_lab.policy import PolicyConfig, build_policy
 from grpo_lab.rewards import (
@@ -169,11 +169,13 @@ class GRPOModule(SampledAccuracy, L.LightningModule):
         """Rewards ``[P, G]`` of the rollout's completions (``aggregation`` overrides ``reward_aggregation``)."""
         return self.score(rollout, batch, aggregation)[0]
 
-    def score(self, rollout: Rollout, batch: list[Query], aggregation: str | None = None) -> tuple[Tensor, Tensor]:
-        """``(rewards, objective)`` ``[P, G]``: the reward functions combined by ``reward_aggregation`` (what the
-        advantage sees) and by their weighted sum (J's estimate, for the metrics). Reward functions see the query
-        columns and the rollout's (``rewards.ROLLOUT_COLUMNS``). With ``invalid_rewards="drop"`` an invalid
-        value gets its group's mean and leaves the loss."""
+    def score(self, rollout: Rollout, batch: list[Query],
+              aggregation: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(rewards, objective, invalid)`` ``[P, G]``: the reward functions combined by ``reward_aggregation``
+        (what the advantage sees) and by their weighted sum (J's estimate, for the metrics), and where a value
+        was invalid. Reward functions see the query columns and the rollout's (``rewards.ROLLOUT_COLUMNS``).
+        With ``invalid_rewards="drop"`` an invalid value gets its group's mean; ``rollout.without(invalid)``
+        leaves it out of the loss."""
         rl, g = self.rl, len(rollout.completions) // len(batch)
         length = torch.where(rollout.truncated, rl.max_new_tokens, rollout.completion_mask.sum(-1))  # incl. EOS
         columns = reward_columns(batch, g, completion_length=length.tolist(), truncated=rollout.truncated.tolist(),
@@ -183,9 +185,8 @@ class GRPOModule(SampledAccuracy, L.LightningModule):
         aggregation = aggregation or rl.reward_aggregation
         r, invalid = fill_invalid(aggregate_rewards(values, rl.reward_weights, aggregation))  # [P, G]
         j = r if aggregation == "weighted_sum" else fill_invalid(aggregate_rewards(values, rl.reward_weights))[0]
-        rollout.completion_mask[invalid.flatten()] = 0
         self._invalid_rewards += int(invalid.sum())
-        return r, j
+        return r, j, invalid
 
     def sample(self, batch: list[Query]) -> Sample:
         """rollout -> reward for the data loader's batch; with ``dynamic_sampling`` its zero-spread groups are
@@ -204,8 +205,9 @@ class GRPOModule(SampledAccuracy, L.LightningModule):
     def _rollout_and_reward(self, batch: list[Query]) -> tuple[Rollout, Tensor, Tensor]:
         rollout = self.rollout(batch)  # B = P·G completions, no grad
         if self.rl.mask_truncated:
-            rollout.completion_mask[rollout.truncated] = 0
-        return rollout, *self.score(rollout, batch)  # rewards and objective [P, G]
+            rollout = rollout.without(rollout.truncated)
+        rewards, objective, invalid = self.score(rollout, batch)  # [P, G]
+        return rollout.without(invalid.flatten()), rewards, objective
 
     def sequence_kl(self, rollout: Rollout) -> Tensor:
         """k1 of each completion to the reference ``[B]``: Σ_t log π_old(o_t) − log π_ref(o_t) (``kl_in="reward"``)."""
@@ -249,16 +251,12 @@ class GRPOModule(SampledAccuracy, L.LightningModule):
         return loss, stats
 
     def normalizer(self, mask: Tensor, reduce: bool = True) -> Tensor:
-        """The aggregation's denominator for a rollout batch with completion mask ``mask`` [B, T], chosen so
-        that 1 process, N DDP processes (gradients averaged) and micro-batches all give the same gradient:
-        token_mean: global token count / N; sequence_mean: global sequences / N; constant: that × max_new_tokens.
-        ``reduce=False`` gives this process's own count (no collective call: safe on one rank alone).
-        """
-        agg = self.rl.aggregation
-        count = mask.sum().float() if agg == "token_mean" else mask.new_tensor(float(mask.shape[0]))
-        world = world_size() if reduce else 1
-        count = (sum_over_processes(count.float()) if reduce else count.float()).clamp(min=1.0) / world
-        return count * self.rl.max_new_tokens if agg == "constant" else count
+        """The aggregation's denominator for a rollout batch with completion mask ``mask`` [B, T], counted over
+        all processes (``losses.aggregation_normalizer``); ``reduce=False``: this process's own count (no
+        collective call: safe on one rank alone)."""
+        return aggregation_normalizer(self.rl.aggregation, mask, self.rl.max_new_tokens,
+                                      total=sum_over_processes if reduce else None,
+                                      world=world_size() if reduce else 1)
 
     def _several_updates(self, rollout: Rollout, advantages: Tensor) -> tuple[Tensor, dict]:
         """μ optimizer steps on one rollout batch, each accumulated over ``micro_batches`` chunks."""

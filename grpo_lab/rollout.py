@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -34,6 +34,11 @@ class Rollout:
     @property
     def num_tokens(self) -> int:
         return int(self.completion_mask.sum())
+
+    def without(self, rows: Tensor) -> Rollout:
+        """A copy whose completion mask is 0 on the sequences where ``rows`` ``[B]`` (bool) is true: they stay
+        in the rollout (and its metrics) but leave the loss. The original is unchanged."""
+        return replace(self, completion_mask=self.completion_mask.masked_fill(rows.view(-1, 1), 0))
 
     def select(self, rows: slice) -> Rollout:
         """The sub-rollout of sequences ``rows`` (a micro-batch); it keeps the group structure when ``rows``

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from grpo_lab.losses import AGGREGATIONS, KL_ESTIMATORS, kl_penalty, policy_loss
+from grpo_lab.losses import AGGREGATIONS, KL_ESTIMATORS, aggregation_normalizer, kl_penalty, policy_loss
 
 F64 = torch.float64
 AGGS = ["token_mean", "sequence_mean", "constant"]
@@ -79,6 +79,27 @@ def test_bool_mask_equals_float_mask():
         a, _ = policy_loss(logprobs, old, adv, mask, aggregation=agg)
         b, _ = policy_loss(logprobs, old, adv, mask.bool(), aggregation=agg)
         torch.testing.assert_close(a, b)
+
+
+def test_aggregation_normalizer_by_hand_and_as_each_aggregations_default():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])  # B = 3 sequences, 4 real tokens, T = 4
+    assert float(aggregation_normalizer("token_mean", mask)) == 4.0
+    assert float(aggregation_normalizer("sequence_mean", mask)) == 3.0
+    assert float(aggregation_normalizer("my_pkg.aggs:custom", mask)) == 3.0  # a custom one counts sequences
+    assert float(aggregation_normalizer("constant", mask)) == 12.0  # B * padded width
+    assert float(aggregation_normalizer("constant", mask, max_new_tokens=8)) == 24.0  # B * generation budget
+    assert float(aggregation_normalizer("token_mean", torch.zeros(2, 3))) == 1.0  # never 0
+    # DDP: two processes holding 4 and 6 tokens, gradients averaged over N = 2, so each divides by 10 / 2
+    other = torch.tensor(6.0)
+    got = aggregation_normalizer("token_mean", mask, total=lambda x: x + other, world=2)
+    assert float(got) == 5.0
+    got = aggregation_normalizer("constant", mask, 8, total=lambda x: x + 5.0, world=2)  # (3 + 5) / 2 * 8
+    assert float(got) == 32.0
+    logprobs, old, adv, m = example()
+    for agg in AGGS:
+        explicit, _ = policy_loss(logprobs, old, adv, m, aggregation=agg, normalizer=aggregation_normalizer(agg, m))
+        default, _ = policy_loss(logprobs, old, adv, m, aggregation=agg)
+        torch.testing.assert_close(explicit, default)
 
 
 def test_normalizer_replaces_denominator():

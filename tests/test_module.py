@@ -136,6 +136,23 @@ def test_invalid_rewards_error_or_drop(in_tmp):
     assert module.skipped_steps == 0 and all(torch.isfinite(p).all() for p in module.model.parameters())
 
 
+def test_an_invalid_reward_leaves_the_loss_through_a_new_mask_not_an_edit_of_the_rollout():
+    torch.manual_seed(0)
+    module = GRPOModule(policy=SMALL, rewards=["tests.test_module:nan_sometimes"], num_generations=3,
+                        invalid_rewards="drop", max_new_tokens=2, min_new_tokens=2)
+    batch = [{"prompt": "1+2=", "answer": "3"}, {"prompt": "4+4=", "answer": "8"}]
+    rollout = module.rollout(batch)
+    before = rollout.completion_mask.clone()
+    rewards, objective, invalid = module.score(rollout, batch)
+    assert invalid.flatten().tolist() == [True, False, False, True, False, False]  # completions 0 and 3
+    assert torch.equal(rollout.completion_mask, before)  # scoring changes nothing in place
+    kept = rollout.without(invalid.flatten())
+    assert kept.completion_mask.sum(-1).tolist() == [0, 2, 2, 0, 2, 2] and torch.equal(rollout.completion_mask, before)
+    assert rewards[0, 0] == rewards[0, 1:].mean()  # the group's mean: advantage 0 for it
+    sample = module.sample(batch)  # the step's rollout carries the new mask
+    assert sample.rollout.completion_mask.sum(-1).tolist() == [0, 2, 2, 0, 2, 2]
+
+
 def test_mask_truncated_makes_an_all_padding_batch_harmless(in_tmp):
     """One new token and no EOS: every completion is truncated; masked out, the batch has no tokens."""
     L.seed_everything(0)

@@ -9,6 +9,15 @@ def test_positions_ignore_left_padding():
     assert positions(mask).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
 
 
+def test_without_masks_rows_in_a_copy(tiny_policy):
+    model, tok = tiny_policy
+    torch.manual_seed(0)
+    r = generate(model, tok, ["1+2=", "3+4="], 2, 3, 1.0, min_new_tokens=3)
+    out = r.without(torch.tensor([False, True, False, True]))
+    assert out.completion_mask.sum(-1).tolist() == [3, 0, 3, 0] and r.completion_mask.sum(-1).tolist() == [3] * 4
+    assert out.completion_ids is r.completion_ids and out.completions == r.completions
+
+
 def test_prompts_repeat_in_groups(tiny_policy):
     _, tok = tiny_policy
     ids, mask = encode_prompts(tok, ["1+2=", "33+44="], 3)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from grpo_lab.advantages import compute_advantages
 from grpo_lab.errors import UserError
-from grpo_lab.losses import policy_loss
+from grpo_lab.losses import aggregation_normalizer, policy_loss
 from grpo_lab.rollout import sequence_logprobs
 
 REFERENCE_AGGREGATION = "constant"
@@ -89,7 +89,7 @@ def _backward(logprobs: Tensor, cotangents: Tensor, params: list[Tensor]) -> Ten
 
 def batch_gradients(module, batch: list[dict], estimators: Sequence[str], reference: str | None = None,
                     split: tuple[str, object] | None = None, aggregation: str | None = None) -> BatchGradients:
-    """Each estimator's gradient on one rollout of ``batch`` (``module.rollout``, ``module.reward`` [P, G]).
+    """Each estimator's gradient on one rollout of ``batch`` (``module.rollout``, ``module.score`` [P, G]).
 
     ``aggregation`` overrides the module's (``constant`` divides by B·``max_new_tokens`` as the module
     does; ``token_mean``'s token count is the local one, so a probe on one process never waits for the
@@ -106,7 +106,8 @@ def batch_gradients(module, batch: list[dict], estimators: Sequence[str], refere
     agg = aggregation or h.aggregation
     batch, n_in = _split_order(batch, split)
     rollout = module.rollout(batch)
-    rewards = module.reward(rollout, batch)  # [P, G]
+    rewards, _, invalid = module.score(rollout, batch)  # [P, G]
+    rollout = rollout.without(invalid.flatten())  # an invalid reward leaves the loss
     mask = rollout.completion_mask  # [B, T]
     b, g = mask.shape[0], rewards.shape[1]
     vectors = [(compute_advantages(rewards, name).flatten(), agg) for name in names]  # [B] each
@@ -121,7 +122,7 @@ def batch_gradients(module, batch: list[dict], estimators: Sequence[str], refere
         leaf = torch.cat(logprobs).detach().requires_grad_(True)  # [B, T]
         cots = []
         for adv, a in vectors:  # ∂loss/∂logprobs of each vector, over the whole batch: elementwise work only
-            normalizer = b * h.max_new_tokens if a == "constant" else None
+            normalizer = aggregation_normalizer(a, mask, h.max_new_tokens)  # this process's own count
             loss, _ = policy_loss(leaf, leaf.detach(), adv, mask, clip_low=h.clip_low, clip_high=h.clip_high,
                                   kl_estimator=h.kl_estimator, aggregation=a, normalizer=normalizer)
             cots.append(torch.autograd.grad(loss, leaf)[0])
