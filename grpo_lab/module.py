@@ -29,7 +29,6 @@ configurable:
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import asdict
 
@@ -43,25 +42,20 @@ from grpo_lab.callbacks import ExactResume, NonFiniteGuard
 from grpo_lab.config import RLConfig
 from grpo_lab.distributed import min_over_processes, sum_over_processes, world_size
 from grpo_lab.errors import UserError, UserRuntimeError
-from grpo_lab.losses import aggregation_normalizer, high_entropy_mask, policy_loss, sequence_kl
+from grpo_lab.losses import aggregation_normalizer, policy_loss, sequence_kl
 from grpo_lab.metrics import step_metrics
 from grpo_lab.policy import PolicyConfig, build_policy
-from grpo_lab.rewards import (
-    aggregate_rewards,
-    check_reward_columns,
-    fill_invalid,
-    load_reward,
-    reward_columns,
-    score_each,
-)
+from grpo_lab.rewards import check_reward_columns, load_reward, score_groups
 from grpo_lab.rollout import Rollout, generate, sequence_logprobs
 from grpo_lab.sampling import QueryStream, Sample, dynamic_sample
 from grpo_lab.tasks import Query
+from grpo_lab.timing import PhaseTimer
+from grpo_lab.updates import SeveralUpdates
 from grpo_lab.validation import SampledAccuracy
-from grpo_lab.warmstart import WarmStartConfig, ensure_warm_start
+from grpo_lab.warmstart import WarmStartConfig, load_weights, shared_warm_start
 
 
-class GRPOModule(SampledAccuracy, L.LightningModule):
+class GRPOModule(SampledAccuracy, SeveralUpdates, L.LightningModule):
     def __init__(
         self,
         policy: PolicyConfig = PolicyConfig(),
@@ -84,14 +78,16 @@ class GRPOModule(SampledAccuracy, L.LightningModule):
         super().__init__()
         # LightningCLI may hand nested dataclasses over as dicts: normalise once, keep typed copies.
         self.policy_cfg = policy if isinstance(policy, PolicyConfig) else PolicyConfig(**policy)
-        self.warm_start_cfg = warm_start if isinstance(warm_start, WarmStartConfig) else WarmStartConfig(**warm_start)
+        ws = warm_start
+        self.warm_start_cfg = ws if isinstance(ws, WarmStartConfig) else WarmStartConfig(**ws)
         self.rl = RLConfig(**settings)
         self.estimator = self.rl.estimator
         self.reward_fns = [load_reward(r) for r in self.rl.rewards]
         self.save_hyperparameters()
         # Keep hparams plain data (checkpoints load with torch's weights_only=True), every setting flat.
-        self.hparams.update(policy=asdict(self.policy_cfg), warm_start=asdict(self.warm_start_cfg), **asdict(self.rl))
-        if callable(self.hparams.get("optimizer")):  # LightningCLI stores the config dict; code passes a callable
+        self.hparams.update(policy=asdict(self.policy_cfg), warm_start=asdict(self.warm_start_cfg),
+                            **asdict(self.rl))
+        if callable(self.hparams.get("optimizer")):  # LightningCLI stores a config dict; code passes a callable
             self.hparams["optimizer"] = getattr(optimizer, "__qualname__", repr(optimizer))
         self.optimizer_fn = optimizer
         self.automatic_optimization = self.rl.num_iterations == 1 and self.rl.micro_batches == 1
@@ -101,6 +97,7 @@ class GRPOModule(SampledAccuracy, L.LightningModule):
         self.stream: QueryStream | None = None  # fresh queries for dynamic sampling (set up from the data)
         self.val_metrics = torch.nn.ModuleDict()
         self.guard, self._invalid_rewards = NonFiniteGuard(self.rl.max_bad_steps), 0
+        self.timer = PhaseTimer()  # the step's named phases; off unless a profiler turns it on
 
     @property
     def skipped_steps(self) -> int:
@@ -119,18 +116,12 @@ class GRPOModule(SampledAccuracy, L.LightningModule):
             if self.rl.dynamic_sampling and self.stream is None:
                 self.stream = QueryStream(dm.train_set, seed=dm.hparams.seed * 1009 + self.global_rank)
         if self.warm_start_cfg.steps > 0 and dm is not None and self.warm_start_path is None:
-            self.warm_start_path = str(self._warm_start(dm.hparams.dataset))
-            weights = type(self.model).from_pretrained(self.warm_start_path, local_files_only=True).state_dict()
-            self.model.load_state_dict(weights)
+            path = shared_warm_start(self.trainer.strategy, self.policy_cfg, self.warm_start_cfg,
+                                     dm.hparams.dataset)
+            self.warm_start_path = str(path)
+            load_weights(self.model, path)
         if self.rl.beta > 0 and not self._ref:
             self._ref.append(copy.deepcopy(self.model).eval().requires_grad_(False))
-
-    def _warm_start(self, dataset: str):
-        strategy = self.trainer.strategy
-        if strategy.is_global_zero:
-            ensure_warm_start(self.policy_cfg, self.warm_start_cfg, dataset)
-        strategy.barrier("warm_start")
-        return ensure_warm_start(self.policy_cfg, self.warm_start_cfg, dataset)
 
     def configure_optimizers(self):
         make = self.optimizer_fn or (lambda params: torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0))
@@ -147,18 +138,22 @@ class GRPOModule(SampledAccuracy, L.LightningModule):
         if self.rl.kl_in == "reward":  # r - β·KL(o) per completion, before the advantage
             kl = self.sequence_kl(sample.rollout).view_as(rewards)
             rewards, stats["kl_reward"] = rewards - self.rl.beta * kl, kl.mean()
-        advantages = self.advantages(sample.rollout, rewards)  # [P', G] -> [B']
-        if self.automatic_optimization:  # μ = 1: ratio = π_θ/π_θ.detach(), the REINFORCE gradient
-            loss, loss_stats = self.loss(sample.rollout, advantages, old_logprobs=None)
-        else:  # μ > 1 (π_old frozen before several updates on one batch) and/or micro-batches
-            loss, loss_stats = self._several_updates(sample.rollout, advantages)
-        self._log_step(sample, advantages, loss, {**stats, **loss_stats}, time.perf_counter() - start)
+        with self.timer("advantage"):
+            advantages = self.advantages(sample.rollout, rewards)  # [P', G] -> [B']
+        with self.timer("loss"):
+            if self.automatic_optimization:  # μ = 1: ratio = π_θ/π_θ.detach(), the REINFORCE gradient
+                loss, loss_stats = self.loss(sample.rollout, advantages, old_logprobs=None)
+            else:  # μ > 1 (π_old frozen before several updates on one batch) and/or micro-batches
+                loss, loss_stats = self.several_updates(sample.rollout, advantages)
+        with self.timer("metrics"):
+            self._log_step(sample, advantages, loss, {**stats, **loss_stats}, time.perf_counter() - start)
         if self.automatic_optimization and not torch.isfinite(loss):
             self.guard.bad(f"loss is {loss.item()}")
             return None  # Lightning skips backward and the optimizer step
         return loss if self.automatic_optimization else None
 
-    def rollout(self, batch: list[Query], num_generations: int | None = None, greedy: bool = False) -> Rollout:
+    def rollout(self, batch: list[Query], num_generations: int | None = None,
+                greedy: bool = False) -> Rollout:
         rl = self.rl
         return generate(
             self.model, self.tokenizer, [q["prompt"] for q in batch], num_generations or rl.num_generations,
@@ -166,25 +161,23 @@ class GRPOModule(SampledAccuracy, L.LightningModule):
         )
 
     def reward(self, rollout: Rollout, batch: list[Query], aggregation: str | None = None) -> Tensor:
-        """Rewards ``[P, G]`` of the rollout's completions (``aggregation`` overrides ``reward_aggregation``)."""
+        """Rewards ``[P, G]`` of the rollout's completions (``aggregation``: instead of ``reward_aggregation``)."""
         return self.score(rollout, batch, aggregation)[0]
 
     def score(self, rollout: Rollout, batch: list[Query],
               aggregation: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """``(rewards, objective, invalid)`` ``[P, G]``: the reward functions combined by ``reward_aggregation``
-        (what the advantage sees) and by their weighted sum (J's estimate, for the metrics), and where a value
-        was invalid. Reward functions see the query columns and the rollout's (``rewards.ROLLOUT_COLUMNS``).
-        With ``invalid_rewards="drop"`` an invalid value gets its group's mean; ``rollout.without(invalid)``
-        leaves it out of the loss."""
+        """``(rewards, objective, invalid)`` ``[P, G]`` (``rewards.score_groups``): the reward functions
+        combined by ``reward_aggregation`` (what the advantage sees) and by their weighted sum (J's estimate),
+        and where a value was invalid. Reward functions see the query columns and the rollout's
+        (``rewards.ROLLOUT_COLUMNS``). With ``invalid_rewards="drop"`` an invalid value gets its group's mean;
+        ``rollout.without(invalid)`` leaves it out of the loss."""
         rl, g = self.rl, len(rollout.completions) // len(batch)
         length = torch.where(rollout.truncated, rl.max_new_tokens, rollout.completion_mask.sum(-1))  # incl. EOS
-        columns = reward_columns(batch, g, completion_length=length.tolist(), truncated=rollout.truncated.tolist(),
-                                 max_new_tokens=rl.max_new_tokens, overlong_buffer=rl.overlong_tokens)
-        values = score_each(self.reward_fns, rollout.completions, columns, allow_invalid=rl.invalid_rewards == "drop")
-        values = values.view(len(self.reward_fns), len(batch), g).to(self.device)  # [K, P, G]
-        aggregation = aggregation or rl.reward_aggregation
-        r, invalid = fill_invalid(aggregate_rewards(values, rl.reward_weights, aggregation))  # [P, G]
-        j = r if aggregation == "weighted_sum" else fill_invalid(aggregate_rewards(values, rl.reward_weights))[0]
+        r, j, invalid = score_groups(
+            self.reward_fns, batch, rollout.completions, g, weights=rl.reward_weights,
+            aggregation=aggregation or rl.reward_aggregation, allow_invalid=rl.invalid_rewards == "drop",
+            device=self.device, completion_length=length.tolist(), truncated=rollout.truncated.tolist(),
+            max_new_tokens=rl.max_new_tokens, overlong_buffer=rl.overlong_tokens)  # [P, G] each
         self._invalid_rewards += int(invalid.sum())
         return r, j, invalid
 
@@ -198,20 +191,23 @@ class GRPOModule(SampledAccuracy, L.LightningModule):
         if self.stream is None:
             raise UserRuntimeError("dynamic_sampling draws fresh queries from the training set: fit with a "
                                "QueryDataModule, or set module.stream to a grpo_lab.sampling.QueryStream")
-        return dynamic_sample(batch, rollout, rewards, lambda q: self._rollout_and_reward(q)[:2], self.stream.draw,
-                              self.rl.max_resample_rounds, self.tokenizer.pad_token_id,
+        return dynamic_sample(batch, rollout, rewards, lambda q: self._rollout_and_reward(q)[:2],
+                              self.stream.draw, self.rl.max_resample_rounds, self.tokenizer.pad_token_id,
                               lambda kept: min_over_processes(kept, self.device), seen_rewards=objective)
 
     def _rollout_and_reward(self, batch: list[Query]) -> tuple[Rollout, Tensor, Tensor]:
-        rollout = self.rollout(batch)  # B = P·G completions, no grad
+        with self.timer("rollout"):
+            rollout = self.rollout(batch)  # B = P·G completions, no grad
         if self.rl.mask_truncated:
             rollout = rollout.without(rollout.truncated)
-        rewards, objective, invalid = self.score(rollout, batch)  # [P, G]
+        with self.timer("reward"):
+            rewards, objective, invalid = self.score(rollout, batch)  # [P, G]
         return rollout.without(invalid.flatten()), rewards, objective
 
     def sequence_kl(self, rollout: Rollout) -> Tensor:
-        """k1 of each completion to the reference ``[B]``: Σ_t log π_old(o_t) − log π_ref(o_t) (``kl_in="reward"``)."""
-        with torch.no_grad():
+        """k1 of each completion to the reference ``[B]``: Σ_t log π_old(o_t) − log π_ref(o_t) (for
+        ``kl_in="reward"``)."""
+        with torch.no_grad(), self.timer("reference"):
             ref, _ = sequence_logprobs(self._ref[0].to(self.device), rollout, self.rl.temperature)
         return sequence_kl(rollout.logprobs, ref, rollout.completion_mask)
 
@@ -223,8 +219,8 @@ class GRPOModule(SampledAccuracy, L.LightningModule):
         return compute_advantages(rewards, self.estimator, weights=weights).flatten()
 
     def loss(
-        self, rollout: Rollout, advantages: Tensor, old_logprobs: Tensor | None, normalizer: float | Tensor | None = None,
-        entropy_mask: Tensor | None = None,
+        self, rollout: Rollout, advantages: Tensor, old_logprobs: Tensor | None,
+        normalizer: float | Tensor | None = None, entropy_mask: Tensor | None = None,
     ) -> tuple[Tensor, dict]:
         """The policy loss on (a micro-batch of) one rollout batch; ``old_logprobs=None`` means π_old = π_θ
         (μ = 1). ``normalizer``: the aggregation's denominator for the whole batch (default: this one's);
@@ -235,62 +231,45 @@ class GRPOModule(SampledAccuracy, L.LightningModule):
                                               token_entropy=per_token)  # [B, T]
         ref = None
         if self._ref and rl.kl_in == "loss":
-            with torch.no_grad():
+            with torch.no_grad(), self.timer("reference"):
                 ref, _ = sequence_logprobs(self._ref[0].to(self.device), rollout, rl.temperature)
-        loss, stats = policy_loss(
-            logprobs, logprobs.detach() if old_logprobs is None else old_logprobs, advantages,
-            rollout.completion_mask, clip_low=rl.clip_low, clip_high=rl.clip_high, ref_logprobs=ref, beta=rl.beta,
-            kl_estimator=rl.kl_estimator, aggregation=rl.aggregation,
-            normalizer=self.normalizer(rollout.completion_mask) if normalizer is None else normalizer,
-            importance_level=rl.importance_level, objective=rl.objective, dual_clip=rl.dual_clip,
-            entropy=entropy if per_token else None, entropy_coef=rl.entropy_coef,
-            top_entropy_quantile=rl.top_entropy_quantile, entropy_mask=entropy_mask,
-        )
+        with self.timer("policy_loss"):
+            loss, stats = policy_loss(
+                logprobs, logprobs.detach() if old_logprobs is None else old_logprobs, advantages,
+                rollout.completion_mask, clip_low=rl.clip_low, clip_high=rl.clip_high, ref_logprobs=ref,
+                beta=rl.beta, kl_estimator=rl.kl_estimator, aggregation=rl.aggregation,
+                normalizer=self.normalizer(rollout.completion_mask) if normalizer is None else normalizer,
+                importance_level=rl.importance_level, objective=rl.objective, dual_clip=rl.dual_clip,
+                entropy=entropy if per_token else None, entropy_coef=rl.entropy_coef,
+                top_entropy_quantile=rl.top_entropy_quantile, entropy_mask=entropy_mask,
+            )
         m = rollout.completion_mask.float()
         stats["entropy"] = (entropy.detach() * m).sum() / m.sum().clamp(min=1) if per_token else entropy
         return loss, stats
 
     def normalizer(self, mask: Tensor, reduce: bool = True) -> Tensor:
-        """The aggregation's denominator for a rollout batch with completion mask ``mask`` [B, T], counted over
-        all processes (``losses.aggregation_normalizer``); ``reduce=False``: this process's own count (no
-        collective call: safe on one rank alone)."""
+        """The aggregation's denominator for a rollout batch with completion mask ``mask`` [B, T], counted
+        over all processes (``losses.aggregation_normalizer``); ``reduce=False``: this process's own count
+        (no collective call: safe on one rank alone)."""
         return aggregation_normalizer(self.rl.aggregation, mask, self.rl.max_new_tokens,
                                       total=sum_over_processes if reduce else None,
                                       world=world_size() if reduce else 1)
 
-    def _several_updates(self, rollout: Rollout, advantages: Tensor) -> tuple[Tensor, dict]:
-        """μ optimizer steps on one rollout batch, each accumulated over ``micro_batches`` chunks."""
-        rl, opt = self.rl, self.optimizers()
-        old = entropy_mask = None
-        if rl.num_iterations > 1 or rl.top_entropy_quantile < 1:  # π_old frozen before the first update
-            with torch.no_grad():
-                old, ent = sequence_logprobs(self.model, rollout, rl.temperature, token_entropy=rl.top_entropy_quantile < 1)
-            if ent is not None:  # the high-entropy tokens of the whole batch, not of each micro-batch
-                entropy_mask = high_entropy_mask(ent, rollout.completion_mask, rl.top_entropy_quantile)
-            old = old if rl.num_iterations > 1 else None
-        norm = self.normalizer(rollout.completion_mask)
-        b, g = advantages.shape[0], rollout.group_size
-        step = math.ceil(math.ceil(b / rl.micro_batches) / g) * g  # whole groups: their prompt is forwarded once
-        for _ in range(rl.num_iterations):
-            opt.zero_grad()
-            total, stats = 0.0, {}
-            for lo in range(0, b, step):
-                rows = slice(lo, lo + step)
-                loss, stats = self.loss(rollout.select(rows), advantages[rows], None if old is None else old[rows], norm,
-                                        None if entropy_mask is None else entropy_mask[rows])
-                self.manual_backward(loss)
-                total = total + loss.detach()
-            opt.step()  # on_before_optimizer_step drops a non-finite gradient: the step changes nothing
-        return total, stats
+    def backward(self, loss: Tensor, *args, **kwargs) -> None:
+        with self.timer("backward"):
+            super().backward(loss, *args, **kwargs)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        self.guard.before_optimizer_step(self, optimizer, self.rl.max_grad_norm)
+        with self.timer("clip"):  # the gradient norm, the non-finite check and the clipping
+            self.guard.before_optimizer_step(self, optimizer, self.rl.max_grad_norm)
 
-    def _log_step(self, sample: Sample, advantages: Tensor, loss: Tensor, stats: dict, seconds: float) -> None:
+    def _log_step(self, sample: Sample, advantages: Tensor, loss: Tensor, stats: dict,
+                  seconds: float) -> None:
         counters = {"skipped_steps": self.guard.skipped, "invalid_rewards": self._invalid_rewards}
         if self.rl.dynamic_sampling:
             counters.update(resample_rounds=sample.rounds, dropped_groups=sample.dropped)
         metrics = step_metrics(sample, advantages, loss, stats, seconds, counters)
         p = len(sample.seen_queries)
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=p, prog_bar=False)
-        self.log("reward", metrics["train/reward"], prog_bar=True, on_step=True, on_epoch=False, logger=False, batch_size=p)
+        self.log("reward", metrics["train/reward"], prog_bar=True, on_step=True, on_epoch=False, logger=False,
+                 batch_size=p)

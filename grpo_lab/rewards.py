@@ -175,6 +175,22 @@ def reward_columns(batch: list[dict], g: int, **rollout: list | int) -> dict[str
     return columns
 
 
+def score_groups(fns: Sequence[RewardFn], batch: list[dict], completions: list[str], g: int, *,
+                 weights: Sequence[float] | None = None, aggregation: str = "weighted_sum",
+                 allow_invalid: bool = False, device: torch.device | str | None = None,
+                 **rollout_columns: list | int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rewards, objective, invalid)`` ``[P, G]`` for the G completions of each query of ``batch`` (rows
+    b·G .. b·G+G−1 belong to query b): the functions combined by ``aggregation`` (what the advantage sees)
+    and by their weighted sum (J's estimate, for the metrics), an invalid value replaced by its group's mean
+    (:func:`fill_invalid`), and where that happened. ``rollout_columns``: the rollout's (``ROLLOUT_COLUMNS``)."""
+    columns = reward_columns(batch, g, **rollout_columns)
+    values = score_each(fns, completions, columns, allow_invalid).view(len(fns), len(batch), g)  # [K, P, G]
+    values = values if device is None else values.to(device)
+    rewards, invalid = fill_invalid(aggregate_rewards(values, weights, aggregation))
+    objective = rewards if aggregation == "weighted_sum" else fill_invalid(aggregate_rewards(values, weights))[0]
+    return rewards, objective, invalid
+
+
 def fill_invalid(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards ``[P, G]`` with each non-finite value replaced by the mean of its group's finite values, and
     the ``[P, G]`` mask of those values (they then leave the loss: advantage ≈ 0 and no tokens)."""

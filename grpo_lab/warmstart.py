@@ -139,3 +139,17 @@ def ensure_warm_start(policy: PolicyConfig, cfg: WarmStartConfig, dataset: str) 
     (path / "warmstart.json").write_text(json.dumps(meta, indent=2))
     log.info("warm start saved to %s (sampled accuracy %s)", path, acc)
     return path
+
+
+def shared_warm_start(strategy, policy: PolicyConfig, cfg: WarmStartConfig, dataset: str) -> Path:
+    """:func:`ensure_warm_start` under a Lightning strategy: rank 0 trains it if absent while the others wait
+    at a barrier, then every rank has the path."""
+    if strategy.is_global_zero:
+        ensure_warm_start(policy, cfg, dataset)
+    strategy.barrier("warm_start")
+    return ensure_warm_start(policy, cfg, dataset)
+
+
+def load_weights(model: PreTrainedModel, path: str | Path) -> None:
+    """Copy the weights of the local HF directory ``path`` (a warm start) into ``model`` in place."""
+    model.load_state_dict(type(model).from_pretrained(str(path), local_files_only=True).state_dict())

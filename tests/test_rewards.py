@@ -5,7 +5,7 @@ import types
 import pytest
 import torch
 
-from grpo_lab.rewards import exact_match, load_reward, numeric_match, required_columns, score
+from grpo_lab.rewards import exact_match, load_reward, numeric_match, required_columns, score, score_groups
 
 
 def test_exact_and_numeric_match():
@@ -25,6 +25,25 @@ def test_load_by_name_and_import_path(monkeypatch):
         load_reward("no_such_module_xyz:f")
     with pytest.raises(ValueError, match="has no attribute 'missing'"):
         load_reward("my_rewards:missing")
+
+
+def test_score_groups_by_hand():
+    """Two queries x G = 2: exact_match and a length reward that is NaN for one completion."""
+    def length(completions, completion_length, **_):
+        return [math.nan if c == "x" else float(n) for c, n in zip(completions, completion_length, strict=True)]
+
+    batch = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": "4"}]
+    completions = ["2", "3", "x", "4"]
+    r, j, invalid = score_groups([exact_match, length], batch, completions, 2, weights=[1.0, 0.5],
+                                 allow_invalid=True, completion_length=[1, 3, 2, 1])
+    # weighted sum: [1 + 0.5, 0 + 1.5], [NaN -> the group's other value, 1 + 0.5]
+    assert r.tolist() == [[1.5, 1.5], [1.5, 1.5]] and j.tolist() == r.tolist()
+    assert invalid.tolist() == [[False, False], [True, False]]
+    r, j, _ = score_groups([exact_match, length], batch, completions[:2] + ["3", "4"], 2,
+                           aggregation="normalize_then_sum", completion_length=[1, 3, 2, 2])
+    # group 0: exact (1, 0) -> (+0.707, -0.707), length (1, 3) -> (-0.707, +0.707): sums 0; group 1: exact only
+    torch.testing.assert_close(r, torch.tensor([[0.0, 0.0], [-0.7071, 0.7071]]), atol=1e-3, rtol=0)
+    assert j.tolist() == [[2.0, 3.0], [2.0, 3.0]]  # the objective stays the weighted sum
 
 
 def test_score_weights_and_columns():

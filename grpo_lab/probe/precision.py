@@ -25,14 +25,13 @@ from grpo_lab.probe.core import DEFAULT_ESTIMATORS, NUM_BATCHES, PROMPTS_PER_BAT
 def load_warm_start(config: str, seed: int):
     """``(module, train queries)`` of ``grpo-lab fit --config <config>`` with ``seed`` at its first step."""
     from grpo_lab.cli import cli_main
-    from grpo_lab.warmstart import ensure_warm_start
+    from grpo_lab.warmstart import ensure_warm_start, load_weights
 
     cli = cli_main(["--config", config, "--seed_everything", str(seed), "--data.seed", str(seed)], run=False)
     module, dm = cli.model, cli.datamodule
     if module.warm_start_cfg.steps > 0:
         path = ensure_warm_start(module.policy_cfg, module.warm_start_cfg, dm.hparams.dataset)
-        weights = type(module.model).from_pretrained(str(path), local_files_only=True).state_dict()
-        module.model.load_state_dict(weights)
+        load_weights(module.model, path)
     dm.setup("fit")
     return module, dm.train_set
 
