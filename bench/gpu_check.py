@@ -11,7 +11,7 @@
    runs with ``model.max_grad_norm: null``: Lightning's ``FSDPPrecision.clip_grad_by_norm`` raises
    ("gradient_clip_algorithm='norm' is currently not supported"); the gradient norm is logged before any
    clipping, so the step-1 comparison still holds;
-3. ``bench/run.py --device cuda --shape gpu``: grpo_lab against TRL's GRPOTrainer on identical work
+3. ``python -m bench.run --device cuda --shape gpu``: grpo_lab against TRL's GRPOTrainer on identical work
    (``configs/bench_gpu.yaml``), fp32 and bf16 each, as ratios within the run;
 4. ``python -m grpo_lab.variance --ckpt <step 1's last.ckpt> --device cuda``.
 
@@ -36,6 +36,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.machine import git_commit
+from grpo_lab.environment import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = {"device": "cuda", "accelerator": "gpu", "precision": "bf16-mixed", "hidden_size": 768, "num_layers": 12,
@@ -187,9 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     out = args.out or (work / "gpu_results.json" if dry else ROOT / "bench" / "gpu_results.json")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = child_env(PYTHONPATH=pythonpath, PYTHONWARNINGS="ignore")
     t_start = time.perf_counter()
 
     def limit(step: str) -> float | None:
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         return min(cap, plan["budget_seconds"] - (time.perf_counter() - t_start))
 
     results: dict = {"schema": 1, "dry_run": dry, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                     "git_commit": _git_commit(), "plan": {k: v for k, v in plan.items() if k != "limits"},
+                     "git_commit": git_commit(), "plan": {k: v for k, v in plan.items() if k != "limits"},
                      "rewards": {"names": REWARDS, "weights": [1.0, 0.1]}, "workdir": str(work)}
     if not dry and "wheels" not in skip:
         results["wheels"] = install_wheels(work, env, limit("wheels"))
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         results["strategies"][strategy] = rec
     if "bench" not in skip:
         peers = "grpo_lab,trl" if importlib.util.find_spec("trl") else "grpo_lab"
-        cmd = [sys.executable, str(ROOT / "bench" / "run.py"), "--device", plan["device"], *plan["bench"],
+        cmd = [sys.executable, "-m", "bench.run", "--device", plan["device"], *plan["bench"],
                "--peers", peers, "--no-rss-fit", "--wait-quiet", "0", "--out", str(work / "bench.json")]
         results["bench"] = {**run_step(cmd, work / "bench.log", limit("bench"), env), "peers": peers,
                             **bench_summary(work / "bench.json")}
@@ -252,14 +254,6 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out} ({'all steps ran' if results['all_ok'] else 'some steps failed'}; {results['total_seconds']:.0f} s)")
     return 0 if results["all_ok"] else 1
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 if __name__ == "__main__":

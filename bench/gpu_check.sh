@@ -7,7 +7,7 @@
 #   bash bench/gpu_check.sh --dry-run    # the same steps on CPU at tiny sizes; JSON to a temp path
 #
 # The steps live in bench/gpu_check.py (stdlib only until the wheels are installed); PYTHON picks the
-# interpreter (default python3: the one with the machine's torch). Extra flags: bench/gpu_check.py --help.
+# interpreter (default python3: the one with the machine's torch). Extra flags: python -m bench.gpu_check --help.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec "${PYTHON:-python3}" bench/gpu_check.py "$@"
+exec "${PYTHON:-python3}" -m bench.gpu_check "$@"

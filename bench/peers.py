@@ -1,9 +1,12 @@
-"""One benchmark peer in its own process: ``python bench/peers.py SPEC.json RESULT.json``.
+"""One benchmark peer in its own process: ``python -m bench.peers SPEC.json RESULT.json``.
 
-bench/run.py writes the spec (peer, shape, model directory, steps, ...), runs this script once per peer and
+``bench/run.py`` writes the spec (peer, shape, model directory, steps, ...), runs this once per peer and
 shape, and reads the result back, so each peer's peak RSS is its own process's. Both peers train the
 same saved policy (a local HF directory) on the same arithmetic prompts with the same reward function,
 P queries x G completions of exactly T tokens (EOS suppressed), beta = 0, one AdamW update per rollout batch.
+Both record each rollout's completion lengths (the fixed-length check) and padded prompt length (the FLOPs)
+through public hooks: the reward function (a registered reward on grpo_lab's side) and, for grpo_lab's
+prompts, a Lightning callback that sees the batch.
 
 What one timed "step" covers, for both peers: rollout (generation with a KV cache) + reward + advantage +
 loss (forward and backward) + gradient clipping + optimizer step, and each trainer's own per-step
@@ -20,7 +23,6 @@ off here anyway, is not in its time).
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import tempfile
@@ -28,32 +30,13 @@ import time
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-warnings.filterwarnings("ignore")
+import torch
 
-import torch  # noqa: E402
+from bench.machine import cpu_snapshot, other_load
+from bench.work import grpo_module, grpo_trainer, query_data
+from grpo_lab.environment import configure_process
 
-
-def _cpu_snapshot() -> tuple[float, float, float]:
-    """(busy CPU-seconds of the whole machine, CPU-seconds of this process, wall clock): the difference of two
-    snapshots gives the load of *other* processes during a step, in cores."""
-    import psutil
-
-    t = psutil.cpu_times()
-    busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0) + getattr(t, "steal", 0.0)
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return busy, ru.ru_utime + ru.ru_stime, time.perf_counter()
-
-
-def _other_load(a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
-    """Average cores used by other processes (and steal) between snapshots a and b."""
-    wall = max(b[2] - a[2], 1e-9)
-    return max(0.0, ((b[0] - a[0]) - (b[1] - a[1])) / wall)
+RECORDING_REWARD = "bench_exact_match"  # grpo_lab's reward in the benchmark: exact_match, recording lengths
 
 
 def _sync() -> None:
@@ -74,16 +57,16 @@ class _Clock:
 
     def start(self) -> None:
         _sync()
-        self._snap = _cpu_snapshot()
+        self._snap = cpu_snapshot()
         self._t0 = time.perf_counter()
 
     def stop(self) -> None:
         _sync()
         dt = time.perf_counter() - self._t0
-        snap = _cpu_snapshot()
+        snap = cpu_snapshot()
         self.times.append(dt)
         self.cpu.append(snap[1] - self._snap[1])
-        self.other_load.append(_other_load(self._snap, snap))
+        self.other_load.append(other_load(self._snap, snap))
 
 
 def _peak_rss_mb() -> float:
@@ -100,54 +83,32 @@ def run_grpo_lab(spec: dict) -> dict:
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
-    from grpo_lab.data import QueryDataModule
-    from grpo_lab.module import GRPOModule
-    from grpo_lab.policy import PolicyConfig
-    from grpo_lab.warmstart import WarmStartConfig
+    from grpo_lab.rewards import exact_match, register_reward
 
-    L.seed_everything(spec["seed"], verbose=False)
-    lr = spec["lr"]
-    module = GRPOModule(
-        policy=PolicyConfig(pretrained=spec["model_dir"], attn_implementation=spec.get("attn_implementation", "sdpa")),
-        warm_start=WarmStartConfig(steps=0),
-        num_generations=spec["num_generations"],
-        max_new_tokens=spec["completion_tokens"],
-        min_new_tokens=spec["completion_tokens"],
-        temperature=spec["temperature"],
-        beta=0.0,
-        num_iterations=1,
-        max_grad_norm=spec["max_grad_norm"],
-        optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
-    )
     lengths: list[list[int]] = []
     prompt_lens: list[int] = []
-    rollout = module.rollout
 
-    def recording_rollout(*args, **kwargs):  # records the completion lengths (verifies fixed-length work)
-        r = rollout(*args, **kwargs)
-        lengths.append(r.completion_mask.sum(-1).tolist())
-        prompt_lens.append(int(r.prompt_ids.shape[1]))
-        return r
+    @register_reward(RECORDING_REWARD)
+    def recording_exact_match(completions, answer, completion_length, **_):
+        """grpo_lab's exact_match, recording each rollout's completion lengths (the fixed-length check)."""
+        lengths.append(list(completion_length))
+        return exact_match(completions, answer)
 
-    module.rollout = recording_rollout
+    L.seed_everything(spec["seed"], verbose=False)
+    module = grpo_module(spec, spec["model_dir"], rewards=[RECORDING_REWARD])
     clock = _Clock()
 
     class StepTimer(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            enc = pl_module.tokenizer([q["prompt"] for q in batch], add_special_tokens=False, padding=True)
+            prompt_lens.append(len(enc["input_ids"][0]))  # the rollout's padded prompt length (untimed)
             clock.start()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             clock.stop()
 
-    dm = QueryDataModule(dataset=spec["dataset"], prompts_per_step=spec["prompts"], num_train=spec["num_train"],
-                         num_val=16, seed=spec["seed"])
-    trainer = L.Trainer(
-        accelerator="gpu" if spec.get("device") == "cuda" else "cpu", devices=1, max_steps=spec["warmup"] + spec["steps"], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[StepTimer()],
-        precision="bf16-mixed" if spec["bf16"] else "32-true",
-    )
-    trainer.fit(module, datamodule=dm)
+    trainer = grpo_trainer(spec["warmup"] + spec["steps"], [StepTimer()], spec["bf16"], spec.get("device", "cpu"))
+    trainer.fit(module, datamodule=query_data(spec, spec["num_train"], spec["seed"]))
     n_params = sum(p.numel() for p in module.model.parameters())
     opt = trainer.optimizers[0]
     flags = {k: opt.defaults.get(k) for k in ("lr", "foreach", "fused")}
@@ -256,7 +217,9 @@ def run_trl(spec: dict) -> dict:
 
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
-        raise SystemExit("usage: python bench/peers.py SPEC.json RESULT.json  (bench/run.py calls this)")
+        raise SystemExit("usage: python -m bench.peers SPEC.json RESULT.json  (bench/run.py calls this)")
+    configure_process()
+    warnings.filterwarnings("ignore")
     spec = json.loads(Path(argv[0]).read_text())
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))

@@ -7,10 +7,8 @@ import sys
 
 import pytest
 
+from bench import gpu_check
 from tests.conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "bench"))
-import gpu_check  # noqa: E402
 
 
 def test_digit_fraction_and_step1_comparison():
