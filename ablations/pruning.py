@@ -60,11 +60,13 @@ class StudyPruning(PyTorchLightningPruningCallback):
                  pruner: dict[str, Any] | None = None) -> None:
         from ablations.run import make_storage  # the runner's storage settings (driver, SQLite timeout)
 
-        study = optuna.load_study(study_name=study_name, storage=make_storage(storage),
+        self.storage = make_storage(storage)
+        study = optuna.load_study(study_name=study_name, storage=self.storage,
                                   pruner=make_pruner(pruner or DEFAULT_PRUNER))
-        trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, trial_number)
-        super().__init__(optuna.trial.Trial(study, trial_id), monitor)
-        self.active = study._storage.get_trial(trial_id).state == TrialState.RUNNING
+        self.trial_id = trial_id(self.storage, study_name, trial_number)
+        self.trial = optuna.trial.Trial(study, self.trial_id)
+        super().__init__(self.trial, monitor)
+        self.active = self.storage.get_trial(self.trial_id).state == TrialState.RUNNING
         if not self.active:
             warnings.warn(f"trial {trial_number} of study {study_name!r} is not running: not reporting to it", stacklevel=2)
 
@@ -82,15 +84,21 @@ class StudyPruning(PyTorchLightningPruningCallback):
             return
         step, prune = int(trainer.global_step), False
         if trainer.is_global_zero:
-            self._trial.report(float(score), step=step)
-            prune = self._trial.should_prune()
+            self.trial.report(float(score), step=step)
+            prune = self.trial.should_prune()
         prune = trainer.strategy.broadcast(prune)
         if prune:
             if trainer.is_global_zero:
-                self._trial.storage.set_trial_system_attr(self._trial._trial_id, PRUNED_AT, step)
+                self.storage.set_trial_system_attr(self.trial_id, PRUNED_AT, step)
             trainer.should_stop = True
+
+
+def trial_id(storage: optuna.storages.BaseStorage, study_name: str, number: int) -> int:
+    """The storage's id of trial ``number`` of ``study_name`` (Optuna's public storage API)."""
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
 
 
 def pruned_at(trial: optuna.Trial) -> int | None:
     """The step at which ``StudyPruning`` stopped this trial's fit (None: it was not pruned)."""
-    return trial.storage.get_trial(trial._trial_id).system_attrs.get(PRUNED_AT)
+    storage = trial.storage
+    return storage.get_trial_system_attrs(trial_id(storage, trial.study.study_name, trial.number)).get(PRUNED_AT)
