@@ -1,6 +1,7 @@
 """Overlay the learning curves of a few ``grpo-lab fit`` runs (e.g. fp32 vs bf16-mixed on ``tiny.yaml``).
 
-    python bench/compare_runs.py fp32=runs/tiny/version_0 bf16=runs/tiny/version_1 --out docs/tiny_precision.png
+    python -m bench.compare_runs fp32=runs/tiny/version_0 bf16=runs/tiny/version_1 \
+        --out docs/tiny_precision.png
 
 Runs given the same label are seeds of one setting (drawn in one colour). Prints, per run, the first-10% and
 last-10% mean of ``train/reward`` (the README's learning lift) and the last validation accuracies, and writes
@@ -40,15 +41,18 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{path}: no train/reward scalars")
         steps, reward = zip(*sorted(scalars["train/reward"]), strict=True)
         first, last = learning_lift(list(reward))
-        finals = {tag.removeprefix("val/"): sorted(v)[-1][1] for tag, v in scalars.items() if tag.startswith("val/acc_sampled")}
-        print(f"{label} ({path}): train/reward first 10% {first:.3f} -> last 10% {last:.3f} (lift {last - first:+.3f}); "
-              + ", ".join(f"{k} {v:.3f}" for k, v in sorted(finals.items())))
+        finals = {tag.removeprefix("val/"): sorted(v)[-1][1]
+                  for tag, v in scalars.items() if tag.startswith("val/acc_sampled")}
+        print(f"{label} ({path}): train/reward first 10% {first:.3f} -> last 10% {last:.3f} "
+              f"(lift {last - first:+.3f}); " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(finals.items())))
         groups.setdefault(label, []).append({"steps": steps, "reward": reward, "scalars": scalars})
     for label, runs in groups.items():
         color = None
         for k, run in enumerate(runs):
-            line, = ax_r.plot(run["steps"], moving_average(list(run["reward"]), args.window), color=color, lw=1.2,
-                              label=f"{label} ({len(runs)} run{'s' if len(runs) > 1 else ''})" if k == 0 else None)
+            line, = ax_r.plot(run["steps"], moving_average(list(run["reward"]), args.window), color=color,
+                              lw=1.2,
+                              label=f"{label} ({len(runs)} run{'s' if len(runs) > 1 else ''})" if k == 0
+                              else None)
             color = line.get_color()
             for tag, style in (("val/acc_sampled_easy", "-"), ("val/acc_sampled_hard", "--")):
                 if tag in run["scalars"]:

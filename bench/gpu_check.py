@@ -41,9 +41,9 @@ from bench.machine import git_commit
 from grpo_lab.environment import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
-REAL = {"device": "cuda", "accelerator": "gpu", "precision": "bf16-mixed", "hidden_size": 768, "num_layers": 12,
-        "num_heads": 12, "max_positions": 128, "prompts": 16, "generations": 8, "tokens": 32, "steps": 50,
-        "strategy_steps": 10, "budget_seconds": 480,
+REAL = {"device": "cuda", "accelerator": "gpu", "precision": "bf16-mixed", "hidden_size": 768,
+        "num_layers": 12, "num_heads": 12, "max_positions": 128, "prompts": 16, "generations": 8,
+        "tokens": 32, "steps": 50, "strategy_steps": 10, "budget_seconds": 480,
         "bench": ["--shape", "gpu", "--steps", "5", "--warmup", "2"],
         "probe": ["--num-batches", "8", "--reference-batches", "32", "--prompts-per-batch", "8"],
         "limits": {"wheels": 90, "fit": 150, "ddp": 90, "fsdp": 90, "bench": 170, "probe": 90}}
@@ -85,7 +85,8 @@ def fit_config(plan: dict, work: Path, name: str, strategy: str, steps: int, che
                   "rewards": REWARDS, "reward_weights": [1.0, 0.1],
                   "num_generations": plan["generations"], "max_new_tokens": plan["tokens"],
                   "max_grad_norm": None if strategy in NO_CLIP else 1.0},
-        "data": {"dataset": "arithmetic", "prompts_per_step": plan["prompts"], "num_train": 4096, "num_val": 16},
+        "data": {"dataset": "arithmetic", "prompts_per_step": plan["prompts"], "num_train": 4096,
+                 "num_val": 16},
     }
 
 
@@ -97,7 +98,8 @@ def run_step(cmd: list[str], log: Path, timeout: float | None, env: dict) -> dic
         return {**rec, "ok": False, "error": "skipped: the time budget is spent"}
     with log.open("w") as fh:
         try:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             rc = None
     rec.update(wall_seconds=round(time.perf_counter() - t0, 1), returncode=rc, ok=rc == 0)
@@ -134,7 +136,8 @@ def bench_summary(path: Path) -> dict:
     shapes = {}
     for shape, entry in r.get("shapes", {}).items():
         peers = {k: {"ok": p.get("ok"), "seconds_per_step": (p.get("seconds_per_step") or {}).get("median"),
-                     "completion_tokens_per_s": p.get("completion_tokens_per_s"), "precision": p.get("precision")}
+                     "completion_tokens_per_s": p.get("completion_tokens_per_s"),
+                     "precision": p.get("precision")}
                  for k, p in entry.get("peers", {}).items()}
         shapes[shape] = {"peers": peers, "ratios": entry.get("ratios", {}), "work": entry.get("work")}
     return {"shapes": shapes, "matmul_fp32_peak_gflops": r.get("matmul", {}).get("fp32_peak_gflops_used")}
@@ -170,23 +173,26 @@ def install_wheels(work: Path, env: dict, timeout: float) -> dict:
 
     constraints = work / "constraints.txt"
     constraints.write_text(f"torch=={metadata.version('torch')}\n")  # never replace the machine's torch
-    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheels), "-c", str(constraints),
-           "-r", str(ROOT / "bench" / "gpu_requirements.txt")]
+    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheels), "-c",
+           str(constraints), "-r", str(ROOT / "bench" / "gpu_requirements.txt")]
     return run_step(cmd, work / "pip.log", timeout, env)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/gpu_check.sh", description=__doc__.split("\n\n")[0])
-    p.add_argument("--dry-run", action="store_true", help="the same steps on CPU at tiny sizes (a test runs this)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="the same steps on CPU at tiny sizes (a test runs this)")
     p.add_argument("--out", type=Path, default=None,
                    help="results JSON (default: bench/gpu_results.json; with --dry-run a temporary path)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="logs, stats and checkpoints (default: runs/gpu_check, or a temp dir with --dry-run)")
-    p.add_argument("--skip", default="", help="comma-separated steps to leave out: wheels, fit, ddp, fsdp, bench, probe")
+    p.add_argument("--skip", default="",
+                   help="comma-separated steps to leave out: wheels, fit, ddp, fsdp, bench, probe")
     args = p.parse_args(argv)
     plan = DRY if args.dry_run or os.environ.get("GPU_CHECK_DRY_RUN") == "1" else REAL
     dry = plan is DRY
-    work = args.workdir or (Path(tempfile.mkdtemp(prefix="gpu_check_")) if dry else ROOT / "runs" / "gpu_check")
+    work = args.workdir or (Path(tempfile.mkdtemp(prefix="gpu_check_")) if dry
+                            else ROOT / "runs" / "gpu_check")
     work.mkdir(parents=True, exist_ok=True)
     out = args.out or (work / "gpu_results.json" if dry else ROOT / "bench" / "gpu_results.json")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -200,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             return cap
         return min(cap, plan["budget_seconds"] - (time.perf_counter() - t_start))
 
-    results: dict = {"schema": 1, "dry_run": dry, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    results: dict = {"schema": 1, "dry_run": dry,
+                     "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                      "git_commit": git_commit(), "plan": {k: v for k, v in plan.items() if k != "limits"},
                      "rewards": {"names": REWARDS, "weights": [1.0, 0.1]}, "workdir": str(work)}
     if not dry and "wheels" not in skip:
@@ -212,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.write_text(json.dumps(fit_config(plan, work, name, strategy, steps, checkpoint), indent=1))
         cmd = [sys.executable, "-m", "grpo_lab.cli", "fit", "--config", str(cfg)]
         rec = run_step(cmd, work / f"{name}.log", limit(name), env)
-        if not rec["ok"] and "EADDRINUSE" in "\n".join(rec.get("log_tail", [])):  # a port taken between pick and bind
+        # a port taken between pick and bind
+        if not rec["ok"] and "EADDRINUSE" in "\n".join(rec.get("log_tail", [])):
             rec = {**run_step(cmd, work / f"{name}.log", limit(name), env), "retried": "EADDRINUSE"}
         return {**rec, **fit_summary(work / f"{name}.stats.json")}
 
@@ -248,11 +256,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results["variance_probe"] = {"ok": False, "error": "no checkpoint from step 1"}
     results["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    steps = [results.get("fit"), *results["strategies"].values(), results.get("bench"), results.get("variance_probe")]
+    steps = [results.get("fit"), *results["strategies"].values(), results.get("bench"),
+             results.get("variance_probe")]
     results["all_ok"] = all(s.get("ok") or s.get("expected_on_cpu") for s in steps if s is not None)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out} ({'all steps ran' if results['all_ok'] else 'some steps failed'}; {results['total_seconds']:.0f} s)")
+    print(f"wrote {out} ({'all steps ran' if results['all_ok'] else 'some steps failed'}; "
+          f"{results['total_seconds']:.0f} s)")
     return 0 if results["all_ok"] else 1
 
 

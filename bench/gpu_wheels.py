@@ -37,8 +37,8 @@ def resolve(requirements: list[str], plat: list[str]) -> dict[str, str]:
     but metadata)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
-        cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report",
-               str(report), "--target", str(Path(tmp) / "t"), *plat, *requirements]
+        cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+               "--report", str(report), "--target", str(Path(tmp) / "t"), *plat, *requirements]
         subprocess.run(cmd, check=True)
         items = json.loads(report.read_text())["install"]
     return {_canon(i["metadata"]["name"]): i["metadata"]["version"] for i in items}
@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--platform", default="manylinux_2_28_x86_64", help="the GPU machine's wheel platform tag")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "wheels")
     p.add_argument("--have", nargs="*", default=[],
-                   help="more packages the machine already has (e.g. pyarrow pandas: pyarrow alone is ~50 MiB)")
+                   help="more packages the machine already has (e.g. pyarrow pandas: pyarrow alone is ~50 "
+                        "MiB)")
     args = p.parse_args(argv)
     plat = _platform_args(args.python_version, args.platform)
     reqs = [ln.strip() for ln in (ROOT / "bench" / "gpu_requirements.txt").read_text().splitlines()
@@ -66,9 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(sizes.values()) / 2**20
     for name, size in sizes.items():
         print(f"{size / 2**20:8.1f} MiB  {name}")
-    print(f"{total:8.1f} MiB  in {args.out} ({len(sizes)} wheels; left to the machine: {', '.join(sorted(set(need) & set(have)))})")
+    print(f"{total:8.1f} MiB  in {args.out} ({len(sizes)} wheels; left to the machine: "
+          f"{', '.join(sorted(set(need) & set(have)))})")
     if total > CARRY_LIMIT_MIB:
-        print(f"note: more than {CARRY_LIMIT_MIB} MiB, what the device tool carries with a working tree", file=sys.stderr)
+        print(f"note: more than {CARRY_LIMIT_MIB} MiB, what the device tool carries with a working tree",
+              file=sys.stderr)
     return 0
 
 

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def matmul_gflops(dtype_name: str, size: int, threads: int, seconds: float, device: str = "cpu") -> dict:
-    """GFLOP/s of ``size``^3 matmuls on ``device``: best and median over ~10 timed windows (after a warm-up)."""
+    """GFLOP/s of ``size``^3 matmuls on ``device``: best and median of ~10 timed windows after a warm-up."""
     import torch
 
     torch.set_num_threads(threads)
@@ -106,7 +106,7 @@ def git_commit() -> str | None:
 
 
 def cpu_snapshot() -> tuple[float, float, float]:
-    """(busy CPU-seconds of the whole machine incl. hypervisor steal, CPU-seconds of this process, wall clock)."""
+    """(busy CPU-seconds of the machine incl. hypervisor steal, CPU-seconds of this process, wall clock)."""
     import psutil
 
     t = psutil.cpu_times()
@@ -130,14 +130,14 @@ def others_load(window: float = 2.0) -> float:
 
 
 def wait_for_quiet(max_wait: float, threshold: float, console) -> dict:
-    """Wait (up to ``max_wait`` s) until other processes use less than ``threshold`` cores; the record of it."""
+    """Wait up to ``max_wait`` s until other processes use under ``threshold`` cores; the record of it."""
     t0 = time.perf_counter()
     load = others_load()
     said = False
     while load >= threshold and time.perf_counter() - t0 < max_wait:
         if not said:
-            console.print(f"  [yellow]other processes use {load:.2f} cores; waiting up to {max_wait:.0f} s for "
-                          f"< {threshold} ...[/yellow]")
+            console.print(f"  [yellow]other processes use {load:.2f} cores; waiting up to {max_wait:.0f} s "
+                          f"for < {threshold} ...[/yellow]")
             said = True
         load = others_load()
     return {"others_load_cores": load, "waited_seconds": time.perf_counter() - t0, "quiet": load < threshold}

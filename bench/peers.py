@@ -107,7 +107,8 @@ def run_grpo_lab(spec: dict) -> dict:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             clock.stop()
 
-    trainer = grpo_trainer(spec["warmup"] + spec["steps"], [StepTimer()], spec["bf16"], spec.get("device", "cpu"))
+    trainer = grpo_trainer(spec["warmup"] + spec["steps"], [StepTimer()], spec["bf16"],
+                           spec.get("device", "cpu"))
     trainer.fit(module, datamodule=query_data(spec, spec["num_train"], spec["seed"]))
     n_params = sum(p.numel() for p in module.model.parameters())
     opt = trainer.optimizers[0]
@@ -210,9 +211,11 @@ def run_trl(spec: dict) -> dict:
         opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
         flags = {k: opt.defaults.get(k) for k in ("lr", "foreach", "fused")}
         flags["weight_decay"] = sorted({g["weight_decay"] for g in opt.param_groups})
-        info["optimizer"] = f"{type(opt).__module__}.{type(opt).__name__}({flags}) via optim={str(args.optim)!r}"
-    return {"step_seconds": clock.times, "other_load_cores": clock.other_load, "cpu_seconds": clock.cpu, "completion_lengths": lengths,
-            "prompt_padded_lengths": prompt_lens, "precision": "bf16 (autocast)" if spec["bf16"] else "fp32", **info}
+        name = f"{type(opt).__module__}.{type(opt).__name__}"
+        info["optimizer"] = f"{name}({flags}) via optim={str(args.optim)!r}"
+    return {"step_seconds": clock.times, "other_load_cores": clock.other_load, "cpu_seconds": clock.cpu,
+            "completion_lengths": lengths, "prompt_padded_lengths": prompt_lens,
+            "precision": "bf16 (autocast)" if spec["bf16"] else "fp32", **info}
 
 
 def main(argv: list[str]) -> None:

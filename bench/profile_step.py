@@ -62,7 +62,10 @@ def step_profiler(warmup: int, torch_profile):
             pl_module.timer.enabled = True
             pl_module.model.register_forward_pre_hook(self._forward_starts, with_kwargs=True)
             pl_module.model.register_forward_hook(self._forward_ends, with_kwargs=True)
-            trainer.optimizers[0].register_step_post_hook(lambda *_: self.marks.update(stepped=time.perf_counter()))
+            trainer.optimizers[0].register_step_post_hook(self._stepped)
+
+        def _stepped(self, optimizer, args, kwargs) -> None:  # torch's optimizer step post-hook
+            self.marks["stepped"] = time.perf_counter()
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             if torch_profile is not None and trainer.global_step == warmup:
@@ -90,7 +93,8 @@ def step_profiler(warmup: int, torch_profile):
 
 def report(timed: list[dict[str, float]], calls: list[dict[str, int]], spec: dict, header: str) -> dict:
     """Print the median phase table of the timed steps; the medians and the derived phases (seconds)."""
-    names = sorted({k for s in timed for k in s}, key=lambda k: -statistics.median(s.get(k, 0.0) for s in timed))
+    names = sorted({k for s in timed for k in s},
+                   key=lambda k: -statistics.median(s.get(k, 0.0) for s in timed))
     med = {k: statistics.median(s.get(k, 0.0) for s in timed) for k in names}
     total = med["step_total"]
     derived = {
@@ -98,22 +102,24 @@ def report(timed: list[dict[str, float]], calls: list[dict[str, int]], spec: dic
             med.get("rollout", 0) - med.get(FORWARD["decode"], 0) - med.get(FORWARD["prefill"], 0),
         "loss: non-forward, not policy_loss (log-softmax, entropy)":
             med.get("loss", 0) - med.get(FORWARD["train"], 0) - med.get("policy_loss", 0),
-        "Lightning + rest (the step minus the phases not indented above)": total - sum(med.get(k, 0) for k in ACCOUNTED),
+        "Lightning + rest (the step minus the phases not indented above)":
+            total - sum(med.get(k, 0) for k in ACCOUNTED),
     }
-    print(header + f"; step = {total * 1000:.1f} ms (all: " + ", ".join(f"{s['step_total'] * 1000:.0f}" for s in timed)
-          + ")")
+    every = ", ".join(f"{s['step_total'] * 1000:.0f}" for s in timed)
+    print(header + f"; step = {total * 1000:.1f} ms (all: {every})")
     print(f"{'phase':<78} {'ms/step':>9} {'share':>7} {'calls':>6}")
     for k in names:
         if k != "step_total":
-            c = f"{statistics.median(cs.get(k, 0) for cs in calls):6.0f}" if any(k in cs for cs in calls) else ""
+            seen = any(k in cs for cs in calls)
+            c = f"{statistics.median(cs.get(k, 0) for cs in calls):6.0f}" if seen else ""
             inner = "  " if k in FORWARD.values() or k == "policy_loss" else ""  # inside rollout / loss
             print(f"{inner + k:<78} {med[k] * 1000:9.1f} {med[k] / total:7.1%} {c:>6}")
     for k, v in derived.items():
         print(f"{k:<78} {v * 1000:9.1f} {v / total:7.1%}")
     ndec = statistics.median(cs.get(FORWARD["decode"], 0) for cs in calls)
     if ndec:
-        print(f"per decode forward: {med[FORWARD['decode']] / ndec * 1000:.2f} ms; per generated token position "
-              f"(whole rollout / T): {med['rollout'] / spec['completion_tokens'] * 1000:.2f} ms")
+        print(f"per decode forward: {med[FORWARD['decode']] / ndec * 1000:.2f} ms; per generated token "
+              f"position (whole rollout / T): {med['rollout'] / spec['completion_tokens'] * 1000:.2f} ms")
     return {"median": med, "derived": derived}
 
 
@@ -125,12 +131,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps")
     p.add_argument("--steps", type=int, default=3, help="timed (and profiled) steps")
     p.add_argument("--bf16", action="store_true", help="trainer precision bf16-mixed")
-    p.add_argument("--torch-profile", action="store_true", help="also run torch.profiler over the timed steps")
-    p.add_argument("--trace", type=Path, default=None, help="write a Chrome trace here (with --torch-profile)")
+    p.add_argument("--torch-profile", action="store_true",
+                   help="also run torch.profiler over the timed steps")
+    p.add_argument("--trace", type=Path, default=None,
+                   help="write a Chrome trace here (with --torch-profile)")
     p.add_argument("--top", type=int, default=30, help="operators to list in the profiler table")
     p.add_argument("--json", type=Path, default=None, help="write the phase table as JSON here")
     p.add_argument("--attn", choices=["sdpa", "eager"], default=None,
-                   help="grpo_lab's attention kernel (default: the shape config's policy.attn_implementation)")
+                   help="grpo_lab's attention kernel (default: the shape config's "
+                   "policy.attn_implementation)")
     args = p.parse_args(argv)
     configure_process()
     warnings.filterwarnings("ignore")
@@ -154,17 +163,19 @@ def main(argv: list[str] | None = None) -> None:
         prof.__exit__(None, None, None)
 
     timed, calls = profiler.steps[args.warmup:], profiler.calls[args.warmup:]
-    header = (f"\nshape {args.shape} ({'bf16-mixed' if args.bf16 else 'fp32'}), threads {torch.get_num_threads()}, "
-              f"median over {len(timed)} timed steps")
+    header = (f"\nshape {args.shape} ({'bf16-mixed' if args.bf16 else 'fp32'}), threads "
+              f"{torch.get_num_threads()}, median over {len(timed)} timed steps")
     out = report(timed, calls, spec, header)
     if args.json:
         args.json.write_text(json.dumps({"median_ms": {k: v * 1000 for k, v in out["median"].items()},
                                          "derived_ms": {k: v * 1000 for k, v in out["derived"].items()},
                                          "steps": timed, "calls": calls}, indent=2))
     if prof is not None:
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top,
+                                        max_name_column_width=60))
         print(prof.key_averages(group_by_input_shape=True).table(
-            sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=50, max_shapes_column_width=60))
+            sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=50,
+            max_shapes_column_width=60))
         if args.trace:
             prof.export_chrome_trace(str(args.trace))
 

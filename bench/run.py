@@ -1,4 +1,4 @@
-"""``make bench`` (``python -m bench.run``): grpo_lab's GRPO step against TRL's ``GRPOTrainer`` on identical work.
+"""``make bench`` (``python -m bench.run``): grpo_lab's GRPO step against TRL's ``GRPOTrainer``, same work.
 
 One run:
 
@@ -73,8 +73,8 @@ def rss_fit(steps: int) -> dict:
     cmd = [timer, "-f", "%M", "-o", str(tfile), *args] if timer else args
     t0 = time.perf_counter()
     try:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
         _, status, usage = os.wait4(proc.pid, 0)
         output = proc.stdout.read()
         code = os.waitstatus_to_exitcode(status)
@@ -108,11 +108,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--shape", choices=["bench", "tiny", "gpu", "all"], default="all",
                    help="which shape(s) to time: bench (hidden 256, 4 layers, 32 tokens), tiny (hidden 128, "
-                   "2 layers, 4 tokens), all (bench and tiny), or gpu (hidden 512, 8 layers, P16xG8, 64 tokens: "
-                   "for --device cuda)")
+                   "2 layers, 4 tokens), all (bench and tiny), or gpu (hidden 512, 8 layers, P16xG8, 64 "
+                   "tokens: for --device cuda)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                   help="where both peers train (and the matmul probe runs); with cuda and --bf16 TRL is also "
-                   "timed with bf16=True (autocast, as grpo_lab's bf16-mixed)")
+                   help="where both peers train (and the matmul probe runs); with cuda and --bf16 TRL is "
+                   "also timed with bf16=True (autocast, as grpo_lab's bf16-mixed)")
     p.add_argument("--steps", type=int, default=5, help="timed training steps per peer and shape")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps before the timed ones")
     p.add_argument("--peers", default="grpo_lab,trl",
@@ -121,20 +121,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also time grpo_lab with trainer precision bf16-mixed (CPU autocast; the loss stays "
                    "fp32) and compare it with TRL fp32")
     p.add_argument("--rss-fit", action=argparse.BooleanOptionalAction, default=True,
-                   help="measure the peak RSS of `grpo-lab fit --config configs/tiny.yaml` for --rss-fit-steps "
-                   "steps")
+                   help="measure the peak RSS of `grpo-lab fit --config configs/tiny.yaml` for "
+                   "--rss-fit-steps steps")
     p.add_argument("--rss-fit-steps", type=int, default=100, help="trainer.max_steps of the --rss-fit run")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads for the matmul probe and both peers (default: torch's own default in a "
-                   "fresh process, which is what a fit uses)")
-    p.add_argument("--matmul-size", type=int, default=1024, help="side of the square matrices of the matmul probe")
+                   help="torch threads for the matmul probe and both peers (default: torch's own default in "
+                   "a fresh process, which is what a fit uses)")
+    p.add_argument("--matmul-size", type=int, default=1024,
+                   help="side of the square matrices of the matmul probe")
     p.add_argument("--matmul-seconds", type=float, default=3.0, help="seconds spent timing each matmul dtype")
     p.add_argument("--wait-quiet", type=float, default=120.0,
                    help="before the matmul probe and each peer run, wait up to this many seconds for other "
                    "processes to leave the CPU (0: never wait); the load during every timed step is recorded")
     p.add_argument("--quiet-threshold", type=float, default=0.25,
                    help="cores other processes may use for the machine to count as quiet")
-    p.add_argument("--seed", type=int, default=0, help="seed of the policy weights, the data and the sampling")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the policy weights, the data and the sampling")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json",
                    help="where to write the results JSON")
     args = p.parse_args(argv)
@@ -196,7 +198,8 @@ def time_shape(shape: str, args: argparse.Namespace, threads: int, peak: float, 
         runs.append(("grpo_lab", True))
     if args.bf16 and "trl" in args.peers and args.device == "cuda":
         runs.append(("trl", True))
-    entry = {"work": {**spec, "batch_sequences": spec["prompts"] * spec["num_generations"], "vocab_size": vocab},
+    entry = {"work": {**spec, "batch_sequences": spec["prompts"] * spec["num_generations"],
+                      "vocab_size": vocab},
              "peers": {}}
     failed = False
     for peer, bf16 in runs:
@@ -269,19 +272,22 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"[bold]matmul probe[/bold] {args.matmul_size}^3, {threads} threads ...")
     results["matmul_quiet"] = wait_for_quiet(args.wait_quiet, args.quiet_threshold, console)
     mm = results["matmul"] = probe_matmul(args, threads)
-    console.print(f"  fp32 peak {mm['fp32']['peak_gflops']:.1f} GFLOP/s (median {mm['fp32']['median_gflops']:.1f})"
-                  + (f"; bf16 peak {mm['bf16']['peak_gflops']:.1f} GFLOP/s" if "peak_gflops" in mm["bf16"] else ""))
+    console.print(f"  fp32 peak {mm['fp32']['peak_gflops']:.1f} GFLOP/s (median "
+                  f"{mm['fp32']['median_gflops']:.1f})"
+                  + (f"; bf16 peak {mm['bf16']['peak_gflops']:.1f} GFLOP/s" if "peak_gflops" in mm["bf16"]
+                     else ""))
 
     results["shapes"], failed = {}, False
     with tempfile.TemporaryDirectory(prefix="grpo_bench_") as tmp:
         for shape in ["bench", "tiny"] if args.shape == "all" else [args.shape]:
-            entry, shape_failed = time_shape(shape, args, threads, mm["fp32"]["peak_gflops"], Path(tmp), console)
+            entry, shape_failed = time_shape(shape, args, threads, mm["fp32"]["peak_gflops"], Path(tmp),
+                                             console)
             results["shapes"][shape], failed = entry, failed or shape_failed
     probe_matmul_again(results, args, threads, console)
 
     if args.rss_fit:
-        console.print(f"[bold]tiny fit RSS[/bold]: grpo-lab fit --config configs/tiny.yaml, {args.rss_fit_steps} "
-                      "steps ...")
+        console.print("[bold]tiny fit RSS[/bold]: grpo-lab fit --config configs/tiny.yaml, "
+                      f"{args.rss_fit_steps} steps ...")
         rss = results["tiny_fit"] = rss_fit(args.rss_fit_steps)
         results["tiny_fit_peak_rss_mb"] = rss.get("peak_rss_mb")
         if rss.get("ok"):

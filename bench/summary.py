@@ -1,4 +1,4 @@
-"""From one peer's raw step times to the benchmark's figures: statistics, FLOP fractions, ratios, targets, table."""
+"""From a peer's raw step times to the benchmark's figures: statistics, FLOP fractions, ratios, targets."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ def quantiles(xs: list[float]) -> dict:
     """Median, min, max, quartiles and IQR of ``xs`` (inclusive quartiles; one value: all equal)."""
     xs = sorted(xs)
     q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
-    return {"median": statistics.median(xs), "min": xs[0], "max": xs[-1], "q1": q[0], "q3": q[2], "iqr": q[2] - q[0]}
+    return {"median": statistics.median(xs), "min": xs[0], "max": xs[-1], "q1": q[0], "q3": q[2],
+            "iqr": q[2] - q[0]}
 
 
 def flop_fraction(entry: dict, peak_gflops: float, prefix: str = "") -> None:

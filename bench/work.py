@@ -1,4 +1,4 @@
-"""The work of one benchmark shape: its spec (from its config), its FLOPs, its policy, grpo_lab's module for it.
+"""The work of one benchmark shape: its spec (from its config), FLOPs, policy, and grpo_lab's module for it.
 
 Both peers (``bench/peers.py``) and the profiler (``bench/profile_step.py``) build their work from here, so
 the three time the same thing: the shape's config gives the sizes, one random policy saved as a local HF
@@ -76,11 +76,12 @@ def estimate_flops(spec: dict, prompt_len: float, vocab: int) -> dict:
 
 
 def save_policy_for(spec: dict, seed: int, out: Path) -> int:
-    """Build the shape's random policy with ``seed``, save it as a local HF directory ``out``; its vocab size."""
+    """Build the shape's random policy (``seed``) and save it as the HF directory ``out``; its vocab size."""
     from grpo_lab.policy import PolicyConfig, build_policy, save_policy
 
-    cfg = PolicyConfig(hidden_size=spec["hidden_size"], num_layers=spec["num_layers"], num_heads=spec["num_heads"],
-                       intermediate_size=spec["intermediate_size"], max_positions=spec["max_positions"])
+    cfg = PolicyConfig(hidden_size=spec["hidden_size"], num_layers=spec["num_layers"],
+                       num_heads=spec["num_heads"], intermediate_size=spec["intermediate_size"],
+                       max_positions=spec["max_positions"])
     model, tok = build_policy(cfg, seed=seed)
     save_policy(model, tok, out)
     return model.config.vocab_size
@@ -97,7 +98,8 @@ def grpo_module(spec: dict, model_dir: str | Path, attn: str | None = None, **se
 
     lr = spec["lr"]
     return GRPOModule(
-        policy=PolicyConfig(pretrained=str(model_dir), attn_implementation=attn or spec["attn_implementation"]),
+        policy=PolicyConfig(pretrained=str(model_dir),
+                            attn_implementation=attn or spec["attn_implementation"]),
         warm_start=WarmStartConfig(steps=0),
         num_generations=spec["num_generations"],
         max_new_tokens=spec["completion_tokens"],
@@ -118,8 +120,9 @@ def grpo_trainer(steps: int, callbacks: list, bf16: bool, device: str = "cpu"):
 
     return L.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        num_sanity_val_steps=0, callbacks=callbacks, precision="bf16-mixed" if bf16 else "32-true",
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks,
+        precision="bf16-mixed" if bf16 else "32-true",
     )
 
 

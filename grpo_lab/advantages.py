@@ -108,7 +108,8 @@ def available_advantages() -> list[str]:
 
 
 def get_estimator(name: str) -> Estimator:
-    """The estimator registered as ``name``, or the function at the import path ``package.module:function``."""
+    """The estimator registered as ``name``, or the function at the import path
+    ``package.module:function``."""
     return lookup(ADVANTAGES, name, "advantage estimator", wrap=Estimator)
 
 
@@ -131,7 +132,8 @@ def compute_advantages(rewards: Tensor, estimator: str | Estimator, eps: float =
     if est.needs_weights:
         if weights is None or weights.shape != rewards.shape:
             got = None if weights is None else tuple(weights.shape)
-            raise ValueError(f"advantage estimator {estimator!r} needs weights of shape {tuple(rewards.shape)}, got {got}")
+            raise ValueError(f"advantage estimator {estimator!r} needs weights of shape "
+                             f"{tuple(rewards.shape)}, got {got}")
         adv = est.fn(rewards, eps, weights=weights.to(rewards.dtype))
     else:
         adv = est.fn(rewards, eps)  # [P, G]
@@ -211,13 +213,13 @@ def james_stein_baseline(rewards: Tensor, eps: float = 1e-6) -> Tensor:
 def gradient_weighted_baseline(rewards: Tensor, weights: Tensor) -> Tensor:
     """Leave-one-out weighted mean ``[P, G]``: b_i = Σ_{j≠i} w_j r_j / Σ_{j≠i} w_j.
 
-    In the spirit of the Optimal Token Baseline (Li et al., arXiv 2602.07078; verl ``optimal_token_baseline``):
-    the variance-minimising constant baseline of REINFORCE is b* = E[‖∇log π(o)‖² R] / E[‖∇log π(o)‖²], the
-    reward averaged with weight ‖∇log π‖², not the plain mean. ``weights`` are a per-completion proxy of
-    ‖∇log π(o)‖² (:func:`logit_gradient_energy`); we use one baseline per completion, not OTB's one per token
-    position, because our advantages are per sequence. Leaving o_i out keeps b_i independent of o_i
-    (unbiased). Equal weights give exactly RLOO's baseline; a group whose other weights are all 0 falls
-    back to the unweighted leave-one-out mean.
+    In the spirit of the Optimal Token Baseline (Li et al., arXiv 2602.07078; verl
+    ``optimal_token_baseline``): the variance-minimising constant baseline of REINFORCE is b* = E[‖∇log π(o)‖²
+    R] / E[‖∇log π(o)‖²], the reward averaged with weight ‖∇log π‖², not the plain mean. ``weights`` are a
+    per-completion proxy of ‖∇log π(o)‖² (:func:`logit_gradient_energy`); we use one baseline per completion,
+    not OTB's one per token position, because our advantages are per sequence. Leaving o_i out keeps b_i
+    independent of o_i (unbiased). Equal weights give exactly RLOO's baseline; a group whose other weights are
+    all 0 falls back to the unweighted leave-one-out mean.
     """
     wr = weights * rewards
     num = wr.sum(dim=-1, keepdim=True) - wr  # [P, G]
@@ -253,7 +255,8 @@ CENTERS: dict[str, Center] = {
     "leave_one_out": Center(_leave_one_out, group_relative=True, needs_group=True),
     "batch": Center(_batch_mean, group_relative=False, needs_group=False),
     "james_stein": Center(_james_stein, group_relative=False, needs_group=True),
-    "gradient_weighted": Center(_gradient_weighted, group_relative=True, needs_group=True, needs_weights=True),
+    "gradient_weighted": Center(_gradient_weighted, group_relative=True, needs_group=True,
+                                needs_weights=True),
 }
 
 
@@ -289,7 +292,7 @@ SCALES: dict[str, Scale] = {
 
 
 def normalized(center: str, scale: str) -> Estimator:
-    """The estimator A = (r − b) / s for a center and a scale by name (``ValueError`` lists the known ones)."""
+    """The estimator A = (r − b) / s for a center and a scale by name (a ``ValueError`` lists known ones)."""
     c, s = lookup(CENTERS, center, "advantage center"), lookup(SCALES, scale, "advantage scale")
 
     def fn(rewards: Tensor, eps: float, weights: Tensor | None = None) -> Tensor:
@@ -297,8 +300,9 @@ def normalized(center: str, scale: str) -> Estimator:
         return s.fn(rewards if b is None else rewards - b, rewards, eps)
 
     fn.__name__ = f"{center}_{scale}"
-    return Estimator(fn, needs_group=c.needs_group or s.per_group, flat_is_zero=c.group_relative or s.per_group,
-                     needs_weights=c.needs_weights, center=center, scale=scale)
+    return Estimator(fn, needs_group=c.needs_group or s.per_group,
+                     flat_is_zero=c.group_relative or s.per_group, needs_weights=c.needs_weights,
+                     center=center, scale=scale)
 
 
 PRESETS: dict[str, tuple[str, str]] = {
@@ -325,7 +329,7 @@ def resolve_estimator(advantage: str, center: str | None = None, scale: str | No
         return est
     if est.center is None:
         raise UserError(
-            f"advantage {advantage!r} is not a center/scale preset, so advantage_center/advantage_scale cannot "
-            f"modify it; use one of {', '.join(sorted(PRESETS))}"
+            f"advantage {advantage!r} is not a center/scale preset, so advantage_center/advantage_scale "
+            f"cannot modify it; use one of {', '.join(sorted(PRESETS))}"
         )
     return normalized(center or est.center, scale or est.scale)

@@ -1,7 +1,8 @@
 """Build a small causal LM of a real architecture with a BPE tokenizer trained locally, saved as a local HF
 directory that ``model.policy.pretrained`` can point at (nothing is downloaded):
 
-    python -m grpo_lab.build_model --arch qwen2 --out runs/models/qwen2-tiny --corpus examples/math_sample.jsonl
+    python -m grpo_lab.build_model --arch qwen2 --out runs/models/qwen2-tiny \
+        --corpus examples/math_sample.jsonl
 
 Architectures (``ARCHS``), each exercising what the tiny Llama of ``policy.py`` does not:
 
@@ -53,7 +54,8 @@ class ModelSpec:
     num_heads: int = 4
     """Query heads (must divide hidden_size)."""
     num_kv_heads: int | None = None
-    """Key/value heads for qwen2/llama (must divide num_heads); default num_heads // 2 (grouped-query attention)."""
+    """Key/value heads for qwen2/llama (must divide num_heads); default num_heads // 2 (grouped-query
+    attention, GQA)."""
     vocab_size: int = 512
     """BPE vocabulary size (including the 256 byte tokens and the specials)."""
     max_positions: int = 512
@@ -96,13 +98,15 @@ def corpus_texts(path: str | Path) -> list[str]:
 def _config(spec: ModelSpec, tok) -> GPT2Config | Qwen2Config | LlamaConfig:
     h = spec.hidden_size
     if spec.arch == "gpt2":
-        return GPT2Config(vocab_size=len(tok), n_positions=spec.max_positions, n_embd=h, n_layer=spec.num_layers,
-                          n_head=spec.num_heads, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: RL log-probs stay exact
-    common = dict(vocab_size=len(tok), hidden_size=h, intermediate_size=4 * h, num_hidden_layers=spec.num_layers,
-                  num_attention_heads=spec.num_heads, num_key_value_heads=spec.kv_heads(),
-                  max_position_embeddings=spec.max_positions, pad_token_id=tok.pad_token_id,
-                  eos_token_id=tok.eos_token_id, bos_token_id=None)
+        return GPT2Config(vocab_size=len(tok), n_positions=spec.max_positions, n_embd=h,
+                          n_layer=spec.num_layers, n_head=spec.num_heads, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id,
+                          # no dropout: RL log-probs stay exact
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    common = dict(vocab_size=len(tok), hidden_size=h, intermediate_size=4 * h,
+                  num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+                  num_key_value_heads=spec.kv_heads(), max_position_embeddings=spec.max_positions,
+                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
     if spec.arch == "qwen2":
         return Qwen2Config(**common, tie_word_embeddings=False)
     return LlamaConfig(**common, tie_word_embeddings=True)
@@ -124,17 +128,21 @@ def build_model(spec: ModelSpec, texts: list[str], out: str | Path) -> Path:
     out = Path(out)
     save_policy(model, tok, out)
     (out / "build.json").write_text(json.dumps({"spec": asdict(spec), "corpus_texts": len(texts),
-                                                 "parameters": sum(p.numel() for p in model.parameters())}, indent=2))
+                                                 "parameters": sum(p.numel() for p in model.parameters())},
+                                               indent=2))
     return out
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m grpo_lab.build_model", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", choices=ARCHS, default="qwen2", help="architecture (default: %(default)s)")
-    p.add_argument("--out", required=True, help="the HF directory to write (skipped if it exists, unless --force)")
-    p.add_argument("--corpus", required=True, help=".jsonl (every string value) or text file the BPE is trained on")
-    for name, default, what in (("hidden-size", 64, "width"), ("num-layers", 2, "blocks"), ("num-heads", 4, "query heads"),
-                                ("vocab-size", 512, "BPE vocabulary"), ("max-positions", 512, "longest sequence"),
+    p.add_argument("--out", required=True,
+                   help="the HF directory to write (skipped if it exists, unless --force)")
+    p.add_argument("--corpus", required=True,
+                   help=".jsonl (every string value) or text file the BPE is trained on")
+    for name, default, what in (("hidden-size", 64, "width"), ("num-layers", 2, "blocks"),
+                                ("num-heads", 4, "query heads"), ("vocab-size", 512, "BPE vocabulary"),
+                                ("max-positions", 512, "longest sequence"),
                                 ("seed", 0, "seed of the weights")):
         p.add_argument(f"--{name}", type=int, default=default, help=f"{what} (default: %(default)s)")
     p.add_argument("--num-kv-heads", type=int, default=None, help="key/value heads (default: num-heads // 2)")

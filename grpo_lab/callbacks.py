@@ -42,7 +42,8 @@ class NonFiniteGuard:
                 "Lower the learning rate, check the reward function, or raise model.max_bad_steps"
             )
 
-    def before_optimizer_step(self, module: L.LightningModule, optimizer, max_grad_norm: float | None) -> None:
+    def before_optimizer_step(self, module: L.LightningModule, optimizer,
+                              max_grad_norm: float | None) -> None:
         """Log the gradient norm; drop a non-finite gradient (the optimizer then skips every parameter) or
         clip a finite one to ``max_grad_norm``."""
         total = grad_norm(module.model, norm_type=2).get("grad_2.0_norm_total")
@@ -85,7 +86,8 @@ class ExactResume(L.Callback):
             return
         ws = pl_module.warm_start_path and Path(pl_module.warm_start_path).name
         if state["warm_start"] != ws:
-            raise UserError(f"checkpoint was trained from warm start {state['warm_start']!r}, this config gives {ws!r}")
+            raise UserError(f"checkpoint was trained from warm start {state['warm_start']!r}, this config "
+                            f"gives {ws!r}")
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         kind, keys, pos, has_gauss, gauss = state["rng"]["numpy"]

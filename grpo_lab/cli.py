@@ -23,8 +23,8 @@ from grpo_lab.module import GRPOModule
 from grpo_lab.warmstart import ensure_warm_start
 
 BASE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "base.yaml"
-DEBUG_HELP = ("A mistake in the config or data prints one 'error: ...' line (exit status 2); --debug (anywhere on "
-              "the command line) or GRPO_LAB_DEBUG=1 shows its full traceback.")
+DEBUG_HELP = ("A mistake in the config or data prints one 'error: ...' line (exit status 2); --debug "
+              "(anywhere on the command line) or GRPO_LAB_DEBUG=1 shows its full traceback.")
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")  # ckpt_path values that are not file names
 
 
@@ -38,17 +38,21 @@ class GRPOCLI(LightningCLI):
         so the checkpoint is found and the curves carry on in the same run directory."""
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
         ckpt = cfg.get("ckpt_path") if cfg is not None else None
+        # a file, or a directory for sharded (FSDP, DeepSpeed) checkpoints
         if isinstance(ckpt, str) and ckpt.split(":")[0] not in LIGHTNING_CKPT_NAMES and "://" not in ckpt \
-                and not Path(ckpt).exists():  # a file, or a directory for sharded (FSDP, DeepSpeed) checkpoints
-            raise UserFileNotFoundError(f"--ckpt_path {ckpt}: no such checkpoint (give a .ckpt path, or 'last')")
+                and not Path(ckpt).exists():
+            raise UserFileNotFoundError(f"--ckpt_path {ckpt}: no such checkpoint (give a .ckpt path, or "
+                                        "'last')")
         if ckpt != "last":
             return
         logger = cfg.get("trainer", {}).get("logger")
-        args = getattr(logger, "init_args", None) if logger is not None and not isinstance(logger, bool) else None
+        has_args = logger is not None and not isinstance(logger, bool)
+        args = getattr(logger, "init_args", None) if has_args else None
         if args is None or args.get("version") is not None:
             return
         root = Path(args.get("save_dir") or "runs") / (args.get("name") or "lightning_logs")
-        done = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: int(p.parts[-3].split("_")[1]))
+        done = sorted(root.glob("version_*/checkpoints/last.ckpt"),
+                      key=lambda p: int(p.parts[-3].split("_")[1]))
         if done:
             args["version"] = int(done[-1].parts[-3].split("_")[1])
 
@@ -56,7 +60,8 @@ class GRPOCLI(LightningCLI):
         """Add a Rich progress bar unless the config turns bars off or names its own."""
         cfg = self._get(self.config_init, "trainer", default={})
         callbacks = cfg.get("callbacks") or []
-        has_bar = any(isinstance(c, ProgressBar) for c in (callbacks if isinstance(callbacks, list) else [callbacks]))
+        has_bar = any(isinstance(c, ProgressBar)
+                      for c in (callbacks if isinstance(callbacks, list) else [callbacks]))
         if cfg.get("enable_progress_bar") is not False and not has_bar:
             self.trainer_defaults = {**self.trainer_defaults, "callbacks": [RichProgressBar()]}
         return super().instantiate_trainer(**kwargs)
@@ -64,7 +69,8 @@ class GRPOCLI(LightningCLI):
 
 def _parser_kwargs() -> dict:
     defaults = [str(BASE_CONFIG)] if BASE_CONFIG.is_file() else []
-    return {sub: {"default_config_files": defaults, "epilog": DEBUG_HELP} for sub in ("fit", "validate", "test", "predict")}
+    return {sub: {"default_config_files": defaults, "epilog": DEBUG_HELP}
+            for sub in ("fit", "validate", "test", "predict")}
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> GRPOCLI:
@@ -73,7 +79,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> GRPOCLI:
         QueryDataModule,
         args=args,
         run=run,
-        parser_kwargs=_parser_kwargs() if run else {"default_config_files": [str(BASE_CONFIG)] if BASE_CONFIG.is_file() else []},
+        parser_kwargs=_parser_kwargs() if run
+        else {"default_config_files": [str(BASE_CONFIG)] if BASE_CONFIG.is_file() else []},
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )

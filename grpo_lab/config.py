@@ -30,7 +30,8 @@ class RLConfig:
             ``normalize_then_sum`` (each function normalized within its group first; GDPO, TRL
             multi_objective_aggregation).
         overlong_buffer: C of the ``overlong_penalty`` reward (DAPO's soft overlong punishment): the penalty
-            ramps from 0 to -1 over the last C of ``max_new_tokens`` tokens (default max_new_tokens // 4, >= 1).
+            ramps from 0 to -1 over the last C of ``max_new_tokens`` tokens (default max_new_tokens // 4,
+            at least 1).
         invalid_rewards: ``error`` stops on a NaN/inf/non-number reward; ``drop`` leaves that completion
             out of the loss (its reward is set to its group's mean, advantage 0) and counts it in
             ``train/invalid_rewards``.
@@ -120,7 +121,8 @@ class RLConfig:
             lookup(registry, name, what)
         if estimator.needs_group and self.num_generations < 2:
             raise UserError(
-                f"advantage {self.advantage!r} needs num_generations >= 2 (got {self.num_generations}); or use 'reward'"
+                f"advantage {self.advantage!r} needs num_generations >= 2 (got {self.num_generations}); or "
+                "use 'reward'"
             )
         if min(self.num_generations, self.num_iterations, self.max_new_tokens, self.micro_batches) < 1:
             raise UserError("num_generations, num_iterations, micro_batches and max_new_tokens must be >= 1")
@@ -135,7 +137,8 @@ class RLConfig:
         if self.kl_in == "reward" and self.beta <= 0.0:
             raise UserError("kl_in='reward' needs beta > 0 (the KL coefficient of the reward penalty)")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
-            raise UserError(f"reward_weights has {len(self.reward_weights)} weights for {len(self.rewards)} rewards")
+            raise UserError(f"reward_weights has {len(self.reward_weights)} weights for {len(self.rewards)} "
+                            "rewards")
         if self.max_resample_rounds < 0 or (self.overlong_buffer is not None and
                                             not 1 <= self.overlong_buffer <= self.max_new_tokens):
             raise UserError(f"need max_resample_rounds >= 0 and 1 <= overlong_buffer <= max_new_tokens, got "

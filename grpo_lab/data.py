@@ -40,7 +40,8 @@ class EpochSampler(DistributedSampler):
     trained on other queries than the same run without a strategy, and resuming skipped the wrong ones).
     """
 
-    def __init__(self, n: int, seed: int, epoch_fn, skip_fn, batch: int = 1, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, n: int, seed: int, epoch_fn, skip_fn, batch: int = 1, rank: int = 0,
+                 world: int = 1) -> None:
         if batch % world:
             raise ValueError(f"batch={batch} is not divisible across {world} processes")
         super().__init__(range(n), num_replicas=world, rank=rank, shuffle=False, seed=seed)
@@ -57,7 +58,8 @@ class EpochSampler(DistributedSampler):
             return iter(order)
         per = self.batch // self.num_replicas  # this process's share of each global batch
         lo = self.rank * per
-        return iter([i for k in range(0, len(order) - self.batch + 1, self.batch) for i in order[k + lo : k + lo + per]])
+        return iter([i for k in range(0, len(order) - self.batch + 1, self.batch)
+                     for i in order[k + lo : k + lo + per]])
 
 
 class QueryDataModule(L.LightningDataModule):
@@ -119,8 +121,8 @@ class QueryDataModule(L.LightningDataModule):
         if ws is not None and ws.steps > 0 and bool(getattr(ws, "chat_template", False)) != h.chat_template:
             raise UserError(
                 f"data.chat_template is {str(h.chat_template).lower()} but model.warm_start.chat_template is "
-                f"{str(not h.chat_template).lower()}: the warm start would train on prompts the RL run never sees; "
-                "set both the same"
+                f"{str(not h.chat_template).lower()}: the warm start would train on prompts the RL run never "
+                "sees; set both the same"
             )
         if h.chat_template:
             tok = getattr(module, "tokenizer", None)

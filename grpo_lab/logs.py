@@ -1,4 +1,4 @@
-"""The old name of ``grpo_lab.tensorboard_scalars``, kept for ``ablations/objective.py`` until it imports the new one."""
+"""The old name of ``grpo_lab.tensorboard_scalars``, until ``ablations/objective.py`` imports the new one."""
 
 from grpo_lab.tensorboard_scalars import learning_lift, read_scalars
 

@@ -93,20 +93,21 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") ->
 
 
 def sequence_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
-    """k1 per completion ``[B]``: Σ_t mask·(log π − log π_ref) = log π(o)/π_ref(o), an unbiased estimate of the
-    sequence KL (verl's ``use_kl_in_reward`` with ``kl_penalty=kl``). As a reward it carries no gradient, so
-    k1's unbiasedness is what matters (k3's positivity matters for a loss)."""
+    """k1 per completion ``[B]``: Σ_t mask·(log π − log π_ref) = log π(o)/π_ref(o), an unbiased estimate of
+    the sequence KL (verl's ``use_kl_in_reward`` with ``kl_penalty=kl``). As a reward it carries no gradient,
+    so k1's unbiasedness is what matters (k3's positivity matters for a loss)."""
     return ((logprobs - ref_logprobs) * mask.to(logprobs.dtype)).sum(dim=-1)
 
 
 def get_aggregation(name: str) -> AggregateFn:
-    """The aggregation registered as ``name`` or the function at the import path ``package.module:function``."""
+    """The aggregation registered as ``name`` or the function at the import path
+    ``package.module:function``."""
     return lookup(AGGREGATIONS, name, "aggregation")
 
 
 def aggregation_normalizer(aggregation: str, mask: Tensor, max_new_tokens: int | None = None, *,
                            total: Callable[[Tensor], Tensor] | None = None, world: int = 1) -> Tensor:
-    """The denominator of ``aggregation`` for a batch with completion mask ``mask`` ``[B, T]`` (a float scalar).
+    """The denominator of ``aggregation`` (a float scalar) for a batch with completion mask ``mask`` [B, T].
 
     ``token_mean``: the real tokens Σmask; ``sequence_mean`` (and an aggregation named by import path): the
     sequences B; ``constant``: B·``max_new_tokens`` (Dr. GRPO's B·L, L the generation budget; default the
@@ -137,7 +138,8 @@ def sequence_mean(loss: Tensor, mask: Tensor, normalizer: float | Tensor | None 
     """mean_b (Σ_t loss·mask / Σ_t mask): the original GRPO (an empty completion contributes 0).
     ``normalizer`` overrides the number of sequences B."""
     per_seq = (loss * mask).sum(dim=-1) / mask.sum(dim=-1).clamp(min=1.0)  # [B]
-    return per_seq.sum() / (aggregation_normalizer("sequence_mean", mask) if normalizer is None else normalizer)
+    return per_seq.sum() / (aggregation_normalizer("sequence_mean", mask) if normalizer is None
+                            else normalizer)
 
 
 @register_aggregation("constant")
@@ -243,7 +245,8 @@ def policy_loss(
     adv = advantages.to(logprobs.dtype).unsqueeze(-1)  # [B, 1]
 
     ratio = ratio_fn(logprobs, old_logprobs, mask)  # [B, T] (token) or [B, 1] (sequence)
-    per_token, active = objective_fn(ratio, logprobs, adv, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip)
+    per_token, active = objective_fn(ratio, logprobs, adv, clip_low=clip_low, clip_high=clip_high,
+                                     dual_clip=dual_clip)
     per_token = per_token.expand_as(logprobs)  # [B, T]
 
     n_tokens = mask.sum().clamp(min=1.0)
@@ -276,14 +279,17 @@ def policy_loss(
 
 
 def check_loss_settings(clip_low: float, clip_high: float, beta: float, dual_clip: float | None = None,
-                        entropy_coef: float = 0.0, top_entropy_quantile: float = 1.0, objective: str = "clip") -> None:
+                        entropy_coef: float = 0.0, top_entropy_quantile: float = 1.0,
+                        objective: str = "clip") -> None:
     """``ValueError`` naming the first bad loss setting (shared by :func:`policy_loss` and the config)."""
     if not 0.0 <= clip_low < 1.0 or clip_high < 0.0:
-        raise UserError(f"need 0 <= clip_low < 1 and clip_high >= 0, got clip_low={clip_low}, clip_high={clip_high}")
+        raise UserError(f"need 0 <= clip_low < 1 and clip_high >= 0, got clip_low={clip_low}, "
+                        f"clip_high={clip_high}")
     if beta < 0.0:
         raise UserError(f"beta must be >= 0 (KL coefficient), got {beta}")
     if dual_clip is not None and (dual_clip <= 1.0 or objective != "clip"):
-        raise UserError(f"dual_clip must be > 1 and needs objective='clip', got {dual_clip} with {objective!r}")
+        raise UserError(f"dual_clip must be > 1 and needs objective='clip', got {dual_clip} with "
+                        f"{objective!r}")
     if entropy_coef < 0.0:
         raise UserError(f"entropy_coef must be >= 0 (an entropy bonus), got {entropy_coef}")
     if not 0.0 < top_entropy_quantile <= 1.0:

@@ -54,7 +54,8 @@ def _math_verify():
         import math_verify
         import math_verify.errors  # noqa: F401  (TimeoutException, caught below)
     except ModuleNotFoundError as err:
-        raise ModuleNotFoundError("the math_verify reward needs the math-verify package: pip install -e '.[math]'") from err
+        raise ModuleNotFoundError("the math_verify reward needs the math-verify package: pip install -e "
+                                  "'.[math]'") from err
     return math_verify
 
 

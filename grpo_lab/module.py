@@ -87,7 +87,8 @@ class GRPOModule(SampledAccuracy, SeveralUpdates, L.LightningModule):
         # Keep hparams plain data (checkpoints load with torch's weights_only=True), every setting flat.
         self.hparams.update(policy=asdict(self.policy_cfg), warm_start=asdict(self.warm_start_cfg),
                             **asdict(self.rl))
-        if callable(self.hparams.get("optimizer")):  # LightningCLI stores a config dict; code passes a callable
+        # LightningCLI stores a config dict; code passes a callable
+        if callable(self.hparams.get("optimizer")):
             self.hparams["optimizer"] = getattr(optimizer, "__qualname__", repr(optimizer))
         self.optimizer_fn = optimizer
         self.automatic_optimization = self.rl.num_iterations == 1 and self.rl.micro_batches == 1
@@ -161,7 +162,7 @@ class GRPOModule(SampledAccuracy, SeveralUpdates, L.LightningModule):
         )
 
     def reward(self, rollout: Rollout, batch: list[Query], aggregation: str | None = None) -> Tensor:
-        """Rewards ``[P, G]`` of the rollout's completions (``aggregation``: instead of ``reward_aggregation``)."""
+        """Rewards ``[P, G]`` of the rollout's completions (``aggregation`` overrides the configured one)."""
         return self.score(rollout, batch, aggregation)[0]
 
     def score(self, rollout: Rollout, batch: list[Query],
@@ -172,7 +173,8 @@ class GRPOModule(SampledAccuracy, SeveralUpdates, L.LightningModule):
         (``rewards.ROLLOUT_COLUMNS``). With ``invalid_rewards="drop"`` an invalid value gets its group's mean;
         ``rollout.without(invalid)`` leaves it out of the loss."""
         rl, g = self.rl, len(rollout.completions) // len(batch)
-        length = torch.where(rollout.truncated, rl.max_new_tokens, rollout.completion_mask.sum(-1))  # incl. EOS
+        mask = rollout.completion_mask
+        length = torch.where(rollout.truncated, rl.max_new_tokens, mask.sum(-1))  # [B], EOS included
         r, j, invalid = score_groups(
             self.reward_fns, batch, rollout.completions, g, weights=rl.reward_weights,
             aggregation=aggregation or rl.reward_aggregation, allow_invalid=rl.invalid_rewards == "drop",

@@ -41,14 +41,16 @@ class PolicyConfig:
         if self.pretrained is None and self.hidden_size % self.num_heads:
             raise UserError(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
         if self.attn_implementation not in ("sdpa", "eager"):
-            raise UserError(f"attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
+            raise UserError(f"attn_implementation must be 'sdpa' or 'eager', got "
+                            f"{self.attn_implementation!r}")
 
     def key(self) -> dict:
         """What identifies the weights (the warm-start cache key): the kernel choice does not."""
         return {k: v for k, v in asdict(self).items() if k != "attn_implementation"}
 
 
-def build_policy(cfg: PolicyConfig, seed: int | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def build_policy(cfg: PolicyConfig,
+                 seed: int | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model and its tokenizer. A from-scratch build is seeded by ``seed`` (same seed, same weights)."""
     if cfg.pretrained is not None:
         path = Path(cfg.pretrained)

@@ -62,9 +62,10 @@ def numeric_match(completions: list[str], answer: list[str], **_) -> list[float]
 @register_reward("overlong_penalty")
 def overlong_penalty(completions: list[str], completion_length: list[int], max_new_tokens: list[int],
                      overlong_buffer: list[int], **_) -> list[float]:
-    """DAPO's soft overlong punishment (arXiv 2503.14476, Eq. 13), L = ``max_new_tokens``, C = ``overlong_buffer``:
-    0 for |o| <= L − C, (L − C − |o|)/C in the last C tokens (down to −1 at |o| = L), −1 beyond. |o| counts
-    the completion's tokens including EOS; a truncated completion has |o| = L and gets −1."""
+    """DAPO's soft overlong punishment (arXiv 2503.14476, Eq. 13), L = ``max_new_tokens``,
+    C = ``overlong_buffer``: 0 for |o| <= L − C, (L − C − |o|)/C in the last C tokens (down to −1 at
+    |o| = L), −1 beyond. |o| counts the completion's tokens including EOS; a truncated completion has
+    |o| = L and gets −1."""
     out = []
     for n, cap, buf in zip(completion_length, max_new_tokens, overlong_buffer, strict=True):
         free = cap - buf
@@ -118,15 +119,17 @@ def score_each(
             raise UserRuntimeError(f"reward function {name!r} raised {type(err).__name__}: {err}") from err
         values = list(values) if values is not None else []
         if len(values) != len(completions):
-            raise UserError(f"reward function {name!r} returned {len(values)} values for {len(completions)} completions")
+            raise UserError(f"reward function {name!r} returned {len(values)} values for {len(completions)} "
+                            "completions")
         for i, v in enumerate(values):
             if not isinstance(v, numbers.Real) or not math.isfinite(v):
                 if allow_invalid:
                     values[i] = math.nan
                     continue
                 raise UserError(
-                    f"reward function {name!r} returned {v!r} for completion {completions[i]!r}; rewards must be "
-                    "finite numbers (or set model.invalid_rewards: drop to leave such completions out)"
+                    f"reward function {name!r} returned {v!r} for completion {completions[i]!r}; rewards "
+                    "must be finite numbers (or set model.invalid_rewards: drop to leave such completions "
+                    "out)"
                 )
         rows.append(torch.tensor([float(v) for v in values], dtype=torch.float32))
     return torch.stack(rows) if rows else torch.zeros(0, len(completions))
@@ -152,12 +155,14 @@ def normalize_then_sum(values: torch.Tensor, weights: torch.Tensor, eps: float =
     mean = filled.sum(-1, keepdim=True) / n.clamp(min=1)
     var = (torch.where(valid, values - mean, 0.0) ** 2).sum(-1, keepdim=True) / (n - 1).clamp(min=1)
     z = (values - mean) / (var.sqrt() + eps)  # [K, P, G]
-    flat = torch.where(valid, values, -math.inf).amax(-1, keepdim=True) == torch.where(valid, values, math.inf).amin(-1, keepdim=True)
+    highest = torch.where(valid, values, -math.inf).amax(-1, keepdim=True)
+    flat = highest == torch.where(valid, values, math.inf).amin(-1, keepdim=True)  # [K, P, 1]
     z = torch.where(flat & valid, 0.0, z)
     return weighted_sum(z, weights)
 
 
-def aggregate_rewards(values: torch.Tensor, weights: Sequence[float] | None, aggregation: str = "weighted_sum") -> torch.Tensor:
+def aggregate_rewards(values: torch.Tensor, weights: Sequence[float] | None,
+                      aggregation: str = "weighted_sum") -> torch.Tensor:
     """One reward per completion ``[P, G]`` from each function's values ``[K, P, G]`` (K functions)."""
     w = torch.tensor(list(weights) if weights is not None else [1.0] * values.shape[0], dtype=torch.float32)
     if w.numel() != values.shape[0]:
@@ -182,12 +187,15 @@ def score_groups(fns: Sequence[RewardFn], batch: list[dict], completions: list[s
     """``(rewards, objective, invalid)`` ``[P, G]`` for the G completions of each query of ``batch`` (rows
     b·G .. b·G+G−1 belong to query b): the functions combined by ``aggregation`` (what the advantage sees)
     and by their weighted sum (J's estimate, for the metrics), an invalid value replaced by its group's mean
-    (:func:`fill_invalid`), and where that happened. ``rollout_columns``: the rollout's (``ROLLOUT_COLUMNS``)."""
+    (:func:`fill_invalid`), and where that happened. ``rollout_columns``: the rollout's own
+    (``ROLLOUT_COLUMNS``)."""
     columns = reward_columns(batch, g, **rollout_columns)
     values = score_each(fns, completions, columns, allow_invalid).view(len(fns), len(batch), g)  # [K, P, G]
     values = values if device is None else values.to(device)
     rewards, invalid = fill_invalid(aggregate_rewards(values, weights, aggregation))
-    objective = rewards if aggregation == "weighted_sum" else fill_invalid(aggregate_rewards(values, weights))[0]
+    if aggregation == "weighted_sum":
+        return rewards, rewards, invalid
+    objective = fill_invalid(aggregate_rewards(values, weights))[0]
     return rewards, objective, invalid
 
 
@@ -197,7 +205,8 @@ def fill_invalid(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     invalid = ~torch.isfinite(rewards)
     if not invalid.any():
         return rewards, invalid
-    valid_mean = torch.where(invalid, 0.0, rewards).sum(-1, keepdim=True) / (~invalid).sum(-1, keepdim=True).clamp(min=1)
+    total = torch.where(invalid, 0.0, rewards).sum(-1, keepdim=True)  # [P, 1]
+    valid_mean = total / (~invalid).sum(-1, keepdim=True).clamp(min=1)
     return torch.where(invalid, valid_mean, rewards), invalid
 
 

@@ -47,12 +47,14 @@ class Rollout:
         g = self.group_size
         aligned = step == 1 and start % g == 0 and (stop - start) % g == 0
         return Rollout(
-            self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows], self.completion_mask[rows],
-            self.logprobs[rows], self.completions[rows], self.truncated[rows], g if aligned else 1,
+            self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows],
+            self.completion_mask[rows], self.logprobs[rows], self.completions[rows], self.truncated[rows],
+            g if aligned else 1,
         )
 
 
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], repeats: int) -> tuple[Tensor, Tensor]:
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                   repeats: int) -> tuple[Tensor, Tensor]:
     """Left-padded ``[P·repeats, Tp]`` ids and mask, each prompt repeated ``repeats`` times in a row."""
     enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
     if enc["input_ids"].shape[1] == 0 or (enc["attention_mask"].sum(-1) == 0).any():
@@ -83,7 +85,8 @@ def _keep_last(model: PreTrainedModel, n: int) -> dict:
     return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
-def shared_prompt_forward(model: PreTrainedModel, ids: Tensor, mask: Tensor, group: int) -> tuple[object, Tensor] | None:
+def shared_prompt_forward(model: PreTrainedModel, ids: Tensor, mask: Tensor,
+                          group: int) -> tuple[object, Tensor] | None:
     """Forward the P distinct prompts ``ids``/``mask`` [P, Tp] once, for G = ``group`` completions each.
 
     Returns the KV cache with every prompt's entries repeated G times in a row (``[B = P·G]`` rows, as the
@@ -91,14 +94,15 @@ def shared_prompt_forward(model: PreTrainedModel, ids: Tensor, mask: Tensor, gro
     cannot be repeated (the caller then forwards the B repeated prompts). With grad enabled the G copies
     share one graph: backward sums their gradients, exactly what G separate prompt forwards would give.
     """
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True, **_keep_last(model, 1))
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True,
+                **_keep_last(model, 1))
     cache = out[_cache_keyword(model)]
     if not hasattr(cache, "batch_repeat_interleave"):
         name = type(model).__name__
         if name not in _UNSHARED:
             _UNSHARED.add(name)
-            log.warning("%s returns a %s KV cache, which cannot be repeated per group: each completion's prompt "
-                        "is forwarded again (same result, more compute)", name, type(cache).__name__)
+            log.warning("%s returns a %s KV cache, which cannot be repeated per group: each completion's "
+                        "prompt is forwarded again (same result, more compute)", name, type(cache).__name__)
         return None
     if group > 1:
         cache.batch_repeat_interleave(group)
@@ -156,13 +160,16 @@ def generate(
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         kwargs = {cache_kw: cache}
-        out = model(input_ids=tok.unsqueeze(-1), attention_mask=attn, position_ids=next_pos, use_cache=True, **kwargs)
+        out = model(input_ids=tok.unsqueeze(-1), attention_mask=attn, position_ids=next_pos, use_cache=True,
+                    **kwargs)
         cache, logits, next_pos = out[cache_kw], out.logits[:, -1, :], next_pos + 1
     completion_ids = torch.stack(tokens, dim=1)  # [B, T]
     completion_mask = torch.stack(masks, dim=1).long()  # [B, T]
     logprobs = torch.stack(logps, dim=1) * completion_mask  # [B, T]
-    texts = tokenizer.batch_decode(completion_ids.masked_fill(completion_mask == 0, pad), skip_special_tokens=True)
-    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, logprobs, texts, ~done, num_generations)
+    texts = tokenizer.batch_decode(completion_ids.masked_fill(completion_mask == 0, pad),
+                                   skip_special_tokens=True)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, logprobs, texts, ~done,
+                   num_generations)
 
 
 def sequence_logprobs(
@@ -197,7 +204,8 @@ def sequence_logprobs(
         ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)  # [B, Tp+T]
         attn = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
         keep = _keep_last(model, t + 1)  # the LM head runs on the T+1 last positions only, when supported
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=False, **keep).logits
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=False,
+                       **keep).logits
         logits = logits[:, -(t + 1) : -1, :].float() / temperature  # [B, T, V]: position t predicts token t+1
     logprobs = token_logprobs(logits, rollout.completion_ids)  # [B, T]
     entropy = None

@@ -78,8 +78,8 @@ def take_groups(rollout: Rollout, groups: list[int]) -> Rollout:
     rows = [q * g + j for q in groups for j in range(g)]
     idx = torch.tensor(rows, dtype=torch.long, device=rollout.completion_ids.device)
     return Rollout(rollout.prompt_ids[idx], rollout.prompt_mask[idx], rollout.completion_ids[idx],
-                   rollout.completion_mask[idx], rollout.logprobs[idx], [rollout.completions[r] for r in rows],
-                   rollout.truncated[idx], g)
+                   rollout.completion_mask[idx], rollout.logprobs[idx],
+                   [rollout.completions[r] for r in rows], rollout.truncated[idx], g)
 
 
 def cat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
@@ -118,9 +118,9 @@ def dynamic_sample(
     agree: Callable[[int], int] = lambda kept: kept,
     seen_rewards: Tensor | None = None,
 ) -> Sample:
-    """Drop the zero-spread groups of the first batch (``queries``, its ``rollout`` and ``rewards`` [P, G]) and
-    refill from ``draw(n)`` (n fresh queries), ``sample`` giving each refill's rollout and rewards, until P
-    groups with spread are kept or ``max_rounds`` refills are spent.
+    """Drop the zero-spread groups of the first batch (``queries``, its ``rollout`` and ``rewards`` [P, G])
+    and refill from ``draw(n)`` (n fresh queries), ``sample`` giving each refill's rollout and rewards, until
+    P groups with spread are kept or ``max_rounds`` refills are spent.
 
     ``agree(kept)`` returns the number of groups every process keeps (under DDP, the minimum over the ranks,
     so all ranks run the same number of micro-batches); each process keeps that many, the first ones. If no
@@ -149,4 +149,5 @@ def dynamic_sample(
             out_q += [qs[i] for i in groups]
             out_r.append(take_groups(r, groups))
             out_w.append(rw[groups])
-    return Sample(out_q, cat_rollouts(out_r, pad_id), torch.cat(out_w), queries, seen, rounds, dropped, tokens)
+    return Sample(out_q, cat_rollouts(out_r, pad_id), torch.cat(out_w), queries, seen, rounds, dropped,
+                  tokens)

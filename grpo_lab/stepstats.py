@@ -6,12 +6,12 @@ to JSON when the fit ends (what ``bench/gpu_check.sh`` reads; also usable in any
         - class_path: grpo_lab.stepstats.StepStats
           init_args: {out: runs/stepstats.json}
 
-A step is ``on_train_batch_start`` -> ``on_train_batch_end`` (rollout, reward, loss, backward, optimizer step),
-timed with ``perf_counter`` after synchronizing the accelerator, so asynchronous CUDA work is inside the step
-it belongs to. Completion tokens per step are ``train/completion_length`` (the documented metric: tokens
-per completion, EOS included) times the step's sequences; peak memory is ``torch.cuda.max_memory_allocated``
-on CUDA, else the process's peak RSS. ``train/loss``, ``train/reward`` and ``train/grad_norm`` of every step are
-kept too (``metrics``), so two runs can be compared step by step.
+A step is ``on_train_batch_start`` -> ``on_train_batch_end`` (rollout, reward, loss, backward, optimizer
+step), timed with ``perf_counter`` after synchronizing the accelerator, so asynchronous CUDA work is inside
+the step it belongs to. Completion tokens per step are ``train/completion_length`` (the documented metric:
+tokens per completion, EOS included) times the step's sequences; peak memory is
+``torch.cuda.max_memory_allocated`` on CUDA, else the process's peak RSS. ``train/loss``, ``train/reward`` and
+``train/grad_norm`` of every step are kept too (``metrics``), so two runs can be compared step by step.
 """
 
 from __future__ import annotations
@@ -77,8 +77,10 @@ class StepStats(Callback):
 
     def peak_memory(self, pl_module) -> dict:
         if pl_module.device.type == "cuda":
-            return {"kind": "torch.cuda.max_memory_allocated", "bytes": torch.cuda.max_memory_allocated(pl_module.device)}
-        return {"kind": "peak RSS of the process (ru_maxrss)", "bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            return {"kind": "torch.cuda.max_memory_allocated",
+                    "bytes": torch.cuda.max_memory_allocated(pl_module.device)}
+        return {"kind": "peak RSS of the process (ru_maxrss)",
+                "bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
     def stats(self, trainer, pl_module) -> dict:
         mem = self.peak_memory(pl_module)
@@ -87,7 +89,8 @@ class StepStats(Callback):
             "steps": len(self.seconds), "step_seconds": self.seconds, "completion_tokens": self.tokens,
             "metrics": self.metrics, "peak_memory_kind": mem["kind"], "peak_memory_gib": mem["bytes"] / 2**30,
             "device": str(pl_module.device),
-            "device_name": torch.cuda.get_device_name(pl_module.device) if pl_module.device.type == "cuda" else "cpu",
+            "device_name": torch.cuda.get_device_name(pl_module.device) if pl_module.device.type == "cuda"
+            else "cpu",
             "precision": str(trainer.precision), "strategy": type(trainer.strategy).__name__,
             "world_size": trainer.world_size, "parameters": sum(p.numel() for p in pl_module.parameters()),
         }

@@ -22,11 +22,12 @@ class _Prompt(TypedDict):
 
 
 class Query(_Prompt, total=False):
-    """One query: a ``prompt`` and, optionally, the columns the built-in tasks and rewards use. A JSONL file may
-    add any other column (a reward function receives it by name); at run time a query is a plain dict."""
+    """One query: a ``prompt`` and, optionally, the columns the built-in tasks and rewards use. A JSONL file
+    may add any other column (a reward function receives it by name); at run time a query is a plain dict."""
 
     answer: str
-    """The reference answer (``exact_match``, ``numeric_match``, ``math_verify`` and the warm start read it)."""
+    """The reference answer (``exact_match``, ``numeric_match``, ``math_verify`` and the warm start read
+    it)."""
     difficulty: str
     """A label the metrics split by (``train/reward_<difficulty>``, ``val/acc_*_<difficulty>``)."""
     _line: int
@@ -79,7 +80,8 @@ def load_jsonl(path: str | Path) -> list[Query]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({err.msg}); each line must be one JSON object") from None
+                raise UserError(f"{path}:{lineno}: invalid JSON ({err.msg}); each line must be one JSON "
+                                "object") from None
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             if "prompt" not in row and isinstance(row.get("question"), str):  # GSM8K's layout
@@ -99,4 +101,5 @@ def load_queries(dataset: str, n: int, seed: int) -> list[Query]:
         return TASKS[dataset](n, seed)
     if dataset.endswith(".jsonl"):
         return load_jsonl(dataset)
-    raise UserError(f"unknown dataset {dataset!r}: use a built-in task ({', '.join(sorted(TASKS))}) or a .jsonl path")
+    raise UserError(f"unknown dataset {dataset!r}: use a built-in task ({', '.join(sorted(TASKS))}) or a "
+                    ".jsonl path")

@@ -29,11 +29,13 @@ CHARSET = "".join(ch for ch in string.printable if ch.isprintable())  # 95 print
 # opens the assistant's turn, and the model ends it with eos = <|im_end|>.
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "'<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 BPE_FAMILIES = {
-    "gpt2": {"specials": ["<|endoftext|>"], "tokens": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-                                                        "unk_token": "<|endoftext|>"}},
+    "gpt2": {"specials": ["<|endoftext|>"],
+             "tokens": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                        "unk_token": "<|endoftext|>"}},
     "chatml": {"specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                "tokens": {"pad_token": "<|endoftext|>", "eos_token": "<|im_end|>"}},
 }

@@ -20,7 +20,8 @@ from grpo_lab.rollout import Rollout, sequence_logprobs
 
 
 class SeveralUpdates:
-    """``several_updates`` for a GRPOModule (it uses ``rl``, ``model``, ``loss``, ``normalizer``, ``timer``)."""
+    """``several_updates`` for a GRPOModule (it uses ``rl``, ``model``, ``loss``, ``normalizer``,
+    ``timer``)."""
 
     def several_updates(self, rollout: Rollout, advantages: Tensor) -> tuple[Tensor, dict]:
         """μ optimizer steps on one rollout batch, each accumulated over ``micro_batches`` chunks; the summed
@@ -36,14 +37,16 @@ class SeveralUpdates:
             old = old if rl.num_iterations > 1 else None
         norm = self.normalizer(rollout.completion_mask)
         b, g = advantages.shape[0], rollout.group_size
-        step = math.ceil(math.ceil(b / rl.micro_batches) / g) * g  # whole groups: their prompt is forwarded once
+        # whole groups: their prompt is forwarded once
+        step = math.ceil(math.ceil(b / rl.micro_batches) / g) * g
         for _ in range(rl.num_iterations):
             opt.zero_grad()
             total, stats = 0.0, {}
             for lo in range(0, b, step):
                 rows = slice(lo, lo + step)
-                loss, stats = self.loss(rollout.select(rows), advantages[rows], None if old is None else old[rows],
-                                        norm, None if entropy_mask is None else entropy_mask[rows])
+                loss, stats = self.loss(rollout.select(rows), advantages[rows],
+                                        None if old is None else old[rows], norm,
+                                        None if entropy_mask is None else entropy_mask[rows])
                 self.manual_backward(loss)
                 total = total + loss.detach()
             opt.step()  # on_before_optimizer_step drops a non-finite gradient: the step changes nothing

@@ -1,6 +1,7 @@
-"""Validation of a GRPOModule: reward (exact-match accuracy) of one greedy and one sampled completion per query,
-overall and per ``difficulty`` (``val/acc_{greedy,sampled}[_<difficulty>]``), and a few greedy completions as
-text. A mixin: it uses the module's ``rollout`` and ``reward`` and keeps its metrics in ``val_metrics``.
+"""Validation of a GRPOModule: reward (exact-match accuracy) of one greedy and one sampled completion per
+query, overall and per ``difficulty`` (``val/acc_{greedy,sampled}[_<difficulty>]``), and a few greedy
+completions as text. A mixin: it uses the module's ``rollout`` and ``reward`` and keeps its metrics in
+``val_metrics``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from grpo_lab.tasks import Query
 
 
 class SampledAccuracy:
-    """``validation_step`` for a LightningModule with ``rollout``, ``reward`` and a ``val_metrics`` ModuleDict."""
+    """``validation_step`` for a LightningModule with ``rollout``, ``reward`` and a ``val_metrics``
+    ModuleDict."""
 
     def validation_step(self, batch: list[Query], batch_idx: int) -> None:
         # Sampled with its own seed: validation never moves the training RNG (exact resume, same samples).
@@ -29,11 +31,16 @@ class SampledAccuracy:
                 for key in (mode, f"{mode}_{q.get('difficulty', 'all')}"):
                     self._val_metric(key).update(hit)
             if mode == "greedy" and batch_idx == 0:
-                texts = [f"`{q['prompt']}` → `{c}` (reward {r:.2f})" for q, c, r in zip(batch, rollout.completions, hits.tolist(), strict=True)]
+                texts = [f"`{q['prompt']}` → `{c}` (reward {r:.2f})"
+                         for q, c, r in zip(batch, rollout.completions, hits.tolist(), strict=True)]
         for key, metric in self.val_metrics.items():
-            self.log(f"val/acc_{key}", metric, on_step=False, on_epoch=True, batch_size=len(batch), prog_bar=key == "greedy")
-        if texts and self.hparams.num_text_samples and hasattr(self.logger, "experiment") and hasattr(self.logger.experiment, "add_text"):
-            self.logger.experiment.add_text("samples/greedy", "  \n".join(texts[: self.hparams.num_text_samples]), self.global_step)
+            self.log(f"val/acc_{key}", metric, on_step=False, on_epoch=True, batch_size=len(batch),
+                     prog_bar=key == "greedy")
+        if texts and self.hparams.num_text_samples:
+            writer = getattr(getattr(self.logger, "experiment", None), "add_text", None)
+            if writer is not None:
+                shown = "  \n".join(texts[: self.hparams.num_text_samples])
+                writer("samples/greedy", shown, self.global_step)
 
     def _val_metric(self, key: str) -> MeanMetric:
         if key not in self.val_metrics:

@@ -37,8 +37,8 @@ from grpo_lab.probe.core import (
 from grpo_lab.probe.gradients import REFERENCE_AGGREGATION, batch_gradients, estimator_gradients
 from grpo_lab.probe.stats import gradient_statistics, gram_statistics
 
-__all__ = ["DEFAULT_ESTIMATORS", "GradientVarianceProbe", "batch_gradients", "build_parser", "estimator_gradients",
-           "gradient_statistics", "gram_statistics", "load_module", "main", "probe"]
+__all__ = ["DEFAULT_ESTIMATORS", "GradientVarianceProbe", "batch_gradients", "build_parser",
+           "estimator_gradients", "gradient_statistics", "gram_statistics", "load_module", "main", "probe"]
 
 
 # ---- command line -------------------------------------------------------------------------------------
@@ -73,21 +73,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--estimators", nargs="+", default=list(DEFAULT_ESTIMATORS),
         help="advantage estimators to compare, by registry name (default: %(default)s)",
     )
-    parser.add_argument("--num-batches", type=int, default=NUM_BATCHES, help="K, independent rollout batches per estimator (>= 2; default: %(default)s)")
-    parser.add_argument("--reference-batches", type=int, default=0, help="further batches used only for the reference gradient of J; 0: the K batches serve (default: %(default)s)")
+    parser.add_argument("--num-batches", type=int, default=NUM_BATCHES,
+                        help="K, independent rollout batches per estimator (>= 2; default: %(default)s)")
+    parser.add_argument("--reference-batches", type=int, default=0,
+                        help="further batches used only for the reference gradient of J; 0: the K batches "
+                             "serve (default: %(default)s)")
     parser.add_argument(
         "--reference-estimator", default=REFERENCE_ESTIMATOR,
-        help="unbiased estimator of the reference ∇J with constant aggregation: rloo (needs G >= 2) or reward "
-        "(plain REINFORCE, noisier) (default: %(default)s)",
+        help="unbiased estimator of the reference ∇J with constant aggregation: rloo (needs G >= 2) or "
+        "reward (plain REINFORCE, noisier) (default: %(default)s)",
     )
-    parser.add_argument("--prompts-per-batch", type=int, default=PROMPTS_PER_BATCH, help="queries per rollout batch; each gets the checkpoint's G completions (default: %(default)s)")
-    parser.add_argument("--dataset", default="arithmetic", help="built-in task name or .jsonl path the queries come from (default: %(default)s)")
-    parser.add_argument("--num-queries", type=int, default=2048, help="queries generated for a built-in task (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the queries and of the probe's sampling (default: %(default)s)")
-    parser.add_argument("--device", default="cpu", help="torch device to run the probe on, e.g. cpu or cuda (default: %(default)s)")
-    parser.add_argument("--out", default="probe.json", help="where to write the results as JSON (default: %(default)s)")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error, not just its line")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar and no table, only the JSON file")
+    parser.add_argument("--prompts-per-batch", type=int, default=PROMPTS_PER_BATCH,
+                        help="queries per rollout batch; each gets the checkpoint's G completions (default: "
+                             "%(default)s)")
+    parser.add_argument("--dataset", default="arithmetic",
+                        help="built-in task name or .jsonl path the queries come from (default: %(default)s)")
+    parser.add_argument("--num-queries", type=int, default=2048,
+                        help="queries generated for a built-in task (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the queries and of the probe's sampling (default: %(default)s)")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device to run the probe on, e.g. cpu or cuda (default: %(default)s)")
+    parser.add_argument("--out", default="probe.json",
+                        help="where to write the results as JSON (default: %(default)s)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a user error, not just its line")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar and no table, only the JSON file")
     parser.add_argument(
         "--trust-checkpoint", action="store_true",
         help="unpickle the checkpoint in full (torch.load weights_only=False): only for checkpoints you made "
@@ -129,7 +141,8 @@ def _main(argv: list[str] | None) -> dict[str, dict[str, float | None]]:
     if not Path(args.ckpt).is_file():
         raise UserFileNotFoundError(f"--ckpt {args.ckpt}: no such checkpoint file")
     if not zipfile.is_zipfile(args.ckpt):  # what torch.save (and so Lightning) has written since torch 1.6
-        raise UserError(f"--ckpt {args.ckpt}: not a checkpoint (a Lightning .ckpt is a zip archive written by torch.save)")
+        raise UserError(f"--ckpt {args.ckpt}: not a checkpoint (a Lightning .ckpt is a zip archive written "
+                        "by torch.save)")
 
     module = load_module(args.ckpt, trust=args.trust_checkpoint).to(args.device)
     queries = load_queries(args.dataset, args.num_queries, args.seed)
@@ -152,8 +165,9 @@ def _main(argv: list[str] | None) -> dict[str, dict[str, float | None]]:
         console.print(_table(stats, f"gradient probe of {args.ckpt}"))
         ref_snr = next(iter(stats.values()))["reference_snr"]
         if ref_snr is not None:
-            console.print(f"reference ∇J: {args.reference_estimator}/{REFERENCE_AGGREGATION}, per-batch SNR {ref_snr:.3g}; "
-                          "cosines compare expected gradients (pairs of different batches only: not attenuated by noise)")
+            console.print(f"reference ∇J: {args.reference_estimator}/{REFERENCE_AGGREGATION}, per-batch SNR "
+                          f"{ref_snr:.3g}; cosines compare expected gradients (pairs of different batches "
+                          "only: not attenuated by noise)")
         console.print(f"wrote {args.out}")
     return stats
 

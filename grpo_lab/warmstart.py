@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class WarmStartConfig:
-    """Supervised warm start on the task's ``answer`` column before RL (0 steps: start from the raw policy)."""
+    """Supervised warm start on the task's ``answer`` column before RL (0 steps: start from the raw
+    policy)."""
 
     steps: int = 0
     """SFT optimizer steps (0 disables the warm start)."""
@@ -65,8 +66,10 @@ def warm_start_dir(policy: PolicyConfig, cfg: WarmStartConfig, dataset: str) -> 
     return Path(cfg.cache_dir) / warm_start_key(policy, cfg, dataset)
 
 
-def sft_batch(tok: PreTrainedTokenizerBase, queries: list[Query]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ``prompt + answer + <eos>`` ids ``[N, L]``, attention mask, and labels (-100 on the prompt)."""
+def sft_batch(tok: PreTrainedTokenizerBase,
+              queries: list[Query]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``prompt + answer + <eos>`` ids ``[N, L]``, attention mask, and labels (-100 on the
+    prompt)."""
     rows, labels = [], []
     for q in queries:
         if "answer" not in q:
@@ -84,8 +87,10 @@ def sft_batch(tok: PreTrainedTokenizerBase, queries: list[Query]) -> tuple[torch
     return ids, mask, lab
 
 
-def sampled_accuracy(model: PreTrainedModel, tok: PreTrainedTokenizerBase, queries: list[Query], max_new_tokens: int = 4) -> dict[str, float]:
-    """Exact-match accuracy of one sampled completion (temperature 1) per query, overall and per difficulty."""
+def sampled_accuracy(model: PreTrainedModel, tok: PreTrainedTokenizerBase, queries: list[Query],
+                     max_new_tokens: int = 4) -> dict[str, float]:
+    """Exact-match accuracy of one sampled completion (temperature 1) per query, overall and per
+    difficulty."""
     model.eval()
     roll = generate(model, tok, [q["prompt"] for q in queries], 1, max_new_tokens, 1.0)
     hits: dict[str, list[float]] = {"all": []}
@@ -96,7 +101,8 @@ def sampled_accuracy(model: PreTrainedModel, tok: PreTrainedTokenizerBase, queri
     return {k: sum(v) / len(v) for k, v in hits.items()}
 
 
-def train_sft(model: PreTrainedModel, tok: PreTrainedTokenizerBase, queries: list[Query], cfg: WarmStartConfig) -> None:
+def train_sft(model: PreTrainedModel, tok: PreTrainedTokenizerBase, queries: list[Query],
+              cfg: WarmStartConfig) -> None:
     """Teacher-forced cross-entropy on the answer tokens, ``cfg.steps`` AdamW steps."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
@@ -130,7 +136,8 @@ def ensure_warm_start(policy: PolicyConfig, cfg: WarmStartConfig, dataset: str) 
         held_out = load_queries(dataset, 400, cfg.seed + 2)[:400]
         if cfg.chat_template:  # the prompts the RL run sees with data.chat_template
             chat = {p: chat_prompt(tok, p) for p in {q["prompt"] for q in train_data + held_out}}
-            train_data, held_out = ([{**q, "prompt": chat[q["prompt"]]} for q in qs] for qs in (train_data, held_out))
+            train_data, held_out = ([{**q, "prompt": chat[q["prompt"]]} for q in qs]
+                                    for qs in (train_data, held_out))
         train_sft(model, tok, train_data, cfg)
         acc = sampled_accuracy(model, tok, held_out)
     meta = {"key": path.name, "dataset": dataset, "policy": policy.key(), "warm_start": asdict(cfg),

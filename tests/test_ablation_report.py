@@ -39,7 +39,8 @@ def test_t_quantiles_match_the_tables():
 
 def test_t_interval_by_hand():
     mean, lo, hi = t_interval([1.0, 2.0, 3.0])  # s = 1, n = 3: half-width 4.303 / sqrt(3)
-    assert mean == 2.0 and hi - mean == pytest.approx(4.303 / math.sqrt(3), abs=1e-3) and mean - lo == pytest.approx(hi - mean)
+    assert mean == 2.0 and hi - mean == pytest.approx(4.303 / math.sqrt(3), abs=1e-3)
+    assert mean - lo == pytest.approx(hi - mean)
     mean, lo, hi = t_interval([0.5, None, math.nan])  # one finite seed: the mean, CI n/a
     assert mean == 0.5 and math.isnan(lo) and math.isnan(hi)
     assert all(math.isnan(v) for v in t_interval([]))
@@ -60,7 +61,8 @@ def test_minimum_detectable_effect():
     assert 0.48 < m < 0.5  # just below G*Power's d = 0.5 at n = 34 (power 0.808 > 0.8)
     assert paired_power(m, 1.0, 34) == pytest.approx(0.8, abs=1e-9)
     assert mde(3.0, 34) == pytest.approx(3 * m)  # linear in the spread
-    assert mde(1.0, 10_000) * 100 == pytest.approx(sps.norm.ppf(0.975) + sps.norm.ppf(0.8), rel=2e-3)  # z limit
+    z_limit = sps.norm.ppf(0.975) + sps.norm.ppf(0.8)
+    assert mde(1.0, 10_000) * 100 == pytest.approx(z_limit, rel=2e-3)
     assert mde(1.0, 3) > mde(1.0, 6) > mde(1.0, 12)
     assert math.isnan(mde(1.0, 1)) and math.isnan(mde(math.nan, 5)) and mde(0.0, 5) == 0.0
 
@@ -69,7 +71,8 @@ def test_paired_comparisons_and_verdicts():
     base = {s: 0.3 + 0.01 * s for s in range(6)}
     better = paired({s: v + 0.10 + 0.01 * (-1) ** s for s, v in base.items()}, base)
     assert better.n == 6 and better.mean == pytest.approx(0.10) and better.lo > 0
-    assert verdict(better, 0.02)[0] == "holds" and verdict(better, 0.02, higher_is_better=False)[0] == "does not hold"
+    assert verdict(better, 0.02)[0] == "holds"
+    assert verdict(better, 0.02, higher_is_better=False)[0] == "does not hold"
     noisy = paired({s: v + (0.2 if s % 2 else -0.19) for s, v in base.items()}, base)
     code, text = verdict(noisy, 0.02)
     assert code == "cannot tell" and "MDE" in text and noisy.lo < 0 < noisy.hi
@@ -79,7 +82,8 @@ def test_paired_comparisons_and_verdicts():
     assert verdict(paired({0: 1.0}, {0: 0.0}), 0.02)[0] == "cannot tell"  # one pair
     doubled = differences({s: math.log(2.0) + 0.01 * (-1) ** s for s in range(6)}, log=True).as_dict()
     assert doubled["mean"] == pytest.approx(2.0, rel=1e-3) and doubled["lo"] > 1.9 and doubled["mde"] > 1
-    ratio = paired({0: 2.0, 1: 4.0, 2: -1.0}, {0: 1.0, 1: 2.0, 2: 1.0}, log=True)  # the non-positive pair is left out
+    # the non-positive pair is left out
+    ratio = paired({0: 2.0, 1: 4.0, 2: -1.0}, {0: 1.0, 1: 2.0, 2: 1.0}, log=True)
     assert ratio.n == 2 and ratio.as_dict()["mean"] == pytest.approx(2.0)
 
 
@@ -92,7 +96,8 @@ def test_lift_by_hand():
 
 # ---- synthetic studies -------------------------------------------------------------------------------
 def _add(study, params, attrs, grid):
-    dists = {k: IntDistribution(0, 2**31 - 1) if k == "seed" else CategoricalDistribution(grid[k]) for k in params}
+    dists = {k: IntDistribution(0, 2**31 - 1) if k == "seed" else CategoricalDistribution(grid[k])
+             for k in params}
     study.add_trial(create_trial(state=TrialState.COMPLETE, params=params, distributions=dists,
                                  value=attrs.get("auc", 0.0), user_attrs=attrs))
 
@@ -112,9 +117,10 @@ def _attrs(rng, slope, seed, probe, hard_slope=0.0):
 
 
 def _probe(snrs: dict, seed: int, fractions=(0.0, 0.5, 1.0), spread=0.1):
-    return [{"step": int(f * 100), "fraction": f, "estimator": e, "snr": v * (1 + spread * seed), "cosine": 0.9,
-             "variance": 1.0, "signal": v, "relative_variance": 1 / v, "mean_norm": 1.0, "hard_share": 0.02 * v / 0.1,
-             "ratio_to": "reward", "snr_ratio": v / 0.1, "snr_ratio_lo": 0.8 * v / 0.1, "snr_ratio_hi": 1.2 * v / 0.1}
+    return [{"step": int(f * 100), "fraction": f, "estimator": e, "snr": v * (1 + spread * seed),
+             "cosine": 0.9, "variance": 1.0, "signal": v, "relative_variance": 1 / v, "mean_norm": 1.0,
+             "hard_share": 0.02 * v / 0.1, "ratio_to": "reward", "snr_ratio": v / 0.1,
+             "snr_ratio_lo": 0.8 * v / 0.1, "snr_ratio_hi": 1.2 * v / 0.1}
             for f in fractions for e, v in snrs.items()]
 
 
@@ -127,7 +133,8 @@ def _synthetic_study(storage: str, seeds=(0, 1, 2)) -> optuna.Study:
     snrs = {"reward": 0.1, "rloo": 0.3, "group_norm": 0.25}  # every trial probes every estimator
     for est, slope in [("reward", 0.0005), ("rloo", 0.0010), ("group_norm", 0.0009)]:
         for seed in seeds:
-            _add(study, {"model.advantage": est, "seed": seed}, _attrs(rng, slope, seed, _probe(snrs, seed)), space.grid)
+            _add(study, {"model.advantage": est, "seed": seed}, _attrs(rng, slope, seed, _probe(snrs, seed)),
+                 space.grid)
     return study
 
 
@@ -140,18 +147,22 @@ def test_summary_json_schema(tmp_path):
     for g in s["groups"].values():
         assert g["n_seeds"] == 3
         for metric in ("lift", "auc", "final_acc", "hard_lift", "snr", "hard_share"):
-            assert set(g[metric]) == {"mean", "lo", "hi"} and g[metric]["lo"] <= g[metric]["mean"] <= g[metric]["hi"]
+            assert set(g[metric]) == {"mean", "lo", "hi"}
+            assert g[metric]["lo"] <= g[metric]["mean"] <= g[metric]["hi"]
     assert set(s["comparisons"]) == {"rloo", "group_norm"}
     for c in s["comparisons"].values():
         assert c["kind"] == "comparison" and c["n"] == 3 and c["baseline"] == "reward"
-        for metric in ("auc_diff", "snr_ratio", "lift_diff", "hard_lift_diff", "final_acc_diff", "hard_share_diff"):
-            assert {"mean", "lo", "hi", "mde", "n"} <= set(c[metric]) and metric in c["mde"] and metric in c["verdict"]
+        for metric in ("auc_diff", "snr_ratio", "lift_diff", "hard_lift_diff", "final_acc_diff",
+                       "hard_share_diff"):
+            assert {"mean", "lo", "hi", "mde", "n"} <= set(c[metric]) and metric in c["mde"]
+            assert metric in c["verdict"]
     rloo = s["comparisons"]["rloo"]
     # SNR 0.3 vs 0.1 on every seed and point: ×3 exactly, no spread, so the interval is [3, 3] and it holds.
     assert rloo["snr_ratio"]["mean"] == pytest.approx(3.0) and rloo["verdict"]["snr_ratio"] == "holds"
     assert rloo["snr_ratio"]["probe_half_width"] == pytest.approx(0.2)
     assert rloo["snr_ratio"]["probe_points"] == 3 * (1 + 3 * 2)  # per seed: the warm start once, 3 trials x 2
-    assert set(s["claims"]) == {"baselines_lower_variance", "group_credit_helps_hard_queries", "advantages_speed_up_learning"}
+    assert set(s["claims"]) == {"baselines_lower_variance", "group_credit_helps_hard_queries",
+                                "advantages_speed_up_learning"}
     table = summ.readme_table(s)
     assert "| `rloo` | 3 |" in table and "×3" in table and "holds" in table
 
@@ -162,7 +173,8 @@ def test_report_from_a_synthetic_study(tmp_path):
     assert "| group | seeds |" in text and "| **rloo** | 3 |" in text and "| **reward** | 3 |" in text
     assert "## Paired comparisons" in text and "## Verdicts" in text and "## Controls" in text
     assert "(i) baselines lower gradient variance" in text and "holds: group_norm, rloo" in text
-    assert "(ii) group-relative credit helps hard queries" in text and "(iii) advantages speed up learning" in text
+    assert "(ii) group-relative credit helps hard queries" in text
+    assert "(iii) advantages speed up learning" in text
     assert "×3 [×3, ×3]" in text and "MDE" in text
     assert "same policies" in text and "unbiased" in text and "not run beside this study" in text
     assert "≥ 100 ± 0 (0/3 reached)" in text  # reward never reached the threshold: censored at its length
@@ -176,17 +188,20 @@ def test_report_from_a_synthetic_study(tmp_path):
 def test_report_with_one_seed_says_na(tmp_path):
     study = _synthetic_study(f"sqlite:///{tmp_path / 's.db'}", seeds=(0,))
     text = write_report(study, tmp_path / "out").read_text()
-    assert "(CI n/a)" in text and "cannot tell with 1 pair" in text and (tmp_path / "out" / "reward_curves.png").is_file()
+    assert "(CI n/a)" in text and "cannot tell with 1 pair" in text
+    assert (tmp_path / "out" / "reward_curves.png").is_file()
 
 
 def test_report_of_a_space_without_probe_compares_to_its_baseline(tmp_path):
     space = SPACES["objectives"]
-    study = optuna.create_study(study_name="obj", storage=f"sqlite:///{tmp_path / 'o.db'}", direction="maximize")
+    study = optuna.create_study(study_name="obj", storage=f"sqlite:///{tmp_path / 'o.db'}",
+                                direction="maximize")
     study.set_user_attr("space", space.describe())
     for variant, auc in [("grpo", 0.30), ("constant", 0.35)]:
         for seed in (0, 1):
             curves = {"train/reward": [[s, auc] for s in range(10)]}
-            _add(study, {"variant": variant, "seed": seed}, {"curves": curves, "auc": auc + 0.01 * seed, "final": {}}, space.grid)
+            _add(study, {"variant": variant, "seed": seed},
+                 {"curves": curves, "auc": auc + 0.01 * seed, "final": {}}, space.grid)
     text = write_report(study, tmp_path / "out").read_text()
     assert "## Paired comparisons" in text and "| **constant** | grpo | 2 | +0.050 [+0.050, +0.050]" in text
     assert "SNR" not in text.split("## Paired")[0] and not (tmp_path / "out" / "probe.png").exists()
@@ -198,8 +213,8 @@ def test_report_of_an_empty_study(tmp_path):
 
 
 def _controls_study(storage: str, seeds=(0, 1, 2, 3)) -> optuna.Study:
-    """The controls as the objective writes them: under the shift `reward` has a far lower SNR than the centred
-    estimators; the two rloo arms are draws of one distribution."""
+    """The controls as the objective writes them: under the shift `reward` has a far lower SNR than the
+    centred estimators; the two rloo arms are draws of one distribution."""
     space = SPACES["controls"]
     study = optuna.create_study(study_name="controls", storage=storage, direction="maximize")
     study.set_user_attr("space", space.describe())
@@ -207,7 +222,8 @@ def _controls_study(storage: str, seeds=(0, 1, 2, 3)) -> optuna.Study:
     snrs = {"reward": 0.01, "mean_baseline": 0.2, "group_norm": 0.22, "rloo": 0.2}
     for arm, slope in [("reward+3", 0.0002), ("rloo+3", 0.0009), ("rloo+3 (seeds+1000)", 0.0009)]:
         for seed in seeds:
-            probe = _probe({e: v * rng.uniform(0.8, 1.25) for e, v in snrs.items()}, seed, (0.0, 1.0), spread=0.0)
+            probe = _probe({e: v * rng.uniform(0.8, 1.25) for e, v in snrs.items()}, seed, (0.0, 1.0),
+                           spread=0.0)
             _add(study, {"arm": arm, "seed": seed}, _attrs(rng, slope, seed, probe), space.grid)
     return study
 
@@ -220,10 +236,12 @@ def test_controls_detect_the_shift_and_claim_nothing_in_aa(tmp_path):
     assert pos["detected"] and set(pos["snr_ratio_vs_reward"]) == {"mean_baseline", "group_norm", "rloo"}
     assert all(d["lo"] > 1 for d in pos["snr_ratio_vs_reward"].values())
     assert aa["tests"] >= 5 and isinstance(aa["false_positives"], list)
-    assert "positive control DETECTED" in text and "A/A control:" in text and "No difference is claimed" in text
+    assert "positive control DETECTED" in text and "A/A control:" in text
+    assert "No difference is claimed" in text
     assert s["claims"] == {}  # no estimator claims in a controls study
     # Another study's report beside it quotes the controls.
-    other = write_report(_synthetic_study(f"sqlite:///{tmp_path / 's.db'}"), tmp_path / "ablate" / "default").read_text()
+    other = write_report(_synthetic_study(f"sqlite:///{tmp_path / 's.db'}"), tmp_path / "ablate" / "default")
+    other = other.read_text()
     assert "(study `controls`" in other and "positive control DETECTED" in other
 
 

@@ -22,7 +22,8 @@ def _old_formulas(r, eps=EPS):
         "mean_baseline": r - r.mean(dim=-1, keepdim=True),
         "group_norm": (r - mean) / (std + eps),
         "rloo": r - (r.sum(dim=-1, keepdim=True) - r) / (g - 1),
-        "batch_norm": (r - r.mean(dim=-1, keepdim=True)) / ((r.std() if r.numel() > 1 else r.new_zeros(())) + eps),
+        "batch_norm": (r - r.mean(dim=-1, keepdim=True))
+        / ((r.std() if r.numel() > 1 else r.new_zeros(())) + eps),
     }
 
 
@@ -67,14 +68,17 @@ def test_center_and_scale_by_hand():
         torch.testing.assert_close(got, want, msg=f"{center} x {scale}")
     torch.testing.assert_close(compute_advantages(r, "batch_whiten"), cases[("batch", "batch")])
     # replacing one half of a preset: group_norm without its scale is mean_baseline, rloo with a group scale
-    assert torch.equal(compute_advantages(r, resolve_estimator("group_norm", scale="none")), compute_advantages(r, "mean_baseline"))
-    torch.testing.assert_close(compute_advantages(r, resolve_estimator("rloo", scale="group")), cases[("leave_one_out", "group")])
+    assert torch.equal(compute_advantages(r, resolve_estimator("group_norm", scale="none")),
+                       compute_advantages(r, "mean_baseline"))
+    torch.testing.assert_close(compute_advantages(r, resolve_estimator("rloo", scale="group")),
+                               cases[("leave_one_out", "group")])
 
 
 def test_center_scale_errors():
     from grpo_lab.advantages import resolve_estimator
 
-    with pytest.raises(ValueError, match="unknown advantage center 'median'; known: batch, gradient_weighted, group, "):
+    with pytest.raises(ValueError,
+                       match="unknown advantage center 'median'; known: batch, gradient_weighted, group, "):
         resolve_estimator("group_norm", center="median")
     with pytest.raises(ValueError, match="unknown advantage scale 'mad'; known: batch, group, none"):
         resolve_estimator("group_norm", scale="mad")
@@ -94,10 +98,12 @@ def test_flat_groups_under_each_center():
 
     r = torch.tensor([[0.3, 0.3, 0.3], [1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
     for center in ("group", "leave_one_out"):
-        assert torch.equal(compute_advantages(r, resolve_estimator("rloo", center, "none"))[0], torch.zeros(3))
+        assert torch.equal(compute_advantages(r, resolve_estimator("rloo", center, "none"))[0],
+                           torch.zeros(3))
     for center in ("batch", "james_stein"):
         assert (compute_advantages(r, resolve_estimator("rloo", center, "none"))[0] != 0).all(), center
-        assert torch.equal(compute_advantages(r, resolve_estimator("rloo", center, "group"))[0], torch.zeros(3))
+        assert torch.equal(compute_advantages(r, resolve_estimator("rloo", center, "group"))[0],
+                           torch.zeros(3))
     # batch center/scale need no group: G = 1 works
     single = torch.tensor([[1.0], [0.0], [0.5]])
     torch.testing.assert_close(compute_advantages(single, "batch_whiten"), (single - 0.5) / (0.5 + EPS))
@@ -110,7 +116,8 @@ def test_james_stein_by_hand():
     # q0: others q1, q2: m = .5, v2 = 0, s2 = ((1-.5)^2 + (0-.5)^2)/2 = .25 -> lam = 0 -> b = RLOO = [0, 1]
     # q1: others q0, q2: m = .25, v2 = .125, s2 = ((.5-.25)^2 + (0-.25)^2)/2 = .0625 -> lam = .125/.1875 = 2/3
     #     b = (1/3)*RLOO(=1) + (2/3)*.25 = .5 -> A = [.5, .5]: a flat group keeps a signal
-    # q2: others q0, q1: m = .75, v2 = .125, s2 = .0625 -> lam = 2/3 -> b = (1/3)*0 + (2/3)*.75 = .5 -> A = [-.5, -.5]
+    # q2: others q0, q1: m = .75, v2 = .125, s2 = .0625 -> lam = 2/3 -> b = (1/3)*0 + (2/3)*.75 = .5
+    #     -> A = [-.5, -.5]
     r = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
     lam = 0.125 / (0.1875 + EPS)
     b1, b2 = (1 - lam) * 1 + lam * 0.25, (1 - lam) * 0 + lam * 0.75
@@ -120,7 +127,7 @@ def test_james_stein_by_hand():
 
 
 def _james_stein_loop(r, eps=EPS):
-    """The official JSPO code's per-sample loop (arXiv 2511.03710), restated: statistics of the other queries."""
+    """The official JSPO code's per-sample loop (arXiv 2511.03710), restated: other queries' statistics."""
     p, g = r.shape
     out = torch.empty_like(r)
     for q in range(p):
@@ -155,14 +162,17 @@ def test_james_stein_with_one_query_is_rloo():
 
 # ---- gradient-weighted baseline ----------------------------------------------------------------------------
 def test_gradient_weighted_by_hand():
-    # r = [1, 0, 0], w = [1, 2, 3]: b_0 = (2*0 + 3*0)/5 = 0, b_1 = (1*1 + 3*0)/4 = .25, b_2 = (1*1 + 2*0)/3 = 1/3
+    # r = [1, 0, 0], w = [1, 2, 3]: b_0 = (2*0 + 3*0)/5 = 0, b_1 = (1*1 + 3*0)/4 = .25,
+    # b_2 = (1*1 + 2*0)/3 = 1/3
     r = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
     w = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
     torch.testing.assert_close(compute_advantages(r, "gradient_weighted", weights=w),
                                torch.tensor([[1.0, -0.25, -1 / 3]], dtype=torch.float64))
     # equal weights: RLOO; no weight anywhere: falls back to the unweighted leave-one-out mean (RLOO)
-    torch.testing.assert_close(compute_advantages(r, "gradient_weighted", weights=torch.ones_like(r)), compute_advantages(r, "rloo"))
-    torch.testing.assert_close(compute_advantages(r, "gradient_weighted", weights=torch.zeros_like(r)), compute_advantages(r, "rloo"))
+    torch.testing.assert_close(compute_advantages(r, "gradient_weighted", weights=torch.ones_like(r)),
+                               compute_advantages(r, "rloo"))
+    torch.testing.assert_close(compute_advantages(r, "gradient_weighted", weights=torch.zeros_like(r)),
+                               compute_advantages(r, "rloo"))
     with pytest.raises(ValueError, match="needs weights of shape"):
         compute_advantages(r, "gradient_weighted")
 

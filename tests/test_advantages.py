@@ -84,7 +84,8 @@ def test_batch_norm_by_hand():
     expected = torch.tensor(
         [[0.5 / d, -0.5 / d, 0.5 / d, -0.5 / d], [2 / d, 0.0, -1 / d, -1 / d]], dtype=torch.float64
     )
-    # i.e. [[0.483046, -0.483046, ...], [1.932182, 0, -0.966091, -0.966091]]  (2/1.0350983 = 1.932184, minus ~2e-6 from eps)
+    # i.e. [[0.483046, -0.483046, ...], [1.932182, 0, -0.966091, -0.966091]]
+    # (2/1.0350983 = 1.932184, minus ~2e-6 from eps)
     torch.testing.assert_close(compute_advantages(rewards(), "batch_norm"), expected)
     assert expected[1, 0].item() == pytest.approx(1.932182, abs=1e-6)
 
@@ -253,11 +254,13 @@ def test_estimator_by_import_path_is_imported_only_from_that_path(tmp_path, monk
         out = compute_advantages(r, "my_estimators_xyz:median_baseline")
         torch.testing.assert_close(out, torch.tensor([[1.0, 0.0, 0.0], [1.0, -1.0, 0.0]]))
         # a plain function named by path is a group estimator: zero-spread groups get 0, G = 1 is rejected
-        torch.testing.assert_close(compute_advantages(torch.ones(1, 3), "my_estimators_xyz:median_baseline"), torch.zeros(1, 3))
+        torch.testing.assert_close(compute_advantages(torch.ones(1, 3), "my_estimators_xyz:median_baseline"),
+                                   torch.zeros(1, 3))
         with pytest.raises(ValueError, match="num_generations >= 2"):
             compute_advantages(torch.tensor([[1.0]]), "my_estimators_xyz:median_baseline")
         # a decorated function keeps its registration's needs_group when named by path
-        torch.testing.assert_close(compute_advantages(torch.tensor([[1.0]]), "my_estimators_xyz:flat"), torch.tensor([[7.0]]))
+        torch.testing.assert_close(compute_advantages(torch.tensor([[1.0]]), "my_estimators_xyz:flat"),
+                                   torch.tensor([[7.0]]))
     finally:
         ADVANTAGES.pop("_test_flat", None)
     with pytest.raises(ValueError, match="cannot import module 'no_such_mod_xyz'"):

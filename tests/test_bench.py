@@ -1,4 +1,5 @@
-"""bench/'s public helpers: a shape's work from its config, the FLOP count, step statistics, ratios, targets."""
+"""bench/'s public helpers: a shape's work from its config, the FLOP count, step statistics, ratios,
+targets."""
 
 import pytest
 
@@ -18,19 +19,22 @@ def test_flops_by_hand():
     spec = {"hidden_size": 2, "num_layers": 1, "intermediate_size": 4, "completion_tokens": 2, "prompts": 1,
             "num_generations": 2}
     f = estimate_flops(spec, prompt_len=1, vocab=3)
-    # N = 1*(4*4 + 3*2*4) + 2*3 = 46; generation 2*46*2 + 4*2*(1 + 2) = 208; training (S = 3) 6*46*3 + 12*2*9 = 1044
+    # N = 1*(4*4 + 3*2*4) + 2*3 = 46; generation 2*46*2 + 4*2*(1 + 2) = 208;
+    # training (S = 3) 6*46*3 + 12*2*9 = 1044
     assert f["n_matmul_params"] == 46
     assert (f["generation_flops"], f["training_flops"], f["total_flops"]) == (2 * 208, 2 * 1044, 2 * 1252)
 
 
 def test_quantiles_and_a_peers_summary():
-    assert quantiles([3.0, 1.0, 2.0, 4.0, 5.0]) == {"median": 3.0, "min": 1.0, "max": 5.0, "q1": 2.0, "q3": 4.0,
+    assert quantiles([3.0, 1.0, 2.0, 4.0, 5.0]) == {"median": 3.0, "min": 1.0, "max": 5.0, "q1": 2.0,
+                                                    "q3": 4.0,
                                                    "iqr": 2.0}
     assert quantiles([2.0])["iqr"] == 0.0
     spec = {"completion_tokens": 4, "prompts": 2, "num_generations": 2}
     raw = {"ok": True, "step_seconds": [9.0, 1.0, 2.0, 3.0], "other_load_cores": [0.0, 0.1, 0.9, 0.0],
-           "completion_lengths": [[4, 4, 4, 4]] * 4, "precision": "32-true", "peak_rss_mb": 100.0, "threads": 2,
-           "wall_seconds": 20.0, "n_params": 10, "model_dtype": "torch.float32", "attn_implementation": "eager"}
+           "completion_lengths": [[4, 4, 4, 4]] * 4, "precision": "32-true", "peak_rss_mb": 100.0,
+           "threads": 2, "wall_seconds": 20.0, "n_params": 10, "model_dtype": "torch.float32",
+           "attn_implementation": "eager"}
     s = summarize(raw, spec, warmup=1, flops={"total_flops": 4e9}, peak_fp32_gflops=2.0)
     assert s["timed_steps"] == [1.0, 2.0, 3.0] and s["warmup_steps"] == [9.0]
     assert s["seconds_per_step"]["median"] == 2.0 and s["completion_tokens_per_s"] == 16 / 2.0
@@ -44,7 +48,8 @@ def test_ratios_and_targets():
     def peer(median):
         return {"ok": True, "seconds_per_step": {"median": median}}
 
-    r = ratios({"grpo_lab": peer(1.0), "trl": peer(4.0), "grpo_lab_bf16": peer(0.5), "trl_bf16": {"ok": False}})
+    r = ratios({"grpo_lab": peer(1.0), "trl": peer(4.0), "grpo_lab_bf16": peer(0.5),
+                "trl_bf16": {"ok": False}})
     assert r == {"grpo_lab_over_trl": 0.25, "grpo_lab_bf16_over_trl_fp32": 0.125,
                  "grpo_lab_bf16_over_grpo_lab_fp32": 0.5}
     got = {t["name"]: t for t in targets({"shapes": {"tiny": {"ratios": {"grpo_lab_over_trl": 0.5}}},

@@ -67,7 +67,8 @@ def test_build_model_saves_a_loadable_directory_of_that_architecture(arch, texts
     assert cfg.model_type == arch and json.loads((out / "build.json").read_text())["spec"]["arch"] == arch
     emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     if arch == "gpt2":
-        assert tok.pad_token_id == tok.eos_token_id and hasattr(model.transformer, "wpe")  # absolute positions
+        assert tok.pad_token_id == tok.eos_token_id
+        assert hasattr(model.transformer, "wpe")  # absolute positions
         assert emb.data_ptr() == head.data_ptr() and tok.chat_template is None
     else:
         assert cfg.num_key_value_heads == 2 < cfg.num_attention_heads == 4  # grouped-query attention

@@ -7,10 +7,12 @@ from grpo_lab.data import QueryDataModule
 
 
 def test_seeded_splits_and_order():
-    a, b = QueryDataModule(prompts_per_step=4, num_train=64, seed=1), QueryDataModule(prompts_per_step=4, num_train=64, seed=1)
+    a, b = QueryDataModule(prompts_per_step=4, num_train=64, seed=1), QueryDataModule(prompts_per_step=4,
+                                                                                      num_train=64, seed=1)
     a.setup("fit"), b.setup("fit")
     assert a.train_set == b.train_set and len(a.val_set) == 128
-    assert [q["prompt"] for q in next(iter(a.train_dataloader()))] == [q["prompt"] for q in next(iter(b.train_dataloader()))]
+    first_a, first_b = next(iter(a.train_dataloader())), next(iter(b.train_dataloader()))
+    assert [q["prompt"] for q in first_a] == [q["prompt"] for q in first_b]
     assert len(next(iter(a.train_dataloader()))) == 4
 
 
@@ -98,9 +100,9 @@ def _chat_trainer(tmp_path, template=True, ws_chat=False, ws_steps=0):
     from grpo_lab.tokenizer import build_bpe_tokenizer, load_tokenizer
     from grpo_lab.warmstart import WarmStartConfig
 
-    tok = build_bpe_tokenizer(["What is 1+2?", "#### 3"], 280, chat_template=None if not template else
-                              "{% for m in messages %}<|im_start|>{{ m['role'] }}:{{ m['content'] }}<|im_end|>{% endfor %}"
-                              "{% if add_generation_prompt %}<|im_start|>assistant:{% endif %}")
+    text = ("{% for m in messages %}<|im_start|>{{ m['role'] }}:{{ m['content'] }}<|im_end|>{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant:{% endif %}")
+    tok = build_bpe_tokenizer(["What is 1+2?", "#### 3"], 280, chat_template=text if template else None)
     tok.save_pretrained(tmp_path / "tok")
     module = SimpleNamespace(tokenizer=load_tokenizer(tmp_path / "tok"),
                              warm_start_cfg=WarmStartConfig(steps=ws_steps, chat_template=ws_chat))

@@ -99,7 +99,8 @@ def test_naive_token_mean_would_differ(single):
     """Guard that the test above can fail: per-rank token means averaged != the global token mean."""
     rollout, adv, ref = single
     module = _module("token_mean")
-    halves = [_grads(module, rollout, adv, rows, rollout.completion_mask[rows].sum()) for rows in (slice(0, 8), slice(8, 16))]
+    halves = [_grads(module, rollout, adv, rows, rollout.completion_mask[rows].sum())
+              for rows in (slice(0, 8), slice(8, 16))]
     naive = (halves[0][1] + halves[1][1]) / 2
     assert not torch.allclose(naive, ref["token_mean"][1], atol=1e-6, rtol=1e-5)
 
@@ -109,7 +110,8 @@ def test_lightning_ddp_fit_on_cpu(tmp_path):
     """A real `grpo-lab fit` with strategy=ddp over 2 CPU processes (gloo) runs end to end."""
     cmd = [sys.executable, "-m", "grpo_lab.cli", "fit", "--config", str(CONFIGS / "smoke.yaml"),
            "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.enable_progress_bar", "false",
-           "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--model.warm_start.cache_dir", str(tmp_path / "ws")]
+           "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--model.warm_start.cache_dir",
+           str(tmp_path / "ws")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -29,7 +29,8 @@ def test_importing_changes_nothing_and_configure_process_sets_up_the_process():
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["environ_unchanged"] and got["verbosity"] == 30  # transformers' default, WARNING
-    assert got["after"] == {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_OFFLINE": "0"}
+    assert got["after"] == {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                            "HF_DATASETS_OFFLINE": "0"}
     assert got["verbosity_after"] == 40  # ERROR
 
 

@@ -56,7 +56,8 @@ def test_a_wrapped_cause_gets_a_hint_and_a_bug_keeps_its_traceback(capsys):
     except KeyError as cause:
         wrapped = UserRuntimeError("reward function 'boom' raised KeyError: 'x'")
         wrapped.__cause__ = cause
-    assert error_line(wrapped) == "error: reward function 'boom' raised KeyError: 'x' (rerun with --debug for the traceback)"
+    assert error_line(wrapped) == ("error: reward function 'boom' raised KeyError: 'x' "
+                                   "(rerun with --debug for the traceback)")
     with pytest.raises(ZeroDivisionError):  # not the user's input: no translation
         run_cli(_fails_with(ZeroDivisionError("bug")), [])
     with pytest.raises(KeyError):
@@ -85,7 +86,8 @@ def test_debug_is_taken_out_of_sys_argv_when_main_reads_it(monkeypatch):
 
 
 def test_user_errors_are_still_the_builtin_kinds():
-    assert issubclass(UserFileNotFoundError, FileNotFoundError) and issubclass(UserFileNotFoundError, ValueError)
+    assert issubclass(UserFileNotFoundError, FileNotFoundError)
+    assert issubclass(UserFileNotFoundError, ValueError)
     assert issubclass(UserRuntimeError, RuntimeError) and issubclass(UserError, ValueError)
 
 
@@ -101,18 +103,21 @@ def test_every_entry_point_documents_debug(capsys):
 
 
 def test_prompts_per_step_not_divisible_is_one_line(capsys):
-    """(Found under DDP, which cannot start inside pytest; the data module's check with a stand-in trainer.)"""
+    """(Found under DDP, which cannot start inside pytest; the data module's check with a stand-in
+    trainer.)"""
     dm = QueryDataModule(prompts_per_step=3, num_train=16)
     dm.trainer = SimpleNamespace(world_size=2)
     with pytest.raises(SystemExit):
         run_cli(lambda argv: dm.per_process_prompts(), [])
-    assert capsys.readouterr().err == "error: prompts_per_step=3 is not divisible across 2 processes; use a multiple of 2\n"
+    assert capsys.readouterr().err == ("error: prompts_per_step=3 is not divisible across 2 processes; "
+                                       "use a multiple of 2\n")
 
 
 # ---- grpo-lab, in process: each class of mistake -----------------------------------------------------
 def _grpo_lab(tmp: Path, ws: Path, *extra: str) -> list[str]:
-    return ["fit", "--config", str(CONFIGS / "smoke.yaml"), "--trainer.logger.init_args.save_dir", str(tmp / "runs"),
-            "--model.warm_start.cache_dir", str(ws), "--trainer.enable_progress_bar", "false", *extra]
+    return ["fit", "--config", str(CONFIGS / "smoke.yaml"), "--trainer.logger.init_args.save_dir",
+            str(tmp / "runs"), "--model.warm_start.cache_dir", str(ws), "--trainer.enable_progress_bar",
+            "false", *extra]
 
 
 def nan_reward(completions, **_):
@@ -128,27 +133,37 @@ def raises(completions, **_):
 
 
 CASES = {
-    "bad_jsonl_line": (["--data.dataset", "{tmp}/bad.jsonl"], r"error: .*bad\.jsonl:2: invalid JSON \(Expecting"),
-    "missing_dataset": (["--data.dataset", "{tmp}/nope.jsonl"], r"error: dataset file .*nope\.jsonl does not exist"),
+    "bad_jsonl_line": (["--data.dataset", "{tmp}/bad.jsonl"],
+                       r"error: .*bad\.jsonl:2: invalid JSON \(Expecting"),
+    "missing_dataset": (["--data.dataset", "{tmp}/nope.jsonl"],
+                        r"error: dataset file .*nope\.jsonl does not exist"),
     "reward_column": (["--data.dataset", "{tmp}/no_answer.jsonl"],
-                      r"error: reward function 'exact_match' needs the column 'answer', which .*no_answer\.jsonl:3 lacks"),
-    "unknown_dataset": (["--data.dataset", "arithmetik"], r"error: unknown dataset 'arithmetik': use a built-in task"),
-    "unknown_estimator": (["--model.advantage", "nope"], r"error: unknown advantage estimator 'nope'; known: .*group_norm"),
+                      r"error: reward function 'exact_match' needs the column 'answer', which "
+                      r".*no_answer\.jsonl:3 lacks"),
+    "unknown_dataset": (["--data.dataset", "arithmetik"],
+                        r"error: unknown dataset 'arithmetik': use a built-in task"),
+    "unknown_estimator": (["--model.advantage", "nope"],
+                          r"error: unknown advantage estimator 'nope'; known: .*group_norm"),
     "bad_estimator_path": (["--model.advantage", "no_such_module:fn"],
-                           r"error: advantage estimator 'no_such_module:fn': cannot import module 'no_such_module'"),
-    "unknown_aggregation": (["--model.aggregation", "nope"], r"error: unknown aggregation 'nope'; known: constant"),
+                           r"error: advantage estimator 'no_such_module:fn': cannot import module "
+                           r"'no_such_module'"),
+    "unknown_aggregation": (["--model.aggregation", "nope"],
+                            r"error: unknown aggregation 'nope'; known: constant"),
     "unknown_kl": (["--model.kl_estimator", "k9"], r"error: unknown KL estimator 'k9'; known: k1, k2, k3"),
     "unknown_reward": (["--model.rewards", "[nope]"], r"error: unknown reward 'nope'; known: .*exact_match"),
     "reward_nan": (["--model.rewards", "[tests.test_errors:nan_reward]"],
-                   r"error: reward function 'nan_reward' returned nan for completion .*; rewards must be finite"),
+                   r"error: reward function 'nan_reward' returned nan for completion .*; rewards must be "
+                   r"finite"),
     "reward_count": (["--model.rewards", "[tests.test_errors:one_short]"],
                      r"error: reward function 'one_short' returned 15 values for 16 completions$"),
     "reward_raises": (["--model.rewards", "[tests.test_errors:raises]"],
                       r"error: reward function 'raises' raised KeyError: 'missing' \(rerun with --debug"),
-    "clip_low": (["--model.clip_low", "1.0"], r"error: need 0 <= clip_low < 1 and clip_high >= 0, got clip_low=1.0, "),
+    "clip_low": (["--model.clip_low", "1.0"],
+                 r"error: need 0 <= clip_low < 1 and clip_high >= 0, got clip_low=1.0, "),
     "temperature": (["--model.temperature", "0"], r"error: temperature must be > 0, got 0.0$"),
     "num_heads": (["--model.policy.num_heads", "3"], r"error: num_heads=3 must divide hidden_size=32$"),
-    "accumulate": (["--trainer.accumulate_grad_batches", "2"], r"error: trainer.accumulate_grad_batches > 1 .*micro_batches"),
+    "accumulate": (["--trainer.accumulate_grad_batches", "2"],
+                   r"error: trainer.accumulate_grad_batches > 1 .*micro_batches"),
     "ckpt_path": (["--ckpt_path", "{tmp}/none.ckpt"], r"error: --ckpt_path .*none\.ckpt: no such checkpoint"),
 }
 
@@ -156,7 +171,8 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_grpo_lab_user_error_is_one_line(case, tmp_path, ws, capsys):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n{bad\n')
-    (tmp_path / "no_answer.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n' * 2 + '{"prompt": "2+2="}\n'
+    (tmp_path / "no_answer.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n' * 2
+                                              + '{"prompt": "2+2="}\n'
                                               + '{"prompt": "3+3=", "answer": "6"}\n' * 20)
     extra, pattern = CASES[case]
     with pytest.raises(SystemExit) as exit_:
@@ -189,9 +205,11 @@ def test_grpo_lab_keeps_the_traceback_of_a_bug(tmp_path, ws, capsys):
 
 
 @pytest.mark.parametrize(("argv", "pattern"), [
-    (["--space", "smoke", "--study", "absent", "--report-only"], r"^error: no study 'absent' in sqlite:///.*absent\.db: run "),
+    (["--space", "smoke", "--study", "absent", "--report-only"],
+     r"^error: no study 'absent' in sqlite:///.*absent\.db: run "),
     (["--space", "smoke", "--storage", "not a url"], r"^error: --storage 'not a url' is not a database URL"),
-    (["--space", "no_such_module:SPACE"], r"^error: space 'no_such_module:SPACE': cannot import module 'no_such_module'"),
+    (["--space", "no_such_module:SPACE"],
+     r"^error: space 'no_such_module:SPACE': cannot import module 'no_such_module'"),
 ])
 def test_ablate_user_errors(argv, pattern, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -221,11 +239,13 @@ def test_ablate_space_with_a_bad_config_value_is_one_line(tmp_path, capsys):
 
 def test_probe_user_errors(tmp_path, capsys):
     (tmp_path / "notes.ckpt").write_text("not a checkpoint")
-    for ckpt, message in [(tmp_path / "missing.ckpt", "no such checkpoint file"), (tmp_path / "notes.ckpt", "not a checkpoint")]:
+    for ckpt, message in [(tmp_path / "missing.ckpt", "no such checkpoint file"),
+                          (tmp_path / "notes.ckpt", "not a checkpoint")]:
         with pytest.raises(SystemExit) as exit_:
             probe_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "probe.json")])
         err = capsys.readouterr().err
-        assert exit_.value.code == 2 and err.startswith(f"error: --ckpt {ckpt}: {message}") and len(err.splitlines()) == 1
+        assert exit_.value.code == 2 and err.startswith(f"error: --ckpt {ckpt}: {message}")
+        assert len(err.splitlines()) == 1
 
 
 # ---- the real commands, as subprocesses (the entry points are wired to run_cli) ------------------------
@@ -239,7 +259,8 @@ def _run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
 def test_the_commands_print_one_line_and_exit_2(tmp_path):
     res = _run([str(BIN / "grpo-lab-ablate"), "--space", "nope", "--root", str(tmp_path)], tmp_path)
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
-    assert res.stderr.startswith("error: unknown space 'nope'; known: ") and "(or give 'module:attribute')" in res.stderr
+    assert res.stderr.startswith("error: unknown space 'nope'; known: ")
+    assert "(or give 'module:attribute')" in res.stderr
     assert all(name in res.stderr for name in ("default", "smoke", "controls", "field"))
     res = _run([sys.executable, "-m", "grpo_lab.variance", "--ckpt", "missing.ckpt"], tmp_path)
     assert (res.returncode, res.stderr) == (2, "error: --ckpt missing.ckpt: no such checkpoint file\n")
@@ -251,7 +272,9 @@ def test_grpo_lab_command_one_line_then_traceback_with_debug(tmp_path, ws):
     cmd = [str(BIN / "grpo-lab"), *_grpo_lab(tmp_path, ws, "--data.dataset", "bad.jsonl")]
     res = _run(cmd, tmp_path)
     assert res.returncode == 2, res.stderr[-3000:]
-    assert res.stderr.splitlines()[-1] == "error: bad.jsonl:3: missing a non-empty string field 'prompt' (or 'question')"
+    want = "error: bad.jsonl:3: missing a non-empty string field 'prompt' (or 'question')"
+    assert res.stderr.splitlines()[-1] == want
     assert "Traceback" not in res.stderr
     res = _run([*cmd, "--debug"], tmp_path)  # taken out before LightningCLI parses: not an unknown option
-    assert res.returncode == 1 and "Traceback" in res.stderr and "grpo_lab.errors.UserError: bad.jsonl:3" in res.stderr
+    assert res.returncode == 1 and "Traceback" in res.stderr
+    assert "grpo_lab.errors.UserError: bad.jsonl:3" in res.stderr

@@ -1,5 +1,5 @@
-"""The loss variants of policy_loss against hand-computed values and gradients: GSPO, CISPO, dual clip, the entropy
-bonus and the 80/20 token choice, and the sequence KL of kl_in="reward"."""
+"""The loss variants of policy_loss against hand-computed values and gradients: GSPO, CISPO, dual clip, the
+entropy bonus and the 80/20 token choice, and the sequence KL of kl_in="reward"."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import torch
 from grpo_lab.losses import policy_loss
 from tests.test_losses import AGGS, F64, _gathered_logprobs, _single_token, example, scalar
 
-# ----------------------------------------------------------------------------- GSPO (importance_level="sequence")
+# ------------------------------------------------------------- GSPO (importance_level="sequence")
 
 
 def _gspo_example():
-    # seq 0: log-ratios [.1, .3], A = +1 -> log s = .2, s = e^.2 = 1.2214 > 1.2: clipped, loss -1.2 per token, grad 0
+    # seq 0: log-ratios [.1, .3], A = +1 -> log s = .2, s = e^.2 = 1.2214 > 1.2: clipped, loss -1.2 per
+    # token, grad 0
     # seq 1: log-ratios [-.2, 0, (.5 masked)], A = -2 -> log s = -.1, s = e^-.1 = .904837 in [.8, 1.2]:
     #        loss -(s * -2) = 1.809675 per token; the masked token's ratio must not enter s
     old = torch.tensor([[-1.0, -2.0, -0.5], [-0.7, -1.1, -0.9]], dtype=F64)
@@ -56,9 +57,11 @@ def _on_policy_grads(aggregation: str, *variants: dict) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("aggregation", AGGS)
 def test_gspo_cispo_and_dual_clip_on_policy_have_the_reinforce_gradient(aggregation):
-    # at mu = 1: s_i = 1 and grad s_i = mean_t grad log pi_t over |o_i| tokens (GSPO); w = 1 (CISPO); ratio 1 < c
-    plain, *variants = _on_policy_grads(aggregation, {}, {"importance_level": "sequence"}, {"objective": "cispo"},
-                                        {"dual_clip": 1.5}, {"importance_level": "sequence", "objective": "cispo"})
+    # at mu = 1: s_i = 1 and grad s_i = mean_t grad log pi_t over |o_i| tokens (GSPO); w = 1 (CISPO);
+    # ratio 1 < c
+    plain, *variants = _on_policy_grads(aggregation, {}, {"importance_level": "sequence"},
+                                        {"objective": "cispo"}, {"dual_clip": 1.5},
+                                        {"importance_level": "sequence", "objective": "cispo"})
     assert plain.abs().sum() > 0
     for g in variants:
         torch.testing.assert_close(g, plain)
@@ -153,7 +156,8 @@ def test_top_entropy_quantile_by_hand():
     assert scalar(loss) == pytest.approx((-1.0 + 1.6) / 5, abs=1e-12)  # the normalizer still counts 5 tokens
     assert scalar(info["entropy_kept_fraction"]) == pytest.approx(0.4, abs=1e-12)
     (g,) = torch.autograd.grad(loss, logprobs)
-    # (0, 2): unclipped, d(-ratio A)/dlogp = -1 * 1 / 5; (1, 1) is clipped (ratio .7, A < 0): 0; the rest masked out
+    # (0, 2): unclipped, d(-ratio A)/dlogp = -1 * 1 / 5; (1, 1) is clipped (ratio .7, A < 0): 0;
+    # the rest masked out
     torch.testing.assert_close(g, torch.tensor([[0.0, 0.0, -0.2], [0.0, 0.0, 0.0]], dtype=F64))
     # a given entropy_mask (chosen for a whole batch) wins over the entropies at hand
     other = torch.tensor([[True, False, False], [False, False, False]])

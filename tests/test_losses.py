@@ -97,7 +97,8 @@ def test_aggregation_normalizer_by_hand_and_as_each_aggregations_default():
     assert float(got) == 32.0
     logprobs, old, adv, m = example()
     for agg in AGGS:
-        explicit, _ = policy_loss(logprobs, old, adv, m, aggregation=agg, normalizer=aggregation_normalizer(agg, m))
+        explicit, _ = policy_loss(logprobs, old, adv, m, aggregation=agg,
+                                  normalizer=aggregation_normalizer(agg, m))
         default, _ = policy_loss(logprobs, old, adv, m, aggregation=agg)
         torch.testing.assert_close(explicit, default)
 
@@ -375,7 +376,8 @@ def test_kl_estimator_and_aggregation_by_import_path(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     logprobs, old, adv, mask = example()
     ref = torch.tensor(REF, dtype=F64)
-    torch.testing.assert_close(kl_penalty(logprobs, ref, "my_losses_xyz:sq"), 2 * kl_penalty(logprobs, ref, "k2"))
+    torch.testing.assert_close(kl_penalty(logprobs, ref, "my_losses_xyz:sq"),
+                               2 * kl_penalty(logprobs, ref, "k2"))
     summed, _ = policy_loss(logprobs, old, adv, mask, aggregation="my_losses_xyz:total")
     mean, _ = policy_loss(logprobs, old, adv, mask, aggregation="token_mean")
     torch.testing.assert_close(summed, mean * mask.sum())

@@ -63,9 +63,11 @@ def test_math_verify_never_raises_and_works_outside_the_main_thread():
 
 
 def test_format_reward():
-    good = ["<think>a</think><answer>1</answer>", "  <think>\nlong\nthought\n</think>\n<answer> 2 </answer>\n"]
-    bad = ["<answer>1</answer>", "<think>a</think>", "<think>a</think><answer>1</answer> trailing", "x<think>a</think><answer>1</answer>",
-           "<think>a</think><answer>1", "", "<answer>1</answer><think>a</think>"]
+    good = ["<think>a</think><answer>1</answer>",
+            "  <think>\nlong\nthought\n</think>\n<answer> 2 </answer>\n"]
+    bad = ["<answer>1</answer>", "<think>a</think>", "<think>a</think><answer>1</answer> trailing",
+           "x<think>a</think><answer>1</answer>", "<think>a</think><answer>1", "",
+           "<answer>1</answer><think>a</think>"]
     assert format_reward(good + bad) == [1.0] * len(good) + [0.0] * len(bad)
 
 

@@ -1,5 +1,5 @@
-"""grpo_lab.probe.stats: the Gram-matrix statistics against the direct computation, by hand, and the bootstrap's
-coverage where the truth is known."""
+"""grpo_lab.probe.stats: the Gram-matrix statistics against the direct computation, by hand, and the
+bootstrap's coverage where the truth is known."""
 
 from __future__ import annotations
 
@@ -67,14 +67,16 @@ def test_degenerate_inputs():
     assert zero["snr"] == 0.0 and zero["cosine"] == 0.0 and zero["relative_variance"] == 0.0
     same = gradient_statistics(torch.ones(4, 3))  # no noise, non-zero signal
     assert same["snr"] == math.inf and same["variance"] == 0.0
-    assert gram_statistics(np.zeros((4, 4)))["snr"] == 0.0 and gram_statistics(np.ones((4, 4)))["snr"] == math.inf
+    assert gram_statistics(np.zeros((4, 4)))["snr"] == 0.0
+    assert gram_statistics(np.ones((4, 4)))["snr"] == math.inf
 
 
 def test_scale_changes_variance_but_not_snr_or_cosine():
     torch.manual_seed(1)
     grads, ref = torch.randn(5, 7) + 0.5, torch.randn(7)
     a, b = gradient_statistics(grads, ref), gradient_statistics(10 * grads, 10 * ref)
-    assert b["variance"] == pytest.approx(100 * a["variance"]) and b["signal"] == pytest.approx(100 * a["signal"])
+    assert b["variance"] == pytest.approx(100 * a["variance"])
+    assert b["signal"] == pytest.approx(100 * a["signal"])
     for key in ("snr", "cosine", "relative_variance"):
         assert b[key] == pytest.approx(a[key])
 
@@ -84,7 +86,8 @@ def test_u_statistic_by_hand():
     b = [np.array([2.0, 1.0]), np.array([1.0, 1.0]), np.array([0.0, 3.0])]
     pairs = [a[i] @ b[j] for i in range(3) for j in range(3) if i != j]  # 1, 0, 2, 6, 3, 2
     assert sum(pairs) == 14.0  # = (Σa)·(Σb) − Σ a_i·b_i = (2,3)·(3,5) − (2 + 2 + 3) = 21 − 7
-    assert u_statistic(float(sum(a) @ sum(b)), float(sum(x @ y for x, y in zip(a, b, strict=True))), 6) == 14 / 6
+    same_batch = float(sum(x @ y for x, y in zip(a, b, strict=True)))
+    assert u_statistic(float(sum(a) @ sum(b)), same_batch, 6) == 14 / 6
 
 
 def test_accumulator_matches_the_direct_computation():
@@ -93,7 +96,8 @@ def test_accumulator_matches_the_direct_computation():
     torch.manual_seed(0)
     k, d = 6, 11
     mu = torch.randn(d)
-    g = {"a": mu + torch.randn(k, d), "b": 2 * mu + 3 * torch.randn(d) + 3 * torch.randn(k, d)}  # b: another direction
+    # b: another direction
+    g = {"a": mu + torch.randn(k, d), "b": 2 * mu + 3 * torch.randn(d) + 3 * torch.randn(k, d)}
     h = {n: 0.4 * x + 0.2 * torch.randn(k, d) for n, x in g.items()}
     r = mu + 0.5 * torch.randn(k + 2, d)  # two reference-only batches after the K shared ones
     acc = GramAccumulator(["a", "b"], k)
@@ -106,7 +110,8 @@ def test_accumulator_matches_the_direct_computation():
     r64 = r64["r"]
 
     def u(x, y):  # mean of x_i·y_j over i != j, y may have extra rows
-        return sum(float(x[i] @ y[j]) for i in range(len(x)) for j in range(len(y)) if i != j) / (len(x) * (len(y) - 1))
+        total = sum(float(x[i] @ y[j]) for i in range(len(x)) for j in range(len(y)) if i != j)
+        return total / (len(x) * (len(y) - 1))
 
     ref_signal = u(r64, r64)
     for n in ("a", "b"):
@@ -119,7 +124,8 @@ def test_accumulator_matches_the_direct_computation():
         assert stats[n]["hard_share"] == pytest.approx(share, rel=1e-6)
         assert stats[n]["hard_signal_share"] == pytest.approx(u(h64[n], g64[n]) / u(g64[n], g64[n]), rel=1e-6)
     assert -1 < stats["b"]["cosine"] < 0.9  # not clipped: the check above saw the formula
-    assert stats["a"]["reference_snr"] == pytest.approx(ref_signal / gradient_statistics(r64)["variance"], rel=1e-6)
+    assert stats["a"]["reference_snr"] == pytest.approx(ref_signal / gradient_statistics(r64)["variance"],
+                                                        rel=1e-6)
 
 
 def test_snr_intervals_pair_the_estimators_and_contain_the_point_estimate():
@@ -133,7 +139,8 @@ def test_snr_intervals_pair_the_estimators_and_contain_the_point_estimate():
     assert iv["b"]["snr_ratio_lo"] < iv["b"]["snr_ratio"] < iv["b"]["snr_ratio_hi"]
     assert iv["a"]["snr_lo"] < snr["a"] < iv["a"]["snr_hi"]
     assert iv["a"]["snr_ratio"] == 1.0 and iv["a2"]["snr_ratio"] == pytest.approx(1.0)  # scale-free
-    # Pure noise: a signal estimate <= 0 is log SNR = -inf, so its ratio to a is 0 and the interval still exists.
+    # Pure noise: a signal estimate <= 0 is log SNR = -inf, so its ratio to a is 0 and the interval
+    # still exists.
     noise = rng.normal(size=(40, 8))
     grams["n"] = noise @ noise.T
     if gram_statistics(grams["n"])["snr"] <= 0:
@@ -156,7 +163,8 @@ def test_bootstrap_ratio_interval_covers_the_truth():
     for _ in range(reps):
         z = rng.normal(size=(k, d))
         ga, gb = mu_a + z @ a_cov, mu_b + z @ b_cov
-        iv = snr_intervals({"a": ga @ ga.T, "b": gb @ gb.T}, "a", n_resamples=499, seed=int(rng.integers(1 << 30)))["b"]
+        iv = snr_intervals({"a": ga @ ga.T, "b": gb @ gb.T}, "a", n_resamples=499,
+                           seed=int(rng.integers(1 << 30)))["b"]
         if np.isfinite(iv["snr_ratio_lo"]):
             finite += 1
             hits += iv["snr_ratio_lo"] <= truth <= iv["snr_ratio_hi"]

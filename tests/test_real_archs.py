@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from grpo_lab.build_model import ModelSpec, build_model, corpus_texts
-from grpo_lab.tensorboard_scalars import read_scalars
 from grpo_lab.policy import PolicyConfig, build_policy
 from grpo_lab.rollout import generate, positions, sequence_logprobs, shared_prompt_forward
+from grpo_lab.tensorboard_scalars import read_scalars
 from grpo_lab.tokenizer import chat_prompt
 from grpo_lab.warmstart import WarmStartConfig, ensure_warm_start, sft_batch
 from tests.conftest import CONFIGS, ROOT
@@ -35,7 +35,8 @@ def _full_logprobs(model, r, temperature):
     ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
     attn = torch.cat([r.prompt_mask, r.completion_mask], 1)
     t = r.completion_ids.shape[1]
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn)).logits[:, -(t + 1):-1].float()
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn)).logits
+    logits = logits[:, -(t + 1):-1].float()
     return torch.log_softmax(logits / temperature, -1).gather(-1, r.completion_ids[..., None]).squeeze(-1)
 
 
@@ -63,7 +64,8 @@ def test_shared_prompt_logprobs_equal_the_full_forward(arch, model_dirs, caplog)
         (lp * weights).sum().backward()
         return [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
-    for a, b in zip(grads(sequence_logprobs(model, r, temperature=1.3)[0]), grads(_full_logprobs(model, r, 1.3)), strict=True):
+    for a, b in zip(grads(sequence_logprobs(model, r, temperature=1.3)[0]),
+                    grads(_full_logprobs(model, r, 1.3)), strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 

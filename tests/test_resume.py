@@ -30,7 +30,8 @@ class KillAtStep(L.Callback):
 
 def _overlay(path, ckpt_dir, kill: bool):
     callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                  "init_args": {"dirpath": str(ckpt_dir), "save_last": True, "save_top_k": 0, "every_n_train_steps": N}}]
+                  "init_args": {"dirpath": str(ckpt_dir), "save_last": True, "save_top_k": 0,
+                                "every_n_train_steps": N}}]
     if kill:
         callbacks.insert(0, {"class_path": "tests.test_resume.KillAtStep", "init_args": {"step": N}})
     path.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks, "deterministic": True}}))
@@ -38,10 +39,11 @@ def _overlay(path, ckpt_dir, kill: bool):
 
 
 def _run(tmp, name, overlay, *extra):
-    cmd = [sys.executable, "-m", "grpo_lab.cli", "fit", "--config", str(CONFIGS / "smoke.yaml"), "--config", str(overlay),
-           "--trainer.max_steps", str(2 * N), "--trainer.val_check_interval", "3", "--trainer.enable_progress_bar", "false",
-           "--trainer.logger.init_args.save_dir", str(tmp / "runs"), "--trainer.logger.init_args.name", name,
-           "--model.warm_start.cache_dir", str(tmp / "ws"), "--data.num_train", "12", *extra]
+    cmd = [sys.executable, "-m", "grpo_lab.cli", "fit", "--config", str(CONFIGS / "smoke.yaml"), "--config",
+           str(overlay), "--trainer.max_steps", str(2 * N), "--trainer.val_check_interval", "3",
+           "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp / "runs"),
+           "--trainer.logger.init_args.name", name, "--model.warm_start.cache_dir", str(tmp / "ws"),
+           "--data.num_train", "12", *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
 
@@ -60,7 +62,8 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
 
     a, b = read_scalars(tmp_path / "runs" / "full"), read_scalars(tmp_path / "runs" / "part")
     # 12 queries / P=4 = 3 batches an epoch: the kill at step 4 lands mid-epoch, so the data position matters.
-    for tag in ("train/reward", "train/loss", "train/grad_norm", "train/entropy", "train/advantage_std", "val/acc_sampled"):
+    for tag in ("train/reward", "train/loss", "train/grad_norm", "train/entropy", "train/advantage_std",
+                "val/acc_sampled"):
         want = sorted(a[tag])
         got = sorted(dict(b[tag]).items())  # the resumed run's values replace the killed run's, step by step
         assert [s for s, _ in got] == [s for s, _ in want], tag

@@ -30,7 +30,8 @@ def test_load_by_name_and_import_path(monkeypatch):
 def test_score_groups_by_hand():
     """Two queries x G = 2: exact_match and a length reward that is NaN for one completion."""
     def length(completions, completion_length, **_):
-        return [math.nan if c == "x" else float(n) for c, n in zip(completions, completion_length, strict=True)]
+        return [math.nan if c == "x" else float(n) for c,
+                n in zip(completions, completion_length, strict=True)]
 
     batch = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": "4"}]
     completions = ["2", "3", "x", "4"]
@@ -41,20 +42,23 @@ def test_score_groups_by_hand():
     assert invalid.tolist() == [[False, False], [True, False]]
     r, j, _ = score_groups([exact_match, length], batch, completions[:2] + ["3", "4"], 2,
                            aggregation="normalize_then_sum", completion_length=[1, 3, 2, 2])
-    # group 0: exact (1, 0) -> (+0.707, -0.707), length (1, 3) -> (-0.707, +0.707): sums 0; group 1: exact only
+    # group 0: exact (1, 0) -> (+0.707, -0.707), length (1, 3) -> (-0.707, +0.707): sums 0;
+    # group 1: exact only
     torch.testing.assert_close(r, torch.tensor([[0.0, 0.0], [-0.7071, 0.7071]]), atol=1e-3, rtol=0)
     assert j.tolist() == [[2.0, 3.0], [2.0, 3.0]]  # the objective stays the weighted sum
 
 
 def test_score_weights_and_columns():
-    r = score([exact_match, lambda completions, **_: [0.5] * len(completions)], ["1", "2"], {"answer": ["1", "1"]}, [2.0, 1.0])
+    r = score([exact_match, lambda completions, **_: [0.5] * len(completions)], ["1", "2"],
+              {"answer": ["1", "1"]}, [2.0, 1.0])
     torch.testing.assert_close(r, torch.tensor([2.5, 0.5]))
     assert required_columns(exact_match) == {"answer"}
 
 
 @pytest.mark.parametrize(
     ("values", "match"),
-    [([1.0], "returned 1 values for 2 completions"), ([1.0, math.nan], "returned nan"), ([1.0, "x"], "returned 'x'"), ([math.inf, 0.0], "returned inf")],
+    [([1.0], "returned 1 values for 2 completions"), ([1.0, math.nan], "returned nan"),
+     ([1.0, "x"], "returned 'x'"), ([math.inf, 0.0], "returned inf")],
 )
 def test_score_rejects_bad_outputs(values, match):
     def bad(completions, **_):
@@ -77,7 +81,8 @@ def test_overlong_penalty_by_hand():
 
     # L = 8, C = 4: free up to 4 tokens, then (4 - n) / 4 down to -1 at n = 8
     lengths = [3, 4, 5, 6, 8]
-    got = overlong_penalty(["x"] * 5, completion_length=lengths, max_new_tokens=[8] * 5, overlong_buffer=[4] * 5)
+    got = overlong_penalty(["x"] * 5, completion_length=lengths, max_new_tokens=[8] * 5,
+                           overlong_buffer=[4] * 5)
     assert got == [0.0, 0.0, -0.25, -0.5, -1.0]
     assert overlong_penalty(["x"], completion_length=[9], max_new_tokens=[8], overlong_buffer=[4]) == [-1.0]
 
@@ -86,19 +91,23 @@ def test_normalize_then_sum_by_hand():
     from grpo_lab.rewards import aggregate_rewards
 
     # one group of G = 3, two functions, weights [1, .5]
-    #   f1 = [1, 0, 0]: mean 1/3, Bessel std sqrt(1/3) -> z1 = [2/3, -1/3, -1/3] / sqrt(1/3) = [1.1547, -.5774, -.5774]
+    # f1 = [1, 0, 0]: mean 1/3, Bessel std sqrt(1/3)
+    #     -> z1 = [2/3, -1/3, -1/3] / sqrt(1/3) = [1.1547, -.5774, -.5774]
     #   f2 = [10, 20, 30]: mean 20, std 10 -> z2 = [-1, 0, 1]
     #   sum = z1 + .5 z2 = [.6547, -.5774, -.0774]   (weighted_sum would give [6, 10, 15]: f2 drowns f1)
     values = torch.tensor([[[1.0, 0.0, 0.0]], [[10.0, 20.0, 30.0]]], dtype=torch.float64)
     s1, s2 = math.sqrt(1 / 3) + 1e-6, 10 + 1e-6
-    want = torch.tensor([[(2 / 3) / s1 - 0.5 * 10 / s2, (-1 / 3) / s1, (-1 / 3) / s1 + 0.5 * 10 / s2]], dtype=torch.float64)
+    want = torch.tensor([[(2 / 3) / s1 - 0.5 * 10 / s2, (-1 / 3) / s1, (-1 / 3) / s1 + 0.5 * 10 / s2]],
+                        dtype=torch.float64)
     torch.testing.assert_close(aggregate_rewards(values, [1.0, 0.5], "normalize_then_sum"), want)
-    torch.testing.assert_close(aggregate_rewards(values, [1.0, 0.5]), torch.tensor([[6.0, 10.0, 15.0]], dtype=torch.float64))
+    torch.testing.assert_close(aggregate_rewards(values, [1.0, 0.5]),
+                               torch.tensor([[6.0, 10.0, 15.0]], dtype=torch.float64))
     # a function flat in a group contributes exactly 0 there; a NaN stays NaN only where it was
     flat = torch.tensor([[[0.1, 0.1, 0.1]], [[1.0, float("nan"), 0.0]]])
     out = aggregate_rewards(flat, None, "normalize_then_sum")
     # f2's valid values [1, 0]: mean .5, Bessel std sqrt(.5) -> z = +-.5 / sqrt(.5)
-    assert out[0, 0].item() == pytest.approx(0.5 / (math.sqrt(0.5) + 1e-6), rel=1e-6) and math.isnan(out[0, 1].item())
+    assert out[0, 0].item() == pytest.approx(0.5 / (math.sqrt(0.5) + 1e-6), rel=1e-6)
+    assert math.isnan(out[0, 1].item())
     assert out[0, 2].item() == pytest.approx(-0.5 / (math.sqrt(0.5) + 1e-6), rel=1e-6)
     with pytest.raises(ValueError, match="2 weights for 1 reward functions"):
         aggregate_rewards(values[:1], [1.0, 2.0])
@@ -115,10 +124,13 @@ def test_rollout_columns_and_invalid_fill():
         reward_columns,
     )
 
-    batch = [{"prompt": "1+1=", "answer": "2", "_line": 3, "completion_length": "stale"}, {"prompt": "2+2=", "answer": "4"}]
+    batch = [{"prompt": "1+1=", "answer": "2", "_line": 3, "completion_length": "stale"},
+             {"prompt": "2+2=", "answer": "4"}]
     cols = reward_columns(batch, 2, completion_length=[1, 2, 3, 4], max_new_tokens=8)
-    assert cols == {"answer": ["2", "2", "4", "4"], "completion_length": [1, 2, 3, 4], "max_new_tokens": [8] * 4}
-    check_reward_columns([overlong_penalty], [{"prompt": "x"}], "q.jsonl")  # rollout columns are not query columns
+    assert cols == {"answer": ["2", "2", "4", "4"], "completion_length": [1, 2, 3, 4],
+                    "max_new_tokens": [8] * 4}
+    # rollout columns are not query columns
+    check_reward_columns([overlong_penalty], [{"prompt": "x"}], "q.jsonl")
     assert {"completion_length", "max_new_tokens", "overlong_buffer"} <= set(ROLLOUT_COLUMNS)
     r, invalid = fill_invalid(torch.tensor([[1.0, float("nan"), 0.0], [float("inf"), 2.0, 2.0]]))
     torch.testing.assert_close(r, torch.tensor([[1.0, 0.5, 0.0], [2.0, 2.0, 2.0]]))

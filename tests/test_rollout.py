@@ -14,7 +14,8 @@ def test_without_masks_rows_in_a_copy(tiny_policy):
     torch.manual_seed(0)
     r = generate(model, tok, ["1+2=", "3+4="], 2, 3, 1.0, min_new_tokens=3)
     out = r.without(torch.tensor([False, True, False, True]))
-    assert out.completion_mask.sum(-1).tolist() == [3, 0, 3, 0] and r.completion_mask.sum(-1).tolist() == [3] * 4
+    assert out.completion_mask.sum(-1).tolist() == [3, 0, 3, 0]
+    assert r.completion_mask.sum(-1).tolist() == [3] * 4
     assert out.completion_ids is r.completion_ids and out.completions == r.completions
 
 
@@ -71,7 +72,8 @@ def _full_sequence_logprobs(model, r, temperature=1.0):
     ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
     attn = torch.cat([r.prompt_mask, r.completion_mask], 1)
     t = r.completion_ids.shape[1]
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn)).logits[:, -(t + 1):-1].float()
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn)).logits
+    logits = logits[:, -(t + 1):-1].float()
     return torch.log_softmax(logits / temperature, -1).gather(-1, r.completion_ids[..., None]).squeeze(-1)
 
 
@@ -82,18 +84,21 @@ def test_shared_prompt_forward_gives_the_full_forwards_logprobs_and_gradient(att
     gradient; left-padded prompts of different lengths, EOS-terminated completions, T = 1 included."""
     from grpo_lab.policy import PolicyConfig, build_policy
 
-    model, tok = build_policy(PolicyConfig(hidden_size=32, num_layers=2, num_heads=2, attn_implementation=attn), seed=0)
+    cfg = PolicyConfig(hidden_size=32, num_layers=2, num_heads=2, attn_implementation=attn)
+    model, tok = build_policy(cfg, seed=0)
     torch.manual_seed(3)
     r = generate(model, tok, ["1+2=", "13+45=", "7"], 4, max_new_tokens, temperature=1.5)
     assert r.group_size == 4 and r.prompt_mask.sum(-1).unique().numel() == 3
     from grpo_lab.rollout import shared_prompt_forward
 
-    assert shared_prompt_forward(model, r.prompt_ids[::4], r.prompt_mask[::4], 4) is not None  # the shared path runs
+    # the shared path runs
+    assert shared_prompt_forward(model, r.prompt_ids[::4], r.prompt_mask[::4], 4) is not None
     m = r.completion_mask.float()
     shared, _ = sequence_logprobs(model, r, temperature=1.5)
     full = _full_sequence_logprobs(model, r, temperature=1.5)
     torch.testing.assert_close(shared * m, full * m, atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(shared * m, r.logprobs, atol=2e-5, rtol=1e-5)  # the sampler's own log-probs too
+    # the sampler's own log-probs too
+    torch.testing.assert_close(shared * m, r.logprobs, atol=2e-5, rtol=1e-5)
     weights = torch.randn_like(m) * m  # an arbitrary loss on the masked tokens
 
     def grads(lp):
@@ -112,7 +117,8 @@ def test_select_keeps_groups_only_on_group_boundaries(tiny_policy):
     assert r.select(slice(0, 6)).group_size == 1 and r.select(slice(2, 6)).group_size == 1
     assert r.select(slice(8, 100)).group_size == 4  # a slice past the end is clamped
     part = r.select(slice(0, 6))  # not aligned: falls back to the full forward, same values
-    torch.testing.assert_close(sequence_logprobs(model, part)[0] * part.completion_mask, part.logprobs, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(sequence_logprobs(model, part)[0] * part.completion_mask, part.logprobs,
+                               atol=2e-5, rtol=1e-5)
 
 
 def test_a_cache_that_cannot_be_repeated_falls_back_and_logs_once(caplog):

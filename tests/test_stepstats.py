@@ -24,7 +24,8 @@ def test_callback_records_each_step_and_writes_json(tmp_path):
                         max_new_tokens=5, min_new_tokens=5)
     stats = StepStats(out=str(tmp_path / "s.json"), skip=1)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[stats])
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[stats])
     trainer.fit(module, datamodule=QueryDataModule(prompts_per_step=2, num_train=32, num_val=2))
     out = json.loads((tmp_path / "s.json").read_text())
     assert out["steps"] == 3 and out["completion_tokens"] == [2 * 4 * 5.0] * 3  # P x G x exactly 5 tokens

@@ -33,12 +33,14 @@ def hparams_table(logdir: Path) -> tuple[dict, list[dict]]:
     apps = hparams_plugin.HParamsPlugin(ctx).get_plugin_apps()
 
     def post(route: str, body: dict) -> dict:
-        res = Client(apps[route], Response).post(route, data=json.dumps(body), content_type="application/json")
+        res = Client(apps[route], Response).post(route, data=json.dumps(body),
+                                                 content_type="application/json")
         assert res.status_code == 200, res.get_data(as_text=True)
         return json.loads(res.get_data())
 
     experiment = post("/experiment", {})
-    groups = post("/session_groups", {"startIndex": 0, "sliceSize": 1000, "allowedStatuses": STATUSES, "colParams": []})
+    groups = post("/session_groups",
+                  {"startIndex": 0, "sliceSize": 1000, "allowedStatuses": STATUSES, "colParams": []})
     return experiment, groups.get("sessionGroups", [])
 
 
@@ -53,15 +55,18 @@ def test_run_names_are_the_params_in_the_spaces_order():
 
 
 def test_short_names_keep_the_full_key_on_a_clash_and_values_are_path_safe():
-    assert tb.short_names(["model.beta", "ref.beta", "seed"]) == {"model.beta": "model.beta", "ref.beta": "ref.beta",
+    assert tb.short_names(["model.beta", "ref.beta", "seed"]) == {"model.beta": "model.beta",
+                                                                  "ref.beta": "ref.beta",
                                                                    "seed": "seed"}
     space = Space(name="t", description="", grid={"model.rewards": [["a/b c"]], "seed": [0]})
     assert tb.run_name(space, {"model.rewards": ["a/b c"], "seed": 0}) == "rewards=_a_b_c_/seed=0"
 
 
 # ---- metrics --------------------------------------------------------------------------------------------
-PROBE = [{"estimator": "rloo", "fraction": 0.0, "snr": 0.2}, {"estimator": "rloo", "fraction": 1.0, "snr": 0.4},
-         {"estimator": "reward", "fraction": 0.0, "snr": 9.0}, {"estimator": "rloo", "fraction": 0.5, "snr": math.nan}]
+PROBE = [{"estimator": "rloo", "fraction": 0.0, "snr": 0.2},
+         {"estimator": "rloo", "fraction": 1.0, "snr": 0.4},
+         {"estimator": "reward", "fraction": 0.0, "snr": 9.0},
+         {"estimator": "rloo", "fraction": 0.5, "snr": math.nan}]
 
 
 def test_own_snr_is_the_mean_of_its_own_estimators_finite_rows():
@@ -75,8 +80,8 @@ def test_final_metrics_leave_out_what_is_undefined():
     attrs = {"auc": 0.31, "final": {"sampled": 0.5, "sampled_easy": 0.75, "greedy": 0.6}, "probe": PROBE,
              "steps_to_threshold": None, "wall_time_s": 12.5}
     assert tb.final_metrics(attrs, "rloo") == {"study/auc": 0.31, "study/final_acc_sampled": 0.5,
-                                               "study/final_acc_sampled_easy": 0.75, "study/snr": pytest.approx(0.3),
-                                               "study/wall_time_s": 12.5}
+                                               "study/final_acc_sampled_easy": 0.75,
+                                               "study/snr": pytest.approx(0.3), "study/wall_time_s": 12.5}
 
 
 def test_the_trial_logger_has_no_constant_hp_metric(tmp_path):
@@ -86,7 +91,8 @@ def test_the_trial_logger_has_no_constant_hp_metric(tmp_path):
 
 # ---- written and read back -------------------------------------------------------------------------------
 def _attrs(seed: int, estimator: str) -> dict:
-    return {"auc": 0.3 + seed / 10, "final": {"sampled": 0.25 * seed, "sampled_easy": 0.5, "sampled_hard": 0.0},
+    return {"auc": 0.3 + seed / 10,
+            "final": {"sampled": 0.25 * seed, "sampled_easy": 0.5, "sampled_hard": 0.0},
             "probe": [{"estimator": estimator, "fraction": 0.0, "snr": 0.1 * (seed + 1)}],
             "steps_to_threshold": 8 if seed else None, "wall_time_s": 30.0 + seed, "last_step": 15}
 
@@ -96,14 +102,15 @@ def test_hparams_rows_read_back_through_tensorboard(tmp_path):
     written = {}
     for number, params in enumerate(space.points()):
         run_dir = tb.trial_dir(tmp_path, space, params, number)
-        metrics = tb.write_hparams(run_dir, space, params, _attrs(params["seed"], params["model.advantage"]), probed=True,
-                                   step=15)
+        metrics = tb.write_hparams(run_dir, space, params, _attrs(params["seed"], params["model.advantage"]),
+                                   probed=True, step=15)
         written[tb.run_name(space, params)] = (params, metrics, run_dir)
     # the scalars, with TensorBoard's event reader
     params, metrics, run_dir = written["advantage=rloo/seed=1"]
     assert {tag: pts for tag, pts in read_scalars(run_dir).items()} == {
         tag: [(15, pytest.approx(v))] for tag, v in metrics.items()}
-    assert "study/steps_to_threshold" not in read_scalars(written["advantage=rloo/seed=0"][2])  # None: no value
+    # None: no value
+    assert "study/steps_to_threshold" not in read_scalars(written["advantage=rloo/seed=0"][2])
     # the HParams tab: one row per trial, named by its params, with its params and metrics
     experiment, groups = hparams_table(tmp_path)
     assert [h["name"] for h in experiment["hparamInfos"]] == ["advantage", "seed"]
@@ -121,8 +128,9 @@ def test_hparams_rows_read_back_through_tensorboard(tmp_path):
 def test_a_tuning_space_gets_ranges_and_no_snr_column_without_probe(tmp_path):
     space = SPACES["tune_lr"]
     params = {"model.optimizer.init_args.lr": 3e-4, "model.clip_high": 0.3}
-    tb.write_hparams(tb.trial_dir(tmp_path, space, params, 0), space, params, {"auc": 0.2, "final": {"sampled": 0.1},
-                     "steps_to_threshold": None, "wall_time_s": 3.0}, probed=False)
+    tb.write_hparams(tb.trial_dir(tmp_path, space, params, 0), space, params,
+                     {"auc": 0.2, "final": {"sampled": 0.1}, "steps_to_threshold": None, "wall_time_s": 3.0},
+                     probed=False)
     experiment, groups = hparams_table(tmp_path)
     infos = {h["name"]: h for h in experiment["hparamInfos"]}
     assert infos["lr"]["domainInterval"] == {"minValue": 1e-4, "maxValue": 3e-3}

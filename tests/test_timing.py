@@ -41,8 +41,10 @@ class _Read(L.Callback):
 @pytest.mark.parametrize(("settings", "phases"), [
     ({}, {"rollout": 1, "reward": 1, "advantage": 1, "loss": 1, "policy_loss": 1, "metrics": 1, "backward": 1,
           "clip": 1}),
-    ({"num_iterations": 2, "beta": 0.1}, {"rollout": 1, "reward": 1, "advantage": 1, "loss": 1, "old_logprobs": 1,
-                                          "reference": 2, "policy_loss": 2, "backward": 2, "clip": 2, "metrics": 1}),
+    ({"num_iterations": 2, "beta": 0.1},
+     {"rollout": 1, "reward": 1, "advantage": 1, "loss": 1, "old_logprobs": 1,
+                                          "reference": 2, "policy_loss": 2, "backward": 2, "clip": 2,
+                                          "metrics": 1}),
 ])
 def test_a_step_names_its_phases(in_tmp, settings, phases):
     module = GRPOModule(policy=PolicyConfig(hidden_size=32, num_layers=1, num_heads=2), num_generations=2,

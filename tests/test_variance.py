@@ -40,7 +40,8 @@ def constant_reward(completions, **_):
 
 def _module(reward="length_reward", **kwargs):
     kwargs = {"num_generations": G, "max_new_tokens": 4, **kwargs}
-    return GRPOModule(policy=SMALL, warm_start=WarmStartConfig(steps=0), rewards=[f"tests.test_variance:{reward}"], **kwargs)
+    return GRPOModule(policy=SMALL, warm_start=WarmStartConfig(steps=0),
+                      rewards=[f"tests.test_variance:{reward}"], **kwargs)
 
 
 def _queries(n=16):
@@ -77,7 +78,8 @@ def test_rloo_is_a_rescaled_mean_baseline_on_one_shared_rollout(monkeypatch):
     assert len(calls) == 1  # all estimators share one rollout
     assert set(grads) == set(DEFAULT_ESTIMATORS)
     d = sum(p.numel() for p in module.model.parameters())
-    assert all(g.shape == (d,) and g.dtype == torch.float32 and g.device.type == "cpu" for g in grads.values())
+    assert all(g.shape == (d,) and g.dtype == torch.float32 and g.device.type == "cpu"
+               for g in grads.values())
     # A_rloo = G/(G-1) (r - mean r) = G/(G-1) A_mean_baseline, and the gradient is linear in A.
     assert grads["mean_baseline"].norm() > 0
     torch.testing.assert_close(grads["rloo"], G / (G - 1) * grads["mean_baseline"], rtol=1e-5, atol=1e-7)
@@ -104,7 +106,8 @@ def test_constant_aggregation_sign_and_normalizer(monkeypatch):
     rollout = calls[0]
     logprobs, _ = sequence_logprobs(module.model, rollout, module.hparams.temperature)
     objective = (logprobs * rollout.completion_mask).sum() / (len(batch) * 3)
-    expected = torch.cat([g.flatten() for g in torch.autograd.grad(objective, list(module.model.parameters()))])
+    expected = torch.cat([g.flatten() for g in torch.autograd.grad(objective,
+                                                                   list(module.model.parameters()))])
     torch.testing.assert_close(const, expected)
     # Group estimators need G >= 2: compute_advantages says so.
     with pytest.raises(ValueError, match="num_generations >= 2"):
@@ -115,8 +118,8 @@ def _ascent(module, rollout, advantages, aggregation, normalizer=None):
     """−∇ of the μ = 1 policy loss, written out directly (one backward pass per call)."""
     h = module.hparams
     logprobs, _ = sequence_logprobs(module.model, rollout, h.temperature)
-    loss, _ = policy_loss(logprobs, logprobs.detach(), advantages, rollout.completion_mask, aggregation=aggregation,
-                          normalizer=normalizer)
+    loss, _ = policy_loss(logprobs, logprobs.detach(), advantages, rollout.completion_mask,
+                          aggregation=aggregation, normalizer=normalizer)
     return -torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(module.model.parameters()))])
 
 
@@ -136,10 +139,13 @@ def test_split_gradients_and_the_reference_match_the_direct_computation(monkeypa
     hard = torch.arange(len(batch) * G) < n_hard * G
     for name in ("reward", "group_norm", "rloo"):
         adv = compute_advantages(rewards, name).flatten()
-        torch.testing.assert_close(out.full[name], _ascent(module, rollout, adv, "token_mean"), rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(out.hard[name], _ascent(module, rollout, adv * hard, "token_mean"), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(out.full[name], _ascent(module, rollout, adv, "token_mean"), rtol=1e-4,
+                                   atol=1e-6)
+        torch.testing.assert_close(out.hard[name], _ascent(module, rollout, adv * hard, "token_mean"),
+                                   rtol=1e-4, atol=1e-6)
         assert out.hard[name].norm() > 0 and (out.full[name] - out.hard[name]).norm() > 0
-    ref = _ascent(module, rollout, compute_advantages(rewards, "rloo").flatten(), "constant", len(batch) * G * 4)
+    ref = _ascent(module, rollout, compute_advantages(rewards, "rloo").flatten(), "constant",
+                  len(batch) * G * 4)
     torch.testing.assert_close(out.reference, ref, rtol=1e-4, atol=1e-6)
     easy_only = [q for q in _queries(16) if q["difficulty"] == "easy"][:3]
     none_hard = batch_gradients(module, easy_only, ["reward"], None, ("difficulty", "hard"))
@@ -204,7 +210,8 @@ def test_cached_computes_once_when_two_callers_race(tmp_path):
 def test_second_trial_of_a_seed_reads_the_warm_start_probe_from_the_cache(tmp_path, monkeypatch):
     """Two trials of one seed start from the same weights: the second one's warm-start probe does no rollout.
     Other weights, another probe seed or other rollout settings are other entries."""
-    kwargs = {"num_batches": 3, "prompts_per_batch": 2, "seed": 1, "n_resamples": 100, "cache_dir": str(tmp_path)}
+    kwargs = {"num_batches": 3, "prompts_per_batch": 2, "seed": 1, "n_resamples": 100,
+              "cache_dir": str(tmp_path)}
     queries = _queries()
     first, second = _module(advantage="reward"), _module(advantage="rloo")  # same weights: seeded init
     calls = _recording_rollouts(second, monkeypatch)
@@ -252,7 +259,8 @@ def test_command_line_on_a_checkpoint(in_tmp, capsys):
     trainer.save_checkpoint(in_tmp / "x.ckpt")
     out = in_tmp / "out.json"
     main(["--ckpt", str(in_tmp / "x.ckpt"), "--estimators", "reward", "rloo", "--num-batches", "3",
-          "--reference-batches", "2", "--reference-estimator", "rloo", "--prompts-per-batch", "2", "--num-queries", "16", "--out", str(out)])
+          "--reference-batches", "2", "--reference-estimator", "rloo", "--prompts-per-batch", "2",
+          "--num-queries", "16", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert [r["estimator"] for r in saved["results"]] == ["reward", "rloo"]
     assert saved["config"]["reference"] == "rloo/constant"

@@ -1,6 +1,6 @@
 """The variants keep the two equalities the module promises: micro-batches give the full batch's update (also
-with dynamic sampling and the 80/20 token choice), and 2 DDP processes give the single-process gradient for the
-per-token and per-sequence loss variants (GSPO, CISPO, dual clip, entropy bonus)."""
+with dynamic sampling and the 80/20 token choice), and 2 DDP processes give the single-process gradient for
+the per-token and per-sequence loss variants (GSPO, CISPO, dual clip, entropy bonus)."""
 
 from __future__ import annotations
 
@@ -29,18 +29,21 @@ OPTION_SETS = {
     "dual_clip_mu2": {"dual_clip": 1.05, "clip_high": 0.01, "clip_low": 0.01, "num_iterations": 2},
     "entropy_80_20": {"entropy_coef": 0.05, "top_entropy_quantile": 0.3},
     "dynamic_sampling": {"dynamic_sampling": True, "max_resample_rounds": 3, "advantage": "james_stein"},
-    "kl_reward_otb": {"kl_in": "reward", "beta": 0.2, "advantage": "gradient_weighted", "advantage_scale": "group"},
+    "kl_reward_otb": {"kl_in": "reward", "beta": 0.2, "advantage": "gradient_weighted",
+                      "advantage_scale": "group"},
 }
 
 
 def _one_step(options: dict, micro_batches: int) -> list[torch.Tensor]:
     L.seed_everything(0)
-    module = GRPOModule(policy=SMALL, warm_start=WarmStartConfig(steps=0), rewards=["tests.test_sampling:prompt_reward"],
-                        num_generations=3, max_new_tokens=4, temperature=1.5, micro_batches=micro_batches,
+    module = GRPOModule(policy=SMALL, warm_start=WarmStartConfig(steps=0),
+                        rewards=["tests.test_sampling:prompt_reward"], num_generations=3, max_new_tokens=4,
+                        temperature=1.5, micro_batches=micro_batches,
                         optimizer=lambda p: torch.optim.SGD(p, lr=0.5), **options)
     dm = QueryDataModule(dataset="arithmetic_easy", prompts_per_step=4, num_train=32, num_val=8)
     trainer = L.Trainer(max_steps=options.get("num_iterations", 1), logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, accelerator="cpu")
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        accelerator="cpu")
     trainer.fit(module, dm)
     if options.get("dynamic_sampling"):
         assert module.stream.drawn > 0  # the batch was refilled
@@ -49,9 +52,11 @@ def _one_step(options: dict, micro_batches: int) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("name", sorted(OPTION_SETS))
 def test_micro_batches_give_the_full_batch_update(name, in_tmp):
-    start = [p.detach().clone() for p in GRPOModule(policy=SMALL).model.parameters()]  # same init seed as below
+    # same init seed as below
+    start = [p.detach().clone() for p in GRPOModule(policy=SMALL).model.parameters()]
     whole, split = _one_step(OPTION_SETS[name], 1), _one_step(OPTION_SETS[name], 2)
-    assert any(not torch.allclose(a, b) for a, b in zip(whole, start, strict=True)), "the step changed nothing"
+    changed = any(not torch.allclose(a, b) for a, b in zip(whole, start, strict=True))
+    assert changed, "the step changed nothing"
     for a, b in zip(whole, split, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 

@@ -9,9 +9,11 @@ SMALL = PolicyConfig(hidden_size=32, num_layers=1, num_heads=2)
 
 def test_sft_batch_labels_only_the_answer():
     tok = build_char_tokenizer()
-    ids, mask, labels = sft_batch(tok, [{"prompt": "1+2=", "answer": "3"}, {"prompt": "10+20=", "answer": "30"}])
+    ids, mask, labels = sft_batch(tok,
+                                  [{"prompt": "1+2=", "answer": "3"}, {"prompt": "10+20=", "answer": "30"}])
     assert ids.shape == (2, 9) and mask[0].sum() == 6
-    assert labels[0].tolist()[:4] == [-100] * 4 and labels[0, 4] == ids[0, 4] and labels[0, 5] == tok.eos_token_id
+    assert labels[0].tolist()[:4] == [-100] * 4 and labels[0, 4] == ids[0, 4]
+    assert labels[0, 5] == tok.eos_token_id
     assert (labels[0, 6:] == -100).all()
 
 
@@ -33,7 +35,10 @@ def test_chat_template_enters_the_key_only_when_set():
     from dataclasses import asdict
 
     cfg = WarmStartConfig(steps=3)
-    old = {"policy": SMALL.key(), "warm_start": {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "chat_template")},
+    old = {"policy": SMALL.key(),
+           "warm_start": {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "chat_template")},
            "dataset": "arithmetic"}
-    assert warm_start_dir(SMALL, cfg, "arithmetic").name == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
-    assert warm_start_dir(SMALL, WarmStartConfig(steps=3, chat_template=True), "arithmetic") != warm_start_dir(SMALL, cfg, "arithmetic")
+    old_key = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    assert warm_start_dir(SMALL, cfg, "arithmetic").name == old_key
+    chat = WarmStartConfig(steps=3, chat_template=True)
+    assert warm_start_dir(SMALL, chat, "arithmetic") != warm_start_dir(SMALL, cfg, "arithmetic")

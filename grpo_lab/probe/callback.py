@@ -120,7 +120,8 @@ class GradientVarianceProbe(L.Callback):
             return float(trainer.max_steps)
         total = trainer.estimated_stepping_batches
         if not math.isfinite(total):
-            rank_zero_warn("GradientVarianceProbe: the fit has no finite length; middle fractions are skipped")
+            rank_zero_warn("GradientVarianceProbe: the fit has no finite length; middle fractions are "
+                           "skipped")
             return None
         return float(total)
 
@@ -134,7 +135,8 @@ class GradientVarianceProbe(L.Callback):
         dm = getattr(trainer, "datamodule", None)
         queries = getattr(dm, "train_set", None)
         if not queries:
-            rank_zero_warn("GradientVarianceProbe: the trainer has no datamodule with a train_set; not probing")
+            rank_zero_warn("GradientVarianceProbe: the trainer has no datamodule with a train_set; not "
+                           "probing")
             return
         stats, hit = self.measure(pl_module, queries)
         step = int(trainer.global_step)

@@ -54,7 +54,8 @@ def frozen(module, seed: int) -> Iterator[None]:
             for m, training in modes:
                 m.training = training
     if [p._version for p in model.parameters()] != versions:
-        raise RuntimeError("the gradient probe must not change the policy's parameters, but they were modified")
+        raise RuntimeError("the gradient probe must not change the policy's parameters, but they were "
+                           "modified")
 
 
 def _batches(queries: list[dict], n: int, size: int, gen: torch.Generator) -> Iterator[list[dict]]:
@@ -67,8 +68,8 @@ def _progress(enabled: bool):
         return contextlib.nullcontext(None)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    transient=True, disable=not sys.stderr.isatty())
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), transient=True, disable=not sys.stderr.isatty())
 
 
 def probe(
@@ -108,7 +109,8 @@ def probe(
     if reference_batches < 0:
         raise UserError(f"reference_batches must be >= 0, got {reference_batches}")
     if not 1 <= prompts_per_batch <= len(queries):
-        raise UserError(f"prompts_per_batch must be in [1, {len(queries)}] (the queries given), got {prompts_per_batch}")
+        raise UserError(f"prompts_per_batch must be in [1, {len(queries)}] (the queries given), got "
+                        f"{prompts_per_batch}")
     if split is not None and not any(split[0] in q for q in queries):
         split = None  # no such column: nothing to split by
     acc = GramAccumulator(estimators, num_batches)
@@ -123,7 +125,8 @@ def probe(
                 bar.advance(task)
         if reference_estimator:
             for batch in _batches(queries, reference_batches, prompts_per_batch, gen):
-                acc.add_reference(batch_gradients(module, batch, [reference_estimator], reference_estimator).reference)
+                acc.add_reference(batch_gradients(module, batch, [reference_estimator],
+                                                  reference_estimator).reference)
                 if bar is not None:
                     bar.advance(task)
     stats = acc.statistics()

@@ -45,7 +45,8 @@ def policy_parameters(module) -> list[Tensor]:
 
 
 def _flat(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
-    parts = [(torch.zeros(p.numel(), dtype=torch.float32) if g is None else g.detach().float().flatten().cpu())
+    parts = [(torch.zeros(p.numel(), dtype=torch.float32) if g is None
+              else g.detach().float().flatten().cpu())
              for g, p in zip(grads, params, strict=True)]
     return torch.cat(parts)
 
@@ -80,7 +81,8 @@ def _backward(logprobs: Tensor, cotangents: Tensor, params: list[Tensor]) -> Ten
     basis, coefs = _basis(cotangents.flatten(1))
     grads = []
     for i in range(basis.shape[0]):
-        out = torch.autograd.grad(logprobs, params, grad_outputs=basis[i].view_as(logprobs).to(logprobs.dtype),
+        out = torch.autograd.grad(logprobs, params,
+                                  grad_outputs=basis[i].view_as(logprobs).to(logprobs.dtype),
                                   retain_graph=i < basis.shape[0] - 1, allow_unused=True)
         grads.append(_flat(out, params))
     stacked = torch.stack(grads).double() if grads else torch.zeros(0, d, dtype=torch.float64)
@@ -88,7 +90,8 @@ def _backward(logprobs: Tensor, cotangents: Tensor, params: list[Tensor]) -> Ten
 
 
 def batch_gradients(module, batch: list[dict], estimators: Sequence[str], reference: str | None = None,
-                    split: tuple[str, object] | None = None, aggregation: str | None = None) -> BatchGradients:
+                    split: tuple[str, object] | None = None,
+                    aggregation: str | None = None) -> BatchGradients:
     """Each estimator's gradient on one rollout of ``batch`` (``module.rollout``, ``module.score`` [P, G]).
 
     ``aggregation`` overrides the module's (``constant`` divides by B·``max_new_tokens`` as the module
@@ -118,7 +121,8 @@ def batch_gradients(module, batch: list[dict], estimators: Sequence[str], refere
     parts = [p for p in parts if p.stop > p.start]
     params = policy_parameters(module)
     with torch.inference_mode(False), torch.enable_grad():
-        logprobs = [sequence_logprobs(module.model, rollout.select(p), h.temperature)[0] for p in parts]  # [b_p, T]
+        logprobs = [sequence_logprobs(module.model, rollout.select(p), h.temperature)[0]
+                    for p in parts]  # [b_p, T] each
         leaf = torch.cat(logprobs).detach().requires_grad_(True)  # [B, T]
         cots = []
         for adv, a in vectors:  # ∂loss/∂logprobs of each vector, over the whole batch: elementwise work only

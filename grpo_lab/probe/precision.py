@@ -37,18 +37,24 @@ def load_warm_start(config: str, seed: int):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m grpo_lab.probe.precision", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/ablate.yaml", help="the fit config whose warm start is probed")
+    p = argparse.ArgumentParser(prog="python -m grpo_lab.probe.precision",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/ablate.yaml",
+                   help="the fit config whose warm start is probed")
     p.add_argument("--num-batches", type=int, default=NUM_BATCHES, help="K batches per probe point")
     p.add_argument("--prompts-per-batch", type=int, default=PROMPTS_PER_BATCH, help="queries per batch")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (data and probe), one point each")
-    p.add_argument("--estimators", nargs="+", default=list(DEFAULT_ESTIMATORS), help="the first is the ratios' baseline")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (a study's trial gets cores / workers)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="seeds (data and probe), one point each")
+    p.add_argument("--estimators", nargs="+", default=list(DEFAULT_ESTIMATORS),
+                   help="the first is the ratios' baseline")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (a study's trial gets cores / workers)")
     args = p.parse_args(argv)
     configure_process()
     torch.set_num_threads(args.threads)
     logs: dict[str, list[float]] = {e: [] for e in args.estimators[1:]}
-    print(f"K = {args.num_batches} batches of {args.prompts_per_batch} prompts at the warm start of {args.config}")
+    print(f"K = {args.num_batches} batches of {args.prompts_per_batch} prompts at the warm start of "
+          f"{args.config}")
     for seed in args.seeds:
         module, queries = load_warm_start(args.config, seed)
         t0 = time.perf_counter()
@@ -69,8 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
         if len(x) >= 2:
             half = sps.t.ppf(0.975, len(x) - 1) * np.std(x, ddof=1) / math.sqrt(len(x))
             pooled[e] = (math.exp(np.mean(x)), math.exp(np.mean(x) - half), math.exp(np.mean(x) + half))
-            print(f"pooled over {len(x)} seeds: {e} ×{pooled[e][0]:.3f} [{pooled[e][1]:.3f}, {pooled[e][2]:.3f}] "
-                  f"±{(pooled[e][2] - pooled[e][1]) / 2 / pooled[e][0]:.0%}")
+            print(f"pooled over {len(x)} seeds: {e} ×{pooled[e][0]:.3f} [{pooled[e][1]:.3f}, "
+                  f"{pooled[e][2]:.3f}] ±{(pooled[e][2] - pooled[e][1]) / 2 / pooled[e][0]:.0%}")
     return pooled
 
 

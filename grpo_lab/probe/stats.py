@@ -57,7 +57,8 @@ def gradient_statistics(grads: Tensor, reference: Tensor | None = None) -> dict[
     ``reference`` direction r (None without one; 0 if a norm is 0). The direct computation, for checks
     and for gradients at hand; the probe uses :func:`gram_statistics`."""
     if grads.dim() != 2:
-        raise ValueError(f"grads must be [K, D] (K estimates of a D-dim gradient), got shape {tuple(grads.shape)}")
+        raise ValueError("grads must be [K, D] (K estimates of a D-dim gradient), got shape "
+                         f"{tuple(grads.shape)}")
     k = grads.shape[0]
     if k < 2:
         raise ValueError(f"need K >= 2 gradient estimates to estimate a variance, got K={k}")
@@ -68,7 +69,8 @@ def gradient_statistics(grads: Tensor, reference: Tensor | None = None) -> dict[
     if reference is not None:
         ref = reference.detach().to(device=mean.device, dtype=torch.float64).flatten()
         if ref.shape != mean.shape:
-            raise ValueError(f"reference must have D={mean.numel()} entries, got shape {tuple(reference.shape)}")
+            raise ValueError(f"reference must have D={mean.numel()} entries, got shape "
+                             f"{tuple(reference.shape)}")
         denom = math.sqrt(out["mean_norm"] ** 2) * float(ref.norm())
         out["cosine"] = max(-1.0, min(1.0, float(mean.dot(ref)) / denom)) if denom > 0.0 else 0.0
     return out
