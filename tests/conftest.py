@@ -12,6 +12,19 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 
 
+def full_sequence_logprobs(model, r, temperature=1.0):
+    """The reference log-probabilities ``[B, T]`` of a rollout's completions: one plain forward over the B
+    full sequences (no prompt sharing, no KV cache), at ``temperature``."""
+    from grpo_lab.rollout import positions
+
+    ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
+    attn = torch.cat([r.prompt_mask, r.completion_mask], 1)
+    t = r.completion_ids.shape[1]
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn)).logits
+    logits = logits[:, -(t + 1):-1].float()
+    return torch.log_softmax(logits / temperature, -1).gather(-1, r.completion_ids[..., None]).squeeze(-1)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

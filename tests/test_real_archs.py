@@ -13,11 +13,11 @@ import torch
 
 from grpo_lab.build_model import ModelSpec, build_model, corpus_texts
 from grpo_lab.policy import PolicyConfig, build_policy
-from grpo_lab.rollout import generate, positions, sequence_logprobs, shared_prompt_forward
+from grpo_lab.rollout import generate, sequence_logprobs, shared_prompt_forward
 from grpo_lab.tensorboard_scalars import read_scalars
 from grpo_lab.tokenizer import chat_prompt
 from grpo_lab.warmstart import WarmStartConfig, ensure_warm_start, sft_batch
-from tests.conftest import CONFIGS, ROOT
+from tests.conftest import CONFIGS, ROOT, full_sequence_logprobs
 
 SAMPLE = ROOT / "examples" / "math_sample.jsonl"
 ARCHS = ["gpt2", "qwen2"]
@@ -29,15 +29,6 @@ def model_dirs(tmp_path_factory):
     texts = corpus_texts(SAMPLE)
     spec = dict(hidden_size=32, num_layers=2, num_heads=4, vocab_size=320, max_positions=256)
     return {a: build_model(ModelSpec(arch=a, **spec), texts, root / a) for a in ARCHS}
-
-
-def _full_logprobs(model, r, temperature):
-    ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
-    attn = torch.cat([r.prompt_mask, r.completion_mask], 1)
-    t = r.completion_ids.shape[1]
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn)).logits
-    logits = logits[:, -(t + 1):-1].float()
-    return torch.log_softmax(logits / temperature, -1).gather(-1, r.completion_ids[..., None]).squeeze(-1)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -54,7 +45,7 @@ def test_shared_prompt_logprobs_equal_the_full_forward(arch, model_dirs, caplog)
     assert not caplog.records  # the shared path ran: no fallback
     assert r.prompt_mask.sum(-1).unique().numel() == 3  # left padding of different widths
     m = r.completion_mask.float()
-    full = _full_logprobs(model, r, 1.3)
+    full = full_sequence_logprobs(model, r, 1.3)
     torch.testing.assert_close(shared * m, full * m, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(shared * m, r.logprobs, atol=2e-5, rtol=1e-5)
     weights = torch.randn_like(m) * m
@@ -65,7 +56,7 @@ def test_shared_prompt_logprobs_equal_the_full_forward(arch, model_dirs, caplog)
         return [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     for a, b in zip(grads(sequence_logprobs(model, r, temperature=1.3)[0]),
-                    grads(_full_logprobs(model, r, 1.3)), strict=True):
+                    grads(full_sequence_logprobs(model, r, 1.3)), strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 

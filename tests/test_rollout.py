@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from grpo_lab.rollout import encode_prompts, generate, positions, sequence_logprobs
+from tests.conftest import full_sequence_logprobs
 
 
 def test_positions_ignore_left_padding():
@@ -67,16 +68,6 @@ def test_eager_and_sdpa_attention_give_the_same_logprobs():
     torch.testing.assert_close(a[m], r.logprobs[m], atol=1e-5, rtol=1e-5)
 
 
-def _full_sequence_logprobs(model, r, temperature=1.0):
-    """The reference: one plain forward over the B full sequences (no prompt sharing)."""
-    ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
-    attn = torch.cat([r.prompt_mask, r.completion_mask], 1)
-    t = r.completion_ids.shape[1]
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions(attn)).logits
-    logits = logits[:, -(t + 1):-1].float()
-    return torch.log_softmax(logits / temperature, -1).gather(-1, r.completion_ids[..., None]).squeeze(-1)
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("max_new_tokens", [1, 5])
 def test_shared_prompt_forward_gives_the_full_forwards_logprobs_and_gradient(attn, max_new_tokens):
@@ -95,7 +86,7 @@ def test_shared_prompt_forward_gives_the_full_forwards_logprobs_and_gradient(att
     assert shared_prompt_forward(model, r.prompt_ids[::4], r.prompt_mask[::4], 4) is not None
     m = r.completion_mask.float()
     shared, _ = sequence_logprobs(model, r, temperature=1.5)
-    full = _full_sequence_logprobs(model, r, temperature=1.5)
+    full = full_sequence_logprobs(model, r, temperature=1.5)
     torch.testing.assert_close(shared * m, full * m, atol=2e-5, rtol=1e-5)
     # the sampler's own log-probs too
     torch.testing.assert_close(shared * m, r.logprobs, atol=2e-5, rtol=1e-5)
