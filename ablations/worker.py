@@ -137,6 +137,7 @@ def serve(threads: int) -> int:
     from grpo_lab.processes import die_with_parent
 
     die_with_parent()
+    sys.argv[1:] = []  # LightningCLI(args=...) warns about arguments on the command line: these are the worker's
     reply = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # between trials, stray output goes where the worker's stderr goes
     import torch
