@@ -1,4 +1,5 @@
-"""One Optuna trial = one ``grpo-lab fit`` subprocess; its TensorBoard scalars become the trial's metrics.
+"""One Optuna trial = one ``grpo-lab fit`` (in a long-lived worker, or its own process); its TensorBoard
+scalars become the trial's metrics.
 
 For trial N of study S the objective
 
@@ -10,13 +11,17 @@ For trial N of study S the objective
    grid point, however often the study is resumed or however many workers share it;
 3. writes ``runs/ablate/S/<params>/trial_N/trial.yaml`` (``<params>`` = ``advantage=rloo/seed=0``, see
    ``ablations/tensorboard_runs.py``): the space's overrides for these params, TensorBoard to that directory
-   (without Lightning's constant ``hp_metric``), no progress bar or checkpoints, and the gradient-variance
-   probe as the only callback;
-4. runs ``python -m grpo_lab.cli fit --config <space base config> --config .../trial_N/trial.yaml``
-   (stored as the trial's ``command`` user attr, to rerun by hand from the same directory), with
-   ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` set to the runner's threads per worker, output to ``fit.log``
-   and, on Linux, ``PR_SET_PDEATHSIG`` (``grpo_lab.processes``) so the fit, and every process it starts
-   (a DDP trial's second rank), dies with the runner: a SIGKILLed runner leaves no orphans behind;
+   (without Lightning's constant ``hp_metric``), no progress bar or checkpoints, and as callbacks the
+   gradient-variance probe and, last, ``ablations.timing.TrialTiming`` (``timing.json``: where the time went);
+4. runs ``grpo-lab fit --config <space base config> --config .../trial_N/trial.yaml`` with its output in
+   ``fit.log``: in a worker of the runner's ``WorkerPool`` (``ablations/worker.py``: torch and Lightning are
+   imported once per worker, not once per trial) when the trial is one process (``runs_in_process``), else
+   as ``python -m grpo_lab.cli fit ...`` in a process of its own (a DDP trial, or ``--no-reuse``), with
+   ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` set to the runner's threads per worker. Either way the command
+   is stored as the trial's ``command`` user attr (to rerun by hand from the same directory), and, on
+   Linux, ``PR_SET_PDEATHSIG`` (``grpo_lab.processes``) ties the worker or the fit, and every process it
+   starts (a DDP trial's second rank), to the runner: a SIGKILLed runner leaves no orphans behind. A fit
+   that fails, or a worker that dies during the trial, raises ``FitFailed`` (the trial fails and is retried);
 5. reads the scalars back and returns the AUC of the reward curve (the mean ``train/reward`` over
    training: the normalised area under the curve, which rewards learning early as well as learning much);
    a COMPLETE trial also writes its params and final metrics as an HParams row into its TensorBoard run.
@@ -30,7 +35,8 @@ User attrs of a COMPLETE trial (what ``report.py`` reads):
 - ``auc``, ``steps_to_threshold`` (first step at which the trailing moving average of ``train/reward``, over
   a full window, reaches the space's threshold; None if never) and ``last_step``;
 - ``final``: the last value of every ``val/acc_*`` (``{"sampled": ..., "sampled_easy": ..., "greedy": ...}``);
-- ``wall_time_s``, ``overrides`` (the trial's dotted config overrides), ``command``, ``cwd``, ``logdir``.
+- ``wall_time_s``, ``overrides`` (the trial's dotted config overrides), ``command``, ``cwd``, ``logdir``,
+  ``in_process`` (run in a worker) and ``timing`` (seconds per phase, ``ablations/timing.py``).
 
 Pruning (tuning spaces only). The trial's overlay adds ``ablations.pruning.StudyPruning`` (optuna-integration's
 ``PyTorchLightningPruningCallback``, re-opening the trial from the study's storage inside the fit process) with
