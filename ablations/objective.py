@@ -1,4 +1,5 @@
-"""One Optuna trial = one ``grpo-lab fit`` subprocess; its TensorBoard scalars become the trial's metrics.
+"""One Optuna trial = one ``grpo-lab fit`` (in a long-lived worker, or its own process); its TensorBoard
+scalars become the trial's metrics.
 
 For trial N of study S the objective
 
@@ -10,13 +11,17 @@ For trial N of study S the objective
    grid point, however often the study is resumed or however many workers share it;
 3. writes ``runs/ablate/S/<params>/trial_N/trial.yaml`` (``<params>`` = ``advantage=rloo/seed=0``, see
    ``ablations/tensorboard_runs.py``): the space's overrides for these params, TensorBoard to that directory
-   (without Lightning's constant ``hp_metric``), no progress bar or checkpoints, and the gradient-variance
-   probe as the only callback;
-4. runs ``python -m grpo_lab.cli fit --config <space base config> --config .../trial_N/trial.yaml``
-   (stored as the trial's ``command`` user attr, to rerun by hand from the same directory), with
-   ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` set to the runner's threads per worker, output to ``fit.log``
-   and, on Linux, ``PR_SET_PDEATHSIG`` (``grpo_lab.processes``) so the fit, and every process it starts
-   (a DDP trial's second rank), dies with the runner: a SIGKILLed runner leaves no orphans behind;
+   (without Lightning's constant ``hp_metric``), no progress bar or checkpoints, and as callbacks the
+   gradient-variance probe and, last, ``ablations.timing.TrialTiming`` (``timing.json``: where the time went);
+4. runs ``grpo-lab fit --config <space base config> --config .../trial_N/trial.yaml`` with its output in
+   ``fit.log``: in a worker of the runner's ``WorkerPool`` (``ablations/worker.py``: torch and Lightning are
+   imported once per worker, not once per trial) when the trial is one process (``runs_in_process``), else
+   as ``python -m grpo_lab.cli fit ...`` in a process of its own (a DDP trial, or ``--no-reuse``), with
+   ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` set to the runner's threads per worker. Either way the command
+   is stored as the trial's ``command`` user attr (to rerun by hand from the same directory), and, on
+   Linux, ``PR_SET_PDEATHSIG`` (``grpo_lab.processes``) ties the worker or the fit, and every process it
+   starts (a DDP trial's second rank), to the runner: a SIGKILLed runner leaves no orphans behind. A fit
+   that fails, or a worker that dies during the trial, raises ``FitFailed`` (the trial fails and is retried);
 5. reads the scalars back and returns the AUC of the reward curve (the mean ``train/reward`` over
    training: the normalised area under the curve, which rewards learning early as well as learning much);
    a COMPLETE trial also writes its params and final metrics as an HParams row into its TensorBoard run.
@@ -30,7 +35,8 @@ User attrs of a COMPLETE trial (what ``report.py`` reads):
 - ``auc``, ``steps_to_threshold`` (first step at which the trailing moving average of ``train/reward``, over
   a full window, reaches the space's threshold; None if never) and ``last_step``;
 - ``final``: the last value of every ``val/acc_*`` (``{"sampled": ..., "sampled_easy": ..., "greedy": ...}``);
-- ``wall_time_s``, ``overrides`` (the trial's dotted config overrides), ``command``, ``cwd``, ``logdir``.
+- ``wall_time_s``, ``overrides`` (the trial's dotted config overrides), ``command``, ``cwd``, ``logdir``,
+  ``in_process`` (run in a worker) and ``timing`` (seconds per phase, ``ablations/timing.py``).
 
 Pruning (tuning spaces only). The trial's overlay adds ``ablations.pruning.StudyPruning`` (optuna-integration's
 ``PyTorchLightningPruningCallback``, re-opening the trial from the study's storage inside the fit process) with
@@ -56,9 +62,10 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from ablations import tensorboard_runs
+from ablations import tensorboard_runs, timing
 from ablations.pruning import pruned_at
 from ablations.spaces import Space
+from ablations.worker import WorkerDied, WorkerPool
 from grpo_lab.errors import UserError, UserFileNotFoundError
 from grpo_lab.logs import read_scalars
 from grpo_lab.processes import child_env, parent_death_preexec
@@ -133,12 +140,13 @@ def grpo_command(sub: str, base_config: str, overlay: Path) -> list[str]:
 
 
 # ---- running a fit -------------------------------------------------------------------------------------
-def launch(cmd: list[str], log_path: Path, threads: int, cwd: str | Path | None = None) -> subprocess.Popen:
+def launch(cmd: list[str], log_path: Path, threads: int, cwd: str | Path | None = None,
+           env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``cmd`` with its output in ``log_path`` and ``threads`` BLAS/OpenMP threads, tied to this
     process's life (``grpo_lab.processes``): it, and every process it starts that calls ``die_with_parent``
     (any grpo_lab entry point, e.g. a DDP fit's second rank), is SIGKILLed when the runner dies."""
     env = {**child_env(), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         return subprocess.Popen(
@@ -154,12 +162,13 @@ def log_tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-def run_fit(cmd: list[str], log_path: Path, threads: int, cwd: str | Path | None = None) -> None:
+def run_fit(cmd: list[str], log_path: Path, threads: int, cwd: str | Path | None = None,
+            env: dict[str, str] | None = None) -> None:
     """Run ``cmd`` to completion (killing it if this thread is interrupted).
 
     Raises ``FitFailed`` with the log's tail if the command exits non-zero.
     """
-    proc = launch(cmd, log_path, threads, cwd)
+    proc = launch(cmd, log_path, threads, cwd, env)
     try:
         rc = proc.wait()
     except BaseException:
@@ -168,6 +177,37 @@ def run_fit(cmd: list[str], log_path: Path, threads: int, cwd: str | Path | None
         raise
     if rc != 0:
         raise FitFailed(f"`{shlex.join(cmd)}` exited with {rc}; last lines of {log_path}:\n{log_tail(log_path)}")
+
+
+def runs_in_process(base_config: str | Path, overrides: dict[str, Any]) -> bool:
+    """Whether a trial can run inside a worker (``ablations/worker.py``): one process, i.e. the Trainer's
+    strategy is ``auto`` and it has one device and one node, after base.yaml, the space's base config and
+    the trial's overrides. Several processes need their own: Lightning's DDP launcher starts the other
+    ranks by running ``sys.argv`` again, and ``torch.distributed``'s state would outlive the trial."""
+    trainer: dict[str, Any] = {}
+    for path in (REPO_ROOT / "configs" / "base.yaml", base_config):
+        if Path(path).is_file():
+            trainer.update((yaml.safe_load(Path(path).read_text()) or {}).get("trainer") or {})
+    trainer.update({k.removeprefix("trainer."): v for k, v in overrides.items() if k.startswith("trainer.")})
+    return trainer.get("strategy", "auto") in ("auto", None) and str(trainer.get("devices", 1)) == "1" \
+        and str(trainer.get("num_nodes", 1)) == "1"
+
+
+def execute(cmd: list[str], log_path: Path, threads: int, pool: WorkerPool | None = None,
+            env: dict[str, str] | None = None) -> None:
+    """Run ``grpo_command(...)``: in a worker of ``pool`` (its arguments after ``-m grpo_lab.cli``), or as
+    its own process without one. Raises ``FitFailed`` with the log's tail if it fails or its worker dies."""
+    if pool is None:
+        return run_fit(cmd, log_path, threads, env=env)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_bytes(b"")
+    try:
+        status = pool.run(cmd[3:], log_path, env)
+    except WorkerDied as err:
+        raise FitFailed(f"{err}; last lines of {log_path}:\n{log_tail(log_path)}") from None
+    if status != 0:
+        raise FitFailed(f"`{shlex.join(cmd)}` exited with {status} in a worker; last lines of {log_path}:\n"
+                        f"{log_tail(log_path)}")
 
 
 # ---- metrics from the scalars --------------------------------------------------------------------------
@@ -274,6 +314,8 @@ class Objective:
     probe: bool = True
     storage_url: str | None = None
     """The study's RDB URL, for the pruning callback inside the fit (tuning spaces; None: no pruning)."""
+    pool: WorkerPool | None = None
+    """Workers that run trials in-process (``ablations/worker.py``); None: every trial is its own process."""
 
     def __post_init__(self) -> None:
         self.base_config = resolve_config(self.space.base_config)
@@ -286,17 +328,24 @@ class Objective:
             shutil.rmtree(trial_dir)
         pruning = None if self.storage_url is None else {
             "storage": self.storage_url, "study_name": trial.study.study_name, "trial_number": trial.number}
-        overlay = write_overlay(trial_overlay(self.space, params, trial_dir, self.root, self.probe, pruning),
-                                trial_dir / "trial.yaml", f"trial {trial.number} of study {trial.study.study_name!r}: {params}")
+        cfg = trial_overlay(self.space, params, trial_dir, self.root, self.probe, pruning)
+        cfg["trainer"]["callbacks"].append({"class_path": timing.CLASS_PATH})  # last: after the probe's hooks
+        overlay = write_overlay(cfg, trial_dir / "trial.yaml",
+                                f"trial {trial.number} of study {trial.study.study_name!r}: {params}")
         cmd = grpo_command("fit", self.base_config, overlay)
-        trial.set_user_attr("overrides", self.space.trial_overrides(params))
+        overrides = self.space.trial_overrides(params)
+        pool = self.pool if runs_in_process(self.base_config, overrides) else None
+        trial.set_user_attr("overrides", overrides)
         trial.set_user_attr("command", shlex.join(cmd))
         trial.set_user_attr("cwd", os.getcwd())
         trial.set_user_attr("logdir", str(trial_dir))
-        t0 = time.perf_counter()
-        run_fit(cmd, trial_dir / "fit.log", self.threads)
+        trial.set_user_attr("in_process", pool is not None)
+        t0, start = time.perf_counter(), time.time()
+        execute(cmd, trial_dir / "fit.log", self.threads, pool, env={timing.START_ENV: repr(start)})
+        returned = time.time()
         metrics = trial_metrics(trial_dir, self.space.threshold)
         metrics["wall_time_s"] = round(time.perf_counter() - t0, 2)
+        metrics["timing"] = timing.finish(trial_dir, returned, time.time(), pool is not None)
         for key, value in metrics.items():
             trial.set_user_attr(key, value)
         step = pruned_at(trial) if pruning is not None else None

@@ -33,21 +33,26 @@ How a study runs:
    Rerunning the same command after an interruption, even a SIGKILL, keeps every finished trial and runs
    only what is missing. ``--until-decisive`` then adds seeds in rounds (``sequential.py``).
 
-Parallelism: ``study.optimize(n_jobs=N)`` threads. Each trial is a subprocess, so a thread only waits on
-it: the GIL costs nothing, the threads share one storage engine and one progress display,
-and the subprocess boundary gives each fit its own torch thread pool (``OMP_NUM_THREADS`` = threads per
-worker) and a crash that cannot take the runner down. Worker processes would add nothing but start-up.
-For several machines, start one runner per machine on a shared ``postgresql://`` storage.
+Parallelism: ``study.optimize(n_jobs=N)`` threads, each running one trial at a time in a long-lived worker
+process of the runner's ``WorkerPool`` (``ablations/worker.py``): a thread only waits on its worker, so the
+GIL costs nothing, and each worker has its own torch thread pool (``OMP_NUM_THREADS`` = threads per worker)
+and imports torch, Lightning and transformers once, not once per trial (≈ 6 s of CPU each time, 9% of a trial
+of the former default study and 60% of a smoke trial; ``ablations/timing.py`` measures every phase). A trial
+gives the same curves in a worker as in its own process (tested bit for bit); a crash inside a fit is the
+trial's failure, not the runner's; a dead worker fails its trial and is replaced. Trials of several
+processes (DDP) run as their own ``python -m grpo_lab.cli fit`` process, and ``--no-reuse`` runs every trial
+that way. For several machines, start one runner per machine on a shared ``postgresql://`` storage.
 
-Every process a trial starts dies with the runner, a DDP trial's second rank included
-(``grpo_lab.processes``: each fit, and each process it starts, is SIGKILLed by the kernel when its parent
-dies). DDP trials get the same ``OMP_NUM_THREADS`` per process, so run the ``strategies`` space with
+Every process a trial starts dies with the runner, the workers and a DDP trial's second rank included
+(``grpo_lab.processes``: each worker and fit, and each process it starts, is SIGKILLed by the kernel when its
+parent dies). DDP trials get the same ``OMP_NUM_THREADS`` per process, so run the ``strategies`` space with
 ``--n-jobs 1``.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.util
 import logging
 import os
@@ -66,9 +71,10 @@ from optuna.trial import TrialState
 from ablations.objective import (
     FitFailed,
     Objective,
+    execute,
     grpo_command,
     log_tail,
-    run_fit,
+    runs_in_process,
     trial_overlay,
     write_overlay,
 )
@@ -76,6 +82,8 @@ from ablations.progress import StudyProgress, _key, console, point_status  # noq
 from ablations.pruning import make_pruner
 from ablations.spaces import SPACES, Space, get_space
 from ablations.summary import DEFAULT_MIN_EFFECT, add_wall_time, min_effects
+from ablations.timing import throughput
+from ablations.worker import WorkerPool
 from grpo_lab.errors import UserError, run_cli
 
 log = logging.getLogger("ablations")
@@ -167,13 +175,15 @@ def open_study(space: Space, name: str, storage: RDBStorage) -> optuna.Study:
 
 # ---- the study loop ------------------------------------------------------------------------------------
 def build_warm_start(space: Space, objective: Objective, study_dir: Path, threads: int) -> None:
-    """``grpo-lab warmstart`` with the first point's config, so parallel trials only load the cache."""
+    """``grpo-lab warmstart`` with the first point's config, so parallel trials only load the cache (in a
+    worker of the objective's pool when it has one: that worker then runs trials)."""
     params = space.points()[0] if space.is_grid else {}
     overlay = write_overlay(trial_overlay(space, params, study_dir / "warmstart", objective.root, probe=False),
                             study_dir / "warmstart.yaml")
     t0 = time.perf_counter()
     try:
-        run_fit(grpo_command("warmstart", objective.base_config, overlay), study_dir / "warmstart.log", threads)
+        execute(grpo_command("warmstart", objective.base_config, overlay), study_dir / "warmstart.log", threads,
+                objective.pool if runs_in_process(objective.base_config, space.trial_overrides(params)) else None)
     except FitFailed as err:
         last = log_tail(study_dir / "warmstart.log", 1).strip()
         if last.startswith("error: "):  # the space's config is wrong: the fit said why in one line
@@ -258,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-period", type=int, default=30,
                    help="seconds without a heartbeat after which a RUNNING trial counts as dead and is retried")
     p.add_argument("--no-probe", action="store_true", help="run the trials without the gradient-variance probe")
+    p.add_argument("--no-reuse", action="store_true", help="start a fresh process for every trial instead of "
+                   "running them in long-lived workers (ablations/worker.py; multi-process trials always get their own)")
     p.add_argument("--no-report", action="store_true", help="run the trials but do not write the report")
     p.add_argument("--report-only", action="store_true", help="only (re)write the report from the stored study")
     p.add_argument("--until-decisive", action="store_true", help="add seeds in rounds until every comparison is "
@@ -312,26 +324,38 @@ def _main(argv: list[str] | None) -> int:
     threads = max(1, cores // n_jobs)
     study = open_study(space, name, storage)
     fail_stale(study)
-    objective = Objective(space, study_dir, root, threads=threads, probe=not args.no_probe, storage_url=url)
-    console.print(f"study {name!r} ({space.description}) on {url}: {size} trials, {n_jobs} workers x {threads} threads")
-    t0 = time.perf_counter()
+    pool = None if args.no_reuse else WorkerPool(threads, study_dir / "workers.log")
+    objective = Objective(space, study_dir, root, threads=threads, probe=not args.no_probe, storage_url=url, pool=pool)
+    console.print(f"study {name!r} ({space.description}) on {url}: {size} trials, {n_jobs} workers x {threads} threads"
+                  + ("" if pool else ", a fresh process per trial"))
+    t0, since = time.perf_counter(), datetime.datetime.now()
     gave_up: list[dict] = []
     complete = point_status(study.get_trials(deepcopy=False), space.points()) if space.is_grid else {}
-    if not space.is_grid or args.until_decisive or any(not c["COMPLETE"] for c in complete.values()):
-        # One thread per worker here too: two threads on two busy cores measured 20x slower than one.
-        build_warm_start(space, objective, study_dir, threads)
-        if args.until_decisive:
-            from ablations.sequential import parse_duration, run_until_decisive
+    try:
+        if not space.is_grid or args.until_decisive or any(not c["COMPLETE"] for c in complete.values()):
+            if pool is not None and any(runs_in_process(objective.base_config, space.trial_overrides(p))
+                                        for p in (space.points() or [{}])):
+                pool.prestart(n_jobs)  # the second worker imports while the first builds the warm start
+            # One thread per worker here too: two threads on two busy cores measured 20x slower than one.
+            build_warm_start(space, objective, study_dir, threads)
+            if args.until_decisive:
+                from ablations.sequential import parse_duration, run_until_decisive
 
-            gave_up = run_until_decisive(study, space, objective, n_jobs, parse_duration(args.budget),
-                                         {**DEFAULT_MIN_EFFECT, **min_effects(args)}, args.round_seeds, args.max_seeds,
-                                         args.max_failures, say=console.print)["gave_up"]
-        elif space.is_grid:
-            gave_up = run_grid(study, space, objective, n_jobs, args.max_failures)["gave_up"]
-        else:
-            run_tuning(study, space, objective, n_jobs)
-    console.print(f"trials done in {time.perf_counter() - t0:.0f} s")
-    add_wall_time(study, time.perf_counter() - t0)
+                gave_up = run_until_decisive(study, space, objective, n_jobs, parse_duration(args.budget),
+                                             {**DEFAULT_MIN_EFFECT, **min_effects(args)}, args.round_seeds,
+                                             args.max_seeds, args.max_failures, say=console.print)["gave_up"]
+            elif space.is_grid:
+                gave_up = run_grid(study, space, objective, n_jobs, args.max_failures)["gave_up"]
+            else:
+                run_tuning(study, space, objective, n_jobs)
+    finally:
+        if pool is not None:
+            pool.close()
+    wall = time.perf_counter() - t0
+    trials, steps = throughput(study, since)
+    console.print(f"trials done in {wall:.0f} s: {trials} trials, {steps} optimizer steps, {steps / wall:.2f} "
+                  f"trial-steps/s" + (f" ({pool.started} worker processes)" if pool else ""))
+    add_wall_time(study, wall)
     if gave_up:
         console.print(f"[red]gave up on {len(gave_up)} point(s) after {args.max_failures} failures: {gave_up}[/red]")
         failed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL and t.user_attrs.get("logdir")]

@@ -59,6 +59,14 @@ def arithmetic(n: int, seed: int, hard_fraction: float = 0.5) -> list[Query]:
     return out
 
 
+@register_task("arithmetic_mostly_easy")
+def arithmetic_mostly_easy(n: int, seed: int) -> list[Query]:
+    """Three easy additions to one hard (``hard_fraction`` 0.25): the default ablation study's mixture. From a
+    weak warm start the easy sums leave room to learn within a few hundred steps, and the hard ones keep the
+    hard-query question (is group-relative credit worth more where successes are rare?) in the study."""
+    return arithmetic(n, seed, hard_fraction=0.25)
+
+
 @register_task("arithmetic_easy")
 def arithmetic_easy(n: int, seed: int) -> list[Query]:
     """Only one-digit + one-digit additions."""

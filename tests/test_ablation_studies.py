@@ -113,17 +113,30 @@ def _trial_log(root: Path, number: int) -> Path:
 
 
 def _fits_of(root: Path, sub: str = "") -> list[int]:
-    """Pids of live processes whose command line mentions ``root`` (the runner's fits; ``sub`` = "fit" leaves
-    out the warm-start build)."""
+    """Pids of live processes whose command line mentions ``root``: the runner's fits in their own process
+    (``sub`` = "fit" leaves out the warm-start build) and its workers (``python -m ablations.worker --log
+    <root>/...``), which run the trials in-process."""
     pids = []
     for d in glob.glob("/proc/[0-9]*/cmdline"):
         try:
             cmd = Path(d).read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if str(root) in cmd and f"grpo_lab.cli {sub}" in cmd:
+        if str(root) in cmd and (f"grpo_lab.cli {sub}" in cmd or "ablations.worker" in cmd):
             pids.append(int(d.split("/")[2]))
     return pids
+
+
+def _busy_worker(root: Path) -> int | None:
+    """A worker of the runner under ``root`` that is running a trial now: its stdout is a trial's fit.log
+    (between trials it points at the study's workers.log)."""
+    for pid in _fits_of(root):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/1").endswith("/fit.log"):
+                return pid
+        except OSError:
+            continue
+    return None
 
 
 @pytest.mark.slow
@@ -144,13 +157,14 @@ def test_resume_after_sigkill_reruns_only_what_is_missing(tmp_path):
                     first = {}
         assert first, "no trial completed in time"
         assert len(first) < len(SPACES["smoke"].points()), "everything finished before the kill: nothing to resume"
-        os.kill(proc.pid, signal.SIGKILL)  # the runner only: PR_SET_PDEATHSIG must take its fits down
+        assert _fits_of(root), "the runner's workers should be alive before the kill"
+        os.kill(proc.pid, signal.SIGKILL)  # the runner only: PR_SET_PDEATHSIG must take its workers down
         proc.wait()
         for _ in range(100):
             if not _fits_of(root):
                 break
             time.sleep(0.2)
-        assert not _fits_of(root), "orphaned fits survived the runner"
+        assert not _fits_of(root), "orphaned workers or fits survived the runner"
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -169,20 +183,26 @@ def test_resume_after_sigkill_reruns_only_what_is_missing(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_trial_fit_is_retried_and_counted_once(tmp_path):
-    """SIGKILL of one trial's fit process (a worker dying mid-trial): that trial fails, its grid point is run
-    again, and the study still ends with exactly one COMPLETE trial per point."""
+@pytest.mark.parametrize("reuse", [True, False], ids=["worker", "own-process"])
+def test_a_killed_trial_fit_is_retried_and_counted_once(tmp_path, reuse):
+    """SIGKILL of the process running one trial (a worker mid-trial; with --no-reuse the trial's own fit):
+    that trial fails, its grid point is run again, and the study still ends with exactly one COMPLETE trial
+    per point."""
     root = tmp_path / "runs"
-    proc = subprocess.Popen(_runner(root, "--no-report"), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_runner(root, "--no-report", *([] if reuse else ["--no-reuse"])), cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         victim = None
         deadline = time.time() + 300
         while victim is None and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-            fits = _fits_of(root, "fit")
-            victim = fits[0] if fits else None
-        assert victim is not None, "no fit started"
-        time.sleep(1.0)  # let it get going
+            time.sleep(0.05 if reuse else 0.2)
+            if reuse:  # killed at once: a trial in a worker takes about a second
+                victim = _busy_worker(root)
+            else:
+                fits = _fits_of(root, "fit")
+                victim = fits[0] if fits else None
+                time.sleep(1.0)  # let it get going
+        assert victim is not None, "no trial started"
         os.kill(victim, signal.SIGKILL)
         assert proc.wait(timeout=600) == 0
     finally:

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from grpo_lab.tasks import arithmetic, load_jsonl, load_queries
+from grpo_lab.tasks import arithmetic, arithmetic_mostly_easy, load_jsonl, load_queries
 
 
 def test_arithmetic_mixture_is_seeded_and_correct():
@@ -14,6 +14,14 @@ def test_arithmetic_mixture_is_seeded_and_correct():
         x, y = q["prompt"].rstrip("=").split("+")
         assert int(x) + int(y) == int(q["answer"])
         assert (len(x) == 1) == (q["difficulty"] == "easy")
+
+
+def test_the_mostly_easy_mixture_is_one_hard_sum_in_four():
+    qs = load_queries("arithmetic_mostly_easy", 4000, 5)
+    assert qs == arithmetic_mostly_easy(4000, 5) == arithmetic(4000, 5, hard_fraction=0.25)
+    hard = sum(q["difficulty"] == "hard" for q in qs) / len(qs)
+    assert abs(hard - 0.25) < 0.03  # binomial sd at n = 4000: 0.007
+    assert all(int(q["answer"]) == sum(map(int, q["prompt"].rstrip("=").split("+"))) for q in qs)
 
 
 def test_jsonl_loads_extra_columns(tmp_path):
