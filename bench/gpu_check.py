@@ -11,9 +11,9 @@
    runs with ``model.max_grad_norm: null``: Lightning's ``FSDPPrecision.clip_grad_by_norm`` raises
    ("gradient_clip_algorithm='norm' is currently not supported"); the gradient norm is logged before any
    clipping, so the step-1 comparison still holds;
-3. ``python -m bench.run --device cuda --shape gpu``: grpo_lab against TRL's GRPOTrainer on identical work
-   (``configs/bench_gpu.yaml``), fp32 and bf16 each, as ratios within the run;
-4. ``python -m grpo_lab.variance --ckpt <step 1's last.ckpt> --device cuda``.
+3. ``python -m grpo_lab.variance --ckpt <step 1's last.ckpt> --device cuda``;
+4. ``python -m bench.run --device cuda --shape gpu``: grpo_lab against TRL's GRPOTrainer on identical work
+   (``configs/bench_gpu.yaml``), fp32 and bf16 each, as ratios within the run (last: it takes what is left).
 
 The reward is ``exact_match + 0.1 x digit_fraction``: from random weights exact matches are rare, so the
 digit share gives every group a spread and nonzero advantages, hence a gradient the step-1 comparison can
@@ -46,14 +46,14 @@ REAL = {"device": "cuda", "accelerator": "gpu", "precision": "bf16-mixed", "hidd
         "tokens": 32, "steps": 50, "strategy_steps": 10, "budget_seconds": 480,
         "bench": ["--shape", "gpu", "--steps", "5", "--warmup", "2"],
         "probe": ["--num-batches", "8", "--reference-batches", "32", "--prompts-per-batch", "8"],
-        "limits": {"wheels": 90, "fit": 150, "ddp": 90, "fsdp": 90, "bench": 170, "probe": 90}}
+        "limits": {"wheels": 90, "fit": 150, "ddp": 75, "fsdp": 75, "probe": 75, "bench": 170}}
 DRY = {"device": "cpu", "accelerator": "cpu", "precision": "bf16-mixed", "hidden_size": 32, "num_layers": 1,
        "num_heads": 2, "max_positions": 64, "prompts": 4, "generations": 4, "tokens": 4, "steps": 3,
        "strategy_steps": 2, "budget_seconds": None,
        "bench": ["--shape", "tiny", "--steps", "1", "--warmup", "1", "--no-bf16", "--matmul-size", "128",
                  "--matmul-seconds", "0.2"],
        "probe": ["--num-batches", "2", "--reference-batches", "2", "--prompts-per-batch", "2"],
-       "limits": {"wheels": 0, "fit": 300, "ddp": 300, "fsdp": 300, "bench": 300, "probe": 300}}
+       "limits": {"wheels": 0, "fit": 300, "ddp": 300, "fsdp": 300, "probe": 300, "bench": 300}}
 REWARDS = ["exact_match", "bench.gpu_check:digit_fraction"]
 
 
@@ -166,6 +166,9 @@ def host_info() -> dict:
 
 
 def install_wheels(work: Path, env: dict, timeout: float) -> dict:
+    """pip from bench/wheels only, the machine's torch pinned. Two installs: what ``grpo-lab fit`` needs
+    (jsonargparse) first, then the rest (TRL and its stack), so that a TRL dependency the machine cannot meet
+    costs step 3 only, not every step."""
     wheels = ROOT / "bench" / "wheels"
     if not wheels.is_dir():
         return {"ok": False, "error": "no bench/wheels (run `make gpu-wheels` where PyPI is reachable)"}
@@ -173,9 +176,16 @@ def install_wheels(work: Path, env: dict, timeout: float) -> dict:
 
     constraints = work / "constraints.txt"
     constraints.write_text(f"torch=={metadata.version('torch')}\n")  # never replace the machine's torch
-    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheels), "-c",
-           str(constraints), "-r", str(ROOT / "bench" / "gpu_requirements.txt")]
-    return run_step(cmd, work / "pip.log", timeout, env)
+    reqs = [line.strip() for line in (ROOT / "bench" / "gpu_requirements.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    core = [r for r in reqs if r.startswith("jsonargparse")]
+    pip = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheels), "-c",
+           str(constraints)]
+    t0 = time.perf_counter()
+    rec = run_step([*pip, *core], work / "pip_core.log", timeout, env)
+    rest = run_step([*pip, *[r for r in reqs if r not in core]], work / "pip.log",
+                    timeout - (time.perf_counter() - t0), env)
+    return {**rest, "ok": rec["ok"] and rest["ok"], "core": rec}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,8 +198,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="logs, stats and checkpoints (default: runs/gpu_check, or a temp dir with --dry-run)")
     p.add_argument("--skip", default="",
                    help="comma-separated steps to leave out: wheels, fit, ddp, fsdp, bench, probe")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for all steps (default 480 on a GPU, none in a dry run); each step's limit "
+                        "is cut to what is left")
+    p.add_argument("--probe-batches", type=int, default=None,
+                   help="the probe's K batches and reference batches (default 8 and 32 on a GPU); each batch's "
+                        "gradients are float64 rows of every parameter, kept on the CPU")
     args = p.parse_args(argv)
     plan = DRY if args.dry_run or os.environ.get("GPU_CHECK_DRY_RUN") == "1" else REAL
+    if args.budget is not None:
+        plan = {**plan, "budget_seconds": args.budget}
+    if args.probe_batches is not None:
+        k = str(args.probe_batches)
+        plan = {**plan, "probe": ["--num-batches", k, "--reference-batches", k, *plan["probe"][4:]],
+                "limits": {**plan["limits"], "probe": 170}}
     dry = plan is DRY
     work = args.workdir or (Path(tempfile.mkdtemp(prefix="gpu_check_")) if dry
                             else ROOT / "runs" / "gpu_check")
@@ -238,12 +260,6 @@ def main(argv: list[str] | None = None) -> int:
         if dry and not rec["ok"] and "requires a GPU accelerator" in "\n".join(rec.get("log_tail", [])):
             rec["expected_on_cpu"] = "Lightning's FSDPStrategy refuses accelerator=cpu"
         results["strategies"][strategy] = rec
-    if "bench" not in skip:
-        peers = "grpo_lab,trl" if importlib.util.find_spec("trl") else "grpo_lab"
-        cmd = [sys.executable, "-m", "bench.run", "--device", plan["device"], *plan["bench"],
-               "--peers", peers, "--no-rss-fit", "--wait-quiet", "0", "--out", str(work / "bench.json")]
-        results["bench"] = {**run_step(cmd, work / "bench.log", limit("bench"), env), "peers": peers,
-                            **bench_summary(work / "bench.json")}
     ckpt = work / "ckpt" / "last.ckpt"
     if "probe" not in skip:
         if ckpt.is_file():
@@ -255,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
             results["variance_probe"] = rec
         else:
             results["variance_probe"] = {"ok": False, "error": "no checkpoint from step 1"}
+    if "bench" not in skip:
+        peers = "grpo_lab,trl" if importlib.util.find_spec("trl") else "grpo_lab"
+        cmd = [sys.executable, "-m", "bench.run", "--device", plan["device"], *plan["bench"],
+               "--peers", peers, "--no-rss-fit", "--wait-quiet", "0", "--out", str(work / "bench.json")]
+        results["bench"] = {**run_step(cmd, work / "bench.log", limit("bench"), env), "peers": peers,
+                            **bench_summary(work / "bench.json")}
     results["total_seconds"] = round(time.perf_counter() - t_start, 1)
     steps = [results.get("fit"), *results["strategies"].values(), results.get("bench"),
              results.get("variance_probe")]

@@ -79,22 +79,18 @@ def test_smoke_study_end_to_end_until_decisive_and_resumed(tmp_path):
 
 @pytest.mark.slow
 def test_controls_end_to_end_at_small_shapes(tmp_path, monkeypatch):
-    """``controls_smoke``: 3 arms x 3 seeds of real fits with the probe, run in this process (9 interpreter
-    start-ups would cost more than the fits). The report detects the reward shift and, for the A/A arms,
-    counts false positives without claiming a difference."""
+    """``controls_smoke``: 3 arms x 3 seeds of real fits with the probe, in one long-lived worker (the
+    runner's own path: one interpreter start-up, not 9). The report detects the reward shift and, for the A/A
+    arms, counts false positives without claiming a difference."""
     from ablations import objective as obj
     from ablations.report import write_report
-    from grpo_lab.cli import cli_main
-
-    def in_process(cmd, log_path, threads, cwd=None):
-        assert cmd[1:4] == ["-m", "grpo_lab.cli", "fit"]
-        cli_main(cmd[3:])
+    from ablations.worker import WorkerPool
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(obj, "run_fit", in_process)
     space = SPACES["controls_smoke"]
     study = open_study(space, "controls_smoke", make_storage(f"sqlite:///{tmp_path / 'c.db'}"))
-    run_grid(study, space, obj.Objective(space, tmp_path / "study", tmp_path / "runs"), n_jobs=1)
+    with WorkerPool(1, tmp_path / "workers.log") as pool:
+        run_grid(study, space, obj.Objective(space, tmp_path / "study", tmp_path / "runs", pool=pool), n_jobs=1)
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 9
     text = write_report(study, tmp_path / "report").read_text()
     controls = json.loads((tmp_path / "report" / "summary.json").read_text())["controls"]

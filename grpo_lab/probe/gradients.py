@@ -86,7 +86,7 @@ def _backward(logprobs: Tensor, cotangents: Tensor, params: list[Tensor]) -> Ten
                                   retain_graph=i < basis.shape[0] - 1, allow_unused=True)
         grads.append(_flat(out, params))
     stacked = torch.stack(grads).double() if grads else torch.zeros(0, d, dtype=torch.float64)
-    return coefs @ stacked
+    return coefs.to(stacked.device) @ stacked  # the gradients are kept on the CPU (float64 rows of D)
 
 
 def batch_gradients(module, batch: list[dict], estimators: Sequence[str], reference: str | None = None,
