@@ -1,0 +1,73 @@
+"""The TRL peer of the trl_parity space: the same trial, trained by TRL's GRPOTrainer on the same terms."""
+
+from __future__ import annotations
+
+import pytest
+
+from ablations.trl_peer import training_order, trl_settings
+from grpo_lab.config import RLConfig
+from grpo_lab.data import QueryDataModule
+from grpo_lab.errors import UserError
+from grpo_lab.logs import read_scalars
+from tests.conftest import CONFIGS
+
+ADAMW = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-4, "weight_decay": 0.0}}
+
+
+def _rl(**kw) -> dict:
+    from dataclasses import asdict
+
+    return asdict(RLConfig(**kw))
+
+
+def test_settings_map_grpo_lab_knobs_to_trl():
+    s = trl_settings(_rl(num_generations=16, max_new_tokens=4, clip_high=0.28, temperature=0.9), ADAMW)
+    assert (s["scale_rewards"], s["loss_type"], s["epsilon"], s["epsilon_high"]) == ("group", "dapo", 0.2, 0.28)
+    assert (s["num_generations"], s["max_completion_length"], s["temperature"], s["top_k"], s["top_p"]) == (16, 4, 0.9, 0, 1.0)
+    assert (s["learning_rate"], s["weight_decay"], s["max_grad_norm"], s["beta"]) == (3e-4, 0.0, 1.0, 0.0)
+    assert trl_settings(_rl(advantage="mean_baseline", aggregation="constant"), ADAMW)[
+        "scale_rewards"] == "none"
+    assert trl_settings(_rl(aggregation="sequence_mean"), None)["loss_type"] == "grpo"
+    assert trl_settings(_rl(aggregation="constant"), None)["loss_type"] == "dr_grpo"
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"advantage": "rloo"}, "advantage 'rloo' has no TRL equivalent"),
+    ({"importance_level": "sequence"}, "importance_level"),
+    ({"dynamic_sampling": True}, "dynamic_sampling"),
+    ({"beta": 0.1, "kl_estimator": "k1"}, "k3"),
+])
+def test_settings_trl_cannot_mirror_are_one_line_errors(kw, match):
+    with pytest.raises(UserError, match=match):
+        trl_settings(_rl(**kw), ADAMW)
+    with pytest.raises(UserError, match="only torch.optim.AdamW"):
+        trl_settings(_rl(), {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}})
+
+
+def test_training_order_is_the_data_loaders_order_across_epochs():
+    dm = QueryDataModule(dataset="arithmetic", prompts_per_step=4, num_train=10, num_val=2, seed=3)
+    dm.setup("fit")
+    first_epoch = [q["prompt"] for batch in dm.train_dataloader() for q in batch]  # 2 batches (drop_last)
+    order = training_order(10, 3, 4, steps=5)
+    assert len(order) == 20 and [dm.train_set[i]["prompt"] for i in order[:8]] == first_epoch
+    assert order[:8] != order[8:16]  # the next epoch is another permutation (seed * 1_000_003 + epoch)
+
+
+@pytest.mark.slow
+def test_a_trl_trial_sees_grpo_labs_queries_in_order_and_logs_every_step(tmp_path):
+    from ablations.trl_peer import fit
+
+    overlay = tmp_path / "o.yaml"
+    overlay.write_text(
+        "trainer:\n  max_steps: 3\n  logger:\n    class_path: lightning.pytorch.loggers.TensorBoardLogger\n"
+        f"    init_args: {{save_dir: {tmp_path / 'run'}, name: '', version: ''}}\n"
+        f"model:\n  warm_start: {{cache_dir: {tmp_path / 'ws'}}}\n"
+    )
+    reward = fit(["--config", str(CONFIGS / "smoke.yaml"), "--config", str(overlay)])
+    dm = QueryDataModule(dataset="arithmetic", prompts_per_step=4, num_train=64, num_val=16, seed=0)
+    dm.setup("fit")
+    expected = [dm.train_set[i]["prompt"] for i in training_order(len(dm.train_set), 0, 4, 3)]
+    assert reward.prompts == expected  # the 3 batches grpo_lab would train on, in its order
+    scalars = read_scalars(tmp_path / "run")
+    assert [s for s, _ in scalars["train/reward"]] == [0, 1, 2] and "train/reward_easy" in scalars
+    assert all(0.0 <= v <= 1.0 for _, v in scalars["train/reward"])
