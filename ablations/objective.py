@@ -134,9 +134,15 @@ def write_overlay(cfg: dict, path: Path, note: str = "") -> Path:
     return path
 
 
-def grpo_command(sub: str, base_config: str, overlay: Path) -> list[str]:
-    """``python -m grpo_lab.cli <sub> --config <base> --config <overlay>`` (base.yaml comes first by default)."""
-    return [sys.executable, "-m", "grpo_lab.cli", sub, "--config", base_config, "--config", str(overlay)]
+PEERS = {"grpo_lab": "grpo_lab.cli", "trl": "ablations.trl_peer"}
+"""What trains a trial, by its ``peer`` param (the ``trl_parity`` space): grpo_lab, or TRL's GRPOTrainer on
+the same config (``ablations/trl_peer.py``, always in a process of its own)."""
+
+
+def grpo_command(sub: str, base_config: str, overlay: Path, module: str = "grpo_lab.cli") -> list[str]:
+    """``python -m grpo_lab.cli <sub> --config <base> --config <overlay>`` (base.yaml comes first by default);
+    ``module`` another entry point that takes the same arguments (``PEERS``)."""
+    return [sys.executable, "-m", module, sub, "--config", base_config, "--config", str(overlay)]
 
 
 # ---- running a fit -------------------------------------------------------------------------------------
@@ -332,9 +338,10 @@ class Objective:
         cfg["trainer"]["callbacks"].append({"class_path": timing.CLASS_PATH})  # last: after the probe's hooks
         overlay = write_overlay(cfg, trial_dir / "trial.yaml",
                                 f"trial {trial.number} of study {trial.study.study_name!r}: {params}")
-        cmd = grpo_command("fit", self.base_config, overlay)
+        peer = params.get("peer", "grpo_lab")
+        cmd = grpo_command("fit", self.base_config, overlay, PEERS[peer])
         overrides = self.space.trial_overrides(params)
-        pool = self.pool if runs_in_process(self.base_config, overrides) else None
+        pool = self.pool if peer == "grpo_lab" and runs_in_process(self.base_config, overrides) else None
         trial.set_user_attr("overrides", overrides)
         trial.set_user_attr("command", shlex.join(cmd))
         trial.set_user_attr("cwd", os.getcwd())

@@ -36,7 +36,7 @@ Adding a space, without touching the runner::
 
     grpo-lab-ablate --space my_spaces:temperature     # "module:attribute" imports it (my_spaces on sys.path)
 
-or add the ``register_space(...)`` call at the end of this file and use ``--space temperature``.
+or add the ``register_space(...)`` call to ``ablations/builtin_spaces.py`` and use ``--space temperature``.
 
 A tuning space sets ``distributions`` (Optuna distributions) and ``n_trials`` instead of ``grid``: the
 runner then uses ``TPESampler`` and prunes unpromising trials on ``prune_monitor`` at each validation (``pruning.py``).
@@ -51,7 +51,7 @@ from typing import Any
 
 import optuna
 
-from ablations import controls, variants
+from grpo_lab.advantages import CLASSIC_ESTIMATORS
 from grpo_lab.errors import UserError
 from grpo_lab.registry import import_object
 
@@ -95,7 +95,7 @@ class ProbeSettings:
     every trial of a seed and is computed once per seed (the probe's cache under ``<root>/probe_cache``).
     """
 
-    estimators: tuple[str, ...] | str = ("reward", "mean_baseline", "group_norm", "rloo")
+    estimators: tuple[str, ...] | str = CLASSIC_ESTIMATORS
     num_batches: int = 64
     reference_batches: int = 0
     prompts_per_batch: int = 8
@@ -280,111 +280,6 @@ def get_space(name: str) -> Space:
     raise UserError(f"unknown space {name!r}; known: {', '.join(sorted(SPACES))} (or give 'module:attribute')")
 
 
-ESTIMATORS = ["reward", "mean_baseline", "group_norm", "rloo"]
-
-register_space(Space(
-    name="default",
-    description="advantage estimator x seed on the arithmetic mixture, one cached warm start, probe at 3 points",
-    grid={"model.advantage": ESTIMATORS, "seed": [0, 1, 2]},
-    baseline={"model.advantage": "reward"},
-))
-
-register_space(Space(
-    name="smoke",
-    description="2 estimators x 2 seeds on a tiny policy: checks the harness end to end in about a minute",
-    grid={"model.advantage": ["reward", "rloo"], "seed": [0, 1]},
-    base_config="configs/ablate_smoke.yaml",
-    probe=ProbeSettings(num_batches=8, prompts_per_batch=4, at_fractions=(0.0, 1.0)),
-    threshold=0.15,
-    baseline={"model.advantage": "reward"},
-))
-
-# One factor at a time around the default GRPO objective (group_norm, token_mean, clip 0.2, beta 0, mu 1):
-# the full product of the four factors would be 24 points x seeds, most of them uninformative.
-register_space(Space(
-    name="objectives",
-    description="loss variants around group_norm, one factor at a time: aggregation, clip_high, KL, mu",
-    grid={"variant": ["grpo", "sequence_mean", "constant", "clip_high_0.28", "beta_0.04", "mu_2"], "seed": [0, 1, 2]},
-    presets={"variant": {
-        "grpo": {},
-        "sequence_mean": {"model.aggregation": "sequence_mean"},
-        "constant": {"model.aggregation": "constant"},
-        "clip_high_0.28": {"model.clip_high": 0.28},
-        "beta_0.04": {"model.beta": 0.04},
-        # max_steps counts optimizer steps, so mu=2 makes as many updates from half as many rollouts.
-        "mu_2": {"model.num_iterations": 2},
-    }},
-    overrides={"model.advantage": "group_norm"},
-    probe=None,
-    baseline={"variant": "grpo"},
-))
-
-# Single process vs DDP on CPU (gloo). The global batch is the same everywhere: data.prompts_per_step is
-# global, so ddp2 runs 2 processes with half the prompts each. 'auto' with 2 devices is not a valid
-# combination, hence one key with presets.
-register_space(Space(
-    name="strategies",
-    description="single process vs DDP with 1 and 2 CPU processes (gloo), same global batch",
-    grid={"strategy": ["single", "ddp1", "ddp2"], "seed": [0, 1]},
-    presets={"strategy": {
-        "single": {"trainer.strategy": "auto", "trainer.devices": 1},
-        "ddp1": {"trainer.strategy": "ddp", "trainer.accelerator": "cpu", "trainer.devices": 1},
-        "ddp2": {"trainer.strategy": "ddp", "trainer.accelerator": "cpu", "trainer.devices": 2},
-    }},
-    overrides={"model.advantage": "group_norm"},
-    probe=None,
-    baseline={"strategy": "single"},
-))
-
-# A tuning space: TPE over the learning rate and clip_high, median-pruned on sampled validation accuracy.
-register_space(Space(
-    name="tune_lr",
-    description="TPE over AdamW lr and clip_high with RLOO, median-pruned on val/acc_sampled",
-    distributions={
-        "model.optimizer.init_args.lr": optuna.distributions.FloatDistribution(1e-4, 3e-3, log=True),
-        "model.clip_high": optuna.distributions.FloatDistribution(0.2, 0.4),
-    },
-    n_trials=12,
-    overrides={"model.advantage": "rloo"},
-    probe=None,
-))
-
-# Controls (ablations/controls.py): a reward shift of +3 every centred estimator must see through, and rloo
-# against itself on seeds shifted by 1000 (A/A).
-CONTROL_COMPARISONS = tuple(Comparison(*c) for c in controls.COMPARISONS)
-
-register_space(Space(
-    name="controls",
-    description="controls: a reward shift of +3 that every centred estimator must see through (positive), "
-                "and rloo against itself on independent seeds (A/A)",
-    grid={"arm": list(controls.ARMS), "seed": [0, 1, 2, 3]},
-    presets={"arm": controls.ARMS},
-    overrides=controls.SHIFTED_REWARD,
-    baseline={"arm": "reward+3"},
-    comparisons=CONTROL_COMPARISONS,
-))
-
-register_space(Space(
-    name="controls_smoke",
-    description="the controls on the smoke policy, 8 steps, with a dense reward (completion length) the probe "
-                "resolves in a few batches: tests, and a quick check of a new machine",
-    grid={"arm": list(controls.ARMS), "seed": [0, 1, 2]},
-    presets={"arm": controls.ARMS},
-    overrides={**controls.SHIFTED_DENSE_REWARD, "trainer.max_steps": 8, "trainer.val_check_interval": 4},
-    base_config="configs/ablate_smoke.yaml",
-    probe=ProbeSettings(num_batches=12, prompts_per_batch=4, at_fractions=(0.0, 1.0)),
-    threshold=0.5,
-    baseline={"arm": "reward+3"},
-    comparisons=CONTROL_COMPARISONS,
-))
-
-# The field's GRPO variants, one factor at a time around GRPO (data in ablations/variants.py).
-register_space(Space(
-    name="field",
-    description="the field's GRPO variants one at a time around GRPO (mu 2, 6 tokens): loss, advantage, reward, sampling",
-    grid={"variant": list(variants.VARIANTS), "seed": [0, 1, 2, 3, 4, 5]},
-    presets={"variant": variants.VARIANTS},
-    overrides={"model.advantage": "group_norm", "model.num_iterations": 2, "model.max_new_tokens": 6},
-    probe=ProbeSettings(estimators=variants.PROBE_ESTIMATORS),
-    baseline={"variant": "grpo"},
-))
+# The built-in spaces (default, smoke, objectives, strategies, tune_lr, controls, field, trl_parity) register
+# themselves here, once the classes above exist.
+from ablations import builtin_spaces  # noqa: E402,F401

@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 from grpo_lab.data import QueryDataModule
 from grpo_lab.errors import UserFileNotFoundError, run_cli
 from grpo_lab.module import GRPOModule
+from grpo_lab.rendezvous import choose_rendezvous_port
 from grpo_lab.warmstart import ensure_warm_start
 
 BASE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "base.yaml"
@@ -55,6 +56,11 @@ class GRPOCLI(LightningCLI):
                       key=lambda p: int(p.parts[-3].split("_")[1]))
         if done:
             args["version"] = int(done[-1].parts[-3].split("_")[1])
+
+    def before_fit(self) -> None:
+        """A multi-process fit on this machine gets its rendezvous port below the ephemeral range
+        (``grpo_lab/rendezvous.py``: Lightning's own pick can collide, EADDRINUSE)."""
+        choose_rendezvous_port(self.trainer)
 
     def instantiate_trainer(self, **kwargs):
         """Add a Rich progress bar unless the config turns bars off or names its own."""
