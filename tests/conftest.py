@@ -32,6 +32,29 @@ def _seed_and_threads():
     yield
 
 
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def _no_distributed_leftovers():
+    """A test that fits with a DDP strategy in this process leaves Lightning's MASTER_PORT in os.environ and
+    rank 0's TCPStore listening on it: every later DDP subprocess would inherit the port and fail to bind it
+    (EADDRINUSE). Tear the process group down and put the variables back after each test."""
+    import os
+
+    import torch.distributed as dist
+
+    before = {k: os.environ.get(k) for k in DIST_ENV}
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
     """Run with the working directory in a fresh temp dir (runs/ and caches land there)."""
