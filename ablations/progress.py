@@ -21,17 +21,18 @@ from rich.progress import (
 console = Console(stderr=True)
 
 
-def _key(params: dict) -> tuple:
+def point_key(params: dict) -> tuple:
+    """A grid point's key in :func:`point_status` (its params, sorted)."""
     return tuple(sorted(params.items()))
 
 
 def point_status(trials: list[FrozenTrial], points: list[dict]) -> dict[tuple, Counter]:
     """Per grid point, how many trials are in each state (a WAITING trial's params are its fixed params)."""
-    status = {_key(p): Counter() for p in points}
+    status = {point_key(p): Counter() for p in points}
     for t in trials:
         params = t.params or t.system_attrs.get("fixed_params") or {}
-        if _key(params) in status:
-            status[_key(params)][t.state.name] += 1
+        if point_key(params) in status:
+            status[point_key(params)][t.state.name] += 1
     return status
 
 

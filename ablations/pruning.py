@@ -28,6 +28,7 @@ from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from ablations.spaces import DEFAULT_PRUNER
+from ablations.storage import make_storage
 from grpo_lab.errors import UserError
 
 PRUNED_AT = "grpo_lab:pruned_at_step"
@@ -58,8 +59,6 @@ class StudyPruning(PyTorchLightningPruningCallback):
 
     def __init__(self, storage: str, study_name: str, trial_number: int, monitor: str = "val/acc_sampled",
                  pruner: dict[str, Any] | None = None) -> None:
-        from ablations.run import make_storage  # the runner's storage settings (driver, SQLite timeout)
-
         self.storage = make_storage(storage)
         study = optuna.load_study(study_name=study_name, storage=self.storage,
                                   pruner=make_pruner(pruner or DEFAULT_PRUNER))

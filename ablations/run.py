@@ -53,17 +53,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import logging
 import os
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 import optuna
-import sqlalchemy
 import sqlalchemy.exc
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
@@ -78,9 +75,10 @@ from ablations.objective import (
     trial_overlay,
     write_overlay,
 )
-from ablations.progress import StudyProgress, _key, console, point_status  # noqa: F401 (re-exported)
+from ablations.progress import StudyProgress, console, point_key, point_status
 from ablations.pruning import make_pruner
 from ablations.spaces import SPACES, Space, get_space
+from ablations.storage import default_storage, fail_stale, make_storage
 from ablations.summary import DEFAULT_MIN_EFFECT, add_wall_time, min_effects
 from ablations.timing import throughput
 from ablations.worker import WorkerPool
@@ -89,82 +87,7 @@ from grpo_lab.errors import UserError, run_cli
 log = logging.getLogger("ablations")
 
 
-def _quietly(fn, *args, **kwargs):
-    """Call ``fn`` without Optuna's ExperimentalWarning (heartbeats have been "experimental" since v2.8)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return fn(*args, **kwargs)
-
-
-def fail_stale(study: optuna.Study) -> None:
-    """Mark RUNNING trials whose heartbeat is older than the grace period FAIL (and enqueue their retry)."""
-    _quietly(optuna.storages.fail_stale_trials, study)
-
-
-# ---- storage and study ---------------------------------------------------------------------------------
-def default_storage(root: Path, study: str) -> str:
-    return f"sqlite:///{root / 'ablate' / f'{study}.db'}"
-
-
-def normalize_url(url: str) -> str:
-    """``postgresql://`` with the driver that is installed: SQLAlchemy >= 2.1 means psycopg 3 by it, while
-    the ``[postgres]`` extra installs psycopg2-binary; an explicit ``postgresql+driver://`` is kept."""
-    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
-            and importlib.util.find_spec("psycopg2") is not None:
-        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
-    return url
-
-
-def make_storage(url: str, grace_period: int = 30) -> RDBStorage:
-    """``RDBStorage`` with heartbeats (a dead runner's trials go stale) and retries of stale trials.
-
-    SQLite: every transaction starts with ``BEGIN IMMEDIATE`` (:func:`serialize_sqlite_transactions`), so two
-    workers can never both take the same WAITING trial (see there). PostgreSQL's row locks already prevent it.
-
-    ``RetryHeartbeatStaleTrialCallback`` is Optuna >= 4.9's name for ``RetryFailedTrialCallback`` (and
-    ``heartbeat_stale_trial_callback`` for ``failed_trial_callback``); older Optuna gets the old names.
-    """
-    url = normalize_url(url)
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        # threads and heartbeats write concurrently; isolation_level None: we issue BEGIN ourselves
-        engine_kwargs = {"connect_args": {"timeout": 60, "isolation_level": None}}
-    if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
-        retry = {"heartbeat_stale_trial_callback": _quietly(optuna.storages.RetryHeartbeatStaleTrialCallback, max_retry=2)}
-    else:  # pragma: no cover - Optuna < 4.9
-        retry = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=2)}
-    kwargs = dict(engine_kwargs=engine_kwargs, heartbeat_interval=max(1, min(10, grace_period // 3)),
-                  grace_period=grace_period, **retry)
-    for attempt in range(5):
-        try:
-            storage = _quietly(RDBStorage, url, **kwargs)
-            if url.startswith("sqlite"):
-                serialize_sqlite_transactions(storage.engine)
-            return storage
-        except sqlalchemy.exc.ArgumentError:  # a bad URL: no use retrying
-            raise
-        except sqlalchemy.exc.SQLAlchemyError:  # runners starting together race to create the schema
-            if attempt == 4:
-                raise
-            time.sleep(1.0 + attempt)
-    raise AssertionError("unreachable")
-
-
-def serialize_sqlite_transactions(engine: sqlalchemy.engine.Engine) -> None:
-    """Start every transaction on ``engine`` with ``BEGIN IMMEDIATE`` (SQLAlchemy's documented pysqlite recipe).
-
-    Optuna takes a WAITING trial by reading it ``FOR UPDATE`` and then setting it RUNNING. SQLite ignores
-    ``FOR UPDATE``, and Python's sqlite3 driver runs the read outside any transaction, so two worker threads
-    (``optimize(n_jobs=2)``) could both read the same WAITING trial and both set it RUNNING: both then ran the
-    same trial, and the second to finish crashed the runner with "Cannot tell a COMPLETE trial" (seen when a
-    study resumed after a SIGKILL, whose stale trial is re-enqueued as WAITING). With the write lock taken at
-    the start of the transaction, the read and the update are one atomic step. The connection must be in
-    the driver's autocommit mode (``isolation_level=None``) so that this BEGIN is the only one.
-    """
-    sqlalchemy.event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
-
-
+# ---- the study -----------------------------------------------------------------------------------------
 def open_study(space: Space, name: str, storage: RDBStorage) -> optuna.Study:
     pruner = make_pruner(space.pruner if not space.is_grid else None)
     study = optuna.create_study(study_name=name, storage=storage, sampler=space.sampler(seed=0),
@@ -205,12 +128,12 @@ def run_grid(study: optuna.Study, space: Space, objective: Objective, n_jobs: in
         while True:
             fail_stale(study)
             status = point_status(study.get_trials(deepcopy=False), points)
-            missing = [p for p in points if not status[_key(p)]["COMPLETE"]]
-            gave_up = [p for p in missing if status[_key(p)]["FAIL"] >= max_failures]
+            missing = [p for p in points if not status[point_key(p)]["COMPLETE"]]
+            gave_up = [p for p in missing if status[point_key(p)]["FAIL"] >= max_failures]
             todo = [p for p in missing if p not in gave_up]
             if not todo:
                 break
-            held = [p for p in todo if status[_key(p)]["RUNNING"]]
+            held = [p for p in todo if status[point_key(p)]["RUNNING"]]
             free = [p for p in todo if p not in held]
             if not free:  # other runners (or a killed one, until its heartbeat is stale) hold the rest:
                 if not waiting:
@@ -231,7 +154,7 @@ def run_grid(study: optuna.Study, space: Space, objective: Objective, n_jobs: in
                 study.optimize(objective, **kw)  # GridSampler hands out the points, then stops the study
             else:
                 for p in free:
-                    if not status[_key(p)]["WAITING"]:
+                    if not status[point_key(p)]["WAITING"]:
                         study.enqueue_trial(p)
                 study.optimize(objective, n_trials=len(free), **kw)
             rounds += 1

@@ -19,9 +19,11 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
 from ablations import objective as obj
+from ablations.progress import point_status
 from ablations.pruning import DEFAULT_PRUNER, StudyPruning, make_pruner, pruned_at
-from ablations.run import build_parser, make_storage, open_study, point_status, run_grid
+from ablations.run import build_parser, open_study, run_grid
 from ablations.spaces import SPACES, ProbeSettings, Space, get_space
+from ablations.storage import make_storage
 from grpo_lab.cli import cli_main
 from tests.conftest import CONFIGS
 

@@ -9,7 +9,7 @@ from collections import Counter
 import optuna
 from optuna.trial import TrialState
 
-from ablations.run import make_storage
+from ablations.storage import make_storage
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
