@@ -66,6 +66,7 @@ from ablations import tensorboard_runs, timing
 from ablations.pruning import pruned_at
 from ablations.spaces import Space
 from ablations.worker import WorkerDied, WorkerPool
+from grpo_lab.environment import thread_env
 from grpo_lab.errors import UserError, UserFileNotFoundError
 from grpo_lab.logs import read_scalars
 from grpo_lab.processes import child_env, parent_death_preexec
@@ -151,8 +152,7 @@ def launch(cmd: list[str], log_path: Path, threads: int, cwd: str | Path | None 
     """Start ``cmd`` with its output in ``log_path`` and ``threads`` BLAS/OpenMP threads, tied to this
     process's life (``grpo_lab.processes``): it, and every process it starts that calls ``die_with_parent``
     (any grpo_lab entry point, e.g. a DDP fit's second rank), is SIGKILLed when the runner dies."""
-    env = {**child_env(), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
+    env = {**child_env(), **thread_env(threads), **(env or {})}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         return subprocess.Popen(

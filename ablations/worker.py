@@ -45,6 +45,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from grpo_lab.environment import thread_env
 from grpo_lab.processes import child_env, parent_death_preexec
 
 WORKER_MODULE = "ablations.worker"
@@ -222,9 +223,7 @@ class WorkerPool:
         self.started = 0
 
     def env(self) -> dict[str, str]:
-        t = str(self.threads)
-        return {**child_env(), "OMP_NUM_THREADS": t, "MKL_NUM_THREADS": t, "TOKENIZERS_PARALLELISM": "false",
-                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        return {**child_env(), **thread_env(self.threads)}
 
     def _start(self) -> Worker:
         import subprocess
