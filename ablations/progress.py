@@ -56,7 +56,8 @@ class StudyProgress:
         status = point_status(trials, self.points)
         done = sum(1 for c in status.values() if c["COMPLETE"])
         states = Counter(t.state.name for t in trials)
-        walls = [t.user_attrs["wall_time_s"] for t in trials if t.state == TrialState.COMPLETE and "wall_time_s" in t.user_attrs]
+        walls = [t.user_attrs["wall_time_s"] for t in trials
+                 if t.state == TrialState.COMPLETE and "wall_time_s" in t.user_attrs]
         left = len(self.points) - done
         eta = "?"
         if walls and left:
@@ -75,7 +76,9 @@ class StudyProgress:
         if trial.state == TrialState.COMPLETE:
             msg = f"auc {trial.value:.3f}  ({trial.user_attrs.get('wall_time_s', 0):.0f} s)"
         elif trial.state == TrialState.PRUNED:
-            msg = f"pruned ({'duplicate of trial ' + str(trial.user_attrs['duplicate_of']) if 'duplicate_of' in trial.user_attrs else 'by the pruner'})"
+            duplicate = "duplicate_of" in trial.user_attrs
+            why = f"duplicate of trial {trial.user_attrs['duplicate_of']}" if duplicate else "by the pruner"
+            msg = f"pruned ({why})"
         else:
             msg = f"[red]{trial.state.name}[/red]; see {trial.user_attrs.get('logdir', '?')}/fit.log"
         self.progress.console.print(f"trial {trial.number} {what}: {msg}")

@@ -1,4 +1,5 @@
-"""Optuna pruning from inside a trial's fit: optuna-integration's Lightning callback, across a process boundary.
+"""Optuna pruning from inside a trial's fit: optuna-integration's Lightning callback, across a process
+boundary.
 
 A trial's fit runs in its own ``grpo-lab fit`` process (see ``objective.py``), so the runner's
 ``optuna.Trial`` cannot be handed to ``PyTorchLightningPruningCallback`` directly. ``StudyPruning`` is that
@@ -46,7 +47,8 @@ def make_pruner(spec: dict[str, Any] | None) -> optuna.pruners.BasePruner:
 
 
 class StudyPruning(PyTorchLightningPruningCallback):
-    """Prune trial ``trial_number`` of ``study_name`` in ``storage`` on ``monitor`` (see the module docstring).
+    """Prune trial ``trial_number`` of ``study_name`` in ``storage`` on ``monitor`` (see the module
+    docstring).
 
     Args:
         storage: the study's RDB URL (``sqlite:///...`` or ``postgresql://...``).
@@ -67,7 +69,8 @@ class StudyPruning(PyTorchLightningPruningCallback):
         super().__init__(self.trial, monitor)
         self.active = self.storage.get_trial(self.trial_id).state == TrialState.RUNNING
         if not self.active:
-            warnings.warn(f"trial {trial_number} of study {study_name!r} is not running: not reporting to it", stacklevel=2)
+            warnings.warn(f"trial {trial_number} of study {study_name!r} is not running: not reporting to it",
+                          stacklevel=2)
 
     def on_fit_start(self, trainer, pl_module) -> None:  # the stock check (RDB storage under DDP) still holds
         if self.active:
@@ -100,4 +103,5 @@ def trial_id(storage: optuna.storages.BaseStorage, study_name: str, number: int)
 def pruned_at(trial: optuna.Trial) -> int | None:
     """The step at which ``StudyPruning`` stopped this trial's fit (None: it was not pruned)."""
     storage = trial.storage
-    return storage.get_trial_system_attrs(trial_id(storage, trial.study.study_name, trial.number)).get(PRUNED_AT)
+    attrs = storage.get_trial_system_attrs(trial_id(storage, trial.study.study_name, trial.number))
+    return attrs.get(PRUNED_AT)

@@ -1,10 +1,10 @@
 """``grpo-lab-ablate``: run a named ablation space as a resumable Optuna study, then write its report.
 
-    grpo-lab-ablate --space default                  # make ablate: 4 estimators x 3 seeds -> runs/ablate/default/
-    grpo-lab-ablate --space smoke                    # make ablate-smoke: the harness end to end in about a minute
-    grpo-lab-ablate --space default --report-only    # rewrite report.md and the plots from the stored study
-    grpo-lab-ablate --space default --until-decisive --budget 20m   # add seeds until every comparison is settled
-    grpo-lab-ablate --space default --storage postgresql://user@host/db   # many runners share one study
+    grpo-lab-ablate --space default                # make ablate: 4 estimators x 3 seeds, runs/ablate/default
+    grpo-lab-ablate --space smoke                  # make ablate-smoke: the harness end to end in a minute
+    grpo-lab-ablate --space default --report-only  # rewrite report.md and the plots from the stored study
+    grpo-lab-ablate --space default --until-decisive --budget 20m  # add seeds until all comparisons settle
+    grpo-lab-ablate --space default --storage postgresql://user@host/db  # many runners share one study
 
 Layout (``--root`` defaults to ``runs``)::
 
@@ -101,12 +101,13 @@ def build_warm_start(space: Space, objective: Objective, study_dir: Path, thread
     """``grpo-lab warmstart`` with the first point's config, so parallel trials only load the cache (in a
     worker of the objective's pool when it has one: that worker then runs trials)."""
     params = space.points()[0] if space.is_grid else {}
-    overlay = write_overlay(trial_overlay(space, params, study_dir / "warmstart", objective.root, probe=False),
-                            study_dir / "warmstart.yaml")
+    overlay = trial_overlay(space, params, study_dir / "warmstart", objective.root, probe=False)
+    overlay = write_overlay(overlay, study_dir / "warmstart.yaml")
     t0 = time.perf_counter()
     try:
-        execute(grpo_command("warmstart", objective.base_config, overlay), study_dir / "warmstart.log", threads,
-                objective.pool if runs_in_process(objective.base_config, space.trial_overrides(params)) else None)
+        in_process = runs_in_process(objective.base_config, space.trial_overrides(params))
+        execute(grpo_command("warmstart", objective.base_config, overlay), study_dir / "warmstart.log",
+                threads, objective.pool if in_process else None)
     except FitFailed as err:
         last = log_tail(study_dir / "warmstart.log", 1).strip()
         if last.startswith("error: "):  # the space's config is wrong: the fit said why in one line
@@ -117,7 +118,8 @@ def build_warm_start(space: Space, objective: Objective, study_dir: Path, thread
 
 
 def run_grid(study: optuna.Study, space: Space, objective: Objective, n_jobs: int, max_failures: int = 3,
-             wait: float = 5.0, max_rounds: int | None = None, points: list[dict] | None = None) -> dict[str, list[dict]]:
+             wait: float = 5.0, max_rounds: int | None = None,
+             points: list[dict] | None = None) -> dict[str, list[dict]]:
     """Optimize until every grid point (or every one of ``points``, all enqueued) has a COMPLETE trial (or
     failed ``max_failures`` times)."""
     use_grid, points = points is None, space.points() if points is None else points
@@ -138,8 +140,8 @@ def run_grid(study: optuna.Study, space: Space, objective: Objective, n_jobs: in
             if not free:  # other runners (or a killed one, until its heartbeat is stale) hold the rest:
                 if not waiting:
                     progress.progress.console.print(
-                        f"waiting for {len(held)} point(s) held by RUNNING trials of another runner, or of a killed "
-                        f"one until its heartbeat is older than the grace period")
+                        f"waiting for {len(held)} point(s) held by RUNNING trials of another runner, or of a "
+                        f"killed one until its heartbeat is older than the grace period")
                 waiting = True
                 time.sleep(wait)  # they finish or go stale, so this wait ends
                 continue
@@ -163,12 +165,14 @@ def run_grid(study: optuna.Study, space: Space, objective: Objective, n_jobs: in
 
 def run_tuning(study: optuna.Study, space: Space, objective: Objective, n_jobs: int) -> None:
     """A distributions space: TPE until ``n_trials`` trials are finished (COMPLETE or PRUNED)."""
-    finished = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    finished = [t for t in study.get_trials(deepcopy=False)
+                if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     left = max(0, (space.n_trials or 0) - len(finished))
     with StudyProgress(study, [], n_jobs) as progress:
         progress.progress.update(progress.task, total=space.n_trials)
         if left:
-            study.optimize(objective, n_trials=left, n_jobs=n_jobs, catch=(Exception,), callbacks=[progress.on_trial_end])
+            study.optimize(objective, n_trials=left, n_jobs=n_jobs, catch=(Exception,),
+                           callbacks=[progress.on_trial_end])
 
 
 # ---- command line --------------------------------------------------------------------------------------
@@ -178,35 +182,46 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--space", default="default",
-                   help=f"named search space ({', '.join(sorted(SPACES))}) or 'module:attribute' of your own Space")
-    p.add_argument("--study", default=None, help="study name (default: the space name); rerun the same name to resume")
+                   help=f"named search space ({', '.join(sorted(SPACES))}) or 'module:attribute' of your own "
+                        "Space")
+    p.add_argument("--study", default=None,
+                   help="study name (default: the space name); rerun the same name to resume")
     p.add_argument("--storage", default=None,
-                   help="Optuna RDB URL (default: sqlite:///<root>/ablate/<study>.db); a postgresql://user@host/db "
-                        "URL lets many runners on many machines share one study")
-    p.add_argument("--root", default="runs", help="directory for the study database, trial directories and warm starts")
+                   help="Optuna RDB URL (default: sqlite:///<root>/ablate/<study>.db); a "
+                        "postgresql://user@host/db URL lets many runners on many machines share one study")
+    p.add_argument("--root", default="runs",
+                   help="directory for the study database, trial directories and warm starts")
     p.add_argument("--n-jobs", type=int, default=None,
                    help="trials run in parallel (default: the CPU cores, at most the grid size); each gets "
                         "max(1, cores // n_jobs) torch threads")
-    p.add_argument("--max-failures", type=int, default=3, help="give up on a grid point after this many failed fits")
+    p.add_argument("--max-failures", type=int, default=3,
+                   help="give up on a grid point after this many failed fits")
     p.add_argument("--grace-period", type=int, default=30,
-                   help="seconds without a heartbeat after which a RUNNING trial counts as dead and is retried")
-    p.add_argument("--no-probe", action="store_true", help="run the trials without the gradient-variance probe")
-    p.add_argument("--no-reuse", action="store_true", help="start a fresh process for every trial instead of "
-                   "running them in long-lived workers (ablations/worker.py; multi-process trials always get their own)")
+                   help="seconds without a heartbeat after which a RUNNING trial counts as dead and is "
+                        "retried")
+    p.add_argument("--no-probe", action="store_true",
+                   help="run the trials without the gradient-variance probe")
+    p.add_argument("--no-reuse", action="store_true",
+                   help="start a fresh process for every trial instead of running them in long-lived workers "
+                        "(ablations/worker.py; multi-process trials always get their own)")
     p.add_argument("--no-report", action="store_true", help="run the trials but do not write the report")
-    p.add_argument("--report-only", action="store_true", help="only (re)write the report from the stored study")
-    p.add_argument("--until-decisive", action="store_true", help="add seeds in rounds until every comparison is "
-                   "settled or the budget is spent (ablations/sequential.py)")
-    p.add_argument("--budget", default="20m", help="--until-decisive: wall-time budget of the study (20m, 90s, 1.5h)")
-    p.add_argument("--min-effect", type=float, default=None, help="smallest AUC difference worth detecting (default "
-                   "0.02): an interval with 0 in it and an MDE below this reads 'no difference larger than the MDE'")
+    p.add_argument("--report-only", action="store_true",
+                   help="only (re)write the report from the stored study")
+    p.add_argument("--until-decisive", action="store_true",
+                   help="add seeds in rounds until every comparison is settled or the budget is spent "
+                        "(ablations/sequential.py)")
+    p.add_argument("--budget", default="20m",
+                   help="--until-decisive: wall-time budget of the study (20m, 90s, 1.5h)")
+    p.add_argument("--min-effect", type=float, default=None,
+                   help="smallest AUC difference worth detecting (default 0.02): an interval with 0 in it "
+                        "and an MDE below this reads 'no difference larger than the MDE'")
     p.add_argument("--min-snr-effect", type=float, default=None,
                    help="smallest relative SNR difference worth detecting (default 0.10, i.e. x1.10)")
     p.add_argument("--round-seeds", type=int, default=2, help="--until-decisive: seeds added per round")
     p.add_argument("--max-seeds", type=int, default=64, help="--until-decisive: stop at this many seeds")
     p.add_argument("--debug", action="store_true",
-                   help="show the traceback of a user error (bad space, storage, study) instead of one line; the "
-                        "trials' fit.log files get full tracebacks too (also: GRPO_LAB_DEBUG=1)")
+                   help="show the traceback of a user error (bad space, storage, study) instead of one line; "
+                        "the trials' fit.log files get full tracebacks too (also: GRPO_LAB_DEBUG=1)")
     return p
 
 
@@ -220,7 +235,8 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # Optuna's own calls too
+    # Optuna's own calls too
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     space = get_space(args.space)
     name = args.study or space.name
     root = Path(args.root)
@@ -248,9 +264,10 @@ def _main(argv: list[str] | None) -> int:
     study = open_study(space, name, storage)
     fail_stale(study)
     pool = None if args.no_reuse else WorkerPool(threads, study_dir / "workers.log")
-    objective = Objective(space, study_dir, root, threads=threads, probe=not args.no_probe, storage_url=url, pool=pool)
-    console.print(f"study {name!r} ({space.description}) on {url}: {size} trials, {n_jobs} workers x {threads} threads"
-                  + ("" if pool else ", a fresh process per trial"))
+    objective = Objective(space, study_dir, root, threads=threads, probe=not args.no_probe, storage_url=url,
+                          pool=pool)
+    console.print(f"study {name!r} ({space.description}) on {url}: {size} trials, {n_jobs} workers x "
+                  f"{threads} threads" + ("" if pool else ", a fresh process per trial"))
     t0, since = time.perf_counter(), datetime.datetime.now()
     gave_up: list[dict] = []
     complete = point_status(study.get_trials(deepcopy=False), space.points()) if space.is_grid else {}
@@ -276,12 +293,15 @@ def _main(argv: list[str] | None) -> int:
             pool.close()
     wall = time.perf_counter() - t0
     trials, steps = throughput(study, since)
-    console.print(f"trials done in {wall:.0f} s: {trials} trials, {steps} optimizer steps, {steps / wall:.2f} "
-                  f"trial-steps/s" + (f" ({pool.started} worker processes)" if pool else ""))
+    console.print(f"trials done in {wall:.0f} s: {trials} trials, {steps} optimizer steps, "
+                  f"{steps / wall:.2f} trial-steps/s"
+                  + (f" ({pool.started} worker processes)" if pool else ""))
     add_wall_time(study, wall)
     if gave_up:
-        console.print(f"[red]gave up on {len(gave_up)} point(s) after {args.max_failures} failures: {gave_up}[/red]")
-        failed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL and t.user_attrs.get("logdir")]
+        console.print(f"[red]gave up on {len(gave_up)} point(s) after {args.max_failures} failures: "
+                      f"{gave_up}[/red]")
+        failed = [t for t in study.get_trials(deepcopy=False)
+                  if t.state == TrialState.FAIL and t.user_attrs.get("logdir")]
         if failed:
             console.print(log_tail(Path(failed[-1].user_attrs["logdir"]) / "fit.log", 15))
     if not args.no_report:

@@ -60,7 +60,8 @@ def make_storage(url: str, grace_period: int = 30) -> RDBStorage:
         # threads and heartbeats write concurrently; isolation_level None: we issue BEGIN ourselves
         engine_kwargs = {"connect_args": {"timeout": 60, "isolation_level": None}}
     if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
-        retry = {"heartbeat_stale_trial_callback": quietly(optuna.storages.RetryHeartbeatStaleTrialCallback, max_retry=2)}
+        retry = {"heartbeat_stale_trial_callback": quietly(optuna.storages.RetryHeartbeatStaleTrialCallback,
+                                                           max_retry=2)}
     else:  # pragma: no cover - Optuna < 4.9
         retry = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=2)}
     kwargs = dict(engine_kwargs=engine_kwargs, heartbeat_interval=max(1, min(10, grace_period // 3)),
@@ -81,7 +82,8 @@ def make_storage(url: str, grace_period: int = 30) -> RDBStorage:
 
 
 def serialize_sqlite_transactions(engine: sqlalchemy.engine.Engine) -> None:
-    """Start every transaction on ``engine`` with ``BEGIN IMMEDIATE`` (SQLAlchemy's documented pysqlite recipe).
+    """Start every transaction on ``engine`` with ``BEGIN IMMEDIATE`` (SQLAlchemy's documented pysqlite
+    recipe).
 
     Optuna takes a WAITING trial by reading it ``FOR UPDATE`` and then setting it RUNNING. SQLite ignores
     ``FOR UPDATE``, and Python's sqlite3 driver runs the read outside any transaction, so two worker threads
