@@ -48,9 +48,10 @@ def _plot_band(ax, runs: list[Run], tag: str, label: str, color: str, smooth: bo
     ax.plot(steps, mean, color=color, label=label, marker=marker, linewidth=1.8)
     if np.isfinite(lo).any():
         ax.fill_between(steps, lo, hi, color=color, alpha=0.15, linewidth=0)
-    seen = getattr(ax, "_seed_range", (np.inf, -np.inf))
-    ax._seed_range = (min(seen[0], float(ys.min())), max(seen[1], float(ys.max())))
-    low, high = ax._seed_range
+    # Every line on the axes is a seed's curve or a mean of them: their range is the seeds' range so far
+    # (read from the axes, not kept in an attribute set on matplotlib's object).
+    curves = [np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()]
+    low, high = min(float(y.min()) for y in curves), max(float(y.max()) for y in curves)
     pad = 0.1 * (high - low) or 0.05
     ax.set_ylim(low - pad, high + pad)
     return window

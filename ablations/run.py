@@ -283,7 +283,8 @@ def _main(argv: list[str] | None) -> int:
 
                 gave_up = run_until_decisive(study, space, objective, n_jobs, parse_duration(args.budget),
                                              {**DEFAULT_MIN_EFFECT, **min_effects(args)}, args.round_seeds,
-                                             args.max_seeds, args.max_failures, say=console.print)["gave_up"]
+                                             args.max_seeds, args.max_failures, say=console.print,
+                                             storage=storage)["gave_up"]
             elif space.is_grid:
                 gave_up = run_grid(study, space, objective, n_jobs, args.max_failures)["gave_up"]
             else:

@@ -310,21 +310,22 @@ def test_until_decisive_adds_seeds_until_the_comparison_is_settled_and_resumes(t
     study = open_study(space, "d", storage)
     objective = _effect_objective(space, {"reward": 0.0, "rloo": 0.05})
     out = run_until_decisive(study, space, objective, 1, 3600, DEFAULT_MIN_EFFECT, round_seeds=2,
-                             say=lambda m: None)
+                             say=lambda m: None, storage=storage)
     assert out["reason"] == "every comparison is settled" and out["open"] == []
     # seeds 2, 3 differ by +0.05 and +0.01: t with 1 df cannot settle that
     assert out["seeds"] == [2, 3, 4, 5]
     status = point_status(study.get_trials(), space.points_for(out["seeds"]))
     assert all(c["COMPLETE"] == 1 for c in status.values())
     n = len(study.get_trials())
-    again = run_until_decisive(study, space, objective, 1, 3600, DEFAULT_MIN_EFFECT, say=lambda m: None)
+    again = run_until_decisive(study, space, objective, 1, 3600, DEFAULT_MIN_EFFECT, say=lambda m: None,
+                               storage=storage)
     assert again["seeds"] == out["seeds"] and len(study.get_trials()) == n  # resumed: nothing new to run
     # No effect, large noise, 2 threads (enqueued trials claimed at once: SerialPopRDBStorage), and a budget
     # below the next round's cost (2 groups x 2 seeds x 60 s / 2 workers): stops for the budget, says so.
     null = open_study(space, "null", storage)
     out = run_until_decisive(null, space,
                              _effect_objective(space, {"reward": 0.0, "rloo": 0.0}, sd=0.2, wall=60.0),
-                             2, 100, DEFAULT_MIN_EFFECT, say=lambda m: None)
+                             2, 100, DEFAULT_MIN_EFFECT, say=lambda m: None, storage=storage)
     assert out["reason"].startswith("budget") and out["open"] == ["rloo"] and out["seeds"] == [2, 3]
 
 
