@@ -69,8 +69,8 @@ from ablations.spaces import Space
 from ablations.worker import WorkerDied, WorkerPool
 from grpo_lab.environment import thread_env
 from grpo_lab.errors import UserError, UserFileNotFoundError
-from grpo_lab.logs import read_scalars
 from grpo_lab.processes import child_env, parent_death_preexec
+from grpo_lab.tensorboard_scalars import read_scalars
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CURVE_PREFIXES = ("train/reward", "val/acc_sampled", "val/acc_greedy")

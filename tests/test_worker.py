@@ -19,7 +19,7 @@ from ablations.spaces import SPACES
 from ablations.timing import CLASS_PATH as TIMING
 from ablations.worker import WorkerDied, WorkerPool
 from grpo_lab import processes
-from grpo_lab.logs import read_scalars
+from grpo_lab.tensorboard_scalars import read_scalars
 from tests.conftest import CONFIGS, ROOT
 
 SMOKE = ["--config", str(CONFIGS / "smoke.yaml"), "--trainer.enable_progress_bar", "false",
