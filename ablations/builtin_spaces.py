@@ -11,7 +11,8 @@ from grpo_lab.advantages import CLASSIC_ESTIMATORS
 
 register_space(Space(
     name="default",
-    description="advantage estimator x seed on the arithmetic mixture, one cached warm start, probe at 3 points",
+    description="advantage estimator x seed on the arithmetic mixture, one cached warm start, probe at 3 "
+                "points",
     grid={"model.advantage": list(CLASSIC_ESTIMATORS), "seed": [0, 1, 2]},
     baseline={"model.advantage": "reward"},
 ))
@@ -31,7 +32,8 @@ register_space(Space(
 register_space(Space(
     name="objectives",
     description="loss variants around group_norm, one factor at a time: aggregation, clip_high, KL, mu",
-    grid={"variant": ["grpo", "sequence_mean", "constant", "clip_high_0.28", "beta_0.04", "mu_2"], "seed": [0, 1, 2]},
+    grid={"variant": ["grpo", "sequence_mean", "constant", "clip_high_0.28", "beta_0.04", "mu_2"],
+          "seed": [0, 1, 2]},
     presets={"variant": {
         "grpo": {},
         "sequence_mean": {"model.aggregation": "sequence_mean"},
@@ -93,8 +95,8 @@ register_space(Space(
 
 register_space(Space(
     name="controls_smoke",
-    description="the controls on the smoke policy, 8 steps, with a dense reward (completion length) the probe "
-                "resolves in a few batches: tests, and a quick check of a new machine",
+    description="the controls on the smoke policy, 8 steps, with a dense reward (completion length) the "
+                "probe resolves in a few batches: tests, and a quick check of a new machine",
     grid={"arm": list(controls.ARMS), "seed": [0, 1, 2]},
     presets={"arm": controls.ARMS},
     overrides={**controls.SHIFTED_DENSE_REWARD, "trainer.max_steps": 8, "trainer.val_check_interval": 4},
@@ -108,7 +110,8 @@ register_space(Space(
 # The field's GRPO variants, one factor at a time around GRPO (data in ablations/variants.py).
 register_space(Space(
     name="field",
-    description="the field's GRPO variants one at a time around GRPO (mu 2, 6 tokens): loss, advantage, reward, sampling",
+    description="the field's GRPO variants one at a time around GRPO (mu 2, 6 tokens): loss, advantage, "
+                "reward, sampling",
     grid={"variant": list(variants.VARIANTS), "seed": [0, 1, 2, 3, 4, 5]},
     presets={"variant": variants.VARIANTS},
     overrides={"model.advantage": "group_norm", "model.num_iterations": 2, "model.max_new_tokens": 6},
@@ -120,8 +123,8 @@ register_space(Space(
 # ablations/trl_peer.py) from the same warm start, data order and hyperparameters, paired by seed.
 register_space(Space(
     name="trl_parity",
-    description="group_norm trained by grpo_lab and by TRL's GRPOTrainer from the same warm start, data order "
-                "and hyperparameters: do the reward curves agree within seed intervals?",
+    description="group_norm trained by grpo_lab and by TRL's GRPOTrainer from the same warm start, data "
+                "order and hyperparameters: do the reward curves agree within seed intervals?",
     grid={"peer": ["grpo_lab", "trl"], "seed": [0, 1, 2, 3, 4, 5]},
     presets={"peer": {"grpo_lab": {}, "trl": {}}},
     overrides={"model.advantage": "group_norm"},

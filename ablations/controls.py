@@ -18,7 +18,8 @@ SHIFT_INVARIANT = ("mean_baseline", "group_norm", "rloo", "batch_norm")
 # shift-invariant, so the rloo arms train as without the shift while the probe, which measures all four
 # estimators in every trial, sees `reward` under it. The A/A arm's seeds are shifted by 1000: other queries,
 # data order and samples, paired with the first arm by seed value.
-SHIFTED_REWARD = {"model.rewards": ["exact_match", "ablations.controls:constant"], "model.reward_weights": [1.0, 3.0]}
+SHIFTED_REWARD = {"model.rewards": ["exact_match", "ablations.controls:constant"],
+                  "model.reward_weights": [1.0, 3.0]}
 SHIFTED_DENSE_REWARD = {"model.rewards": ["ablations.controls:length", "ablations.controls:constant"],
                         "model.reward_weights": [1.0, 3.0]}
 ARMS = {
@@ -28,7 +29,8 @@ ARMS = {
 }
 COMPARISONS = (  # (label, group, baseline, kind) of ablations.spaces.Comparison
     ("positive control: rloo+3 vs reward+3", {"arm": "rloo+3"}, {"arm": "reward+3"}, "positive_control"),
-    ("A/A control: rloo+3, independent seeds", {"arm": "rloo+3 (seeds+1000)"}, {"arm": "rloo+3"}, "aa_control"),
+    ("A/A control: rloo+3, independent seeds", {"arm": "rloo+3 (seeds+1000)"}, {"arm": "rloo+3"},
+     "aa_control"),
 )
 
 
@@ -50,7 +52,8 @@ def positive_line(diffs: dict[str, dict], ratios: dict[str, dict]) -> str:
     (geometric means over seeds, where the SNRs were positive: under a large shift `reward`'s signal
     estimate is often ≤ 0 at a few batches, and its ratio undefined)."""
     if not diffs:
-        return "positive control: no probe rows of centred estimators and `reward` under the shift: not measured"
+        return ("positive control: no probe rows of centred estimators and `reward` under the shift: "
+                "not measured")
     ok = all(d["lo"] > 0 for d in diffs.values())
     n = min(d["n"] for d in diffs.values())
 
@@ -59,8 +62,9 @@ def positive_line(diffs: dict[str, dict], ratios: dict[str, dict]) -> str:
         return f", ×{r['mean']:.3g} over {r['n']} seed(s)" if r.get("n") else ""
 
     parts = [f"{e} {d['mean']:+.3g} [{d['lo']:+.3g}, {d['hi']:+.3g}]{ratio(e)}" for e, d in diffs.items()]
-    return (f"positive control {'DETECTED' if ok else 'NOT detected'}: gradient SNR minus `reward`'s under the shift "
-            f"({n} seeds): " + "; ".join(parts) + ("" if ok else " (an interval reaches 0 or is n/a)"))
+    caveat = "" if ok else " (an interval reaches 0 or is n/a)"
+    return (f"positive control {'DETECTED' if ok else 'NOT detected'}: gradient SNR minus `reward`'s under "
+            f"the shift ({n} seeds): " + "; ".join(parts) + caveat)
 
 
 def aa_line(false_positives: list[str], tests: int) -> str:
@@ -68,4 +72,5 @@ def aa_line(false_positives: list[str], tests: int) -> str:
     expected = 0.05 * tests
     found = ", ".join(false_positives) if false_positives else "none"
     return (f"A/A control: {len(false_positives)} false positive(s) in {tests} tests at α = 0.05 "
-            f"(≈{expected:.1f} expected by chance): {found}. No difference is claimed between identical arms.")
+            f"(≈{expected:.1f} expected by chance): {found}. "
+            "No difference is claimed between identical arms.")

@@ -38,10 +38,11 @@ User attrs of a COMPLETE trial (what ``report.py`` reads):
 - ``wall_time_s``, ``overrides`` (the trial's dotted config overrides), ``command``, ``cwd``, ``logdir``,
   ``in_process`` (run in a worker) and ``timing`` (seconds per phase, ``ablations/timing.py``).
 
-Pruning (tuning spaces only). The trial's overlay adds ``ablations.pruning.StudyPruning`` (optuna-integration's
-``PyTorchLightningPruningCallback``, re-opening the trial from the study's storage inside the fit process) with
-the space's pruner and monitor. When it stops a fit, the objective stores the curves as for a finished trial
-and raises ``TrialPruned``. Grid spaces are never pruned: every grid point is a measurement the report needs.
+Pruning (tuning spaces only). The trial's overlay adds ``ablations.pruning.StudyPruning``
+(optuna-integration's ``PyTorchLightningPruningCallback``, re-opening the trial from the study's storage
+inside the fit process) with the space's pruner and monitor. When it stops a fit, the objective stores the
+curves as for a finished trial and raises ``TrialPruned``. Grid spaces are never pruned: every grid point is
+a measurement the report needs.
 """
 
 from __future__ import annotations
@@ -66,9 +67,10 @@ from ablations import tensorboard_runs, timing
 from ablations.pruning import pruned_at
 from ablations.spaces import Space
 from ablations.worker import WorkerDied, WorkerPool
+from grpo_lab.environment import thread_env
 from grpo_lab.errors import UserError, UserFileNotFoundError
-from grpo_lab.logs import read_scalars
 from grpo_lab.processes import child_env, parent_death_preexec
+from grpo_lab.tensorboard_scalars import read_scalars
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CURVE_PREFIXES = ("train/reward", "val/acc_sampled", "val/acc_greedy")
@@ -114,7 +116,8 @@ def trial_overlay(space: Space, params: dict[str, Any], trial_dir: Path, root: P
     cfg = nest(dotted)
     trainer = cfg.setdefault("trainer", {})
     trainer.update(enable_progress_bar=False, enable_checkpointing=False)
-    trainer["logger"] = {"class_path": TENSORBOARD, "init_args": {"save_dir": str(trial_dir), "name": "", "version": "",
+    trainer["logger"] = {"class_path": TENSORBOARD,
+                         "init_args": {"save_dir": str(trial_dir), "name": "", "version": "",
                                                                   "default_hp_metric": False}}
     callbacks = []
     if probe and space.probe is not None:
@@ -151,8 +154,7 @@ def launch(cmd: list[str], log_path: Path, threads: int, cwd: str | Path | None 
     """Start ``cmd`` with its output in ``log_path`` and ``threads`` BLAS/OpenMP threads, tied to this
     process's life (``grpo_lab.processes``): it, and every process it starts that calls ``die_with_parent``
     (any grpo_lab entry point, e.g. a DDP fit's second rank), is SIGKILLed when the runner dies."""
-    env = {**child_env(), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
+    env = {**child_env(), **thread_env(threads), **(env or {})}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         return subprocess.Popen(
@@ -182,7 +184,8 @@ def run_fit(cmd: list[str], log_path: Path, threads: int, cwd: str | Path | None
         proc.wait()
         raise
     if rc != 0:
-        raise FitFailed(f"`{shlex.join(cmd)}` exited with {rc}; last lines of {log_path}:\n{log_tail(log_path)}")
+        raise FitFailed(f"`{shlex.join(cmd)}` exited with {rc}; last lines of "
+                        f"{log_path}:\n{log_tail(log_path)}")
 
 
 def runs_in_process(base_config: str | Path, overrides: dict[str, Any]) -> bool:
@@ -238,7 +241,8 @@ def auc(points: list[tuple[int, float]]) -> float:
     return float(np.trapezoid(values, steps) / (steps[-1] - steps[0]))
 
 
-def steps_to_threshold(points: list[tuple[int, float]], threshold: float, window: int | None = None) -> int | None:
+def steps_to_threshold(points: list[tuple[int, float]], threshold: float,
+                       window: int | None = None) -> int | None:
     """First step at which the mean of the last ``window`` values reaches ``threshold``; None if never.
 
     Only full windows count (from the ``window``-th point on), so one lucky early batch does not count as
@@ -279,7 +283,8 @@ def trial_metrics(logdir: Path, threshold: float) -> dict[str, Any]:
     return {
         "auc": auc(reward),
         "steps_to_threshold": steps_to_threshold(reward, threshold),
-        "final": {tag.removeprefix("val/acc_"): pts[-1][1] for tag, pts in scalars.items() if tag.startswith("val/acc_")},
+        "final": {tag.removeprefix("val/acc_"): pts[-1][1]
+                  for tag, pts in scalars.items() if tag.startswith("val/acc_")},
         "curves": {tag: downsample(pts) for tag, pts in scalars.items() if tag.startswith(CURVE_PREFIXES)},
         "probe": probe,
         "last_step": int(reward[-1][0]),
@@ -287,7 +292,8 @@ def trial_metrics(logdir: Path, threshold: float) -> dict[str, Any]:
 
 
 # ---- duplicates ----------------------------------------------------------------------------------------
-def find_duplicate(trials: list[FrozenTrial], number: int, params: dict[str, Any], start) -> FrozenTrial | None:
+def find_duplicate(trials: list[FrozenTrial], number: int, params: dict[str, Any],
+                   start) -> FrozenTrial | None:
     """Another trial that owns ``params``: COMPLETE, or RUNNING and started before (start, number)."""
     for t in trials:
         if t.number == number or t.params != params:
@@ -359,5 +365,6 @@ class Objective:
         if step is not None:
             raise optuna.TrialPruned(f"pruned at step {step} ({self.space.prune_monitor})")
         probed = self.probe and self.space.probe is not None
-        tensorboard_runs.write_hparams(trial_dir, self.space, params, metrics, probed, step=metrics["last_step"])
+        tensorboard_runs.write_hparams(trial_dir, self.space, params, metrics, probed,
+                                       step=metrics["last_step"])
         return metrics["auc"]

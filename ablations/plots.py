@@ -35,7 +35,8 @@ def _band(runs: list[Run], tag: str, smooth: bool = True):
     return steps, ys, mean, mean - half, mean + half, window
 
 
-def _plot_band(ax, runs: list[Run], tag: str, label: str, color: str, smooth: bool = True, marker=None) -> int | None:
+def _plot_band(ax, runs: list[Run], tag: str, label: str, color: str, smooth: bool = True,
+               marker=None) -> int | None:
     """Mean curve, 95% band and faint per-seed curves; the y-range follows the seeds, not the band
     (with 2-3 seeds the t-band is wide and would flatten every curve)."""
     band = _band(runs, tag, smooth)
@@ -47,9 +48,10 @@ def _plot_band(ax, runs: list[Run], tag: str, label: str, color: str, smooth: bo
     ax.plot(steps, mean, color=color, label=label, marker=marker, linewidth=1.8)
     if np.isfinite(lo).any():
         ax.fill_between(steps, lo, hi, color=color, alpha=0.15, linewidth=0)
-    seen = getattr(ax, "_seed_range", (np.inf, -np.inf))
-    ax._seed_range = (min(seen[0], float(ys.min())), max(seen[1], float(ys.max())))
-    low, high = ax._seed_range
+    # Every line on the axes is a seed's curve or a mean of them: their range is the seeds' range so far
+    # (read from the axes, not kept in an attribute set on matplotlib's object).
+    curves = [np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()]
+    low, high = min(float(y.min()) for y in curves), max(float(y.max()) for y in curves)
     pad = 0.1 * (high - low) or 0.05
     ax.set_ylim(low - pad, high + pad)
     return window
@@ -60,7 +62,8 @@ def plot_reward_curves(by_group: dict[str, list[Run]], path: Path) -> Path:
     ax = fig.subplots()
     window = None
     for i, (g, runs) in enumerate(by_group.items()):
-        window = _plot_band(ax, runs, "train/reward", f"{g} (n={len(runs)})", COLORS[i % len(COLORS)]) or window
+        window = _plot_band(ax, runs, "train/reward", f"{g} (n={len(runs)})",
+                            COLORS[i % len(COLORS)]) or window
     n = max(len(r) for r in by_group.values())
     ax.set_title(f"Training reward: mean over seeds (thin: each seed), 95% t-band\n"
                  f"moving average over {window or 1} logged points", fontsize=11)
@@ -82,7 +85,8 @@ def plot_easy_hard(by_group: dict[str, list[Run]], path: Path) -> Path:
     axes = fig.subplots(2, 2, sharex=True)
     for ax, (tag, title, smooth) in zip(axes.flat, panels, strict=True):
         for i, (g, runs) in enumerate(by_group.items()):
-            _plot_band(ax, runs, tag, g, COLORS[i % len(COLORS)], smooth=smooth, marker=None if smooth else "o")
+            _plot_band(ax, runs, tag, g, COLORS[i % len(COLORS)], smooth=smooth,
+                       marker=None if smooth else "o")
         ax.set_title(title, fontsize=10)
         ax.set_ylabel(tag)
         ax.grid(alpha=0.3)
@@ -92,7 +96,8 @@ def plot_easy_hard(by_group: dict[str, list[Run]], path: Path) -> Path:
     if not handles:
         handles, labels = axes.flat[2].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(6, max(1, len(labels))), fontsize=9)
-    fig.suptitle("Easy vs hard queries: mean over seeds (thin: each seed) with 95% t-band; train curves smoothed")
+    fig.suptitle("Easy vs hard queries: mean over seeds (thin: each seed) with 95% t-band; train curves "
+                 "smoothed")
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
     fig.savefig(path, dpi=110)
     return path
@@ -103,7 +108,8 @@ def probe_fractions(runs: list[Run]) -> list[float]:
 
 
 def plot_probe(view: ProbeView, fractions: list[float], path: Path) -> Path:
-    metrics = [("snr", "SNR  S / V  ≈  ‖E g‖² / tr Cov(g)"), ("hard_share", "share of ‖g‖² from hard queries")]
+    metrics = [("snr", "SNR  S / V  ≈  ‖E g‖² / tr Cov(g)"),
+               ("hard_share", "share of ‖g‖² from hard queries")]
     fig = Figure(figsize=(11, 4.8))
     axes = fig.subplots(1, 2)
     x = np.arange(len(fractions))

@@ -21,17 +21,18 @@ from rich.progress import (
 console = Console(stderr=True)
 
 
-def _key(params: dict) -> tuple:
+def point_key(params: dict) -> tuple:
+    """A grid point's key in :func:`point_status` (its params, sorted)."""
     return tuple(sorted(params.items()))
 
 
 def point_status(trials: list[FrozenTrial], points: list[dict]) -> dict[tuple, Counter]:
     """Per grid point, how many trials are in each state (a WAITING trial's params are its fixed params)."""
-    status = {_key(p): Counter() for p in points}
+    status = {point_key(p): Counter() for p in points}
     for t in trials:
         params = t.params or t.system_attrs.get("fixed_params") or {}
-        if _key(params) in status:
-            status[_key(params)][t.state.name] += 1
+        if point_key(params) in status:
+            status[point_key(params)][t.state.name] += 1
     return status
 
 
@@ -55,7 +56,8 @@ class StudyProgress:
         status = point_status(trials, self.points)
         done = sum(1 for c in status.values() if c["COMPLETE"])
         states = Counter(t.state.name for t in trials)
-        walls = [t.user_attrs["wall_time_s"] for t in trials if t.state == TrialState.COMPLETE and "wall_time_s" in t.user_attrs]
+        walls = [t.user_attrs["wall_time_s"] for t in trials
+                 if t.state == TrialState.COMPLETE and "wall_time_s" in t.user_attrs]
         left = len(self.points) - done
         eta = "?"
         if walls and left:
@@ -74,7 +76,9 @@ class StudyProgress:
         if trial.state == TrialState.COMPLETE:
             msg = f"auc {trial.value:.3f}  ({trial.user_attrs.get('wall_time_s', 0):.0f} s)"
         elif trial.state == TrialState.PRUNED:
-            msg = f"pruned ({'duplicate of trial ' + str(trial.user_attrs['duplicate_of']) if 'duplicate_of' in trial.user_attrs else 'by the pruner'})"
+            duplicate = "duplicate_of" in trial.user_attrs
+            why = f"duplicate of trial {trial.user_attrs['duplicate_of']}" if duplicate else "by the pruner"
+            msg = f"pruned ({why})"
         else:
             msg = f"[red]{trial.state.name}[/red]; see {trial.user_attrs.get('logdir', '?')}/fit.log"
         self.progress.console.print(f"trial {trial.number} {what}: {msg}")

@@ -1,4 +1,5 @@
-"""Optuna pruning from inside a trial's fit: optuna-integration's Lightning callback, across a process boundary.
+"""Optuna pruning from inside a trial's fit: optuna-integration's Lightning callback, across a process
+boundary.
 
 A trial's fit runs in its own ``grpo-lab fit`` process (see ``objective.py``), so the runner's
 ``optuna.Trial`` cannot be handed to ``PyTorchLightningPruningCallback`` directly. ``StudyPruning`` is that
@@ -28,6 +29,7 @@ from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
 from ablations.spaces import DEFAULT_PRUNER
+from ablations.storage import make_storage
 from grpo_lab.errors import UserError
 
 PRUNED_AT = "grpo_lab:pruned_at_step"
@@ -45,7 +47,8 @@ def make_pruner(spec: dict[str, Any] | None) -> optuna.pruners.BasePruner:
 
 
 class StudyPruning(PyTorchLightningPruningCallback):
-    """Prune trial ``trial_number`` of ``study_name`` in ``storage`` on ``monitor`` (see the module docstring).
+    """Prune trial ``trial_number`` of ``study_name`` in ``storage`` on ``monitor`` (see the module
+    docstring).
 
     Args:
         storage: the study's RDB URL (``sqlite:///...`` or ``postgresql://...``).
@@ -58,8 +61,6 @@ class StudyPruning(PyTorchLightningPruningCallback):
 
     def __init__(self, storage: str, study_name: str, trial_number: int, monitor: str = "val/acc_sampled",
                  pruner: dict[str, Any] | None = None) -> None:
-        from ablations.run import make_storage  # the runner's storage settings (driver, SQLite timeout)
-
         self.storage = make_storage(storage)
         study = optuna.load_study(study_name=study_name, storage=self.storage,
                                   pruner=make_pruner(pruner or DEFAULT_PRUNER))
@@ -68,7 +69,8 @@ class StudyPruning(PyTorchLightningPruningCallback):
         super().__init__(self.trial, monitor)
         self.active = self.storage.get_trial(self.trial_id).state == TrialState.RUNNING
         if not self.active:
-            warnings.warn(f"trial {trial_number} of study {study_name!r} is not running: not reporting to it", stacklevel=2)
+            warnings.warn(f"trial {trial_number} of study {study_name!r} is not running: not reporting to it",
+                          stacklevel=2)
 
     def on_fit_start(self, trainer, pl_module) -> None:  # the stock check (RDB storage under DDP) still holds
         if self.active:
@@ -101,4 +103,5 @@ def trial_id(storage: optuna.storages.BaseStorage, study_name: str, number: int)
 def pruned_at(trial: optuna.Trial) -> int | None:
     """The step at which ``StudyPruning`` stopped this trial's fit (None: it was not pruned)."""
     storage = trial.storage
-    return storage.get_trial_system_attrs(trial_id(storage, trial.study.study_name, trial.number)).get(PRUNED_AT)
+    attrs = storage.get_trial_system_attrs(trial_id(storage, trial.study.study_name, trial.number))
+    return attrs.get(PRUNED_AT)

@@ -49,14 +49,15 @@ larger than the MDE"), or **cannot tell at this n** (the MDE is larger than that
 def groups_table(summary: dict, probe: bool) -> list[str]:
     t = summary.get("threshold")
     head = ["group", "seeds", "lift (first → last 10%)", "hard-query lift", "AUC (mean train reward)",
-            f"steps to reward ≥ {t:g}" if t is not None else "steps to threshold", "final val acc sampled: all",
-            "easy", "hard"]
+            f"steps to reward ≥ {t:g}" if t is not None else "steps to threshold",
+            "final val acc sampled: all", "easy", "hard"]
     head += ["SNR (mean over probe points)", "hard share of ‖g‖²", "cosine to ∇J"] if probe else []
     lines = ["| " + " | ".join(head + ["wall (s)"]) + " |", "|" + "---|" * (len(head) + 1)]
     for label, g in summary["groups"].items():
         k, n = (int(x) for x in g["reached"].split("/"))
+        steps = fmt_ci(g["steps_to_threshold"], ".0f", prefix="≥ " if k < n else "")
         row = [f"**{label}**", str(g["n_seeds"]), fmt_ci(g["lift"]), fmt_ci(g["hard_lift"]), fmt_ci(g["auc"]),
-               fmt_ci(g["steps_to_threshold"], ".0f", prefix="≥ " if k < n else "") + f" ({g['reached']} reached)",
+               steps + f" ({g['reached']} reached)",
                fmt_ci(g["final_acc"]), fmt_ci(g["final_acc_easy"]), fmt_ci(g["final_acc_hard"])]
         if probe:
             row += [fmt_ci(g["snr"], ".3g"), fmt_ci(g["hard_share"]), fmt_ci(g["cosine"])]
@@ -64,14 +65,16 @@ def groups_table(summary: dict, probe: bool) -> list[str]:
     return lines
 
 
-COLUMNS = [("auc_diff", "AUC", ".3f"), ("lift_diff", "lift", ".3f"), ("hard_lift_diff", "hard-query lift", ".3f"),
+COLUMNS = [("auc_diff", "AUC", ".3f"), ("lift_diff", "lift", ".3f"),
+           ("hard_lift_diff", "hard-query lift", ".3f"),
            ("final_acc_diff", "final val acc", ".3f"), ("steps_diff", "steps to threshold", ".0f"),
            ("snr_ratio", "SNR ratio", ".3g"), ("hard_share_diff", "hard share", ".3f")]
 
 
 def comparisons_table(summary: dict) -> list[str]:
     cols = [c for c in COLUMNS if any(c[0] in x for x in summary["comparisons"].values())]
-    lines = ["| comparison | vs | pairs | " + " | ".join(name for _, name, _ in cols) + " |", "|" + "---|" * (len(cols) + 3)]
+    lines = ["| comparison | vs | pairs | " + " | ".join(name for _, name, _ in cols) + " |",
+             "|" + "---|" * (len(cols) + 3)]
     for label, c in summary["comparisons"].items():
         cells = [fmt_diff(c[m], spec, ratio=m == "snr_ratio") if m in c else "n/a" for m, _, spec in cols]
         lines.append(f"| **{label}** | {c['baseline']} | {c['n']} | " + " | ".join(cells) + " |")
@@ -82,13 +85,15 @@ def verdict_lines(summary: dict) -> list[str]:
     if summary["claims"]:
         md = []
         for claim in summary["claims"].values():
-            md += [f"- **{claim['statement']}** — {claim['summary']}."] + [f"  - {line}" for line in claim["lines"]]
+            md += [f"- **{claim['statement']}** — {claim['summary']}."]
+            md += [f"  - {line}" for line in claim["lines"]]
         return md
     md = []
     for label, c in summary["comparisons"].items():
         if c["kind"] == "comparison":
-            md.append(f"- **{label}** vs **{c['baseline']}**: AUC {c['verdict_text']['auc_diff']}"
-                      + (f"; SNR {c['verdict_text']['snr_ratio']}" if "snr_ratio" in c["verdict_text"] else "") + ".")
+            text = c["verdict_text"]
+            md.append(f"- **{label}** vs **{c['baseline']}**: AUC {text['auc_diff']}"
+                      + (f"; SNR {text['snr_ratio']}" if "snr_ratio" in text else "") + ".")
     return md
 
 
@@ -101,28 +106,33 @@ def controls_lines(summary: dict, out_dir: Path) -> list[str]:
         path = out_dir.parent / name / "summary.json"
         if path.is_file():
             other = json.loads(path.read_text()).get("controls") or {}
-            return [f"- (study `{name}`, {path}) {other[k]['line']}" for k in ("positive", "aa") if k in other]
-    return ["- not run beside this study: `grpo-lab-ablate --space controls` checks that the harness detects a "
-            "reward shift (positive control) and claims nothing between identical arms (A/A)."]
+            return [f"- (study `{name}`, {path}) {other[k]['line']}"
+                    for k in ("positive", "aa") if k in other]
+    return ["- not run beside this study: `grpo-lab-ablate --space controls` checks that the harness detects "
+            "a reward shift (positive control) and claims nothing between identical arms (A/A)."]
 
 
-def probe_lines(by_group: dict[str, list[Run]], view: ProbeView, fractions: list[float], summary: dict) -> list[str]:
+def probe_lines(by_group: dict[str, list[Run]], view: ProbeView, fractions: list[float],
+                summary: dict) -> list[str]:
     names = [POINT_NAMES.get(f, f"{f:g}") for f in fractions]
-    md = [f"How: {view.description}. The probe's own paired interval of an SNR ratio at one point has a median "
-          "half-width of " + ", ".join(f"{c['group']} {c['snr_ratio']['probe_half_width']:.0%} ({c['snr_ratio']['probe_points']} points)"
-                                       for c in summary["comparisons"].values()
-                                       if math.isfinite(c.get("snr_ratio", {}).get("probe_half_width", math.nan)))
-          + " of the ratio; the comparisons pool the points and seeds.", "",
-          "| group | " + " | ".join(f"SNR @ {n}" for n in names) + " | " + " | ".join(f"hard share @ {n}" for n in names)
-          + " |", "|" + "---|" * (2 * len(fractions) + 1)]
+    widths = ", ".join(f"{c['group']} {c['snr_ratio']['probe_half_width']:.0%} "
+                       f"({c['snr_ratio']['probe_points']} points)"
+                       for c in summary["comparisons"].values()
+                       if math.isfinite(c.get("snr_ratio", {}).get("probe_half_width", math.nan)))
+    md = [f"How: {view.description}. The probe's own paired interval of an SNR ratio at one point has a "
+          "median half-width of " + widths + " of the ratio; the comparisons pool the points and seeds.", "",
+          "| group | " + " | ".join(f"SNR @ {n}" for n in names) + " | "
+          + " | ".join(f"hard share @ {n}" for n in names) + " |", "|" + "---|" * (2 * len(fractions) + 1)]
     for g in by_group:
-        cells = [fmt_ci(t_interval(list(view.values(g, m, f).values())), spec) for m, spec in (("snr", ".3g"), ("hard_share", ".3f"))
+        cells = [fmt_ci(t_interval(list(view.values(g, m, f).values())), spec)
+                 for m, spec in (("snr", ".3g"), ("hard_share", ".3f"))
                  for f in fractions]
         md.append(f"| **{g}** | " + " | ".join(cells) + " |")
     return md + [""]
 
 
-def write_report(study: optuna.Study, out_dir: str | Path, min_effect: dict[str, float] | None = None) -> Path:
+def write_report(study: optuna.Study, out_dir: str | Path,
+                 min_effect: dict[str, float] | None = None) -> Path:
     """Write ``out_dir/summary.json``, ``report.md`` and its PNGs from the study's COMPLETE trials; return the
     markdown path."""
     out = Path(out_dir)
@@ -135,24 +145,30 @@ def write_report(study: optuna.Study, out_dir: str | Path, min_effect: dict[str,
     if space.get("description"):
         md += [f"Space `{space.get('name')}`: {space['description']}.", ""]
     grid = space.get("grid") or {}
-    states = {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in (TrialState.FAIL, TrialState.PRUNED, TrialState.RUNNING)}
-    md += [f"{len(runs)} COMPLETE trials used; also in the study: {states['FAIL']} failed, {states['PRUNED']} pruned "
-           f"(duplicates or by the pruner), {states['RUNNING']} running." + (f" Extra COMPLETE trials ignored: {extras}." if extras else "")
+    states = {s.name: len(study.get_trials(deepcopy=False, states=(s,)))
+              for s in (TrialState.FAIL, TrialState.PRUNED, TrialState.RUNNING)}
+    md += [f"{len(runs)} COMPLETE trials used; also in the study: {states['FAIL']} failed, "
+           f"{states['PRUNED']} pruned (duplicates or by the pruner), {states['RUNNING']} running."
+           + (f" Extra COMPLETE trials ignored: {extras}." if extras else "")
            + f" Wall time {summary['wall_s'] / 60:.1f} min. Numbers: `summary.json`.", ""]
     if not runs:
         path = out / "report.md"
         path.write_text("\n".join(md + ["No COMPLETE trials yet: nothing to report."]) + "\n")
         return path
-    by_group = {g: sorted((r for r in runs if r.group == g), key=lambda r: str(r.seed)) for g in ordered_groups(runs, space)}
+    by_group = {g: sorted((r for r in runs if r.group == g), key=lambda r: str(r.seed))
+                for g in ordered_groups(runs, space)}
     view = ProbeView(by_group) if any(r.probe_rows() for r in runs) else None
-    plots = [plot_reward_curves(by_group, out / "reward_curves.png"), plot_easy_hard(by_group, out / "easy_hard.png")]
+    plots = [plot_reward_curves(by_group, out / "reward_curves.png"),
+             plot_easy_hard(by_group, out / "easy_hard.png")]
     fractions = probe_fractions(runs) if view else []
     if fractions:
         plots.append(plot_probe(view, fractions, out / "probe.png"))
-    md += ["## Summary", "", "Mean ± half-width of the 95% Student-t interval over seeds (n/a with fewer than 2). Lift: "
-           "mean `train/reward` of the last 10% of training minus the first 10% (hard-query lift: the same on "
-           "`train/reward_hard`). AUC: the normalised area under the `train/reward` curve. Steps to threshold: first "
-           "step whose moving average reaches it; a run that never does counts as its length (marked ≥)."
+    md += ["## Summary", "",
+           "Mean ± half-width of the 95% Student-t interval over seeds (n/a with fewer than 2). Lift: "
+           "mean `train/reward` of the last 10% of training minus the first 10% (hard-query lift: the same "
+           "on `train/reward_hard`). AUC: the normalised area under the `train/reward` curve. Steps to "
+           "threshold: first step whose moving average reaches it; a run that never does counts as its "
+           "length (marked ≥)."
            + (f" Probe columns: {view.description}." if view else ""), ""]
     md += groups_table(summary, view is not None) + [""]
     if not grid:  # a tuning study: no groups to pair, the best trials are the result
@@ -162,22 +178,24 @@ def write_report(study: optuna.Study, out_dir: str | Path, min_effect: dict[str,
                       + ", ".join(f"{k}={v}" for k, v in sorted(r.params.items())) + " |")
         md += [""]
     elif summary["comparisons"]:
-        md += ["## Paired comparisons", "", "Same seed value, same warm start: mean of the per-seed differences (group − "
-               "baseline; SNR: geometric mean of the per-seed ratios) with its 95% Student-t interval and the minimum "
-               "detectable effect at this number of pairs. " + VERDICTS, ""]
+        md += ["## Paired comparisons", "",
+               "Same seed value, same warm start: mean of the per-seed differences (group − "
+               "baseline; SNR: geometric mean of the per-seed ratios) with its 95% Student-t interval and "
+               "the minimum detectable effect at this number of pairs. " + VERDICTS, ""]
         md += comparisons_table(summary) + ["", "## Verdicts", ""] + verdict_lines(summary) + [""]
         effects = ", ".join(f"{k} {v:g}" for k, v in summary["min_effect"].items())
-        md += [f"Smallest effects of interest: {effects} (SNR: relative). Every comparison settled (interval excludes "
-               f"no difference, or MDE below that): {'yes' if summary['decisive'] else 'no'}.", ""]
+        md += [f"Smallest effects of interest: {effects} (SNR: relative). Every comparison settled (interval "
+               f"excludes no difference, or MDE below that): {'yes' if summary['decisive'] else 'no'}.", ""]
     md += ["## Controls", ""] + controls_lines(summary, out) + [""]
     if fractions:
         md += ["## Probe points", ""] + probe_lines(by_group, view, fractions, summary)
     md += [NOTES, "", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
-    md += ["## Trials", "", "Rerun any trial by hand from its `cwd` with its `command` (Optuna user attrs).", "",
-           "| trial | params | AUC | wall (s) | logdir |", "|---|---|---|---|---|"]
+    md += ["## Trials", "", "Rerun any trial by hand from its `cwd` with its `command` (Optuna user attrs).",
+           "", "| trial | params | AUC | wall (s) | logdir |", "|---|---|---|---|---|"]
     for r in sorted(runs, key=lambda r: r.number):
         md.append(f"| {r.number} | {', '.join(f'{k}={v}' for k, v in sorted(r.params.items()))} | "
-                  f"{r.attrs.get('auc', math.nan):.3f} | {r.attrs.get('wall_time_s', math.nan):.0f} | `{r.attrs.get('logdir', '')}` |")
+                  f"{r.attrs.get('auc', math.nan):.3f} | {r.attrs.get('wall_time_s', math.nan):.0f} | "
+                  f"`{r.attrs.get('logdir', '')}` |")
     if runs[0].attrs.get("command"):
         md += ["", "For example:", "", "```", runs[0].attrs["command"], "```"]
     path = out / "report.md"
@@ -186,9 +204,11 @@ def write_report(study: optuna.Study, out_dir: str | Path, min_effect: dict[str,
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Write summary.json, report.md and PNG plots for a stored ablation study.")
+    p = argparse.ArgumentParser(description="Write summary.json, report.md and PNG plots for a stored "
+                                            "ablation study.")
     p.add_argument("--study", required=True, help="study name")
-    p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///runs/ablate/<study>.db)")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage URL (default: sqlite:///runs/ablate/<study>.db)")
     p.add_argument("--out", default=None, help="output directory (default: runs/ablate/<study>)")
     args = p.parse_args(argv)
     storage = args.storage or f"sqlite:///runs/ablate/{args.study}.db"

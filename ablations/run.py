@@ -1,10 +1,10 @@
 """``grpo-lab-ablate``: run a named ablation space as a resumable Optuna study, then write its report.
 
-    grpo-lab-ablate --space default                  # make ablate: 4 estimators x 3 seeds -> runs/ablate/default/
-    grpo-lab-ablate --space smoke                    # make ablate-smoke: the harness end to end in about a minute
-    grpo-lab-ablate --space default --report-only    # rewrite report.md and the plots from the stored study
-    grpo-lab-ablate --space default --until-decisive --budget 20m   # add seeds until every comparison is settled
-    grpo-lab-ablate --space default --storage postgresql://user@host/db   # many runners share one study
+    grpo-lab-ablate --space default                # make ablate: 4 estimators x 3 seeds, runs/ablate/default
+    grpo-lab-ablate --space smoke                  # make ablate-smoke: the harness end to end in a minute
+    grpo-lab-ablate --space default --report-only  # rewrite report.md and the plots from the stored study
+    grpo-lab-ablate --space default --until-decisive --budget 20m  # add seeds until all comparisons settle
+    grpo-lab-ablate --space default --storage postgresql://user@host/db  # many runners share one study
 
 Layout (``--root`` defaults to ``runs``)::
 
@@ -53,17 +53,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import logging
 import os
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 import optuna
-import sqlalchemy
 import sqlalchemy.exc
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
@@ -78,9 +75,10 @@ from ablations.objective import (
     trial_overlay,
     write_overlay,
 )
-from ablations.progress import StudyProgress, _key, console, point_status  # noqa: F401 (re-exported)
+from ablations.progress import StudyProgress, console, point_key, point_status
 from ablations.pruning import make_pruner
 from ablations.spaces import SPACES, Space, get_space
+from ablations.storage import default_storage, fail_stale, make_storage
 from ablations.summary import DEFAULT_MIN_EFFECT, add_wall_time, min_effects
 from ablations.timing import throughput
 from ablations.worker import WorkerPool
@@ -89,82 +87,7 @@ from grpo_lab.errors import UserError, run_cli
 log = logging.getLogger("ablations")
 
 
-def _quietly(fn, *args, **kwargs):
-    """Call ``fn`` without Optuna's ExperimentalWarning (heartbeats have been "experimental" since v2.8)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return fn(*args, **kwargs)
-
-
-def fail_stale(study: optuna.Study) -> None:
-    """Mark RUNNING trials whose heartbeat is older than the grace period FAIL (and enqueue their retry)."""
-    _quietly(optuna.storages.fail_stale_trials, study)
-
-
-# ---- storage and study ---------------------------------------------------------------------------------
-def default_storage(root: Path, study: str) -> str:
-    return f"sqlite:///{root / 'ablate' / f'{study}.db'}"
-
-
-def normalize_url(url: str) -> str:
-    """``postgresql://`` with the driver that is installed: SQLAlchemy >= 2.1 means psycopg 3 by it, while
-    the ``[postgres]`` extra installs psycopg2-binary; an explicit ``postgresql+driver://`` is kept."""
-    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
-            and importlib.util.find_spec("psycopg2") is not None:
-        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
-    return url
-
-
-def make_storage(url: str, grace_period: int = 30) -> RDBStorage:
-    """``RDBStorage`` with heartbeats (a dead runner's trials go stale) and retries of stale trials.
-
-    SQLite: every transaction starts with ``BEGIN IMMEDIATE`` (:func:`serialize_sqlite_transactions`), so two
-    workers can never both take the same WAITING trial (see there). PostgreSQL's row locks already prevent it.
-
-    ``RetryHeartbeatStaleTrialCallback`` is Optuna >= 4.9's name for ``RetryFailedTrialCallback`` (and
-    ``heartbeat_stale_trial_callback`` for ``failed_trial_callback``); older Optuna gets the old names.
-    """
-    url = normalize_url(url)
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        # threads and heartbeats write concurrently; isolation_level None: we issue BEGIN ourselves
-        engine_kwargs = {"connect_args": {"timeout": 60, "isolation_level": None}}
-    if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
-        retry = {"heartbeat_stale_trial_callback": _quietly(optuna.storages.RetryHeartbeatStaleTrialCallback, max_retry=2)}
-    else:  # pragma: no cover - Optuna < 4.9
-        retry = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=2)}
-    kwargs = dict(engine_kwargs=engine_kwargs, heartbeat_interval=max(1, min(10, grace_period // 3)),
-                  grace_period=grace_period, **retry)
-    for attempt in range(5):
-        try:
-            storage = _quietly(RDBStorage, url, **kwargs)
-            if url.startswith("sqlite"):
-                serialize_sqlite_transactions(storage.engine)
-            return storage
-        except sqlalchemy.exc.ArgumentError:  # a bad URL: no use retrying
-            raise
-        except sqlalchemy.exc.SQLAlchemyError:  # runners starting together race to create the schema
-            if attempt == 4:
-                raise
-            time.sleep(1.0 + attempt)
-    raise AssertionError("unreachable")
-
-
-def serialize_sqlite_transactions(engine: sqlalchemy.engine.Engine) -> None:
-    """Start every transaction on ``engine`` with ``BEGIN IMMEDIATE`` (SQLAlchemy's documented pysqlite recipe).
-
-    Optuna takes a WAITING trial by reading it ``FOR UPDATE`` and then setting it RUNNING. SQLite ignores
-    ``FOR UPDATE``, and Python's sqlite3 driver runs the read outside any transaction, so two worker threads
-    (``optimize(n_jobs=2)``) could both read the same WAITING trial and both set it RUNNING: both then ran the
-    same trial, and the second to finish crashed the runner with "Cannot tell a COMPLETE trial" (seen when a
-    study resumed after a SIGKILL, whose stale trial is re-enqueued as WAITING). With the write lock taken at
-    the start of the transaction, the read and the update are one atomic step. The connection must be in
-    the driver's autocommit mode (``isolation_level=None``) so that this BEGIN is the only one.
-    """
-    sqlalchemy.event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
-
-
+# ---- the study -----------------------------------------------------------------------------------------
 def open_study(space: Space, name: str, storage: RDBStorage) -> optuna.Study:
     pruner = make_pruner(space.pruner if not space.is_grid else None)
     study = optuna.create_study(study_name=name, storage=storage, sampler=space.sampler(seed=0),
@@ -178,12 +101,13 @@ def build_warm_start(space: Space, objective: Objective, study_dir: Path, thread
     """``grpo-lab warmstart`` with the first point's config, so parallel trials only load the cache (in a
     worker of the objective's pool when it has one: that worker then runs trials)."""
     params = space.points()[0] if space.is_grid else {}
-    overlay = write_overlay(trial_overlay(space, params, study_dir / "warmstart", objective.root, probe=False),
-                            study_dir / "warmstart.yaml")
+    overlay = trial_overlay(space, params, study_dir / "warmstart", objective.root, probe=False)
+    overlay = write_overlay(overlay, study_dir / "warmstart.yaml")
     t0 = time.perf_counter()
     try:
-        execute(grpo_command("warmstart", objective.base_config, overlay), study_dir / "warmstart.log", threads,
-                objective.pool if runs_in_process(objective.base_config, space.trial_overrides(params)) else None)
+        in_process = runs_in_process(objective.base_config, space.trial_overrides(params))
+        execute(grpo_command("warmstart", objective.base_config, overlay), study_dir / "warmstart.log",
+                threads, objective.pool if in_process else None)
     except FitFailed as err:
         last = log_tail(study_dir / "warmstart.log", 1).strip()
         if last.startswith("error: "):  # the space's config is wrong: the fit said why in one line
@@ -194,7 +118,8 @@ def build_warm_start(space: Space, objective: Objective, study_dir: Path, thread
 
 
 def run_grid(study: optuna.Study, space: Space, objective: Objective, n_jobs: int, max_failures: int = 3,
-             wait: float = 5.0, max_rounds: int | None = None, points: list[dict] | None = None) -> dict[str, list[dict]]:
+             wait: float = 5.0, max_rounds: int | None = None,
+             points: list[dict] | None = None) -> dict[str, list[dict]]:
     """Optimize until every grid point (or every one of ``points``, all enqueued) has a COMPLETE trial (or
     failed ``max_failures`` times)."""
     use_grid, points = points is None, space.points() if points is None else points
@@ -205,18 +130,18 @@ def run_grid(study: optuna.Study, space: Space, objective: Objective, n_jobs: in
         while True:
             fail_stale(study)
             status = point_status(study.get_trials(deepcopy=False), points)
-            missing = [p for p in points if not status[_key(p)]["COMPLETE"]]
-            gave_up = [p for p in missing if status[_key(p)]["FAIL"] >= max_failures]
+            missing = [p for p in points if not status[point_key(p)]["COMPLETE"]]
+            gave_up = [p for p in missing if status[point_key(p)]["FAIL"] >= max_failures]
             todo = [p for p in missing if p not in gave_up]
             if not todo:
                 break
-            held = [p for p in todo if status[_key(p)]["RUNNING"]]
+            held = [p for p in todo if status[point_key(p)]["RUNNING"]]
             free = [p for p in todo if p not in held]
             if not free:  # other runners (or a killed one, until its heartbeat is stale) hold the rest:
                 if not waiting:
                     progress.progress.console.print(
-                        f"waiting for {len(held)} point(s) held by RUNNING trials of another runner, or of a killed "
-                        f"one until its heartbeat is older than the grace period")
+                        f"waiting for {len(held)} point(s) held by RUNNING trials of another runner, or of a "
+                        f"killed one until its heartbeat is older than the grace period")
                 waiting = True
                 time.sleep(wait)  # they finish or go stale, so this wait ends
                 continue
@@ -231,7 +156,7 @@ def run_grid(study: optuna.Study, space: Space, objective: Objective, n_jobs: in
                 study.optimize(objective, **kw)  # GridSampler hands out the points, then stops the study
             else:
                 for p in free:
-                    if not status[_key(p)]["WAITING"]:
+                    if not status[point_key(p)]["WAITING"]:
                         study.enqueue_trial(p)
                 study.optimize(objective, n_trials=len(free), **kw)
             rounds += 1
@@ -240,12 +165,14 @@ def run_grid(study: optuna.Study, space: Space, objective: Objective, n_jobs: in
 
 def run_tuning(study: optuna.Study, space: Space, objective: Objective, n_jobs: int) -> None:
     """A distributions space: TPE until ``n_trials`` trials are finished (COMPLETE or PRUNED)."""
-    finished = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    finished = [t for t in study.get_trials(deepcopy=False)
+                if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     left = max(0, (space.n_trials or 0) - len(finished))
     with StudyProgress(study, [], n_jobs) as progress:
         progress.progress.update(progress.task, total=space.n_trials)
         if left:
-            study.optimize(objective, n_trials=left, n_jobs=n_jobs, catch=(Exception,), callbacks=[progress.on_trial_end])
+            study.optimize(objective, n_trials=left, n_jobs=n_jobs, catch=(Exception,),
+                           callbacks=[progress.on_trial_end])
 
 
 # ---- command line --------------------------------------------------------------------------------------
@@ -255,35 +182,46 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--space", default="default",
-                   help=f"named search space ({', '.join(sorted(SPACES))}) or 'module:attribute' of your own Space")
-    p.add_argument("--study", default=None, help="study name (default: the space name); rerun the same name to resume")
+                   help=f"named search space ({', '.join(sorted(SPACES))}) or 'module:attribute' of your own "
+                        "Space")
+    p.add_argument("--study", default=None,
+                   help="study name (default: the space name); rerun the same name to resume")
     p.add_argument("--storage", default=None,
-                   help="Optuna RDB URL (default: sqlite:///<root>/ablate/<study>.db); a postgresql://user@host/db "
-                        "URL lets many runners on many machines share one study")
-    p.add_argument("--root", default="runs", help="directory for the study database, trial directories and warm starts")
+                   help="Optuna RDB URL (default: sqlite:///<root>/ablate/<study>.db); a "
+                        "postgresql://user@host/db URL lets many runners on many machines share one study")
+    p.add_argument("--root", default="runs",
+                   help="directory for the study database, trial directories and warm starts")
     p.add_argument("--n-jobs", type=int, default=None,
                    help="trials run in parallel (default: the CPU cores, at most the grid size); each gets "
                         "max(1, cores // n_jobs) torch threads")
-    p.add_argument("--max-failures", type=int, default=3, help="give up on a grid point after this many failed fits")
+    p.add_argument("--max-failures", type=int, default=3,
+                   help="give up on a grid point after this many failed fits")
     p.add_argument("--grace-period", type=int, default=30,
-                   help="seconds without a heartbeat after which a RUNNING trial counts as dead and is retried")
-    p.add_argument("--no-probe", action="store_true", help="run the trials without the gradient-variance probe")
-    p.add_argument("--no-reuse", action="store_true", help="start a fresh process for every trial instead of "
-                   "running them in long-lived workers (ablations/worker.py; multi-process trials always get their own)")
+                   help="seconds without a heartbeat after which a RUNNING trial counts as dead and is "
+                        "retried")
+    p.add_argument("--no-probe", action="store_true",
+                   help="run the trials without the gradient-variance probe")
+    p.add_argument("--no-reuse", action="store_true",
+                   help="start a fresh process for every trial instead of running them in long-lived workers "
+                        "(ablations/worker.py; multi-process trials always get their own)")
     p.add_argument("--no-report", action="store_true", help="run the trials but do not write the report")
-    p.add_argument("--report-only", action="store_true", help="only (re)write the report from the stored study")
-    p.add_argument("--until-decisive", action="store_true", help="add seeds in rounds until every comparison is "
-                   "settled or the budget is spent (ablations/sequential.py)")
-    p.add_argument("--budget", default="20m", help="--until-decisive: wall-time budget of the study (20m, 90s, 1.5h)")
-    p.add_argument("--min-effect", type=float, default=None, help="smallest AUC difference worth detecting (default "
-                   "0.02): an interval with 0 in it and an MDE below this reads 'no difference larger than the MDE'")
+    p.add_argument("--report-only", action="store_true",
+                   help="only (re)write the report from the stored study")
+    p.add_argument("--until-decisive", action="store_true",
+                   help="add seeds in rounds until every comparison is settled or the budget is spent "
+                        "(ablations/sequential.py)")
+    p.add_argument("--budget", default="20m",
+                   help="--until-decisive: wall-time budget of the study (20m, 90s, 1.5h)")
+    p.add_argument("--min-effect", type=float, default=None,
+                   help="smallest AUC difference worth detecting (default 0.02): an interval with 0 in it "
+                        "and an MDE below this reads 'no difference larger than the MDE'")
     p.add_argument("--min-snr-effect", type=float, default=None,
                    help="smallest relative SNR difference worth detecting (default 0.10, i.e. x1.10)")
     p.add_argument("--round-seeds", type=int, default=2, help="--until-decisive: seeds added per round")
     p.add_argument("--max-seeds", type=int, default=64, help="--until-decisive: stop at this many seeds")
     p.add_argument("--debug", action="store_true",
-                   help="show the traceback of a user error (bad space, storage, study) instead of one line; the "
-                        "trials' fit.log files get full tracebacks too (also: GRPO_LAB_DEBUG=1)")
+                   help="show the traceback of a user error (bad space, storage, study) instead of one line; "
+                        "the trials' fit.log files get full tracebacks too (also: GRPO_LAB_DEBUG=1)")
     return p
 
 
@@ -297,7 +235,8 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # Optuna's own calls too
+    # Optuna's own calls too
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     space = get_space(args.space)
     name = args.study or space.name
     root = Path(args.root)
@@ -325,9 +264,10 @@ def _main(argv: list[str] | None) -> int:
     study = open_study(space, name, storage)
     fail_stale(study)
     pool = None if args.no_reuse else WorkerPool(threads, study_dir / "workers.log")
-    objective = Objective(space, study_dir, root, threads=threads, probe=not args.no_probe, storage_url=url, pool=pool)
-    console.print(f"study {name!r} ({space.description}) on {url}: {size} trials, {n_jobs} workers x {threads} threads"
-                  + ("" if pool else ", a fresh process per trial"))
+    objective = Objective(space, study_dir, root, threads=threads, probe=not args.no_probe, storage_url=url,
+                          pool=pool)
+    console.print(f"study {name!r} ({space.description}) on {url}: {size} trials, {n_jobs} workers x "
+                  f"{threads} threads" + ("" if pool else ", a fresh process per trial"))
     t0, since = time.perf_counter(), datetime.datetime.now()
     gave_up: list[dict] = []
     complete = point_status(study.get_trials(deepcopy=False), space.points()) if space.is_grid else {}
@@ -343,7 +283,8 @@ def _main(argv: list[str] | None) -> int:
 
                 gave_up = run_until_decisive(study, space, objective, n_jobs, parse_duration(args.budget),
                                              {**DEFAULT_MIN_EFFECT, **min_effects(args)}, args.round_seeds,
-                                             args.max_seeds, args.max_failures, say=console.print)["gave_up"]
+                                             args.max_seeds, args.max_failures, say=console.print,
+                                             storage=storage)["gave_up"]
             elif space.is_grid:
                 gave_up = run_grid(study, space, objective, n_jobs, args.max_failures)["gave_up"]
             else:
@@ -353,12 +294,15 @@ def _main(argv: list[str] | None) -> int:
             pool.close()
     wall = time.perf_counter() - t0
     trials, steps = throughput(study, since)
-    console.print(f"trials done in {wall:.0f} s: {trials} trials, {steps} optimizer steps, {steps / wall:.2f} "
-                  f"trial-steps/s" + (f" ({pool.started} worker processes)" if pool else ""))
+    console.print(f"trials done in {wall:.0f} s: {trials} trials, {steps} optimizer steps, "
+                  f"{steps / wall:.2f} trial-steps/s"
+                  + (f" ({pool.started} worker processes)" if pool else ""))
     add_wall_time(study, wall)
     if gave_up:
-        console.print(f"[red]gave up on {len(gave_up)} point(s) after {args.max_failures} failures: {gave_up}[/red]")
-        failed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL and t.user_attrs.get("logdir")]
+        console.print(f"[red]gave up on {len(gave_up)} point(s) after {args.max_failures} failures: "
+                      f"{gave_up}[/red]")
+        failed = [t for t in study.get_trials(deepcopy=False)
+                  if t.state == TrialState.FAIL and t.user_attrs.get("logdir")]
         if failed:
             console.print(log_tail(Path(failed[-1].user_attrs["logdir"]) / "fit.log", 15))
     if not args.no_report:

@@ -46,7 +46,8 @@ class Run:
     @property
     def advantage(self) -> str | None:
         """The run's advantage estimator: a swept param, or a fixed override of its space."""
-        return self.params.get("model.advantage") or (self.attrs.get("overrides") or {}).get("model.advantage")
+        overrides = self.attrs.get("overrides") or {}
+        return self.params.get("model.advantage") or overrides.get("model.advantage")
 
     def probe_rows(self, estimator: str | None = None) -> list[dict]:
         """Probe rows of ``estimator``; by default the run's own estimator's (all rows if the probe measured
@@ -64,7 +65,8 @@ class Run:
 
     def probe_value(self, metric: str, fraction: float | None = None, estimator: str | None = None) -> float:
         """A probe metric at one probe point, or averaged over the points (``fraction=None``)."""
-        vals = [_num(r.get(metric)) for r in self.probe_rows(estimator) if fraction is None or _at(r, fraction)]
+        vals = [_num(r.get(metric)) for r in self.probe_rows(estimator)
+                if fraction is None or _at(r, fraction)]
         vals = [v for v in vals if np.isfinite(v)]
         return float(np.mean(vals)) if vals else math.nan
 
@@ -110,7 +112,8 @@ def snr_difference_by_seed(runs: list[Run], estimator: str, base: str) -> dict[A
 def _by_seed(runs: list[Run], estimator: str, base: str, how) -> dict[Any, float]:
     out = {}
     for seed, pts in points(runs).items():
-        vals = [how(_num(p[estimator].get("snr")), _num(p[base].get("snr"))) for p in pts if estimator in p and base in p]
+        vals = [how(_num(p[estimator].get("snr")),
+                    _num(p[base].get("snr"))) for p in pts if estimator in p and base in p]
         vals = [v for v in vals if np.isfinite(v)]
         if vals:
             out[seed] = float(np.mean(vals))
@@ -152,7 +155,8 @@ class ProbeView:
     def description(self) -> str:
         if self.same_params:
             return ("each estimator measured on the same policies and rollouts: per seed, averaged over its "
-                    "distinct probe points (the warm start once, each trial's middle and end), paired across estimators")
+                    "distinct probe points (the warm start once, each trial's middle and end), paired across "
+                    "estimators")
         return "each trial's own estimator along its own training trajectory"
 
     def values(self, group: str, metric: str, fraction: float | None = None) -> dict[Any, float]:
@@ -195,7 +199,8 @@ def load_runs(study: optuna.Study) -> tuple[list[Run], list[int]]:
         if key in seen:
             extras.append(t.number)
             continue
-        seen[key] = Run(t.number, dict(t.params), group_label(t.params), t.params.get("seed", 0), dict(t.user_attrs))
+        seen[key] = Run(t.number, dict(t.params), group_label(t.params), t.params.get("seed", 0),
+                        dict(t.user_attrs))
     return list(seen.values()), extras
 
 

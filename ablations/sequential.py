@@ -52,8 +52,8 @@ def study_seeds(study: optuna.Study, space: Space) -> list[int]:
 
 
 def mean_trial_seconds(study: optuna.Study) -> float:
-    walls = [t.user_attrs["wall_time_s"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-             if "wall_time_s" in t.user_attrs]
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    walls = [t.user_attrs["wall_time_s"] for t in complete if "wall_time_s" in t.user_attrs]
     return sum(walls) / len(walls) if walls else math.nan
 
 
@@ -68,27 +68,33 @@ def open_comparisons(study: optuna.Study, min_effect: dict[str, float]) -> list[
 def run_until_decisive(study: optuna.Study, space: Space, objective, n_jobs: int, budget_s: float,
                        min_effect: dict[str, float], round_seeds: int = 2, max_seeds: int = 64,
                        max_failures: int = 3, say: Callable[[str], Any] = print,
-                       evaluate: Callable[[optuna.Study, dict], list[str]] = open_comparisons) -> dict[str, Any]:
+                       evaluate: Callable[[optuna.Study, dict], list[str]] = open_comparisons, *,
+                       storage: optuna.storages.BaseStorage | str) -> dict[str, Any]:
     """Rounds of seeds until every comparison is settled, the budget is spent, or ``max_seeds`` (see the
-    module docstring). Returns ``{"reason", "seeds", "spent_s", "open", "gave_up"}``."""
+    module docstring). ``storage``: the study's storage (the rounds open the study again on it with a
+    ``RandomSampler``; Optuna has no public accessor for a study's storage). Returns ``{"reason", "seeds",
+    "spent_s", "open", "gave_up"}``."""
     if not space.is_grid or "seed" not in (space.grid or {}):
         raise ValueError(f"space {space.name!r}: --until-decisive needs a grid with a 'seed' key")
     if round_seeds < 1 or max_seeds < 2:
         raise ValueError("--round-seeds must be >= 1 and --max-seeds >= 2")
     study.set_user_attr("min_effect", min_effect)
     spent = float(study.user_attrs.get("until_decisive", {}).get("spent_s", 0.0))
-    rounds = optuna.load_study(study_name=study.study_name, storage=study._storage,
-                               sampler=optuna.samplers.RandomSampler(seed=0), pruner=optuna.pruners.NopPruner())
+    rounds = optuna.load_study(study_name=study.study_name, storage=storage,
+                               sampler=optuna.samplers.RandomSampler(seed=0),
+                               pruner=optuna.pruners.NopPruner())
     seeds = study_seeds(study, space)
     gave_up: list[dict] = []
     while True:
         t0 = time.perf_counter()
-        gave_up = run_grid(rounds, space, objective, n_jobs, max_failures, points=space.points_for(seeds))["gave_up"]
+        gave_up = run_grid(rounds, space, objective, n_jobs, max_failures,
+                           points=space.points_for(seeds))["gave_up"]
         spent += time.perf_counter() - t0
         study.set_user_attr("until_decisive", {"spent_s": spent, "seeds": seeds, "budget_s": budget_s})
         still = evaluate(study, min_effect)
         say(f"{len(seeds)} seeds, {spent / 60:.1f} of {budget_s / 60:.1f} min spent: "
-            + (f"{len(still)} comparison(s) not settled: {', '.join(still)}" if still else "every comparison is settled"))
+            + (f"{len(still)} comparison(s) not settled: {', '.join(still)}" if still
+               else "every comparison is settled"))
         if not still:
             reason = "every comparison is settled"
             break

@@ -39,7 +39,8 @@ Adding a space, without touching the runner::
 or add the ``register_space(...)`` call to ``ablations/builtin_spaces.py`` and use ``--space temperature``.
 
 A tuning space sets ``distributions`` (Optuna distributions) and ``n_trials`` instead of ``grid``: the
-runner then uses ``TPESampler`` and prunes unpromising trials on ``prune_monitor`` at each validation (``pruning.py``).
+runner then uses ``TPESampler`` and prunes unpromising trials on ``prune_monitor`` at each validation
+(``pruning.py``).
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ class Space:
             if key in self.presets:
                 unknown = [v for v in values if v not in self.presets[key]]
                 if unknown:
-                    raise UserError(f"space {self.name!r}: {key}={unknown} have no preset; known: {list(self.presets[key])}")
+                    raise UserError(f"space {self.name!r}: {key}={unknown} have no preset; known: "
+                                    f"{list(self.presets[key])}")
 
     @property
     def is_grid(self) -> bool:
@@ -176,7 +178,8 @@ class Space:
         if self.grid is None:
             return []
         keys = sorted(self.grid)
-        return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(self.grid[k] for k in keys))]
+        combos = itertools.product(*(self.grid[k] for k in keys))
+        return [dict(zip(keys, combo, strict=True)) for combo in combos]
 
     def sampler(self, seed: int = 0) -> optuna.samplers.BaseSampler:
         if self.grid is not None:
@@ -188,7 +191,8 @@ class Space:
         or as stored by a study of an older grpo_lab), else the distributions."""
         if self.grid is not None:
             return {k: _suggest(trial, k, _seed_distribution(trial) if k == "seed" else
-                                optuna.distributions.CategoricalDistribution(self.grid[k])) for k in sorted(self.grid)}
+                                optuna.distributions.CategoricalDistribution(self.grid[k]))
+                    for k in sorted(self.grid)}
         return {k: _suggest(trial, k, d) for k, d in sorted(self.distributions.items())}
 
     def trial_overrides(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -215,7 +219,8 @@ class Space:
 
     def groups(self) -> list[dict[str, Any]]:
         """Every group of a grid space (its points without the seed), in grid order."""
-        return list({tuple(sorted(self.group_of(p).items())): self.group_of(p) for p in self.points()}.values())
+        groups = {tuple(sorted(self.group_of(p).items())): self.group_of(p) for p in self.points()}
+        return list(groups.values())
 
     def points_for(self, seeds: list[int]) -> list[dict[str, Any]]:
         """Every group at each of ``seeds`` (a grid space whose grid has a ``seed`` key)."""
@@ -231,11 +236,13 @@ class Space:
             "threshold": self.threshold,
             "baseline": self.baseline,
             "comparisons": None if self.comparisons is None else [
-                {"label": c.label, "group": c.group, "baseline": c.baseline, "kind": c.kind} for c in self.comparisons],
+                {"label": c.label, "group": c.group, "baseline": c.baseline, "kind": c.kind}
+                for c in self.comparisons],
             "probe": None if self.probe is None else {
                 "estimators": self.probe.estimators, "num_batches": self.probe.num_batches,
                 "reference_batches": self.probe.reference_batches,
-                "prompts_per_batch": self.probe.prompts_per_batch, "at_fractions": list(self.probe.at_fractions),
+                "prompts_per_batch": self.probe.prompts_per_batch,
+                "at_fractions": list(self.probe.at_fractions),
             },
         }
 
@@ -277,7 +284,8 @@ def get_space(name: str) -> Space:
         if not isinstance(obj, Space):
             raise UserError(f"{name!r} is a {type(obj).__name__}, not an ablations.spaces.Space")
         return register_space(obj)
-    raise UserError(f"unknown space {name!r}; known: {', '.join(sorted(SPACES))} (or give 'module:attribute')")
+    raise UserError(f"unknown space {name!r}; known: {', '.join(sorted(SPACES))} "
+                    "(or give 'module:attribute')")
 
 
 # The built-in spaces (default, smoke, objectives, strategies, tune_lr, controls, field, trl_parity) register

@@ -81,8 +81,8 @@ def mde(sd: float, n: int, alpha: float = ALPHA, power: float = POWER) -> float:
 
 @dataclass
 class Paired:
-    """A paired comparison: ``mean`` [``lo``, ``hi``] of the per-seed differences, their ``sd``, ``n`` pairs and
-    the ``mde``; for a ratio metric (``log=True``) all are on the log scale and :meth:`as_dict` reports
+    """A paired comparison: ``mean`` [``lo``, ``hi``] of the per-seed differences, their ``sd``, ``n`` pairs
+    and the ``mde``; for a ratio metric (``log=True``) all are on the log scale and :meth:`as_dict` reports
     exp(mean) [exp(lo), exp(hi)] and the MDE as a factor exp(mde)."""
 
     mean: float
@@ -143,7 +143,8 @@ def verdict(p: Paired, min_effect: float, higher_is_better: bool = True) -> tupl
             return "holds", f"holds: {ci}, n = {p.n}"
         return "does not hold", f"does not hold, the opposite is seen: {ci}, n = {p.n}"
     if small:
-        return "does not hold", f"does not hold: no difference larger than {mde_text} (MDE at n = {p.n}), {ci}"
+        return ("does not hold",
+                f"does not hold: no difference larger than {mde_text} (MDE at n = {p.n}), {ci}")
     return "cannot tell", f"cannot tell at n = {p.n} (MDE {mde_text}): {ci}"
 
 
@@ -190,4 +191,5 @@ def fmt_diff(d: dict, spec: str = ".3f", ratio: bool = False) -> str:
     if not (np.isfinite(lo) and np.isfinite(hi)):
         return f"{f(mean)} (CI n/a)"
     mde_text = f"±{(m - 1) * 100:.0f}%" if ratio else f"{m:{spec.lstrip('+')}}"
-    return f"{f(mean)} [{f(lo)}, {f(hi)}] (MDE {mde_text})" if np.isfinite(m) else f"{f(mean)} [{f(lo)}, {f(hi)}]"
+    interval = f"{f(mean)} [{f(lo)}, {f(hi)}]"
+    return f"{interval} (MDE {mde_text})" if np.isfinite(m) else interval

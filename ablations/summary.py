@@ -67,9 +67,11 @@ def group_entry(runs: list[Run], view: ProbeView | None, label: str) -> dict[str
     ci = lambda f: interval_dict(t_interval([f(r) for r in runs]))  # noqa: E731
     reached = sum(r.attrs.get("steps_to_threshold") is not None for r in runs)
     out = {"n_seeds": len(runs), "seeds": [r.seed for r in runs],
-           "lift": ci(lambda r: r.lift("train/reward")), "hard_lift": ci(lambda r: r.lift("train/reward_hard")),
+           "lift": ci(lambda r: r.lift("train/reward")),
+           "hard_lift": ci(lambda r: r.lift("train/reward_hard")),
            "auc": ci(lambda r: _num(r.attrs.get("auc"))), "final_acc": ci(lambda r: r.final("sampled")),
-           "final_acc_easy": ci(lambda r: r.final("sampled_easy")), "final_acc_hard": ci(lambda r: r.final("sampled_hard")),
+           "final_acc_easy": ci(lambda r: r.final("sampled_easy")),
+           "final_acc_hard": ci(lambda r: r.final("sampled_hard")),
            "final_acc_greedy": ci(lambda r: r.final("greedy")), "steps_to_threshold": ci(Run.steps_censored),
            "reached": f"{reached}/{len(runs)}", "wall_s": ci(lambda r: _num(r.attrs.get("wall_time_s")))}
     if view is not None:
@@ -86,7 +88,8 @@ def compare(by_group: dict[str, list[Run]], view: ProbeView | None, g: str, b: s
                            "verdict_text": {}}
     tests = {}
     for name, (value, higher) in DIFFS.items():
-        tests[name] = (paired({r.seed: value(r) for r in by_group[g]}, {r.seed: value(r) for r in by_group[b]}), higher)
+        tests[name] = (paired({r.seed: value(r) for r in by_group[g]},
+                              {r.seed: value(r) for r in by_group[b]}), higher)
     if view is not None:
         tests["snr_ratio"] = (differences(view.log_ratios(g, b), log=True), True)
         tests["hard_share_diff"] = (paired(view.values(g, "hard_share"), view.values(b, "hard_share")), True)
@@ -99,7 +102,8 @@ def compare(by_group: dict[str, list[Run]], view: ProbeView | None, g: str, b: s
         out["snr_ratio"]["probe_half_width"] = float(np.median(hw)) if hw else math.nan
         out["snr_ratio"]["probe_points"] = len(hw)
     out["decided"] = all(decided(tests[m][0], min_effect[m]) for m in DECIDING if m in tests)
-    out["false_positives"] = [m for m, (p, _) in tests.items() if p.excludes_null()] if kind == "aa_control" else None
+    excluding = [m for m, (p, _) in tests.items() if p.excludes_null()]
+    out["false_positives"] = excluding if kind == "aa_control" else None
     out["tests"] = sum(p.excludes_null() is not None for p, _ in tests.values())
     return out
 
@@ -115,7 +119,11 @@ def _by_verdict(comparisons: dict, metric: str) -> str:
 def claims(comparisons: dict, groups: dict, base: str) -> dict[str, dict]:
     """The seed post's three claims, each with a verdict line per estimator (comparisons against ``base``)."""
     mine = {k: c for k, c in comparisons.items() if c["kind"] == "comparison" and c["baseline"] == base}
-    lines = lambda m: [f"{c['group']} vs {base}: {c['verdict_text'][m]}" for c in mine.values() if m in c["verdict_text"]]  # noqa: E731
+
+    def lines(m: str) -> list[str]:
+        return [f"{c['group']} vs {base}: {c['verdict_text'][m]}"
+                for c in mine.values() if m in c["verdict_text"]]
+
     out = {}
     if any("snr_ratio" in c for c in mine.values()):
         out["baselines_lower_variance"] = {
@@ -123,17 +131,22 @@ def claims(comparisons: dict, groups: dict, base: str) -> dict[str, dict]:
             "summary": _by_verdict(mine, "snr_ratio"), "lines": lines("snr_ratio")}
     shares = [f"{g} {groups[g]['hard_share']['mean']:.3f}" for g in groups if "hard_share" in groups[g]
               and np.isfinite(groups[g]["hard_share"]["mean"])]
+    share_lines = []
+    if shares:
+        share_lines = [f"share of the gradient's squared norm from hard queries: {', '.join(shares)}"]
+        share_lines += [f"{c['group']} vs {base}, hard share: {c['verdict_text']['hard_share_diff']}"
+                        for c in mine.values() if "hard_share_diff" in c]
     out["group_credit_helps_hard_queries"] = {
-        "statement": f"(ii) group-relative credit helps hard queries: hard-query reward lift against `{base}`",
+        "statement": "(ii) group-relative credit helps hard queries: hard-query reward lift against "
+                     f"`{base}`",
         "summary": _by_verdict(mine, "hard_lift_diff"),
-        "lines": lines("hard_lift_diff") + ([f"share of the gradient's squared norm from hard queries: {', '.join(shares)}"]
-                                            + [f"{c['group']} vs {base}, hard share: {c['verdict_text']['hard_share_diff']}"
-                                               for c in mine.values() if "hard_share_diff" in c] if shares else [])}
+        "lines": lines("hard_lift_diff") + share_lines}
     out["advantages_speed_up_learning"] = {
-        "statement": f"(iii) advantages speed up learning: AUC of the reward curve against `{base}` (steps to "
-                     "threshold below, runs that never reach it counted at their length)",
+        "statement": f"(iii) advantages speed up learning: AUC of the reward curve against `{base}` (steps "
+                     "to threshold below, runs that never reach it counted at their length)",
         "summary": _by_verdict(mine, "auc_diff"),
-        "lines": lines("auc_diff") + [f"{c['group']} vs {base}, steps to threshold: {c['verdict_text']['steps_diff']}"
+        "lines": lines("auc_diff") + [f"{c['group']} vs {base}, steps to threshold: "
+                                      f"{c['verdict_text']['steps_diff']}"
                                       for c in mine.values()]}
     return out
 
@@ -147,11 +160,13 @@ def controls(runs: list[Run], by_group: dict, comparisons: dict) -> dict[str, An
             ests = [e for e in SHIFT_INVARIANT if e in found and "reward" in found]
             diff = {e: differences(snr_difference_by_seed(pool, e, "reward")).as_dict() for e in ests}
             ratio = {e: differences(log_ratio_by_seed(pool, e, "reward"), log=True).as_dict() for e in ests}
-            out["positive"] = {"comparison": c["group"], "snr_diff_vs_reward": diff, "snr_ratio_vs_reward": ratio,
+            out["positive"] = {"comparison": c["group"], "snr_diff_vs_reward": diff,
+                               "snr_ratio_vs_reward": ratio,
                                "detected": bool(diff) and all(d["lo"] > 0 for d in diff.values()),
                                "auc_diff": c["auc_diff"], "line": positive_line(diff, ratio)}
         elif c["kind"] == "aa_control":
-            out["aa"] = {"comparison": c["group"], "false_positives": c["false_positives"], "tests": c["tests"],
+            out["aa"] = {"comparison": c["group"], "false_positives": c["false_positives"],
+                         "tests": c["tests"],
                          "line": aa_line(c["false_positives"], c["tests"])}
     return out
 
@@ -202,7 +217,8 @@ def wall_seconds(study: optuna.Study) -> float:
 
 
 def min_effects(args: argparse.Namespace) -> dict[str, float]:
-    """The runner's ``--min-effect``/``--min-snr-effect`` overrides of ``DEFAULT_MIN_EFFECT`` that were given."""
+    """The runner's ``--min-effect``/``--min-snr-effect`` overrides of ``DEFAULT_MIN_EFFECT`` that were
+    given."""
     given = {"auc_diff": args.min_effect, "snr_ratio": args.min_snr_effect}
     return {k: float(v) for k, v in given.items() if v is not None}
 
@@ -228,7 +244,8 @@ def readme_table(summary: dict) -> str:
     by_group = {c["group"]: c for c in summary["comparisons"].values() if c["kind"] == "comparison"}
     probe = any("snr" in g for g in summary["groups"].values())
     head = ["group", "seeds", "lift", "AUC", "final acc (sampled)"] + (["SNR", "hard share"] if probe else [])
-    head += [f"AUC − {summary['baseline']}"] + ([f"SNR / {summary['baseline']}'s"] if probe else []) + ["verdicts (AUC; SNR)"]
+    head += [f"AUC − {summary['baseline']}"] + ([f"SNR / {summary['baseline']}'s"] if probe else [])
+    head += ["verdicts (AUC; SNR)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, g in summary["groups"].items():
         c = by_group.get(label)
@@ -245,7 +262,8 @@ def readme_table(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ablations.summary", description="Print the README's markdown table "
+    p = argparse.ArgumentParser(prog="python -m ablations.summary",
+                                description="Print the README's markdown table "
                                 "(groups, comparisons, verdicts) from a study's summary.json.")
     p.add_argument("summary", help="path to runs/ablate/<study>/summary.json")
     args = p.parse_args(argv)
@@ -255,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = json.loads(path.read_text())
     print(readme_table(summary))
-    print(f"\n{summary['n_trials']} trials, wall {summary['wall_s'] / 60:.1f} min; study `{summary['study']}`.")
+    print(f"\n{summary['n_trials']} trials, wall {summary['wall_s'] / 60:.1f} min; study "
+          f"`{summary['study']}`.")
     return 0
 
 

@@ -62,8 +62,10 @@ def _fmt(value: Any) -> str:
 
 
 def run_name(space: Space, params: dict[str, Any]) -> str:
-    """``advantage=rloo/seed=0``: the trial's params as a relative path (keys the space does not know last)."""
-    keys = [k for k in space_keys(space) if k in params] + sorted(k for k in params if k not in space_keys(space))
+    """``advantage=rloo/seed=0``: the trial's params as a relative path (keys the space does not know
+    last)."""
+    known = space_keys(space)
+    keys = [k for k in known if k in params] + sorted(k for k in params if k not in known)
     names = short_names(keys)
     return "/".join(f"{names[k]}={_fmt(params[k])}" for k in keys) or "trial"
 

@@ -4,7 +4,8 @@
 
 Every trial's overlay adds :class:`TrialTiming` as its last callback (after the probe, so the probe's own
 hooks run before this callback's and fall between its marks). It writes ``timing.json`` into the trial's
-TensorBoard directory at teardown, and the objective adds what happens outside the fit (``ablations/objective.py``).
+TensorBoard directory at teardown, and the objective adds what happens outside the fit
+(``ablations/objective.py``).
 The phases of one trial, in order (seconds):
 
 - ``start``: from the runner handing the trial over (``GRPO_LAB_TRIAL_START``, wall clock) to the CLI having
@@ -122,12 +123,13 @@ def finish(logdir: Path, fit_returned: float, read_done: float, in_process: bool
 
 
 def throughput(study, since: datetime.datetime) -> tuple[int, int]:
-    """``(trials, optimizer steps)`` of the study's trials that completed (or were pruned) after ``since``: the
-    numerator of trial-steps per second."""
+    """``(trials, optimizer steps)`` of the study's trials that completed (or were pruned) after ``since``:
+    the numerator of trial-steps per second."""
     from optuna.trial import TrialState
 
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-            if t.datetime_complete is not None and t.datetime_complete >= since and "last_step" in t.user_attrs]
+            if t.datetime_complete is not None and t.datetime_complete >= since
+            and "last_step" in t.user_attrs]
     return len(done), sum(int(t.user_attrs["last_step"]) + 1 for t in done)
 
 

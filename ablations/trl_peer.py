@@ -15,9 +15,9 @@ compared within seed intervals (the ``trl_parity`` space; ``ablations/spaces.py`
   β, AdamW's lr and weight decay, gradient clipping, constant learning rate, and the estimator and aggregation
   mapped to TRL's knobs (:func:`trl_settings`: ``group_norm`` is ``scale_rewards="group"``, ``token_mean`` is
   ``loss_type="dapo"`` ...). A setting TRL cannot express is a one-line error, not a silent difference;
-- **the same metrics**: ``train/reward`` (and ``train/reward_<difficulty>``) of every rollout batch, written to
-  TensorBoard in the trial's log directory at the optimizer step grpo_lab would log it, so the objective, the
-  summary and the report read a TRL trial like any other.
+- **the same metrics**: ``train/reward`` (and ``train/reward_<difficulty>``) of every rollout batch, written
+  to TensorBoard in the trial's log directory at the optimizer step grpo_lab would log it, so the objective,
+  the summary and the report read a TRL trial like any other.
 
 What is not the same, by construction: the random numbers (TRL samples its completions with its own
 generator calls), so the two peers' curves agree only in distribution: the report compares them by paired
@@ -33,7 +33,8 @@ from typing import Any
 
 from grpo_lab.errors import UserError, run_cli
 
-# grpo_lab's estimator -> TRL's scale_rewards (TRL always centres by the group mean), and aggregation -> loss_type
+# grpo_lab's estimator -> TRL's scale_rewards (TRL always centres by the group mean), and aggregation ->
+# loss_type
 SCALE_REWARDS = {"group_norm": "group", "mean_baseline": "none", "batch_norm": "batch"}
 LOSS_TYPES = {"token_mean": "dapo", "sequence_mean": "grpo", "constant": "dr_grpo"}
 DEFAULT_SETTINGS = {"objective": "clip", "importance_level": "token", "dynamic_sampling": False,
@@ -44,7 +45,8 @@ DEFAULT_SETTINGS = {"objective": "clip", "importance_level": "token", "dynamic_s
 
 def trl_settings(rl: dict[str, Any], optimizer: dict[str, Any] | None) -> dict[str, Any]:
     """``GRPOConfig`` keyword arguments for grpo_lab's RL settings ``rl`` (``module.hparams``) and optimizer
-    config (``{"class_path": ..., "init_args": {...}}``); a ``UserError`` for what TRL cannot do the same way."""
+    config (``{"class_path": ..., "init_args": {...}}``); a ``UserError`` for what TRL cannot do the same
+    way."""
     if rl["advantage"] not in SCALE_REWARDS:
         raise UserError(f"trl_peer: advantage {rl['advantage']!r} has no TRL equivalent; use one of "
                         f"{', '.join(SCALE_REWARDS)}")
@@ -55,10 +57,12 @@ def trl_settings(rl: dict[str, Any], optimizer: dict[str, Any] | None) -> dict[s
         raise UserError("trl_peer: TRL's KL penalty is the k3 estimator; set kl_estimator: k3")
     changed = [k for k, v in DEFAULT_SETTINGS.items() if k in rl and rl[k] != v]
     if changed:
-        raise UserError(f"trl_peer compares plain GRPO only; these settings differ from their defaults: {changed}")
+        raise UserError("trl_peer compares plain GRPO only; these settings differ from their defaults: "
+                        f"{changed}")
     opt = optimizer or {}
     if opt and opt.get("class_path", "torch.optim.AdamW") not in ("torch.optim.AdamW", "AdamW"):
-        raise UserError(f"trl_peer: optimizer {opt.get('class_path')!r}: only torch.optim.AdamW is mapped to TRL")
+        raise UserError(f"trl_peer: optimizer {opt.get('class_path')!r}: only torch.optim.AdamW is mapped to "
+                        "TRL")
     init = opt.get("init_args", {}) if opt else {}
     return {
         "num_generations": rl["num_generations"],
@@ -100,7 +104,8 @@ class RewardLog:
     that batch trains), and keeps the prompts it saw so tests can check the data order."""
 
     def __init__(self, fns, weights, writer, num_iterations: int, num_generations: int) -> None:
-        self.fns, self.weights, self.writer, self.mu, self.g = fns, weights, writer, num_iterations, num_generations
+        self.fns, self.weights, self.writer = fns, weights, writer
+        self.mu, self.g = num_iterations, num_generations
         self.calls = 0
         self.prompts: list[str] = []
         self.__name__ = "grpo_lab_rewards"
@@ -108,7 +113,8 @@ class RewardLog:
     def __call__(self, completions: list[str], prompts: list[str] | None = None, **columns) -> list[float]:
         from grpo_lab.rewards import score
 
-        keep = {k: v for k, v in columns.items() if k not in ("completion_ids", "trainer_state", "log_extra", "log_metric")}
+        trl_only = ("completion_ids", "trainer_state", "log_extra", "log_metric")
+        keep = {k: v for k, v in columns.items() if k not in trl_only}
         rewards = score(self.fns, completions, keep, self.weights).tolist()
         step = self.calls * self.mu
         self.writer.add_scalar("train/reward", sum(rewards) / len(rewards), step)
@@ -125,7 +131,8 @@ class RewardLog:
 
 
 def fit(argv: list[str]) -> RewardLog:
-    """Train the trial described by ``argv`` (``--config ... --config ...`` as for ``grpo-lab fit``) with TRL."""
+    """Train the trial described by ``argv`` (``--config ... --config ...`` as for ``grpo-lab fit``) with
+    TRL."""
     try:
         import datasets
         from trl import GRPOConfig, GRPOTrainer
@@ -149,7 +156,8 @@ def fit(argv: list[str]) -> RewardLog:
     model_dir = str(ensure_warm_start(module.policy_cfg, module.warm_start_cfg, dh.dataset)) \
         if module.warm_start_cfg.steps > 0 else module.policy_cfg.pretrained
     if model_dir is None:
-        raise UserError("trl_peer needs a model directory: a warm start (model.warm_start.steps > 0) or policy.pretrained")
+        raise UserError("trl_peer needs a model directory: a warm start (model.warm_start.steps > 0) or "
+                        "policy.pretrained")
     dm.setup("fit")
     rollouts = -(-steps // settings["num_iterations"])
     order = training_order(len(dm.train_set), dh.seed, dh.prompts_per_step, rollouts)
@@ -162,11 +170,13 @@ def fit(argv: list[str]) -> RewardLog:
     with torch.random.fork_rng(devices=[]):
         config = GRPOConfig(
             output_dir=str(log_dir / "trl"), seed=seed, use_cpu=True, bf16=False, fp16=False,
-            gradient_checkpointing=False, per_device_train_batch_size=dh.prompts_per_step * h["num_generations"],
+            gradient_checkpointing=False,
+            per_device_train_batch_size=dh.prompts_per_step * h["num_generations"],
             gradient_accumulation_steps=1, steps_per_generation=1, shuffle_dataset=False, max_steps=steps,
             report_to=[], logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
             log_completions=False, dataloader_num_workers=0, use_vllm=False,
-            model_init_kwargs={"dtype": torch.float32, "attn_implementation": module.policy_cfg.attn_implementation},
+            model_init_kwargs={"dtype": torch.float32,
+                               "attn_implementation": module.policy_cfg.attn_implementation},
             **{k: v for k, v in settings.items() if v is not None},
         )
         tok = module.tokenizer
@@ -180,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     sys.argv[1:] = []  # LightningCLI is given the arguments explicitly (cli_main(args)), not through sys.argv
     if not args or args[0] != "fit":
-        raise UserError("usage: python -m ablations.trl_peer fit --config BASE.yaml [--config OVERLAY.yaml ...]")
+        raise UserError("usage: python -m ablations.trl_peer fit --config BASE.yaml "
+                        "[--config OVERLAY.yaml ...]")
     fit(args[1:])
     return 0
 

@@ -1,4 +1,5 @@
-"""The `field` space's arms: the field's GRPO variants (README "The variants"), one factor at a time around GRPO.
+"""The `field` space's arms: the field's GRPO variants (README "The variants"), one factor at a time around
+GRPO.
 
 Data only (ablations/spaces.py registers the space). The baseline arm `grpo` is group_norm, token-level
 clip 0.2, token_mean, beta 0. Two settings are common to every arm so that each variant can act at all:
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-PROBE_ESTIMATORS = ("reward", "mean_baseline", "group_norm", "rloo", "batch_norm", "batch_whiten", "james_stein")
+PROBE_ESTIMATORS = ("reward", "mean_baseline", "group_norm", "rloo", "batch_norm", "batch_whiten",
+                    "james_stein")
 OVERLONG = {"model.rewards": ["exact_match", "overlong_penalty"], "model.overlong_buffer": 2}
 VARIANTS: dict[str, dict[str, Any]] = {
     "grpo": {},
@@ -23,7 +25,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "top_entropy_0.2": {"model.top_entropy_quantile": 0.2},
     "kl_loss_0.04": {"model.beta": 0.04},
     "kl_reward_0.04": {"model.beta": 0.04, "model.kl_in": "reward"},
-    "dr_grpo": {"model.advantage": "mean_baseline", "model.aggregation": "constant"},  # no std, no length norm
+    # no std, no length norm
+    "dr_grpo": {"model.advantage": "mean_baseline", "model.aggregation": "constant"},
     "rloo": {"model.advantage": "rloo"},
     "batch_norm": {"model.advantage": "batch_norm"},
     "batch_whiten": {"model.advantage": "batch_whiten"},

@@ -45,6 +45,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from grpo_lab.environment import thread_env
 from grpo_lab.processes import child_env, parent_death_preexec
 
 WORKER_MODULE = "ablations.worker"
@@ -54,7 +55,7 @@ class WorkerDied(RuntimeError):
     """The worker process ended while it held a request (killed, or its interpreter crashed)."""
 
 
-# ---- the worker process ----------------------------------------------------------------------------------
+# ---- the worker process --------------------------------------------------------------------------------
 def _torch_state():
     import torch
 
@@ -76,7 +77,8 @@ def _restore_torch(state) -> None:
 
 @contextlib.contextmanager
 def _output_to(path: str) -> Iterator[None]:
-    """File descriptors 1 and 2 (and so ``sys.stdout``/``sys.stderr``, Lightning's handlers, C code) to ``path``."""
+    """File descriptors 1 and 2 (and so ``sys.stdout``/``sys.stderr``, Lightning's handlers, C code) to
+    ``path``."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
@@ -137,7 +139,8 @@ def serve(threads: int) -> int:
     from grpo_lab.processes import die_with_parent
 
     die_with_parent()
-    sys.argv[1:] = []  # LightningCLI(args=...) warns about arguments on the command line: these are the worker's
+    # LightningCLI(args=...) warns about arguments on the command line: these are the worker's
+    sys.argv[1:] = []
     reply = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # between trials, stray output goes where the worker's stderr goes
     import torch
@@ -160,7 +163,7 @@ def serve(threads: int) -> int:
     return 0
 
 
-# ---- the runner side ----------------------------------------------------------------------------------------
+# ---- the runner side -----------------------------------------------------------------------------------
 class Worker:
     """One worker process and its pipes (used by one thread at a time: the pool hands it out)."""
 
@@ -176,7 +179,8 @@ class Worker:
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait()
-            raise WorkerDied(f"worker {self.proc.pid} ended with status {self.proc.returncode} during a trial")
+            raise WorkerDied(f"worker {self.proc.pid} ended with status {self.proc.returncode} "
+                             "during a trial")
         return json.loads(line)
 
     def run(self, argv: list[str], log: Path, env: dict[str, str]) -> int:
@@ -218,13 +222,12 @@ class WorkerPool:
         self._idle: list[Worker] = []
         self._lock = threading.Lock()
         # One long-lived thread forks every worker: the parent-death signal is tied to the forking thread.
-        self._spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-spawner")
+        self._spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                              thread_name_prefix="worker-spawner")
         self.started = 0
 
     def env(self) -> dict[str, str]:
-        t = str(self.threads)
-        return {**child_env(), "OMP_NUM_THREADS": t, "MKL_NUM_THREADS": t, "TOKENIZERS_PARALLELISM": "false",
-                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        return {**child_env(), **thread_env(self.threads)}
 
     def _start(self) -> Worker:
         import subprocess
@@ -234,7 +237,8 @@ class WorkerPool:
         def spawn():
             with open(self.log, "ab") as err:
                 return subprocess.Popen(
-                    [sys.executable, "-m", WORKER_MODULE, "--threads", str(self.threads), "--log", str(self.log)],
+                    [sys.executable, "-m", WORKER_MODULE, "--threads", str(self.threads), "--log",
+                     str(self.log)],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=self.env(), cwd=self.cwd,
                     text=True, bufsize=1, preexec_fn=parent_death_preexec())
 

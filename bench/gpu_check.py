@@ -202,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds for all steps (default 480 on a GPU, none in a dry run); each step's limit "
                         "is cut to what is left")
     p.add_argument("--probe-batches", type=int, default=None,
-                   help="the probe's K batches and reference batches (default 8 and 32 on a GPU); each batch's "
-                        "gradients are float64 rows of every parameter, kept on the CPU")
+                   help="the probe's K batches and reference batches (default 8 and 32 on a GPU); each "
+                        "batch's gradients are float64 rows of every parameter, kept on the CPU")
     args = p.parse_args(argv)
     plan = DRY if args.dry_run or os.environ.get("GPU_CHECK_DRY_RUN") == "1" else REAL
     if args.budget is not None:

@@ -6,7 +6,9 @@ tokenizers' own thread pool stays off (the machine's cores belong to torch, and 
 no hub progress bars. Every entry point calls :func:`configure_process` first thing: those that run
 through ``grpo_lab.errors.run_cli`` (``grpo-lab``, ``grpo-lab-ablate``, ``python -m grpo_lab.variance``,
 ``python -m grpo_lab.build_model``) get it there; the probe's precision run, the bench scripts and the test
-suite call it themselves. Code that starts another process gives it :func:`child_env`.
+suite call it themselves. Code that starts another process gives it :func:`child_env` (or
+``grpo_lab.processes.child_env``, which is that plus the request to die with its parent), and
+:func:`thread_env` when the child should use a given number of cores.
 
 A value the user already set wins over ours. ``huggingface_hub`` reads ``HF_HUB_OFFLINE`` when it is first
 imported (importing ``lightning`` imports it, through torchmetrics), so in the entry point's own process the
@@ -32,6 +34,12 @@ def child_env(base: Mapping[str, str] | None = None, **extra: str) -> dict[str, 
     """The environment of a child process: ``base`` (default ``os.environ``) with ``OFFLINE_ENV`` filled in
     where unset, then ``extra`` (which always wins)."""
     return {**OFFLINE_ENV, **(os.environ if base is None else base), **extra}
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` for a child that should use ``threads`` cores (torch's
+    intra-op pool reads them at import)."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
 def configure_process() -> None:

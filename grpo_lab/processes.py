@@ -26,6 +26,8 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from grpo_lab import environment
+
 PARENT_ENV = "GRPO_LAB_PARENT_PID"
 PR_SET_PDEATHSIG = 1
 
@@ -66,8 +68,9 @@ def _alive(pid: int) -> bool:
 
 
 def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """``env`` (default: this process's environment) plus the request that a child die with this process."""
-    return {**(os.environ if env is None else env), PARENT_ENV: str(os.getpid())}
+    """``grpo_lab.environment.child_env(env)`` (``env``, default this process's environment, with the offline
+    variables filled in where unset) plus the request that a child die with this process."""
+    return environment.child_env(env, **{PARENT_ENV: str(os.getpid())})
 
 
 def die_with_parent() -> bool:

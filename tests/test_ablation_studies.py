@@ -21,8 +21,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from ablations.run import make_storage, open_study, run_grid
+from ablations.run import open_study, run_grid
 from ablations.spaces import SPACES, Space
+from ablations.storage import make_storage
 from ablations.tensorboard_runs import run_name
 from grpo_lab.tensorboard_scalars import read_scalars
 from tests.conftest import ROOT
@@ -34,7 +35,8 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 # ---- slow: whole studies -----------------------------------------------------------------------------
 def _runner(root: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "ablations.run", "--space", "smoke", "--root", str(root), "--n-jobs", "2", *extra]
+    return [sys.executable, "-m", "ablations.run", "--space", "smoke", "--root", str(root), "--n-jobs", "2",
+            *extra]
 
 
 def _complete_by_point(db: Path) -> dict[tuple, list[int]]:
@@ -58,9 +60,11 @@ def test_smoke_study_end_to_end_until_decisive_and_resumed(tmp_path):
     assert len(done) == len(SPACES["smoke"].points()) and all(len(v) == 1 for v in done.values())
     study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{db}")
     t = study.get_trials(states=(TrialState.COMPLETE,))[0]
-    assert {"curves", "probe", "wall_time_s", "steps_to_threshold", "auc", "final", "command", "logdir"} <= set(t.user_attrs)
+    attrs = {"curves", "probe", "wall_time_s", "steps_to_threshold", "auc", "final", "command", "logdir"}
+    assert attrs <= set(t.user_attrs)
     assert "train/reward" in t.user_attrs["curves"] and "val/acc_sampled_easy" in t.user_attrs["curves"]
-    assert t.user_attrs["probe"] and {"snr", "snr_ratio", "cosine", "hard_share"} <= set(t.user_attrs["probe"][0])
+    probe_keys = {"snr", "snr_ratio", "cosine", "hard_share"}
+    assert t.user_attrs["probe"] and probe_keys <= set(t.user_attrs["probe"][0])
     out = tmp_path / "runs" / "ablate" / "smoke"
     assert (out / "report.md").is_file() and (out / "probe.png").is_file()
     trial_dir = Path(t.user_attrs["logdir"])  # runs/ablate/smoke/advantage=.../seed=.../trial_N
@@ -68,9 +72,11 @@ def test_smoke_study_end_to_end_until_decisive_and_resumed(tmp_path):
     assert (trial_dir / "trial.yaml").is_file() and (trial_dir / "fit.log").is_file()
     assert "hp_metric" not in read_scalars(trial_dir)  # Lightning's constant -1 is off
     _, rows = hparams_table(out)  # TensorBoard's HParams tab: one row per trial, named by its params
-    assert sorted(g["name"] for g in rows) == sorted(run_name(SPACES["smoke"], p) for p in SPACES["smoke"].points())
+    smoke = SPACES["smoke"]
+    assert sorted(g["name"] for g in rows) == sorted(run_name(smoke, p) for p in smoke.points())
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["wall_s"] > 0 and set(summary["comparisons"]) == {"rloo"} and summary["groups"]["rloo"]["n_seeds"] == 2
+    assert summary["wall_s"] > 0 and set(summary["comparisons"]) == {"rloo"}
+    assert summary["groups"]["rloo"]["n_seeds"] == 2
     n = len(study.get_trials())
     subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, timeout=600)
     assert len(study.get_trials()) == n and study.user_attrs["until_decisive"]["seeds"] == [0, 1]
@@ -90,7 +96,8 @@ def test_controls_end_to_end_at_small_shapes(tmp_path, monkeypatch):
     space = SPACES["controls_smoke"]
     study = open_study(space, "controls_smoke", make_storage(f"sqlite:///{tmp_path / 'c.db'}"))
     with WorkerPool(1, tmp_path / "workers.log") as pool:
-        run_grid(study, space, obj.Objective(space, tmp_path / "study", tmp_path / "runs", pool=pool), n_jobs=1)
+        run_grid(study, space, obj.Objective(space, tmp_path / "study", tmp_path / "runs", pool=pool),
+                 n_jobs=1)
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 9
     text = write_report(study, tmp_path / "report").read_text()
     controls = json.loads((tmp_path / "report" / "summary.json").read_text())["controls"]
@@ -98,8 +105,8 @@ def test_controls_end_to_end_at_small_shapes(tmp_path, monkeypatch):
     assert set(controls["positive"]["snr_diff_vs_reward"]) == {"mean_baseline", "group_norm", "rloo"}
     assert controls["aa"]["tests"] >= 5 and "A/A control:" in text and "No difference is claimed" in text
     assert "positive control DETECTED" in text
-    # The warm start is probed once per probe seed: the reward+3 and rloo+3 trials of a seed share it (3 hits),
-    # the A/A arm's seeds are its own; every end point is its own policy: 6 + 9 entries.
+    # The warm start is probed once per probe seed: the reward+3 and rloo+3 trials of a seed share it
+    # (3 hits), the A/A arm's seeds are its own; every end point is its own policy: 6 + 9 entries.
     hits = [t.number for t in study.get_trials(states=(TrialState.COMPLETE,))
             if any(r["cached"] for r in t.user_attrs["probe"] if r["fraction"] == 0.0)]
     assert len(hits) == 3 and len(list((tmp_path / "runs" / "probe_cache").glob("*.json"))) == 6 + 9
@@ -139,7 +146,8 @@ def _busy_worker(root: Path) -> int | None:
 def test_resume_after_sigkill_reruns_only_what_is_missing(tmp_path):
     root = tmp_path / "runs"
     db = root / "ablate" / "smoke.db"
-    proc = subprocess.Popen(_runner(root, "--grace-period", "3", "--no-report"), cwd=tmp_path, start_new_session=True,
+    proc = subprocess.Popen(_runner(root, "--grace-period", "3", "--no-report"), cwd=tmp_path,
+                            start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
@@ -152,7 +160,8 @@ def test_resume_after_sigkill_reruns_only_what_is_missing(tmp_path):
                 except (KeyError, sqlite3.OperationalError, Exception):  # study not created yet
                     first = {}
         assert first, "no trial completed in time"
-        assert len(first) < len(SPACES["smoke"].points()), "everything finished before the kill: nothing to resume"
+        assert len(first) < len(SPACES["smoke"].points()), \
+            "everything finished before the kill: nothing to resume"
         assert _fits_of(root), "the runner's workers should be alive before the kill"
         os.kill(proc.pid, signal.SIGKILL)  # the runner only: PR_SET_PDEATHSIG must take its workers down
         proc.wait()
@@ -168,7 +177,8 @@ def test_resume_after_sigkill_reruns_only_what_is_missing(tmp_path):
             pass
     done_numbers = sorted(n for v in first.values() for n in v)
     stamps = {n: _trial_log(root, n).stat().st_mtime_ns for n in done_numbers}
-    rerun = subprocess.run(_runner(root, "--grace-period", "3"), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(_runner(root, "--grace-period", "3"), cwd=tmp_path, capture_output=True, text=True,
+                           timeout=600)
     assert rerun.returncode == 0, f"the rerun failed:\n{rerun.stdout[-4000:]}\n{rerun.stderr[-4000:]}"
     done = _complete_by_point(db)
     assert len(done) == len(SPACES["smoke"].points()) and all(len(v) == 1 for v in done.values())
@@ -208,13 +218,15 @@ def test_a_killed_trial_fit_is_retried_and_counted_once(tmp_path, reuse):
     done = _complete_by_point(db)
     assert len(done) == len(SPACES["smoke"].points()) and all(len(v) == 1 for v in done.values())
     study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{db}")
-    assert any(t.state == TrialState.FAIL for t in study.get_trials()), "the killed trial should be recorded as failed"
+    assert any(t.state == TrialState.FAIL for t in study.get_trials()), \
+        "the killed trial should be recorded as failed"
 
 
 # ---- PostgreSQL: many workers, one study ---------------------------------------------------------------
 def _pg_worker(url: str, study_name: str) -> None:
     """One runner process without fits (see the PostgreSQL test)."""
-    space = Space(name="pg", description="pg", grid={"model.advantage": ["reward", "rloo"], "seed": [0, 1, 2]}, probe=None)
+    space = Space(name="pg", description="pg",
+                  grid={"model.advantage": ["reward", "rloo"], "seed": [0, 1, 2]}, probe=None)
     study = open_study(space, study_name, make_storage(url, grace_period=10))
     run_grid(study, space, _fake_objective(space, sleep=2.0), n_jobs=1)
 

@@ -19,9 +19,11 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
 from ablations import objective as obj
+from ablations.progress import point_status
 from ablations.pruning import DEFAULT_PRUNER, StudyPruning, make_pruner, pruned_at
-from ablations.run import build_parser, make_storage, open_study, point_status, run_grid
+from ablations.run import build_parser, open_study, run_grid
 from ablations.spaces import SPACES, ProbeSettings, Space, get_space
+from ablations.storage import make_storage
 from grpo_lab.cli import cli_main
 from tests.conftest import CONFIGS
 
@@ -33,7 +35,8 @@ def _sample_points(space: Space) -> list[dict]:
     """One point per group (seed 0 only) of a grid space, or the distributions' lower ends."""
     if space.is_grid:
         return [p for p in space.points() if p.get("seed", 0) == space.grid.get("seed", [0])[0]]
-    return [{k: getattr(d, "low", None) if hasattr(d, "low") else d.choices[0] for k, d in space.distributions.items()}]
+    return [{k: getattr(d, "low", None) if hasattr(d, "low") else d.choices[0]
+             for k, d in space.distributions.items()}]
 
 
 @pytest.mark.parametrize("name", sorted(SPACES))
@@ -41,8 +44,10 @@ def test_every_space_builds_overlays_that_grpo_lab_loads(name, tmp_path):
     space = SPACES[name]
     for i, params in enumerate(_sample_points(space)):
         trial_dir = tmp_path / str(i)
-        overlay = obj.write_overlay(obj.trial_overlay(space, params, trial_dir, tmp_path), trial_dir / "trial.yaml")
-        cli = cli_main(["--config", obj.resolve_config(space.base_config), "--config", str(overlay)], run=False)
+        overlay = obj.write_overlay(obj.trial_overlay(space, params, trial_dir, tmp_path),
+                                    trial_dir / "trial.yaml")
+        cli = cli_main(["--config", obj.resolve_config(space.base_config), "--config", str(overlay)],
+                       run=False)
         for key, value in space.trial_overrides(params).items():  # every key is a real config key, and set
             assert cli.config[key] == value, (name, params, key)
         assert Path(cli.trainer.log_dir).resolve() == trial_dir.resolve()
@@ -58,7 +63,8 @@ def test_seed_sets_the_rl_seed_the_data_order_and_the_probe():
     cb = ProbeSettings().callback("rloo", 2)
     assert cb["class_path"] == "grpo_lab.variance.GradientVarianceProbe" and cb["init_args"]["seed"] == 2
     assert ProbeSettings(estimators="own").callback("rloo", 0)["init_args"]["estimators"] == ["rloo"]
-    assert len(space.points()) == 12 and SPACES["strategies"].trial_overrides({"strategy": "ddp2"})["trainer.devices"] == 2
+    assert len(space.points()) == 12
+    assert SPACES["strategies"].trial_overrides({"strategy": "ddp2"})["trainer.devices"] == 2
     # prompts_per_step is global: every strategy sees the same batch (the base config's)
     assert all("data.prompts_per_step" not in SPACES["strategies"].trial_overrides({"strategy": s, "seed": 0})
                for s in ("single", "ddp1", "ddp2"))
@@ -73,7 +79,8 @@ def test_controls_offset_the_seed_stream_of_the_aa_arm_and_the_probe_follows(tmp
     assert a["model.reward_weights"] == [1.0, 3.0] and a["model.rewards"][1] == "ablations.controls:constant"
     cfg = obj.trial_overlay(space, {"arm": "rloo+3 (seeds+1000)", "seed": 2}, tmp_path / "t", tmp_path)
     (probe,) = cfg["trainer"]["callbacks"]
-    assert probe["init_args"]["seed"] == 1002 and probe["init_args"]["cache_dir"] == str(tmp_path / "probe_cache")
+    assert probe["init_args"]["seed"] == 1002
+    assert probe["init_args"]["cache_dir"] == str(tmp_path / "probe_cache")
     kinds = [c["kind"] for c in space.describe()["comparisons"]]
     assert kinds == ["positive_control", "aa_control"]
     assert space.points_for([7]) == [{"arm": arm, "seed": 7} for arm in space.grid["arm"]]
@@ -87,10 +94,12 @@ def test_seed_is_an_int_parameter_and_old_categorical_studies_still_resume(tmp_p
     assert space.suggest(trial) == {"model.advantage": "reward", "seed": 5}
     assert isinstance(trial.distributions["seed"], optuna.distributions.IntDistribution)
     old = optuna.create_study(storage=f"sqlite:///{tmp_path / 'b.db'}")
-    old.add_trial(_trial(TrialState.COMPLETE, {"model.advantage": "reward", "seed": 0}, 0, 1.0, grid=space.grid))
+    old.add_trial(_trial(TrialState.COMPLETE, {"model.advantage": "reward", "seed": 0}, 0, 1.0,
+                         grid=space.grid))
     old.enqueue_trial({"model.advantage": "reward", "seed": 1})
     trial = old.ask()
-    assert space.suggest(trial)["seed"] == 1 and isinstance(trial.distributions["seed"], CategoricalDistribution)
+    assert space.suggest(trial)["seed"] == 1
+    assert isinstance(trial.distributions["seed"], CategoricalDistribution)
 
 
 def test_space_registry_errors_and_import_paths(tmp_path, monkeypatch):
@@ -102,7 +111,8 @@ def test_space_registry_errors_and_import_paths(tmp_path, monkeypatch):
         Space(name="x", description="", grid={"v": ["a", "b"]}, presets={"v": {"a": {}}})
     (tmp_path / "my_spaces.py").write_text(
         "from ablations.spaces import Space\n"
-        "temp = Space(name='temp_test', description='t', grid={'model.temperature': [0.7, 1.0], 'seed': [0]})\n"
+        "temp = Space(name='temp_test', description='t', "
+        "grid={'model.temperature': [0.7, 1.0], 'seed': [0]})\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     space = get_space("my_spaces:temp")
@@ -112,7 +122,8 @@ def test_space_registry_errors_and_import_paths(tmp_path, monkeypatch):
 def test_every_runner_flag_has_help():
     parser = build_parser()
     flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
-    assert {"space", "study", "storage", "n_jobs", "no_report", "report_only", "root"} <= {a.dest for a in flags}
+    dests = {"space", "study", "storage", "n_jobs", "no_report", "report_only", "root"}
+    assert dests <= {a.dest for a in flags}
     assert all(a.help and len(a.help) > 10 for a in flags)
 
 
@@ -121,7 +132,8 @@ def test_curve_metrics_by_hand():
     line = [(s, s / 10) for s in range(11)]  # 0 -> 1 over 10 steps
     assert obj.auc(line) == pytest.approx(0.5) and obj.auc([(3, 0.2)]) == 0.2
     assert obj.steps_to_threshold(line, 0.5, window=3) == 6  # mean of steps 4, 5, 6 = 0.5
-    assert obj.steps_to_threshold([(0, 1.0), (1, 0.0), (2, 0.0)], 0.9, window=3) is None  # a lucky start is not enough
+    # a lucky start is not enough
+    assert obj.steps_to_threshold([(0, 1.0), (1, 0.0), (2, 0.0)], 0.9, window=3) is None
     long = [(s, float(s % 2)) for s in range(1000)]
     small = obj.downsample(long)
     assert len(small) == 200 and np.mean([v for _, v in small]) == pytest.approx(0.5)
@@ -131,7 +143,8 @@ def test_curve_metrics_by_hand():
 
 def test_run_fit_raises_with_the_log_tail(tmp_path):
     with pytest.raises(obj.FitFailed, match="(?s)exited with 3.*boom"):
-        obj.run_fit([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], tmp_path / "a.log", threads=1)
+        obj.run_fit([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], tmp_path / "a.log",
+                    threads=1)
 
 
 # ---- pruning: optuna-integration's callback inside the fit process ------------------------------------
@@ -178,10 +191,12 @@ def test_study_pruning_is_inert_on_a_finished_trial_and_checks_the_pruner(tmp_pa
 def test_a_tuning_trial_overlay_carries_the_pruning_callback_and_a_grid_one_does_not(tmp_path):
     pruning = {"storage": "sqlite:///x.db", "study_name": "s", "trial_number": 3}
     tune, grid = SPACES["tune_lr"], SPACES["default"]
-    cbs = obj.trial_overlay(tune, _sample_points(tune)[0], tmp_path, tmp_path, pruning=pruning)["trainer"]["callbacks"]
+    overlay = obj.trial_overlay(tune, _sample_points(tune)[0], tmp_path, tmp_path, pruning=pruning)
+    cbs = overlay["trainer"]["callbacks"]
     (cb,) = [c for c in cbs if c["class_path"] == "ablations.pruning.StudyPruning"]
     assert cb["init_args"] == {**pruning, "monitor": "val/acc_sampled", "pruner": DEFAULT_PRUNER}
-    cbs = obj.trial_overlay(grid, grid.points()[0], tmp_path, tmp_path, pruning=pruning)["trainer"]["callbacks"]
+    overlay = obj.trial_overlay(grid, grid.points()[0], tmp_path, tmp_path, pruning=pruning)
+    cbs = overlay["trainer"]["callbacks"]
     assert not [c for c in cbs if "pruning" in c["class_path"]]
 
 
@@ -190,7 +205,8 @@ def test_a_pruned_trial_stops_its_fit_early_and_keeps_its_curves(tmp_path, monke
     """A real fit with the callback from the overlay: a pruner that prunes everything stops it at the first
     validation (step 8 of 16), and the objective records the curves and raises TrialPruned."""
     monkeypatch.chdir(tmp_path)
-    space = Space(name="prune", description="prune", base_config="configs/ablate_smoke.yaml", probe=None, n_trials=1,
+    space = Space(name="prune", description="prune", base_config="configs/ablate_smoke.yaml", probe=None,
+                  n_trials=1,
                   distributions={"model.clip_high": optuna.distributions.FloatDistribution(0.2, 0.3)},
                   pruner={"class_path": "optuna.pruners.ThresholdPruner", "init_args": {"lower": 2.0}})
     url = f"sqlite:///{tmp_path / 'prune.db'}"
@@ -200,7 +216,8 @@ def test_a_pruned_trial_stops_its_fit_early_and_keeps_its_curves(tmp_path, monke
     study.optimize(objective, n_trials=1)
     (t,) = study.get_trials()
     assert t.state == TrialState.PRUNED, (tmp_path / "study" / "0" / "fit.log").read_text()[-2000:]
-    assert list(t.intermediate_values) == [8] and t.user_attrs["last_step"] == 7  # 8 optimizer steps (logged 0..7)
+    # 8 optimizer steps (logged 0..7)
+    assert list(t.intermediate_values) == [8] and t.user_attrs["last_step"] == 7
     assert "train/reward" in t.user_attrs["curves"]
 
 
@@ -214,7 +231,8 @@ def _trial(state, params, number_start, value=None, grid=None):
 
 def test_find_duplicate_prefers_complete_then_the_earlier_running_trial():
     p, q = {"model.advantage": "rloo", "seed": 0}, {"model.advantage": "reward", "seed": 0}
-    trials = [_trial(TrialState.COMPLETE, q, 0, 1.0), _trial(TrialState.RUNNING, p, 5), _trial(TrialState.FAIL, p, 1)]
+    trials = [_trial(TrialState.COMPLETE, q, 0, 1.0), _trial(TrialState.RUNNING, p, 5),
+              _trial(TrialState.FAIL, p, 1)]
     for i, t in enumerate(trials):
         t.number = i
     start = lambda s: datetime.datetime(2024, 1, 1) + datetime.timedelta(seconds=s)  # noqa: E731
@@ -247,10 +265,13 @@ def _key(**params):
 
 
 def test_run_grid_retries_failed_points_and_counts_each_point_once(tmp_path):
-    space = Space(name="t", description="t", grid={"model.advantage": ["reward", "rloo"], "seed": [0, 1]}, probe=None)
+    space = Space(name="t", description="t", grid={"model.advantage": ["reward", "rloo"], "seed": [0, 1]},
+                  probe=None)
     study = open_study(space, "t", make_storage(f"sqlite:///{tmp_path / 't.db'}"))
-    flaky, broken = _key(**{"model.advantage": "rloo", "seed": 0}), _key(**{"model.advantage": "reward", "seed": 1})
-    out = run_grid(study, space, _fake_objective(space, fail_first=[flaky], always_fail=[broken]), n_jobs=1, max_failures=2)
+    flaky = _key(**{"model.advantage": "rloo", "seed": 0})
+    broken = _key(**{"model.advantage": "reward", "seed": 1})
+    out = run_grid(study, space, _fake_objective(space, fail_first=[flaky], always_fail=[broken]), n_jobs=1,
+                   max_failures=2)
     status = point_status(study.get_trials(), space.points())
     assert status[flaky]["COMPLETE"] == 1 and status[flaky]["FAIL"] == 1  # failed once, retried, done
     assert status[broken]["COMPLETE"] == 0 and status[broken]["FAIL"] == 2  # bounded: gave up after 2
@@ -279,26 +300,32 @@ def test_until_decisive_adds_seeds_until_the_comparison_is_settled_and_resumes(t
     from ablations.sequential import parse_duration, run_until_decisive
     from ablations.summary import DEFAULT_MIN_EFFECT
 
-    assert (parse_duration("20m"), parse_duration("90s"), parse_duration("1.5h"), parse_duration("7")) == (1200, 90, 5400, 7)
+    durations = [parse_duration(text) for text in ("20m", "90s", "1.5h", "7")]
+    assert durations == [1200, 90, 5400, 7]
     with pytest.raises(ValueError, match="not a duration"):
         parse_duration("soon")
-    space = Space(name="d", description="d", grid={"model.advantage": ["reward", "rloo"], "seed": [2, 3]}, probe=None)
+    space = Space(name="d", description="d", grid={"model.advantage": ["reward", "rloo"], "seed": [2, 3]},
+                  probe=None)
     storage = make_storage(f"sqlite:///{tmp_path / 'd.db'}")
     study = open_study(space, "d", storage)
     objective = _effect_objective(space, {"reward": 0.0, "rloo": 0.05})
-    out = run_until_decisive(study, space, objective, 1, 3600, DEFAULT_MIN_EFFECT, round_seeds=2, say=lambda m: None)
+    out = run_until_decisive(study, space, objective, 1, 3600, DEFAULT_MIN_EFFECT, round_seeds=2,
+                             say=lambda m: None, storage=storage)
     assert out["reason"] == "every comparison is settled" and out["open"] == []
-    assert out["seeds"] == [2, 3, 4, 5]  # seeds 2, 3 differ by +0.05 and +0.01: t with 1 df cannot settle that
+    # seeds 2, 3 differ by +0.05 and +0.01: t with 1 df cannot settle that
+    assert out["seeds"] == [2, 3, 4, 5]
     status = point_status(study.get_trials(), space.points_for(out["seeds"]))
     assert all(c["COMPLETE"] == 1 for c in status.values())
     n = len(study.get_trials())
-    again = run_until_decisive(study, space, objective, 1, 3600, DEFAULT_MIN_EFFECT, say=lambda m: None)
+    again = run_until_decisive(study, space, objective, 1, 3600, DEFAULT_MIN_EFFECT, say=lambda m: None,
+                               storage=storage)
     assert again["seeds"] == out["seeds"] and len(study.get_trials()) == n  # resumed: nothing new to run
     # No effect, large noise, 2 threads (enqueued trials claimed at once: SerialPopRDBStorage), and a budget
     # below the next round's cost (2 groups x 2 seeds x 60 s / 2 workers): stops for the budget, says so.
     null = open_study(space, "null", storage)
-    out = run_until_decisive(null, space, _effect_objective(space, {"reward": 0.0, "rloo": 0.0}, sd=0.2, wall=60.0),
-                             2, 100, DEFAULT_MIN_EFFECT, say=lambda m: None)
+    out = run_until_decisive(null, space,
+                             _effect_objective(space, {"reward": 0.0, "rloo": 0.0}, sd=0.2, wall=60.0),
+                             2, 100, DEFAULT_MIN_EFFECT, say=lambda m: None, storage=storage)
     assert out["reason"].startswith("budget") and out["open"] == ["rloo"] and out["seeds"] == [2, 3]
 
 

@@ -39,3 +39,23 @@ def test_child_env_fills_in_what_is_unset_and_extra_wins():
     assert env["HF_HUB_OFFLINE"] == "0" and env["TRANSFORMERS_OFFLINE"] == "1"
     assert env["PYTHONWARNINGS"] == "ignore" and env["PATH"] == "/usr/bin"
     assert set(OFFLINE_ENV) <= set(env)
+
+
+def test_trial_and_worker_environments_come_from_the_one_rule(tmp_path, monkeypatch):
+    """A trial's fit (``objective.launch``) and a worker (``WorkerPool.env``) get the offline variables, the
+    thread count and the parent-death request from ``grpo_lab.environment`` and ``grpo_lab.processes``."""
+    from ablations.objective import launch
+    from ablations.worker import WorkerPool
+    from grpo_lab import processes
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")  # the user's own value wins here too
+    worker = WorkerPool(3, tmp_path / "workers.log").env()
+    proc = launch([sys.executable, "-c", "import json, os; print(json.dumps(dict(os.environ)))"],
+                  tmp_path / "fit.log", 3, env={"MKL_NUM_THREADS": "5"})
+    assert proc.wait(timeout=60) == 0
+    fit = json.loads((tmp_path / "fit.log").read_text())
+    for env in (worker, fit):
+        assert {k: env[k] for k in OFFLINE_ENV} == {**OFFLINE_ENV, "TRANSFORMERS_OFFLINE": "0"}
+        assert env["OMP_NUM_THREADS"] == "3" and env[processes.PARENT_ENV] == str(os.getpid())
+    assert worker["MKL_NUM_THREADS"] == "3" and fit["MKL_NUM_THREADS"] == "5"  # launch's env= wins

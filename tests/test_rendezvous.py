@@ -32,7 +32,8 @@ def test_a_listening_socket_is_seen_and_avoided():
 
 def test_only_lightnings_own_multi_process_environment_gets_a_port():
     def trainer(env, world=2, nodes=1):
-        return SimpleNamespace(strategy=SimpleNamespace(cluster_environment=env), world_size=world, num_nodes=nodes)
+        return SimpleNamespace(strategy=SimpleNamespace(cluster_environment=env), world_size=world,
+                               num_nodes=nodes)
 
     environ: dict[str, str] = {}
     port = choose_rendezvous_port(trainer(LightningEnvironment()), environ)

@@ -9,15 +9,15 @@ from collections import Counter
 import optuna
 from optuna.trial import TrialState
 
-from ablations.run import make_storage
+from ablations.storage import make_storage
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
 def test_threads_never_take_the_same_waiting_trial(tmp_path):
-    """Optuna pops a WAITING trial by a read "FOR UPDATE" then an update; SQLite ignores FOR UPDATE, so without
-    ``BEGIN IMMEDIATE`` two threads could both set one trial RUNNING and both run it (the runner then crashed
-    with "Cannot tell a COMPLETE trial"). Before the fix this loop gave 2-4 duplicates in 60 pops."""
+    """Optuna pops a WAITING trial by a read "FOR UPDATE" then an update; SQLite ignores FOR UPDATE, so
+    without ``BEGIN IMMEDIATE`` two threads could both set one trial RUNNING and both run it (the runner then
+    crashed with "Cannot tell a COMPLETE trial"). Before the fix this loop gave 2-4 duplicates in 60 pops."""
     storage = make_storage(f"sqlite:///{tmp_path / 's.db'}", grace_period=30)
     study = optuna.create_study(study_name="s", storage=storage)
     for i in range(60):
@@ -36,6 +36,7 @@ def test_threads_never_take_the_same_waiting_trial(tmp_path):
     for t in threads:
         t.join()
     counts = Counter(taken)
-    assert len(taken) >= 60 and all(n == 1 for n in counts.values()), {k: v for k, v in counts.items() if v > 1}
+    twice = {k: v for k, v in counts.items() if v > 1}
+    assert len(taken) >= 60 and all(n == 1 for n in counts.values()), twice
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     assert len(running) == len(taken)  # every ask got its own trial

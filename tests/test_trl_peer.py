@@ -8,7 +8,7 @@ from ablations.trl_peer import training_order, trl_settings
 from grpo_lab.config import RLConfig
 from grpo_lab.data import QueryDataModule
 from grpo_lab.errors import UserError
-from grpo_lab.logs import read_scalars
+from grpo_lab.tensorboard_scalars import read_scalars
 from tests.conftest import CONFIGS
 
 ADAMW = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-4, "weight_decay": 0.0}}
@@ -22,8 +22,10 @@ def _rl(**kw) -> dict:
 
 def test_settings_map_grpo_lab_knobs_to_trl():
     s = trl_settings(_rl(num_generations=16, max_new_tokens=4, clip_high=0.28, temperature=0.9), ADAMW)
-    assert (s["scale_rewards"], s["loss_type"], s["epsilon"], s["epsilon_high"]) == ("group", "dapo", 0.2, 0.28)
-    assert (s["num_generations"], s["max_completion_length"], s["temperature"], s["top_k"], s["top_p"]) == (16, 4, 0.9, 0, 1.0)
+    got = [s[k] for k in ("scale_rewards", "loss_type", "epsilon", "epsilon_high")]
+    assert got == ["group", "dapo", 0.2, 0.28]
+    got = [s[k] for k in ("num_generations", "max_completion_length", "temperature", "top_k", "top_p")]
+    assert got == [16, 4, 0.9, 0, 1.0]
     assert (s["learning_rate"], s["weight_decay"], s["max_grad_norm"], s["beta"]) == (3e-4, 0.0, 1.0, 0.0)
     assert trl_settings(_rl(advantage="mean_baseline", aggregation="constant"), ADAMW)[
         "scale_rewards"] == "none"

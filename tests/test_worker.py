@@ -1,5 +1,5 @@
-"""Trials in long-lived workers (``ablations/worker.py``): the same curves as a fresh process, exit statuses as
-``grpo-lab``'s, a dead worker fails its trial and is replaced, and no worker outlives a killed runner."""
+"""Trials in long-lived workers (``ablations/worker.py``): the same curves as a fresh process, exit statuses
+as ``grpo-lab``'s, a dead worker fails its trial and is replaced, and no worker outlives a killed runner."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ablations.spaces import SPACES
 from ablations.timing import CLASS_PATH as TIMING
 from ablations.worker import WorkerDied, WorkerPool
 from grpo_lab import processes
-from grpo_lab.logs import read_scalars
+from grpo_lab.tensorboard_scalars import read_scalars
 from tests.conftest import CONFIGS, ROOT
 
 SMOKE = ["--config", str(CONFIGS / "smoke.yaml"), "--trainer.enable_progress_bar", "false",
@@ -51,7 +51,8 @@ def _probe_rows(logdir: Path) -> list[dict]:
 @pytest.mark.slow
 def test_a_trial_logs_the_same_scalars_in_a_worker_after_another_trial_as_in_its_own_process(tmp_path):
     """The smoke trial (reward, seed 0) in its own process, then in one worker after another trial (rloo, seed
-    1) and once more: every logged scalar (train, validation, probe) and every probe row are equal, bit for bit."""
+    1) and once more: every logged scalar (train, validation, probe) and every probe row are equal, bit for
+    bit."""
     trial, other = {"model.advantage": "reward", "seed": 0}, {"model.advantage": "rloo", "seed": 1}
     cmd, fresh = _trial_cmd(tmp_path, trial, "fresh")
     obj.run_fit(cmd, fresh / "fit.log", threads=1)
@@ -63,7 +64,8 @@ def test_a_trial_logs_the_same_scalars_in_a_worker_after_another_trial_as_in_its
             runs.append(logdir)
         assert pool.started == 1  # one worker ran all three
     want = read_scalars(fresh)
-    assert {"train/reward", "train/loss", "train/grad_norm", "val/acc_sampled", "probe/snr_reward"} <= set(want)
+    tags = {"train/reward", "train/loss", "train/grad_norm", "val/acc_sampled", "probe/snr_reward"}
+    assert tags <= set(want)
     assert len(want["train/reward"]) == 16
     for logdir in runs[1:]:
         got = read_scalars(logdir)
@@ -79,25 +81,31 @@ def test_a_trial_logs_the_same_scalars_in_a_worker_after_another_trial_as_in_its
 
 @pytest.mark.slow
 def test_a_worker_answers_user_errors_and_crashes_with_grpo_labs_exit_status_and_goes_on(tmp_path):
-    (tmp_path / "broken_estimator.py").write_text("def boom(rewards, eps):\n    raise RuntimeError('estimator bug')\n")
+    (tmp_path / "broken_estimator.py").write_text("def boom(rewards, eps):\n"
+                                                  "    raise RuntimeError('estimator bug')\n")
     with WorkerPool(threads=1, log=tmp_path / "workers.log", cwd=tmp_path) as pool:
         log = tmp_path / "bad" / "fit.log"
         assert pool.run(_smoke_argv(tmp_path, "bad", "--model.advantage", "nope"), log) == 2
-        assert log.read_text().strip().splitlines()[-1].startswith("error: unknown advantage estimator 'nope'")
+        last = log.read_text().strip().splitlines()[-1]
+        assert last.startswith("error: unknown advantage estimator 'nope'")
         log = tmp_path / "crash" / "fit.log"
-        assert pool.run(_smoke_argv(tmp_path, "crash", "--model.advantage", "broken_estimator:boom"), log) == 1
+        crash = _smoke_argv(tmp_path, "crash", "--model.advantage", "broken_estimator:boom")
+        assert pool.run(crash, log) == 1
         text = log.read_text()
         assert "Traceback" in text and "RuntimeError: estimator bug" in text
         log = tmp_path / "ok" / "fit.log"
-        assert pool.run(_smoke_argv(tmp_path, "ok", "--model.advantage", "rloo"), log) == 0, log.read_text()[-2000:]
+        ok = _smoke_argv(tmp_path, "ok", "--model.advantage", "rloo")
+        assert pool.run(ok, log) == 0, log.read_text()[-2000:]
         assert len(read_scalars(tmp_path / "runs" / "ok")["train/reward"]) == 4
         assert pool.started == 1
-    assert "estimator bug" not in (tmp_path / "workers.log").read_text()  # each trial's output went to its log
+    # each trial's output went to its log
+    assert "estimator bug" not in (tmp_path / "workers.log").read_text()
 
 
 @pytest.mark.slow
 def test_a_killed_worker_fails_its_trial_and_the_next_trial_gets_a_fresh_one(tmp_path):
-    long = _smoke_argv(tmp_path, "long", "--trainer.max_steps", "100000", "--trainer.val_check_interval", "100000")
+    long = _smoke_argv(tmp_path, "long", "--trainer.max_steps", "100000", "--trainer.val_check_interval",
+                       "100000")
     with WorkerPool(threads=1, log=tmp_path / "workers.log") as pool:
         pool.prestart(1)
         (worker,) = pool._idle
