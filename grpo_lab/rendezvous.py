@@ -3,8 +3,9 @@
 Lightning's ``LightningEnvironment`` picks ``MASTER_PORT`` by binding port 0, closing the socket and handing
 the number to the ranks; rank 0's ``TCPStore`` binds it seconds later. The number comes from the kernel's
 ephemeral range, which every outgoing connection on the machine draws from too, and a sandboxed network
-stack may keep a just-closed port reserved: either way the store can fail with ``EADDRINUSE`` (seen in CI:
-"The server socket has failed to listen on any local network address ... address already in use").
+stack may keep a just-closed port reserved: either way the store can fail with ``EADDRINUSE`` ("The server
+socket has failed to listen on any local network address ... address already in use"). (The EADDRINUSE that
+CI saw had another cause: a test's in-process DDP fit left its port in ``MASTER_PORT``; tests/conftest.py.)
 
 ``pick_port`` instead draws a port below the ephemeral range (20000-32767, where the kernel never assigns
 one on its own) that no socket on the machine uses (``/proc/net/tcp`` and ``tcp6``, read, never bound),
