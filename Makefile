@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PYTHON  := $(BIN)/python
 # The offline environment variables are set by each program where it starts (grpo_lab/environment.py).
 
-.PHONY: install test test-fast lint smoke tiny warmstart tensorboard ablate ablate-smoke bench gpu-wheels gpu-check-dry math-sample clean
+.PHONY: install test test-serial test-fast lint smoke tiny warmstart tensorboard ablate ablate-smoke bench gpu-wheels gpu-check-dry math-sample clean
 
 install: $(BIN)/grpo-lab ## create .venv, torch (CPU file on disk) first, then the project with [dev]
 
@@ -17,7 +17,10 @@ $(BIN)/grpo-lab: pyproject.toml
 	$(PYTHON) -m pip install -q -e '.[dev]'
 	touch $@
 
-test: install ## the whole suite, fast and slow
+test: install ## the whole suite, fast and slow, on 2 pytest-xdist workers (CI has 2 cores)
+	$(BIN)/pytest -q -n 2
+
+test-serial: install ## the whole suite in one process (slower; for debugging a test's interaction with another)
 	$(BIN)/pytest -q
 
 test-fast: install
@@ -38,7 +41,7 @@ tiny: install
 tensorboard: install
 	$(BIN)/tensorboard --logdir runs
 
-ablate: install ## the default study: 4 estimators x 3 seeds, report under runs/ablate/default/
+ablate: install ## the default study: 4 estimators x 6 seeds, report under runs/ablate/default/
 	$(BIN)/grpo-lab-ablate --space default
 
 ablate-smoke: install

@@ -11,9 +11,9 @@ from grpo_lab.advantages import CLASSIC_ESTIMATORS
 
 register_space(Space(
     name="default",
-    description="advantage estimator x seed on the arithmetic mixture, one cached warm start, probe at 3 "
-                "points",
-    grid={"model.advantage": list(CLASSIC_ESTIMATORS), "seed": [0, 1, 2]},
+    description="advantage estimator x 6 seeds on the mostly-easy arithmetic mixture, one cached warm start, "
+                "probe at 3 points",
+    grid={"model.advantage": list(CLASSIC_ESTIMATORS), "seed": [0, 1, 2, 3, 4, 5]},
     baseline={"model.advantage": "reward"},
 ))
 
