@@ -12,7 +12,7 @@ from grpo_lab.advantages import CLASSIC_ESTIMATORS
 register_space(Space(
     name="default",
     description="advantage estimator x 6 seeds on the mostly-easy arithmetic mixture, one cached warm start, "
-                "probe at 3 points",
+                "probe at the warm start and the end",
     grid={"model.advantage": list(CLASSIC_ESTIMATORS), "seed": [0, 1, 2, 3, 4, 5]},
     baseline={"model.advantage": "reward"},
 ))

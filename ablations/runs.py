@@ -139,7 +139,7 @@ class ProbeView:
     Variance reduction is a property of an estimator at *fixed* parameters. When every trial probed every
     group's estimator (the default: all four on the same rollouts) and the groups are the estimators, a
     group's value for seed s is its estimator's metric averaged over the distinct probe points of the seed
-    (the warm start once, and each trial's middle and end): every estimator on exactly the same policies
+    (the warm start once, then each trial's own later points): every estimator on exactly the same policies
     and rollouts, paired. Otherwise each trial's own estimator along its own trajectory is used.
     """
 
@@ -155,8 +155,8 @@ class ProbeView:
     def description(self) -> str:
         if self.same_params:
             return ("each estimator measured on the same policies and rollouts: per seed, averaged over its "
-                    "distinct probe points (the warm start once, each trial's middle and end), paired across "
-                    "estimators")
+                    "distinct probe points (the warm start once, then each trial's own later points), paired "
+                    "across estimators")
         return "each trial's own estimator along its own training trajectory"
 
     def values(self, group: str, metric: str, fraction: float | None = None) -> dict[Any, float]:

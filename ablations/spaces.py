@@ -100,7 +100,7 @@ class ProbeSettings:
     num_batches: int = 64
     reference_batches: int = 0
     prompts_per_batch: int = 8
-    at_fractions: tuple[float, ...] = (0.0, 0.5, 1.0)
+    at_fractions: tuple[float, ...] = (0.0, 1.0)
 
     def callback(self, advantage: str | None, seed: int, cache_dir: str | None = None) -> dict:
         """The callback entry (``class_path`` + ``init_args``) for a trial's overlay."""

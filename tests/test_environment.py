@@ -10,7 +10,7 @@ from tests.conftest import ROOT
 
 PROGRAM = """
 import json, os
-import lightning, torch, transformers  # their own settings on import (TORCHINDUCTOR_CACHE_DIR ...) are not ours
+import lightning, torch, transformers  # they set their own variables on import: not ours to check
 before = dict(os.environ)
 import grpo_lab, grpo_lab.cli, grpo_lab.module, grpo_lab.variance
 from transformers.utils import logging
