@@ -73,3 +73,37 @@ def test_a_trl_trial_sees_grpo_labs_queries_in_order_and_logs_every_step(tmp_pat
     scalars = read_scalars(tmp_path / "run")
     assert [s for s, _ in scalars["train/reward"]] == [0, 1, 2] and "train/reward_easy" in scalars
     assert all(0.0 <= v <= 1.0 for _, v in scalars["train/reward"])
+
+
+@pytest.mark.slow
+def test_a_parity_study_runs_trl_trials_through_the_objective_and_compares_them(tmp_path, monkeypatch):
+    """``trl_parity`` at smoke size: the objective runs the peer=trl trial as ``python -m ablations.trl_peer``
+    in its own process and the grpo_lab one in a worker; both COMPLETE with curves, and the report pairs them
+    by seed."""
+    import json
+
+    from optuna.trial import TrialState
+
+    from ablations.objective import Objective
+    from ablations.report import write_report
+    from ablations.run import open_study, run_grid
+    from ablations.spaces import SPACES, Space
+    from ablations.storage import make_storage
+    from ablations.worker import WorkerPool
+
+    base = SPACES["trl_parity"]
+    space = Space(name="trl_parity_smoke", description="parity at smoke size", grid={**base.grid, "seed": [0]},
+                  presets=base.presets, base_config="configs/ablate_smoke.yaml", probe=None,
+                  overrides={**base.overrides, "trainer.max_steps": 3}, baseline=base.baseline)
+    monkeypatch.chdir(tmp_path)
+    study = open_study(space, "p", make_storage(f"sqlite:///{tmp_path / 'p.db'}"))
+    with WorkerPool(1, tmp_path / "workers.log") as pool:
+        run_grid(study, space, Objective(space, tmp_path / "study", tmp_path / "runs", pool=pool), n_jobs=1)
+    done = {t.params["peer"]: t for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    assert set(done) == {"grpo_lab", "trl"}
+    assert "ablations.trl_peer fit" in done["trl"].user_attrs["command"] and not done["trl"].user_attrs["in_process"]
+    assert "grpo_lab.cli fit" in done["grpo_lab"].user_attrs["command"] and done["grpo_lab"].user_attrs["in_process"]
+    assert all(t.user_attrs["last_step"] == 2 for t in done.values())
+    write_report(study, tmp_path / "report")
+    comparison = json.loads((tmp_path / "report" / "summary.json").read_text())["comparisons"]
+    assert [(c["group"], c["baseline"], c["n"]) for c in comparison.values()] == [("trl", "grpo_lab", 1)]
