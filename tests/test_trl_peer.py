@@ -92,7 +92,8 @@ def test_a_parity_study_runs_trl_trials_through_the_objective_and_compares_them(
     from ablations.worker import WorkerPool
 
     base = SPACES["trl_parity"]
-    space = Space(name="trl_parity_smoke", description="parity at smoke size", grid={**base.grid, "seed": [0]},
+    space = Space(name="trl_parity_smoke", description="parity at smoke size",
+                  grid={**base.grid, "seed": [0]},
                   presets=base.presets, base_config="configs/ablate_smoke.yaml", probe=None,
                   overrides={**base.overrides, "trainer.max_steps": 3}, baseline=base.baseline)
     monkeypatch.chdir(tmp_path)
@@ -101,8 +102,9 @@ def test_a_parity_study_runs_trl_trials_through_the_objective_and_compares_them(
         run_grid(study, space, Objective(space, tmp_path / "study", tmp_path / "runs", pool=pool), n_jobs=1)
     done = {t.params["peer"]: t for t in study.get_trials(states=(TrialState.COMPLETE,))}
     assert set(done) == {"grpo_lab", "trl"}
-    assert "ablations.trl_peer fit" in done["trl"].user_attrs["command"] and not done["trl"].user_attrs["in_process"]
-    assert "grpo_lab.cli fit" in done["grpo_lab"].user_attrs["command"] and done["grpo_lab"].user_attrs["in_process"]
+    trl, ours = done["trl"].user_attrs, done["grpo_lab"].user_attrs
+    assert "ablations.trl_peer fit" in trl["command"] and not trl["in_process"]
+    assert "grpo_lab.cli fit" in ours["command"] and ours["in_process"]
     assert all(t.user_attrs["last_step"] == 2 for t in done.values())
     write_report(study, tmp_path / "report")
     comparison = json.loads((tmp_path / "report" / "summary.json").read_text())["comparisons"]
