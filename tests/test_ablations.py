@@ -63,7 +63,7 @@ def test_seed_sets_the_rl_seed_the_data_order_and_the_probe():
     cb = ProbeSettings().callback("rloo", 2)
     assert cb["class_path"] == "grpo_lab.variance.GradientVarianceProbe" and cb["init_args"]["seed"] == 2
     assert ProbeSettings(estimators="own").callback("rloo", 0)["init_args"]["estimators"] == ["rloo"]
-    assert len(space.points()) == 12
+    assert len(space.points()) == 24  # 4 estimators x 6 seeds (issue 10: at least 6 seeds per arm)
     assert SPACES["strategies"].trial_overrides({"strategy": "ddp2"})["trainer.devices"] == 2
     # prompts_per_step is global: every strategy sees the same batch (the base config's)
     assert all("data.prompts_per_step" not in SPACES["strategies"].trial_overrides({"strategy": s, "seed": 0})
