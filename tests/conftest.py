@@ -12,6 +12,27 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 
 
+def alive(pid: int) -> bool:
+    """Alive and not a zombie (a killed child of a live parent stays a zombie until it is reaped), read from
+    /proc: the tests' own oracle, independent of ``grpo_lab.processes``."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def process_commands() -> list[tuple[int, str]]:
+    """``(pid, command line)`` of every process in /proc (zombies too: filter with :func:`alive`)."""
+    out = []
+    for d in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            cmd = d.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        out.append((int(d.parent.name), cmd))
+    return out
+
+
 def full_sequence_logprobs(model, r, temperature=1.0):
     """The reference log-probabilities ``[B, T]`` of a rollout's completions: one plain forward over the B
     full sequences (no prompt sharing, no KV cache), at ``temperature``."""

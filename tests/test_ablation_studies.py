@@ -26,7 +26,7 @@ from ablations.spaces import SPACES, Space
 from ablations.storage import make_storage
 from ablations.tensorboard_runs import run_name
 from grpo_lab.tensorboard_scalars import read_scalars
-from tests.conftest import ROOT
+from tests.conftest import ROOT, process_commands
 from tests.test_ablations import _fake_objective
 from tests.test_tensorboard import hparams_table
 
@@ -119,15 +119,8 @@ def _fits_of(root: Path, sub: str = "") -> list[int]:
     """Pids of live processes whose command line mentions ``root``: the runner's fits in their own process
     (``sub`` = "fit" leaves out the warm-start build) and its workers (``python -m ablations.worker --log
     <root>/...``), which run the trials in-process."""
-    pids = []
-    for d in glob.glob("/proc/[0-9]*/cmdline"):
-        try:
-            cmd = Path(d).read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(root) in cmd and (f"grpo_lab.cli {sub}" in cmd or "ablations.worker" in cmd):
-            pids.append(int(d.split("/")[2]))
-    return pids
+    return [pid for pid, cmd in process_commands()
+            if str(root) in cmd and (f"grpo_lab.cli {sub}" in cmd or "ablations.worker" in cmd)]
 
 
 def _busy_worker(root: Path) -> int | None:

@@ -3,7 +3,6 @@ SIGKILLs."""
 
 from __future__ import annotations
 
-import glob
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 
 from ablations.spaces import Space
 from grpo_lab import processes
-from tests.conftest import ROOT
+from tests.conftest import ROOT, alive, process_commands
 
 pytestmark = pytest.mark.skipif(not processes.supported(), reason="PR_SET_PDEATHSIG is Linux only")
 
@@ -48,14 +47,6 @@ def _wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _alive(pid: int) -> bool:
-    """Alive and not a zombie (a killed child of a live parent stays a zombie until it is reaped)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_die_with_parent_chains_through_grandchildren(tmp_path):
     """runner -> child -> grandchild, each started with ``child_env()`` and calling ``die_with_parent()``:
     SIGKILL of the runner takes both down, though the grandchild was not started by the runner."""
@@ -79,17 +70,17 @@ def test_die_with_parent_chains_through_grandchildren(tmp_path):
         # importing grpo_lab takes seconds
         _wait_for(ready.is_file, 120, "the grandchild to call die_with_parent")
         children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
-        assert _alive(gpid) and len(children) == 1
+        assert alive(gpid) and len(children) == 1
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        _wait_for(lambda: not _alive(children[0]) and not _alive(gpid), 10, "the child and grandchild to die")
+        _wait_for(lambda: not alive(children[0]) and not alive(gpid), 10, "the child and grandchild to die")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_a_zombie_parent_counts_as_gone():
     zombie = _python("pass")
-    _wait_for(lambda: not _alive(zombie.pid), 60, "the child to exit")  # exited, not reaped: a zombie
+    _wait_for(lambda: not alive(zombie.pid), 60, "the child to exit")  # exited, not reaped: a zombie
     assert not processes._alive(zombie.pid) and processes._alive(os.getpid())
     zombie.wait()
 
@@ -116,15 +107,8 @@ def test_without_the_request_nothing_changes():
 
 def _trial_processes(root: Path) -> list[int]:
     """Live processes whose command line is a fit of a trial under ``root`` (rank 0 and rank 1 alike)."""
-    pids = []
-    for d in glob.glob("/proc/[0-9]*/cmdline"):
-        try:
-            cmd = Path(d).read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(root) in cmd and "grpo_lab.cli fit" in cmd and _alive(int(d.split("/")[2])):
-            pids.append(int(d.split("/")[2]))
-    return pids
+    return [pid for pid, cmd in process_commands()
+            if str(root) in cmd and "grpo_lab.cli fit" in cmd and alive(pid)]
 
 
 @pytest.mark.slow
@@ -147,9 +131,9 @@ def test_sigkill_of_the_runner_kills_both_ranks_of_a_ddp_trial(tmp_path):
         # machine) and reaches die_with_parent. Without it, rank 1 would wait for torch's 30-minute
         # rendezvous timeout.
         deadline = time.time() + 180
-        while time.time() < deadline and any(_alive(p) for p in ranks):
+        while time.time() < deadline and any(alive(p) for p in ranks):
             time.sleep(0.2)
-        survivors = [p for p in ranks if _alive(p)]
+        survivors = [p for p in ranks if alive(p)]
         log = root / "ablate" / "ddp2_kill" / "0" / "fit.log"
         assert not survivors, (f"trial processes {survivors} outlived the runner; fit.log:\n"
                                f"{log.read_text()[-2000:]}")

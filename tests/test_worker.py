@@ -20,7 +20,7 @@ from ablations.timing import CLASS_PATH as TIMING
 from ablations.worker import WorkerDied, WorkerPool
 from grpo_lab import processes
 from grpo_lab.tensorboard_scalars import read_scalars
-from tests.conftest import CONFIGS, ROOT
+from tests.conftest import CONFIGS, ROOT, alive
 
 SMOKE = ["--config", str(CONFIGS / "smoke.yaml"), "--trainer.enable_progress_bar", "false",
          "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]"]
@@ -166,22 +166,15 @@ def test_sigkill_of_the_runner_kills_its_workers_started_from_any_thread(tmp_pat
             time.sleep(0.2)
         workers = [int(p) for p in pids.read_text().split()]
         time.sleep(2.0)  # the thread that asked for them is gone; they must still be alive
-        assert len(workers) == 2 and all(_alive(p) for p in workers)
+        assert len(workers) == 2 and all(alive(p) for p in workers)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         deadline = time.time() + 30
-        while time.time() < deadline and any(_alive(p) for p in workers):
+        while time.time() < deadline and any(alive(p) for p in workers):
             time.sleep(0.2)
-        assert not [p for p in workers if _alive(p)]
+        assert not [p for p in workers if alive(p)]
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
