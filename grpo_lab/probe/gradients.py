@@ -75,8 +75,9 @@ def _basis(cotangents: Tensor, rtol: float = 1e-5) -> tuple[Tensor, Tensor]:
 
 
 def _backward(logprobs: Tensor, cotangents: Tensor, params: list[Tensor]) -> Tensor:
-    """``[n, D]`` (float64): J_θᵀ c for each row c of ``cotangents`` ``[n, *logprobs.shape]``, through one
-    backward pass per vector of a basis of their span."""
+    """``[n, D]`` (float32, CPU): J_θᵀ c for each row c of ``cotangents`` ``[n, *logprobs.shape]``, through
+    one backward pass per vector of a basis of their span (the basis found in float64, the rows combined in
+    float32: a float64 copy of every row cost more than the backward passes)."""
     d = sum(p.numel() for p in params)
     basis, coefs = _basis(cotangents.flatten(1))
     grads = []
@@ -85,8 +86,8 @@ def _backward(logprobs: Tensor, cotangents: Tensor, params: list[Tensor]) -> Ten
                                   grad_outputs=basis[i].view_as(logprobs).to(logprobs.dtype),
                                   retain_graph=i < basis.shape[0] - 1, allow_unused=True)
         grads.append(_flat(out, params))
-    stacked = torch.stack(grads).double() if grads else torch.zeros(0, d, dtype=torch.float64)
-    return coefs.to(stacked.device) @ stacked  # the gradients are kept on the CPU (float64 rows of D)
+    stacked = torch.stack(grads) if grads else torch.zeros(0, d)  # [r, D] on the CPU
+    return coefs.to(device=stacked.device, dtype=stacked.dtype) @ stacked
 
 
 def batch_gradients(module, batch: list[dict], estimators: Sequence[str], reference: str | None = None,
@@ -132,11 +133,12 @@ def batch_gradients(module, batch: list[dict], estimators: Sequence[str], refere
             cots.append(torch.autograd.grad(loss, leaf)[0])
         cots = torch.stack(cots)  # [n, B, T]
         grads = {p.start: _backward(lp, cots[:, p], params) for p, lp in zip(parts, logprobs, strict=True)}
-    zero = torch.zeros(len(vectors), sum(p.numel() for p in params), dtype=torch.float64)
-    inside = grads.get(0, zero) if split is not None and cut > 0 else zero  # [n, D]
-    total = -sum(grads.values()).float()  # ascent directions [n, D]
+    total = -torch.stack(list(grads.values())).sum(0)  # ascent directions [n, D]
+    hard = None
+    if split is not None:
+        inside = -grads[0] if cut > 0 else torch.zeros_like(total)  # [n, D]
+        hard = {name: inside[i] for i, name in enumerate(names)}
     full = {name: total[i] for i, name in enumerate(names)}
-    hard = None if split is None else {name: -inside[i].float() for i, name in enumerate(names)}
     return BatchGradients(full, hard, total[len(names)] if reference is not None else None)
 
 

@@ -198,6 +198,7 @@ class GramAccumulator:
         self.g_dot_r = dict.fromkeys(self.names, 0.0)
         self.sum_r: Tensor | None = None
         self.r_sq, self.n_ref = 0.0, 0
+        self._grams: dict[str, np.ndarray] | None = None  # computed once the batches are in
 
     def add(self, grads: dict[str, Tensor], hard: dict[str, Tensor] | None = None,
             reference: Tensor | None = None) -> None:
@@ -206,29 +207,37 @@ class GramAccumulator:
         first = grads[self.names[0]]
         if self.store is None:
             self.store = torch.zeros(len(self.names), self.capacity, first.numel(), dtype=torch.float32)
+        r = None if reference is None else reference.detach().flatten().float()
         for i, name in enumerate(self.names):
-            g = grads[name].detach().flatten()
-            self.store[i, self.k] = g
-            if hard is not None:
-                h = hard[name].detach().flatten().double()
-                self.sum_h[name] = self.sum_h.get(name, 0.0) + h
-                self.h_dot_g[name] += float(h.dot(g.double()))
-            if reference is not None:
-                self.g_dot_r[name] += float(g.double().dot(reference.detach().flatten().double()))
+            g = self.store[i, self.k]
+            g.copy_(grads[name].detach().flatten())
+            if hard is not None:  # float32 dot products (blocked sums), float64 running sums
+                h = hard[name].detach().flatten().float()
+                if name not in self.sum_h:
+                    self.sum_h[name] = torch.zeros(h.numel(), dtype=torch.float64)
+                self.sum_h[name] += h
+                self.h_dot_g[name] += float(h.dot(g))
+            if r is not None:
+                self.g_dot_r[name] += float(g.dot(r))
         self.k += 1
+        self._grams = None
         if reference is not None:
             self.add_reference(reference)
 
     def add_reference(self, reference: Tensor) -> None:
-        r = reference.detach().flatten().double()
-        self.sum_r = r.clone() if self.sum_r is None else self.sum_r + r
+        r = reference.detach().flatten().float()
+        if self.sum_r is None:
+            self.sum_r = torch.zeros(r.numel(), dtype=torch.float64)
+        self.sum_r += r
         self.r_sq += float(r.dot(r))
         self.n_ref += 1
 
     def grams(self, chunk: int = 1 << 16) -> dict[str, np.ndarray]:
-        """Each estimator's Gram matrix ``[K, K]`` in float64 (computed in column chunks)."""
+        """Each estimator's Gram matrix ``[K, K]`` in float64 (computed in column chunks, once)."""
         if self.store is None or self.k < 2:
             raise ValueError(f"need K >= 2 gradient estimates to estimate a variance, got K={self.k}")
+        if self._grams is not None:
+            return self._grams
         out = {}
         for i, name in enumerate(self.names):
             x = self.store[i, : self.k]
@@ -237,6 +246,7 @@ class GramAccumulator:
                 part = x[:, lo : lo + chunk].double()
                 gram += part @ part.T
             out[name] = gram.numpy()
+        self._grams = out
         return out
 
     def statistics(self) -> dict[str, dict[str, float | None]]:
@@ -251,7 +261,7 @@ class GramAccumulator:
         for i, name in enumerate(self.names):
             s = {**gram_statistics(grams[name]), "cosine": None, "reference_snr": None,
                  "hard_share": None, "hard_signal_share": None}
-            sum_g = self.store[i, :k].double().sum(0)
+            sum_g = self.store[i, :k].sum(0, dtype=torch.float64)
             signal = s["signal"]
             if ref_signal is not None:
                 cross = u_statistic(float(sum_g.dot(self.sum_r)), self.g_dot_r[name], k * (self.n_ref - 1))
