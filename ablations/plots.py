@@ -103,10 +103,6 @@ def plot_easy_hard(by_group: dict[str, list[Run]], path: Path) -> Path:
     return path
 
 
-def probe_fractions(runs: list[Run]) -> list[float]:
-    return sorted({round(float(r["fraction"]), 6) for run in runs for r in run.probe_rows()})
-
-
 def plot_probe(view: ProbeView, fractions: list[float], path: Path) -> Path:
     metrics = [("snr", "SNR  S / V  ≈  ‖E g‖² / tr Cov(g)"),
                ("hard_share", "share of ‖g‖² from hard queries")]

@@ -20,8 +20,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from ablations.plots import POINT_NAMES, plot_easy_hard, plot_probe, plot_reward_curves, probe_fractions
-from ablations.runs import ProbeView, Run, load_runs, ordered_groups
+from ablations.plots import POINT_NAMES, plot_easy_hard, plot_probe, plot_reward_curves
+from ablations.runs import ProbeView, Run, load_runs, ordered_groups, probe_fractions
 from ablations.stats import fmt_ci, fmt_diff, t_interval
 from ablations.summary import build_summary, write_summary
 
@@ -112,6 +112,27 @@ def controls_lines(summary: dict, out_dir: Path) -> list[str]:
             "a reward shift (positive control) and claims nothing between identical arms (A/A)."]
 
 
+def point_ratio_lines(summary: dict, names: list[str], fractions: list[float]) -> list[str]:
+    """Each comparison's SNR ratio at each probe point alone, pooled over seeds (``by_point``), with its
+    half-width relative to the ratio."""
+    rows = []
+    for c in summary["comparisons"].values():
+        by_point = c.get("snr_ratio", {}).get("by_point") or {}
+        cells = []
+        for f in fractions:
+            d = by_point.get(f"{f:g}")
+            half = (d["hi"] - d["lo"]) / 2 / d["mean"] if d and d["mean"] > 0 else math.nan
+            cells.append(f"{fmt_diff({**d, 'mde': math.nan}, '.3g', ratio=True)} (±{half:.0%}, n = {d['n']})"
+                         if d and math.isfinite(half) else "n/a")
+        rows.append(f"| {c['group']} vs {c['baseline']} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return (["SNR ratio at each probe point alone (per seed the mean log ratio over the seed's points there, "
+             "then the t-interval over seeds; ± is the half-width relative to the ratio):", "",
+             "| comparison | " + " | ".join(f"SNR ratio @ {n}" for n in names) + " |",
+             "|" + "---|" * (len(names) + 1)] + rows + [""])
+
+
 def probe_lines(by_group: dict[str, list[Run]], view: ProbeView, fractions: list[float],
                 summary: dict) -> list[str]:
     names = [POINT_NAMES.get(f, f"{f:g}") for f in fractions]
@@ -120,8 +141,9 @@ def probe_lines(by_group: dict[str, list[Run]], view: ProbeView, fractions: list
                        for c in summary["comparisons"].values()
                        if math.isfinite(c.get("snr_ratio", {}).get("probe_half_width", math.nan)))
     md = [f"How: {view.description}. The probe's own paired interval of an SNR ratio at one point has a "
-          "median half-width of " + widths + " of the ratio; the comparisons pool the points and seeds.", "",
-          "| group | " + " | ".join(f"SNR @ {n}" for n in names) + " | "
+          "median half-width of " + widths + " of the ratio; the comparisons pool the points and seeds.", ""]
+    md += point_ratio_lines(summary, names, fractions)
+    md += ["| group | " + " | ".join(f"SNR @ {n}" for n in names) + " | "
           + " | ".join(f"hard share @ {n}" for n in names) + " |", "|" + "---|" * (2 * len(fractions) + 1)]
     for g in by_group:
         cells = [fmt_ci(t_interval(list(view.values(g, m, f).values())), spec)

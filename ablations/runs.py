@@ -97,10 +97,18 @@ def points(runs: list[Run]) -> dict[Any, list[dict[str, dict]]]:
     return {seed: list(pts.values()) for seed, pts in out.items()}
 
 
-def log_ratio_by_seed(runs: list[Run], estimator: str, base: str) -> dict[Any, float]:
-    """Per seed, the mean over its probe points of log(SNR_estimator / SNR_base), both measured on the same
-    rollouts at each point (paired). Points where either SNR is not positive are left out."""
-    return _by_seed(runs, estimator, base, lambda a, b: math.log(a / b) if a > 0 and b > 0 else math.nan)
+def probe_fractions(runs: list[Run]) -> list[float]:
+    """The fractions of training at which the runs were probed, sorted (0: the warm start)."""
+    return sorted({round(float(r["fraction"]), 6) for run in runs for r in run.probe_rows()})
+
+
+def log_ratio_by_seed(runs: list[Run], estimator: str, base: str,
+                      fraction: float | None = None) -> dict[Any, float]:
+    """Per seed, the mean over its probe points (those at ``fraction`` only, when given) of
+    log(SNR_estimator / SNR_base), both measured on the same rollouts at each point (paired). Points where
+    either SNR is not positive are left out."""
+    return _by_seed(runs, estimator, base, lambda a, b: math.log(a / b) if a > 0 and b > 0 else math.nan,
+                    fraction)
 
 
 def snr_difference_by_seed(runs: list[Run], estimator: str, base: str) -> dict[Any, float]:
@@ -109,11 +117,12 @@ def snr_difference_by_seed(runs: list[Run], estimator: str, base: str) -> dict[A
     return _by_seed(runs, estimator, base, lambda a, b: a - b)
 
 
-def _by_seed(runs: list[Run], estimator: str, base: str, how) -> dict[Any, float]:
+def _by_seed(runs: list[Run], estimator: str, base: str, how,
+             fraction: float | None = None) -> dict[Any, float]:
     out = {}
     for seed, pts in points(runs).items():
-        vals = [how(_num(p[estimator].get("snr")),
-                    _num(p[base].get("snr"))) for p in pts if estimator in p and base in p]
+        vals = [how(_num(p[estimator].get("snr")), _num(p[base].get("snr"))) for p in pts
+                if estimator in p and base in p and (fraction is None or _at(p[estimator], fraction))]
         vals = [v for v in vals if np.isfinite(v)]
         if vals:
             out[seed] = float(np.mean(vals))
@@ -169,12 +178,14 @@ class ProbeView:
                                   and (fraction is None or _at(p[est], fraction)))
         return out
 
-    def log_ratios(self, group: str, base: str) -> dict[Any, float]:
-        """Per seed, the log SNR ratio of ``group`` to ``base``: paired on the same rollouts when the
-        estimators were probed together, else the runs' own geometric-mean SNRs."""
+    def log_ratios(self, group: str, base: str, fraction: float | None = None) -> dict[Any, float]:
+        """Per seed, the log SNR ratio of ``group`` to ``base`` (over the probe points at ``fraction`` only,
+        when given): paired on the same rollouts when the estimators were probed together, else the runs'
+        own geometric-mean SNRs."""
         if self.same_params:
-            return log_ratio_by_seed(self.runs, self.estimator[group], self.estimator[base])
-        own = {g: {r.seed: _mean(math.log(v) for v in (_num(x.get("snr")) for x in r.probe_rows()) if v > 0)
+            return log_ratio_by_seed(self.runs, self.estimator[group], self.estimator[base], fraction)
+        own = {g: {r.seed: _mean(math.log(v) for v in (_num(x.get("snr")) for x in r.probe_rows()
+                                                         if fraction is None or _at(x, fraction)) if v > 0)
                    for r in self.by_group[g]} for g in (group, base)}
         return {s: own[group][s] - own[base][s] for s in own[group] if s in own[base]}
 

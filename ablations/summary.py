@@ -15,7 +15,9 @@ Schema (metrics are objects ``{"mean", "lo", "hi"}``, 95% Student-t intervals ov
 
 ``snr_ratio`` is a ratio: its mean/lo/hi are exp of the mean/interval of the per-seed log ratios (a
 geometric mean) and its ``mde`` a factor (1.15: ratios beyond ×1.15 or below ÷1.15 would be detected);
-``probe_half_width`` is the median relative half-width of the probe's own per-point intervals. A verdict
+``probe_half_width`` is the median relative half-width of the probe's own per-point intervals, and
+``by_point`` the same ratio at one probe point only (key: the fraction of training, "0" the warm start),
+``{"mean", "lo", "hi", "mde", "n"}`` pooled over seeds like the ratio itself. A verdict
 (``stats.verdict``) is ``holds``, ``does not hold`` or ``cannot tell``, and ``verdict_text`` says why.
 """
 
@@ -41,6 +43,7 @@ from ablations.runs import (
     log_ratio_by_seed,
     ordered_groups,
     point_half_widths,
+    probe_fractions,
     snr_difference_by_seed,
 )
 from ablations.stats import decided, differences, interval_dict, paired, t_interval, verdict
@@ -101,6 +104,9 @@ def compare(by_group: dict[str, list[Run]], view: ProbeView | None, g: str, b: s
         hw = point_half_widths(view.runs, view.estimator[g], view.estimator[b])
         out["snr_ratio"]["probe_half_width"] = float(np.median(hw)) if hw else math.nan
         out["snr_ratio"]["probe_points"] = len(hw)
+    if view is not None:  # the same ratio at each probe point alone (the warm start; each trial's end)
+        out["snr_ratio"]["by_point"] = {f"{f:g}": differences(view.log_ratios(g, b, f), log=True).as_dict()
+                                        for f in probe_fractions(view.runs)}
     out["decided"] = all(decided(tests[m][0], min_effect[m]) for m in DECIDING if m in tests)
     excluding = [m for m, (p, _) in tests.items() if p.excludes_null()]
     out["false_positives"] = excluding if kind == "aa_control" else None

@@ -167,6 +167,32 @@ def test_summary_json_schema(tmp_path):
     assert "| `rloo` | 3 |" in table and "×3" in table and "holds" in table
 
 
+def test_snr_ratio_at_each_probe_point_alone(tmp_path):
+    """rloo/reward is ×2 at the warm start and ×4 at every trial's end: the pooled ratio averages a seed's
+    points on the log scale (the warm start once, the 3 trials' ends), each point alone keeps its own."""
+    space = SPACES["default"]
+    study = optuna.create_study(study_name="points", storage=f"sqlite:///{tmp_path / 's.db'}",
+                                direction="maximize")
+    study.set_user_attr("space", space.describe())
+    rng = np.random.default_rng(0)
+    for est in ("reward", "rloo", "group_norm"):
+        for seed in (0, 1, 2):
+            probe = (_probe({"reward": 0.1, "rloo": 0.2, "group_norm": 0.1}, seed, fractions=(0.0,))
+                     + _probe({"reward": 0.1, "rloo": 0.4, "group_norm": 0.05}, seed, fractions=(1.0,)))
+            _add(study, {"model.advantage": est, "seed": seed}, _attrs(rng, 0.001, seed, probe), space.grid)
+    text = write_report(study, tmp_path / "out").read_text()
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    rloo, gn = s["comparisons"]["rloo"]["snr_ratio"], s["comparisons"]["group_norm"]["snr_ratio"]
+    assert rloo["mean"] == pytest.approx(math.exp((math.log(2) + 3 * math.log(4)) / 4))
+    assert set(rloo["by_point"]) == {"0", "1"}
+    assert rloo["by_point"]["0"]["mean"] == pytest.approx(2.0) and rloo["by_point"]["0"]["n"] == 3
+    assert rloo["by_point"]["1"]["mean"] == pytest.approx(4.0)
+    assert rloo["by_point"]["1"]["lo"] == pytest.approx(4.0) == rloo["by_point"]["1"]["hi"]  # no spread
+    assert gn["by_point"]["0"]["mean"] == pytest.approx(1.0)
+    assert gn["by_point"]["1"]["mean"] == pytest.approx(0.5)
+    assert "| rloo vs reward | ×2 [×2, ×2] (±0%, n = 3) | ×4 [×4, ×4] (±0%, n = 3) |" in text
+
+
 def test_report_from_a_synthetic_study(tmp_path):
     study = _synthetic_study(f"sqlite:///{tmp_path / 's.db'}")
     text = write_report(study, tmp_path / "out").read_text()
