@@ -122,13 +122,19 @@ def point_ratio_lines(summary: dict, names: list[str], fractions: list[float]) -
         for f in fractions:
             d = by_point.get(f"{f:g}")
             half = (d["hi"] - d["lo"]) / 2 / d["mean"] if d and d["mean"] > 0 else math.nan
-            cells.append(f"{fmt_diff({**d, 'mde': math.nan}, '.3g', ratio=True)} (±{half:.0%}, n = {d['n']})"
-                         if d and math.isfinite(half) else "n/a")
+            share = d.get("probe_noise_share", math.nan) if d else math.nan
+            noise = f"; probe {share:.0%}" if math.isfinite(share) else ""
+            cells.append(f"{fmt_diff({**d, 'mde': math.nan}, '.3g', ratio=True)} (±{half:.0%}, n = {d['n']}"
+                         f"{noise})" if d and math.isfinite(half) else "n/a")
         rows.append(f"| {c['group']} vs {c['baseline']} | " + " | ".join(cells) + " |")
     if not rows:
         return []
     return (["SNR ratio at each probe point alone (per seed the mean log ratio over the seed's points there, "
-             "then the t-interval over seeds; ± is the half-width relative to the ratio):", "",
+             "then the t-interval over seeds; ± is the half-width relative to the ratio; *probe*: the share "
+             "of the per-seed values' variance across seeds that the probe's own intervals account for. Near "
+             "100%, more batches per point would narrow the interval; well below, the seeds' policies "
+             "differ and only more seeds would. At a few seeds the share itself is rough and can pass "
+             "100%):", "",
              "| comparison | " + " | ".join(f"SNR ratio @ {n}" for n in names) + " |",
              "|" + "---|" * (len(names) + 1)] + rows + [""])
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import optuna
 from optuna.trial import TrialState
+from scipy import stats as sps
 
 from ablations.stats import lift
 
@@ -139,6 +140,30 @@ def point_half_widths(runs: list[Run], estimator: str, base: str) -> list[float]
             if row and row.get("ratio_to") == base and all(np.isfinite(_num(row.get(k))) for k in
                                                           ("snr_ratio", "snr_ratio_lo", "snr_ratio_hi")):
                 out.append((row["snr_ratio_hi"] - row["snr_ratio_lo"]) / 2 / row["snr_ratio"])
+    return out
+
+
+def probe_variance_by_seed(runs: list[Run], estimator: str, base: str,
+                           fraction: float | None = None) -> dict[Any, float]:
+    """Per seed, the variance of its mean log(SNR_estimator / SNR_base) (as :func:`log_ratio_by_seed`) that
+    the probe's own noise alone implies: each point's standard error read off its 95% interval,
+    log(hi / lo) / (2 z_0.975), the points taken as independent. Compared with the spread of the per-seed
+    values across seeds it says what limits a pooled interval: the probe (more batches help) or the
+    policies themselves differing from seed to seed (only more seeds help)."""
+    z = float(sps.norm.ppf(0.975))
+    out = {}
+    for seed, pts in points(runs).items():
+        var = []
+        for p in pts:
+            row = p.get(estimator)
+            if not row or base not in p or row.get("ratio_to") != base or not (
+                    fraction is None or _at(row, fraction)):
+                continue
+            lo, hi = _num(row.get("snr_ratio_lo")), _num(row.get("snr_ratio_hi"))
+            if lo > 0 and np.isfinite(hi):
+                var.append((math.log(hi / lo) / (2 * z)) ** 2)
+        if var:
+            out[seed] = float(np.mean(var)) / len(var)
     return out
 
 

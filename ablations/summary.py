@@ -44,6 +44,7 @@ from ablations.runs import (
     ordered_groups,
     point_half_widths,
     probe_fractions,
+    probe_variance_by_seed,
     snr_difference_by_seed,
 )
 from ablations.stats import decided, differences, interval_dict, paired, t_interval, verdict
@@ -105,13 +106,31 @@ def compare(by_group: dict[str, list[Run]], view: ProbeView | None, g: str, b: s
         out["snr_ratio"]["probe_half_width"] = float(np.median(hw)) if hw else math.nan
         out["snr_ratio"]["probe_points"] = len(hw)
     if view is not None:  # the same ratio at each probe point alone (the warm start; each trial's end)
-        out["snr_ratio"]["by_point"] = {f"{f:g}": differences(view.log_ratios(g, b, f), log=True).as_dict()
-                                        for f in probe_fractions(view.runs)}
+        points = {f"{f:g}": f for f in probe_fractions(view.runs)}
+        out["snr_ratio"]["by_point"] = {k: differences(view.log_ratios(g, b, f), log=True).as_dict()
+                                        for k, f in points.items()}
+        if view.same_params:  # is the probe or the seeds' spread what limits each interval?
+            eg, eb = view.estimator[g], view.estimator[b]
+            for entry, f in [(out["snr_ratio"], None),
+                             *((out["snr_ratio"]["by_point"][k], f) for k, f in points.items())]:
+                entry["probe_noise_share"] = noise_share(view.log_ratios(g, b, f),
+                                                         probe_variance_by_seed(view.runs, eg, eb, f))
     out["decided"] = all(decided(tests[m][0], min_effect[m]) for m in DECIDING if m in tests)
     excluding = [m for m, (p, _) in tests.items() if p.excludes_null()]
     out["false_positives"] = excluding if kind == "aa_control" else None
     out["tests"] = sum(p.excludes_null() is not None for p, _ in tests.values())
     return out
+
+
+def noise_share(log_ratios: dict, probe_variances: dict) -> float:
+    """How much of the spread of the per-seed log ratios across seeds the probe's own noise explains: the
+    mean per-seed probe variance over the sample variance across seeds (about 1 when the probe is all of
+    it, near 0 when the seeds' policies differ; noisy at a few seeds). NaN with < 2 seeds or no spread."""
+    seeds = [s for s, v in log_ratios.items() if s in probe_variances and np.isfinite(v)]
+    if len(seeds) < 2:
+        return math.nan
+    spread = float(np.var([log_ratios[s] for s in seeds], ddof=1))
+    return float(np.mean([probe_variances[s] for s in seeds])) / spread if spread > 0 else math.nan
 
 
 def _by_verdict(comparisons: dict, metric: str) -> str:

@@ -193,6 +193,24 @@ def test_snr_ratio_at_each_probe_point_alone(tmp_path):
     assert "| rloo vs reward | ×2 [×2, ×2] (±0%, n = 3) | ×4 [×4, ×4] (±0%, n = 3) |" in text
 
 
+def test_probe_noise_share_by_hand(tmp_path):
+    """Each synthetic point's interval is [0.8, 1.2] x its ratio: a standard error of log(1.5) / (2 z) on the
+    log scale; a seed's mean over n independent points has that squared over n."""
+    from ablations.runs import load_runs, probe_variance_by_seed
+
+    runs, _ = load_runs(_synthetic_study(f"sqlite:///{tmp_path / 's.db'}"))
+    se2 = (math.log(1.5) / (2 * sps.norm.ppf(0.975))) ** 2
+    every = probe_variance_by_seed(runs, "rloo", "reward")
+    assert set(every) == {0, 1, 2}
+    assert every[0] == pytest.approx(se2 / 7)  # the warm start once + 3 trials x (0.5, 1.0)
+    assert probe_variance_by_seed(runs, "rloo", "reward", 1.0)[2] == pytest.approx(se2 / 3)
+    assert probe_variance_by_seed(runs, "rloo", "group_norm") == {}  # the probe's ratios are to reward
+    # variance across seeds of (0, 0.2, 0.4) is 0.04; the probe's mean variance 0.02: half of the spread
+    assert summ.noise_share({0: 0.0, 1: 0.2, 2: 0.4}, {0: 0.01, 1: 0.01, 2: 0.04}) == pytest.approx(0.5)
+    assert math.isnan(summ.noise_share({0: 0.1, 1: 0.1}, {0: 0.01, 1: 0.01}))  # no spread
+    assert math.isnan(summ.noise_share({0: 0.1}, {0: 0.01}))  # one seed
+
+
 def test_report_from_a_synthetic_study(tmp_path):
     study = _synthetic_study(f"sqlite:///{tmp_path / 's.db'}")
     text = write_report(study, tmp_path / "out").read_text()
