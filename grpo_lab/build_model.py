@@ -24,7 +24,6 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -36,6 +35,7 @@ from transformers import (
 
 from grpo_lab.errors import UserError, UserFileNotFoundError, run_cli
 from grpo_lab.policy import save_policy
+from grpo_lab.rng import seeded
 from grpo_lab.tokenizer import CHATML_TEMPLATE, build_bpe_tokenizer
 
 ARCHS = ("gpt2", "qwen2", "llama")
@@ -122,8 +122,7 @@ def build_model(spec: ModelSpec, texts: list[str], out: str | Path) -> Path:
                               chat_template=None if family == "gpt2" else CHATML_TEMPLATE)
     config = _config(spec, tok)
     cls = {"gpt2": GPT2LMHeadModel, "qwen2": Qwen2ForCausalLM, "llama": LlamaForCausalLM}[spec.arch]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
+    with seeded(spec.seed):
         model = cls(config)
     out = Path(out)
     save_policy(model, tok, out)

@@ -1,8 +1,9 @@
 """What keeps a run honest outside the algorithm: exact resume and the non-finite-step guard.
 
 - :class:`ExactResume` (a Lightning callback the module adds itself) stores in every checkpoint what a
-  resumed run needs to continue *exactly*: the torch, Python and numpy RNG states, the guard's counters,
-  the dynamic-sampling query stream's position and the warm start the run started from.
+  resumed run needs to continue *exactly*: the torch (CPU, and the GPU's on CUDA), Python and numpy RNG
+  states, the guard's counters, the dynamic-sampling query stream's position and the warm start the run
+  started from.
 - :class:`NonFiniteGuard` skips a step whose loss or gradient is not finite (weights untouched, counted in
   ``train/skipped_steps``) and stops the run after ``max_bad_steps`` such steps in a row; it also logs
   ``train/grad_norm`` and clips the gradient.
@@ -65,7 +66,10 @@ class ExactResume(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
         checkpoint["grpo_lab"] = {
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_state()},
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_state(),
+                    # the GPU's sampling stream (written against torch's API; no GPU resume has run)
+                    "cuda": (torch.cuda.get_rng_state(pl_module.device)
+                             if pl_module.device.type == "cuda" else None)},
             "skipped_steps": pl_module.guard.skipped, "bad_in_a_row": pl_module.guard.in_a_row,
             "warm_start": pl_module.warm_start_path and Path(pl_module.warm_start_path).name,
             "stream": None if pl_module.stream is None else pl_module.stream.state_dict(),
@@ -89,6 +93,8 @@ class ExactResume(L.Callback):
             raise UserError(f"checkpoint was trained from warm start {state['warm_start']!r}, this config "
                             f"gives {ws!r}")
         torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"].get("cuda") is not None and pl_module.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], pl_module.device)
         random.setstate(state["rng"]["python"])
         kind, keys, pos, has_gauss, gauss = state["rng"]["numpy"]
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from grpo_lab.errors import UserError, UserFileNotFoundError
+from grpo_lab.rng import seeded
 from grpo_lab.tokenizer import PreTrainedTokenizerBase, load_tokenizer
 
 
@@ -77,9 +78,7 @@ def build_policy(cfg: PolicyConfig,
         eos_token_id=tok.eos_token_id,
         tie_word_embeddings=True,
     )
-    with torch.random.fork_rng(devices=[]) if seed is not None else nullcontext():
-        if seed is not None:
-            torch.manual_seed(seed)
+    with seeded(seed) if seed is not None else nullcontext():  # CPU init; the GPU's stream untouched
         model = LlamaForCausalLM(config)
     model.set_attn_implementation(cfg.attn_implementation)
     return model, tok

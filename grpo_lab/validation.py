@@ -6,9 +6,9 @@ completions as text. A mixin: it uses the module's ``rollout`` and ``reward`` an
 
 from __future__ import annotations
 
-import torch
 from torchmetrics import MeanMetric
 
+from grpo_lab.rng import seeded
 from grpo_lab.tasks import Query
 
 
@@ -18,8 +18,7 @@ class SampledAccuracy:
 
     def validation_step(self, batch: list[Query], batch_idx: int) -> None:
         # Sampled with its own seed: validation never moves the training RNG (exact resume, same samples).
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.global_step * 7919 + batch_idx)
+        with seeded(self.global_step * 7919 + batch_idx, self.device):
             self._validate(batch, batch_idx)
 
     def _validate(self, batch: list[Query], batch_idx: int) -> None:

@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from grpo_lab.errors import UserError
 from grpo_lab.policy import PolicyConfig, build_policy, save_policy
 from grpo_lab.rewards import exact_match
+from grpo_lab.rng import seeded
 from grpo_lab.rollout import generate
 from grpo_lab.tasks import Query, load_queries
 from grpo_lab.tokenizer import chat_prompt
@@ -126,8 +127,7 @@ def ensure_warm_start(policy: PolicyConfig, cfg: WarmStartConfig, dataset: str) 
     if (path / "config.json").is_file():
         return path
     t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+    with seeded(cfg.seed):
         model, tok = build_policy(policy, seed=cfg.seed)
         train_data = load_queries(dataset, cfg.steps * cfg.batch_size, cfg.seed + 1)
         if len(train_data) < cfg.steps * cfg.batch_size:  # a JSONL file: cycle through it

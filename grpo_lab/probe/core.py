@@ -26,6 +26,7 @@ from grpo_lab.advantages import CLASSIC_ESTIMATORS
 from grpo_lab.errors import UserError
 from grpo_lab.probe.gradients import batch_gradients
 from grpo_lab.probe.stats import GramAccumulator, snr_intervals
+from grpo_lab.rng import seeded
 
 DEFAULT_ESTIMATORS: tuple[str, ...] = CLASSIC_ESTIMATORS
 REFERENCE_ESTIMATOR = "rloo"
@@ -42,11 +43,7 @@ def frozen(module, seed: int) -> Iterator[None]:
     versions = [p._version for p in params]  # any in-place update (an optimizer step) bumps these
     modes = [(m, m.training) for m in model.modules()]
     device = next(iter(params)).device if params else torch.device("cpu")
-    cuda = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.default_generator.manual_seed(seed)
-        if cuda:
-            torch.cuda.manual_seed(seed)  # the current device only: the one forked above
+    with seeded(seed, device):
         model.train()  # the mode training gradients are taken in
         try:
             yield
