@@ -21,7 +21,11 @@ compared within seed intervals (the ``trl_parity`` space; ``ablations/spaces.py`
 
 What is not the same, by construction: the random numbers (TRL samples its completions with its own
 generator calls), so the two peers' curves agree only in distribution: the report compares them by paired
-seeds, with intervals. TRL validates nothing here, so a TRL trial has no ``val/acc_*``.
+seeds, with intervals; and TRL's group-std ε, hard-coded ``(r - mean) / (std + 1e-4)`` against grpo_lab's
+1e-6 (at most 4e-4 relative on an advantage of 0/1 rewards with G = 16; no setting of either side changes
+it). Everything else computes the same step: seeded alike before a generation, the two sample the same
+completions, and on the same completions they take the same step (``tests/test_trl_peer.py``; README "Peer
+parity"). TRL validates nothing here, so a TRL trial has no ``val/acc_*``.
 """
 
 from __future__ import annotations
