@@ -91,13 +91,16 @@ class ProbeSettings:
     By default all four estimators are probed on the same rollouts (paired, at the trial's parameters): the
     backward passes dominate the cost and four estimators need few more than one (``grpo_lab/probe``).
     ``estimators="own"`` probes only the trial's own ``model.advantage``. K = 64 batches of 8 prompts give
-    a paired SNR-ratio interval of ±31–53% at one probe point of the default study (docs/ablations.md, "The
-    probe's precision"); the report pools the points and seeds. The warm-start point is the same policy for
-    every trial of a seed and is computed once per seed (the probe's cache under ``<root>/probe_cache``).
+    a paired SNR-ratio interval of about ±21% at one point of the default study, K = 128 about ±14%
+    (docs/ablations.md, "The probe's precision"); the report pools the points and seeds. The warm-start
+    point is the same policy for every trial of a seed and is computed once per seed (the probe's cache
+    under ``<root>/probe_cache``), so ``warm_start_batches`` can be larger than ``num_batches``.
     """
 
     estimators: tuple[str, ...] | str = CLASSIC_ESTIMATORS
     num_batches: int = 64
+    warm_start_batches: int | None = None
+    """K at the warm start (None: ``num_batches``): one policy for every trial, computed once per seed."""
     reference_batches: int = 0
     prompts_per_batch: int = 8
     at_fractions: tuple[float, ...] = (0.0, 1.0)
@@ -113,6 +116,7 @@ class ProbeSettings:
             "init_args": {
                 "estimators": estimators,
                 "num_batches": self.num_batches,
+                "warm_start_batches": self.warm_start_batches,
                 "reference_batches": self.reference_batches,
                 "prompts_per_batch": self.prompts_per_batch,
                 "at_fractions": list(self.at_fractions),
@@ -240,6 +244,7 @@ class Space:
                 for c in self.comparisons],
             "probe": None if self.probe is None else {
                 "estimators": self.probe.estimators, "num_batches": self.probe.num_batches,
+                "warm_start_batches": self.probe.warm_start_batches,
                 "reference_batches": self.probe.reference_batches,
                 "prompts_per_batch": self.probe.prompts_per_batch,
                 "at_fractions": list(self.probe.at_fractions),

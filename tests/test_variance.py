@@ -9,6 +9,7 @@ import torch
 
 from grpo_lab.advantages import compute_advantages
 from grpo_lab.data import QueryDataModule
+from grpo_lab.errors import UserError
 from grpo_lab.losses import policy_loss
 from grpo_lab.module import GRPOModule
 from grpo_lab.policy import PolicyConfig
@@ -240,14 +241,18 @@ def _fit(module, callbacks=(), steps=2):
 
 
 def test_callback_probes_at_start_middle_and_end_without_perturbing_training(in_tmp):
-    cb = GradientVarianceProbe(num_batches=3, reference_batches=2, prompts_per_batch=2, n_resamples=100)
+    cb = GradientVarianceProbe(num_batches=3, warm_start_batches=4, reference_batches=2, prompts_per_batch=2,
+                               n_resamples=100)
     probed = _module()
     _fit(probed, [cb])
     assert sorted({(r["fraction"], r["step"]) for r in cb.results}) == [(0.0, 0), (0.5, 1), (1.0, 2)]
     assert len(cb.results) == 3 * len(DEFAULT_ESTIMATORS)
     assert {r["estimator"] for r in cb.results} == set(DEFAULT_ESTIMATORS)
+    assert {r["fraction"]: r["num_batches"] for r in cb.results} == {0.0: 4, 0.5: 3, 1.0: 3}
     saved = json.loads((in_tmp / "probe.json").read_text())
-    assert len(saved["results"]) == len(cb.results)
+    assert len(saved["results"]) == len(cb.results) and saved["config"]["warm_start_batches"] == 4
+    with pytest.raises(UserError, match="warm_start_batches >= 2"):
+        GradientVarianceProbe(warm_start_batches=1)
     plain = _module()
     _fit(plain)  # the same fit without the probe ends at the same weights
     assert all(torch.equal(a, b) for a, b in zip(_params(plain), _params(probed), strict=True))

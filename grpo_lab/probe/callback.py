@@ -42,6 +42,7 @@ class GradientVarianceProbe(L.Callback):
         self,
         estimators: Sequence[str] = DEFAULT_ESTIMATORS,
         num_batches: int = NUM_BATCHES,
+        warm_start_batches: int | None = None,
         reference_batches: int = 0,
         prompts_per_batch: int = PROMPTS_PER_BATCH,
         at_fractions: Sequence[float] = (0.0, 0.5, 1.0),
@@ -56,6 +57,8 @@ class GradientVarianceProbe(L.Callback):
         Args:
             estimators: advantage estimators to compare (registry names); SNR ratios are to the first.
             num_batches: K, independent rollout batches per probe.
+            warm_start_batches: K at fraction 0 (None: ``num_batches``). The fit's first policy is the
+                same for every run from one warm start, so a study can afford more batches there.
             reference_batches: further batches used only for the reference gradient (0: the K batches).
             prompts_per_batch: queries per probe batch (each gets the module's G completions).
             at_fractions: when to probe, as fractions of the fit's steps in [0, 1].
@@ -69,10 +72,13 @@ class GradientVarianceProbe(L.Callback):
         """
         if any(not 0.0 <= f <= 1.0 for f in at_fractions):
             raise UserError(f"at_fractions must lie in [0, 1], got {list(at_fractions)}")
-        if num_batches < 2 or reference_batches < 0 or prompts_per_batch < 1:
-            raise UserError("need num_batches >= 2, reference_batches >= 0 and prompts_per_batch >= 1")
+        if (num_batches < 2 or (warm_start_batches is not None and warm_start_batches < 2)
+                or reference_batches < 0 or prompts_per_batch < 1):
+            raise UserError("need num_batches >= 2, warm_start_batches >= 2 (or None), "
+                            "reference_batches >= 0 and prompts_per_batch >= 1")
         self.estimators = list(estimators)
         self.num_batches = num_batches
+        self.warm_start_batches = num_batches if warm_start_batches is None else warm_start_batches
         self.reference_batches = reference_batches
         self.prompts_per_batch = prompts_per_batch
         self.at_fractions = sorted(set(float(f) for f in at_fractions))
@@ -108,9 +114,9 @@ class GradientVarianceProbe(L.Callback):
         self._done = set(state_dict.get("done", []))
 
     # -- work
-    def settings(self, prompts_per_batch: int) -> dict:
+    def settings(self, prompts_per_batch: int, num_batches: int | None = None) -> dict:
         """What the probe's numbers depend on besides the module and the queries (the cache key's part)."""
-        return {"estimators": self.estimators, "num_batches": self.num_batches,
+        return {"estimators": self.estimators, "num_batches": num_batches or self.num_batches,
                 "reference_batches": self.reference_batches, "prompts_per_batch": prompts_per_batch,
                 "seed": self.seed, "reference": f"{self.reference_estimator}/{REFERENCE_AGGREGATION}",
                 "split": list(self.split) if self.split else None, "n_resamples": self.n_resamples}
@@ -138,7 +144,8 @@ class GradientVarianceProbe(L.Callback):
             rank_zero_warn("GradientVarianceProbe: the trainer has no datamodule with a train_set; not "
                            "probing")
             return
-        stats, hit = self.measure(pl_module, queries)
+        k = self.warm_start_batches if fractions == [0.0] else self.num_batches
+        stats, hit = self.measure(pl_module, queries, k)
         step = int(trainer.global_step)
         for f in fractions:
             for name, s in stats.items():
@@ -150,13 +157,16 @@ class GradientVarianceProbe(L.Callback):
         if trainer.log_dir:
             write_json(Path(trainer.log_dir) / "probe.json", self._report())
 
-    def measure(self, pl_module, queries: list[dict]) -> tuple[dict[str, dict], bool]:
-        """``(stats, from_cache)`` at the module's current parameters."""
+    def measure(self, pl_module, queries: list[dict],
+                num_batches: int | None = None) -> tuple[dict[str, dict], bool]:
+        """``(stats, from_cache)`` at the module's current parameters, from ``num_batches`` batches (None:
+        ``self.num_batches``)."""
         ppb = min(self.prompts_per_batch, len(queries))
-        settings = self.settings(ppb)
+        k = num_batches or self.num_batches
+        settings = self.settings(ppb, k)
 
         def compute() -> dict:
-            return probe(pl_module, queries, self.estimators, self.num_batches, self.reference_batches, ppb,
+            return probe(pl_module, queries, self.estimators, k, self.reference_batches, ppb,
                          self.seed, reference_estimator=self.reference_estimator, split=self.split,
                          n_resamples=self.n_resamples)
 
@@ -164,5 +174,6 @@ class GradientVarianceProbe(L.Callback):
         return cached(self.cache_dir, key, compute)
 
     def _report(self) -> dict:
-        return {"config": {**self.settings(self.prompts_per_batch), "at_fractions": self.at_fractions},
+        return {"config": {**self.settings(self.prompts_per_batch), "at_fractions": self.at_fractions,
+                           "warm_start_batches": self.warm_start_batches},
                 "results": self.results}
