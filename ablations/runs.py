@@ -130,17 +130,21 @@ def _by_seed(runs: list[Run], estimator: str, base: str, how,
     return out
 
 
+def _own_intervals(pts: list[dict[str, dict]], estimator: str, base: str,
+                   fraction: float | None = None):
+    """``(ratio, lo, hi)`` of the probe's own paired interval of SNR_estimator / SNR_base at each point of
+    ``pts`` where it measured ratios to ``base`` (those at ``fraction`` only, when given)."""
+    for p in pts:
+        row = p.get(estimator)
+        if row and row.get("ratio_to") == base and (fraction is None or _at(row, fraction)):
+            yield tuple(_num(row.get(k)) for k in ("snr_ratio", "snr_ratio_lo", "snr_ratio_hi"))
+
+
 def point_half_widths(runs: list[Run], estimator: str, base: str) -> list[float]:
     """Relative half-widths of the probe's own paired intervals of SNR_estimator / SNR_base (when the probe
     measured ratios to ``base``), one per point."""
-    out = []
-    for pts in points(runs).values():
-        for p in pts:
-            row = p.get(estimator)
-            if row and row.get("ratio_to") == base and all(np.isfinite(_num(row.get(k))) for k in
-                                                          ("snr_ratio", "snr_ratio_lo", "snr_ratio_hi")):
-                out.append((row["snr_ratio_hi"] - row["snr_ratio_lo"]) / 2 / row["snr_ratio"])
-    return out
+    return [(hi - lo) / 2 / ratio for pts in points(runs).values()
+            for ratio, lo, hi in _own_intervals(pts, estimator, base) if np.isfinite([ratio, lo, hi]).all()]
 
 
 def probe_variance_by_seed(runs: list[Run], estimator: str, base: str,
@@ -153,15 +157,8 @@ def probe_variance_by_seed(runs: list[Run], estimator: str, base: str,
     z = float(sps.norm.ppf(0.975))
     out = {}
     for seed, pts in points(runs).items():
-        var = []
-        for p in pts:
-            row = p.get(estimator)
-            if not row or base not in p or row.get("ratio_to") != base or not (
-                    fraction is None or _at(row, fraction)):
-                continue
-            lo, hi = _num(row.get("snr_ratio_lo")), _num(row.get("snr_ratio_hi"))
-            if lo > 0 and np.isfinite(hi):
-                var.append((math.log(hi / lo) / (2 * z)) ** 2)
+        var = [(math.log(hi / lo) / (2 * z)) ** 2
+               for _, lo, hi in _own_intervals(pts, estimator, base, fraction) if lo > 0 and np.isfinite(hi)]
         if var:
             out[seed] = float(np.mean(var)) / len(var)
     return out
