@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from ablations.plots import POINT_NAMES, plot_easy_hard, plot_probe, plot_reward_curves
 from ablations.runs import ProbeView, Run, load_runs, ordered_groups, probe_fractions
 from ablations.stats import fmt_ci, fmt_diff, t_interval
-from ablations.summary import build_summary, write_summary
+from ablations.summary import build_summary, relative_half_width, write_summary
 
 NOTES = """\
 Caveats on what is compared:
@@ -112,6 +112,19 @@ def controls_lines(summary: dict, out_dir: Path) -> list[str]:
             "a reward shift (positive control) and claims nothing between identical arms (A/A)."]
 
 
+def precision_sentence(precision: dict | None) -> str:
+    """' Widest SNR-ratio interval: ±x% (comparison, point)', and whether every one is within the target."""
+    if not precision or not precision.get("widest"):
+        return ""
+    w = precision["widest"]
+    where = "pooled" if w["point"] == "all" else f"at {POINT_NAMES.get(float(w['point']), w['point'])}"
+    text = f" Widest SNR-ratio interval: ±{w['half_width']:.1%} ({w['comparison']}, {where})"
+    if precision.get("target") is None:
+        return text + "."
+    return text + (f"; every SNR ratio, pooled and at each probe point, within ±{precision['target']:.0%}: "
+                   f"{'yes' if precision['met'] else 'no'}.")
+
+
 def point_ratio_lines(summary: dict, names: list[str], fractions: list[float]) -> list[str]:
     """Each comparison's SNR ratio at each probe point alone, pooled over seeds (``by_point``), with its
     half-width relative to the ratio."""
@@ -121,7 +134,7 @@ def point_ratio_lines(summary: dict, names: list[str], fractions: list[float]) -
         cells = []
         for f in fractions:
             d = by_point.get(f"{f:g}")
-            half = (d["hi"] - d["lo"]) / 2 / d["mean"] if d and d["mean"] > 0 else math.nan
+            half = relative_half_width(d) if d else math.nan
             share = d.get("probe_noise_share", math.nan) if d else math.nan
             noise = f"; probe {share:.0%}" if math.isfinite(share) else ""
             cells.append(f"{fmt_diff({**d, 'mde': math.nan}, '.3g', ratio=True)} (±{half:.0%}, n = {d['n']}"
@@ -213,7 +226,8 @@ def write_report(study: optuna.Study, out_dir: str | Path,
         md += comparisons_table(summary) + ["", "## Verdicts", ""] + verdict_lines(summary) + [""]
         effects = ", ".join(f"{k} {v:g}" for k, v in summary["min_effect"].items())
         md += [f"Smallest effects of interest: {effects} (SNR: relative). Every comparison settled (interval "
-               f"excludes no difference, or MDE below that): {'yes' if summary['decisive'] else 'no'}.", ""]
+               f"excludes no difference, or MDE below that): {'yes' if summary['decisive'] else 'no'}."
+               + precision_sentence(summary.get("snr_precision")), ""]
     md += ["## Controls", ""] + controls_lines(summary, out) + [""]
     if fractions:
         md += ["## Probe points", ""] + probe_lines(by_group, view, fractions, summary)

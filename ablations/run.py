@@ -217,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and an MDE below this reads 'no difference larger than the MDE'")
     p.add_argument("--min-snr-effect", type=float, default=None,
                    help="smallest relative SNR difference worth detecting (default 0.10, i.e. x1.10)")
+    p.add_argument("--snr-precision", type=float, default=None, metavar="H",
+                   help="--until-decisive: also add seeds until every SNR ratio's 95%% interval, pooled and "
+                        "at each probe point, is within ±H of the ratio (e.g. 0.10)")
     p.add_argument("--round-seeds", type=int, default=2, help="--until-decisive: seeds added per round")
     p.add_argument("--max-seeds", type=int, default=64, help="--until-decisive: stop at this many seeds")
     p.add_argument("--debug", action="store_true",
@@ -233,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    if args.snr_precision is not None and not (args.until_decisive and 0 < args.snr_precision < 1):
+        raise UserError(f"--snr-precision {args.snr_precision:g} needs --until-decisive and a fraction "
+                        "in (0, 1), e.g. 0.10 for ±10%")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Optuna's own calls too
@@ -284,7 +290,7 @@ def _main(argv: list[str] | None) -> int:
                 gave_up = run_until_decisive(study, space, objective, n_jobs, parse_duration(args.budget),
                                              {**DEFAULT_MIN_EFFECT, **min_effects(args)}, args.round_seeds,
                                              args.max_seeds, args.max_failures, say=console.print,
-                                             storage=storage)["gave_up"]
+                                             storage=storage, precision=args.snr_precision)["gave_up"]
             elif space.is_grid:
                 gave_up = run_grid(study, space, objective, n_jobs, args.max_failures)["gave_up"]
             else:

@@ -1,11 +1,13 @@
 """``grpo-lab-ablate --until-decisive --budget 20m``: add seeds in rounds until every comparison is settled.
 
-A comparison is settled when its 95% interval excludes no difference or its minimum detectable effect is
-at most the smallest effect of interest (``--min-effect`` for the AUC difference, ``--min-snr-effect`` for
-the SNR ratio; ``summary.DECIDING``). Round 1 is the space's grid (its seeds); each later round enqueues
-every group at ``--round-seeds`` new seeds (the next unused integers), runs them through ``run_grid`` and
-checks again. It stops when every comparison is settled, when the next round's expected cost (the mean
-trial wall time × its trials / workers) would pass the budget, or at ``--max-seeds``.
+A comparison is settled when its 95% interval excludes no difference or its minimum detectable effect is at
+most the smallest effect of interest (``--min-effect`` for the AUC difference, ``--min-snr-effect`` for the
+SNR ratio; ``summary.DECIDING``), and, with ``--snr-precision H``, when every SNR ratio's 95% interval, pooled
+and at each probe point, is at most ±H of the ratio (``summary.snr_precision``): more seeds narrow what the
+probe's batches cannot (the policies differ from seed to seed). Round 1 is the space's grid (its seeds); each
+later round enqueues every group at ``--round-seeds`` new seeds (the next unused integers), runs them through
+``run_grid`` and checks again. It stops when every comparison is settled, when the next round's expected cost
+(the mean trial wall time × its trials / workers) would pass the budget, or at ``--max-seeds``.
 
 Seeds are an integer parameter (``spaces.SEED_MAX``), so new seeds need no change of the study's search
 space; enqueued trials carry all their params, and the rounds use a study handle whose sampler is
@@ -28,7 +30,7 @@ from optuna.trial import TrialState
 
 from ablations.run import run_grid
 from ablations.spaces import Space
-from ablations.summary import build_summary
+from ablations.summary import build_summary, imprecise
 
 UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600}
 
@@ -57,33 +59,43 @@ def mean_trial_seconds(study: optuna.Study) -> float:
     return sum(walls) / len(walls) if walls else math.nan
 
 
-def open_comparisons(study: optuna.Study, min_effect: dict[str, float]) -> list[str]:
-    """Labels of the comparisons that are not settled yet (all of them when there is no comparison)."""
-    summary = build_summary(study, min_effect)
+def open_comparisons(study: optuna.Study, min_effect: dict[str, float],
+                     precision: float | None = None) -> list[str]:
+    """Labels of the comparisons that are not settled yet (all of them when there is no comparison):
+    undecided, or with an SNR ratio wider than ``precision`` (relative half-width; None: any width)."""
+    summary = build_summary(study, min_effect, precision)
     if not summary["comparisons"]:
         return ["(no comparison yet)"]
-    return [label for label, c in summary["comparisons"].items() if not c["decided"]]
+    return [label for label, c in summary["comparisons"].items()
+            if not c["decided"] or (precision is not None and imprecise(c, precision))]
 
 
 def run_until_decisive(study: optuna.Study, space: Space, objective, n_jobs: int, budget_s: float,
                        min_effect: dict[str, float], round_seeds: int = 2, max_seeds: int = 64,
                        max_failures: int = 3, say: Callable[[str], Any] = print,
-                       evaluate: Callable[[optuna.Study, dict], list[str]] = open_comparisons, *,
-                       storage: optuna.storages.BaseStorage | str) -> dict[str, Any]:
+                       evaluate: Callable[[optuna.Study, dict, float | None], list[str]] = open_comparisons,
+                       *, storage: optuna.storages.BaseStorage | str,
+                       precision: float | None = None) -> dict[str, Any]:
     """Rounds of seeds until every comparison is settled, the budget is spent, or ``max_seeds`` (see the
-    module docstring). ``storage``: the study's storage (the rounds open the study again on it with a
-    ``RandomSampler``; Optuna has no public accessor for a study's storage). Returns ``{"reason", "seeds",
-    "spent_s", "open", "gave_up"}``."""
+    module docstring). ``precision``: also wait for every SNR ratio to be within ± this fraction (kept on the
+    study, as ``min_effect`` is, for its report). ``storage``: the study's storage (the rounds open the
+    study again on it with a ``RandomSampler``; Optuna has no public accessor for a study's storage).
+    Returns ``{"reason", "seeds", "spent_s", "open", "gave_up"}``."""
     if not space.is_grid or "seed" not in (space.grid or {}):
         raise ValueError(f"space {space.name!r}: --until-decisive needs a grid with a 'seed' key")
     if round_seeds < 1 or max_seeds < 2:
         raise ValueError("--round-seeds must be >= 1 and --max-seeds >= 2")
+    if precision is not None and not 0 < precision < 1:
+        raise ValueError(f"--snr-precision must be a fraction in (0, 1), e.g. 0.10, got {precision}")
     study.set_user_attr("min_effect", min_effect)
+    if precision is not None:
+        study.set_user_attr("snr_precision", precision)
     spent = float(study.user_attrs.get("until_decisive", {}).get("spent_s", 0.0))
     rounds = optuna.load_study(study_name=study.study_name, storage=storage,
                                sampler=optuna.samplers.RandomSampler(seed=0),
                                pruner=optuna.pruners.NopPruner())
     seeds = study_seeds(study, space)
+    wider = "" if precision is None else f" or wider than ±{precision:.0%}"
     gave_up: list[dict] = []
     while True:
         t0 = time.perf_counter()
@@ -91,9 +103,9 @@ def run_until_decisive(study: optuna.Study, space: Space, objective, n_jobs: int
                            points=space.points_for(seeds))["gave_up"]
         spent += time.perf_counter() - t0
         study.set_user_attr("until_decisive", {"spent_s": spent, "seeds": seeds, "budget_s": budget_s})
-        still = evaluate(study, min_effect)
+        still = evaluate(study, min_effect, precision)
         say(f"{len(seeds)} seeds, {spent / 60:.1f} of {budget_s / 60:.1f} min spent: "
-            + (f"{len(still)} comparison(s) not settled: {', '.join(still)}" if still
+            + (f"{len(still)} comparison(s) not settled{wider}: {', '.join(still)}" if still
                else "every comparison is settled"))
         if not still:
             reason = "every comparison is settled"

@@ -11,13 +11,16 @@ Schema (metrics are objects ``{"mean", "lo", "hi"}``, 95% Student-t intervals ov
      "comparisons": {label: {"group", "baseline", "kind", "n", "auc_diff", "lift_diff", "hard_lift_diff",
                              "final_acc_diff", "steps_diff", "snr_ratio", "hard_share_diff",
                              "mde": {metric: x}, "verdict": {metric: code}, "decided"}},
-     "claims": {name: {"statement", "lines": [...]}}, "controls": {"positive", "aa"}, "decisive"}
+     "claims": {name: {"statement", "lines": [...]}}, "controls": {"positive", "aa"}, "decisive",
+     "snr_precision": {"target", "widest": {"comparison", "point", "half_width"}, "met"}}
 
 ``snr_ratio`` is a ratio: its mean/lo/hi are exp of the mean/interval of the per-seed log ratios (a
 geometric mean) and its ``mde`` a factor (1.15: ratios beyond ×1.15 or below ÷1.15 would be detected);
 ``probe_half_width`` is the median relative half-width of the probe's own per-point intervals, and
 ``by_point`` the same ratio at one probe point only (key: the fraction of training, "0" the warm start),
-``{"mean", "lo", "hi", "mde", "n"}`` pooled over seeds like the ratio itself. A verdict
+``{"mean", "lo", "hi", "mde", "n"}`` pooled over seeds like the ratio itself; both carry ``half_width``
+(``(hi − lo) / 2 / mean``), and ``snr_precision`` gives the widest of them over the comparisons and whether
+all are within the study's target (``--snr-precision``; ``{"target", "widest", "met"}``). A verdict
 (``stats.verdict``) is ``holds``, ``does not hold`` or ``cannot tell``, and ``verdict_text`` says why.
 """
 
@@ -109,6 +112,8 @@ def compare(by_group: dict[str, list[Run]], view: ProbeView | None, g: str, b: s
         points = {f"{f:g}": f for f in probe_fractions(view.runs)}
         out["snr_ratio"]["by_point"] = {k: differences(view.log_ratios(g, b, f), log=True).as_dict()
                                         for k, f in points.items()}
+        for entry in (out["snr_ratio"], *out["snr_ratio"]["by_point"].values()):
+            entry["half_width"] = relative_half_width(entry)
         if view.same_params:  # is the probe or the seeds' spread what limits each interval?
             eg, eb = view.estimator[g], view.estimator[b]
             for entry, f in [(out["snr_ratio"], None),
@@ -120,6 +125,33 @@ def compare(by_group: dict[str, list[Run]], view: ProbeView | None, g: str, b: s
     out["false_positives"] = excluding if kind == "aa_control" else None
     out["tests"] = sum(p.excludes_null() is not None for p, _ in tests.values())
     return out
+
+
+def relative_half_width(d: dict) -> float:
+    """Half the width of a ratio's 95% interval relative to the ratio, ``(hi − lo) / 2 / mean`` (the
+    README's ±); NaN where it is not defined (fewer than 2 seeds)."""
+    lo, hi, mean = (_num(d.get(k)) for k in ("lo", "hi", "mean"))
+    return (hi - lo) / 2 / mean if np.isfinite([lo, hi, mean]).all() and mean > 0 else math.nan
+
+
+def snr_precision(comparisons: dict, target: float | None) -> dict[str, Any]:
+    """How precise the SNR ratios are: the widest relative half-width over every comparison's ratio,
+    pooled (point ``"all"``) and at each probe point alone, and whether all of them are within ``target``
+    (None without a target; a ratio without an interval counts as not within)."""
+    widths = [(label, point, d.get("half_width", math.nan))
+              for label, c in comparisons.items() if "snr_ratio" in c
+              for point, d in [("all", c["snr_ratio"]), *c["snr_ratio"].get("by_point", {}).items()]]
+    if not widths:
+        return {"target": target, "widest": None, "met": None}
+    label, point, width = max(widths, key=lambda w: w[2] if math.isfinite(w[2]) else math.inf)
+    met = None if target is None else all(math.isfinite(w) and w <= target for *_, w in widths)
+    widest = {"comparison": label, "point": point, "half_width": width}
+    return {"target": target, "widest": widest, "met": met}
+
+
+def imprecise(comparison: dict, target: float) -> bool:
+    """Whether any of the comparison's SNR ratios (pooled, or at a probe point) is wider than ``target``."""
+    return snr_precision({"c": comparison}, target)["met"] is False
 
 
 def noise_share(log_ratios: dict, probe_variances: dict) -> float:
@@ -196,9 +228,11 @@ def controls(runs: list[Run], by_group: dict, comparisons: dict) -> dict[str, An
     return out
 
 
-def build_summary(study: optuna.Study, min_effect: dict[str, float] | None = None) -> dict[str, Any]:
+def build_summary(study: optuna.Study, min_effect: dict[str, float] | None = None,
+                  precision: float | None = None) -> dict[str, Any]:
     """The summary of a study's COMPLETE trials (see the module docstring); ``min_effect`` overrides the
-    study's stored smallest effects of interest, which override ``DEFAULT_MIN_EFFECT``."""
+    study's stored smallest effects of interest, which override ``DEFAULT_MIN_EFFECT``; ``precision``
+    (else the study's stored ``snr_precision``) is the SNR ratios' target relative half-width."""
     space = study.user_attrs.get("space", {})
     effects = {**DEFAULT_MIN_EFFECT, **study.user_attrs.get("min_effect", {}), **(min_effect or {})}
     runs, extras = load_runs(study)
@@ -223,6 +257,7 @@ def build_summary(study: optuna.Study, min_effect: dict[str, float] | None = Non
     out["claims"] = claims(comparisons, out["groups"], base) if _estimator_study(space, base) else {}
     out["controls"] = controls(runs, by_group, comparisons)
     out["decisive"] = bool(comparisons) and all(c["decided"] for c in comparisons.values())
+    out["snr_precision"] = snr_precision(comparisons, precision or study.user_attrs.get("snr_precision"))
     return out
 
 

@@ -296,3 +296,47 @@ def test_the_readme_table_script(tmp_path, capsys):
     assert out.startswith("| group | seeds |") and "| `group_norm` | 3 |" in out and "wall" in out
     assert summ.main([str(tmp_path / "missing.json")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_snr_precision_by_hand(tmp_path):
+    """The SNR ratios' relative half-widths, the widest of them, and --snr-precision's test on them."""
+    from ablations.report import precision_sentence
+    from ablations.sequential import open_comparisons
+
+    assert summ.relative_half_width({"mean": 2.0, "lo": 1.8, "hi": 2.2}) == pytest.approx(0.1)
+    assert math.isnan(summ.relative_half_width({"mean": 2.0, "lo": None, "hi": None}))  # one seed
+    ratio = lambda hw: {"mean": 1.0, "lo": 1 - hw, "hi": 1 + hw, "half_width": hw}  # noqa: E731
+    a = {"snr_ratio": {**ratio(0.05), "by_point": {"0": ratio(0.08), "1": ratio(0.12)}}}
+    b = {"snr_ratio": {**ratio(0.09), "by_point": {"0": ratio(0.02)}}}
+    p = summ.snr_precision({"a": a, "b": b}, 0.10)
+    assert p["met"] is False and p["widest"] == {"comparison": "a", "point": "1", "half_width": 0.12}
+    assert summ.snr_precision({"a": a, "b": b}, 0.15)["met"] is True
+    assert summ.snr_precision({"a": a}, None)["met"] is None
+    assert summ.imprecise(a, 0.10) and not summ.imprecise(b, 0.10)
+    one_seed = {"snr_ratio": {**ratio(math.nan), "by_point": {}}}
+    assert summ.snr_precision({"b": b, "c": one_seed}, 0.5)["widest"]["comparison"] == "c"
+    assert summ.imprecise(one_seed, 0.5)  # no interval is not within any target
+    assert summ.snr_precision({}, 0.1) == {"target": 0.1, "widest": None, "met": None}
+    assert precision_sentence(p) == (" Widest SNR-ratio interval: ±12.0% (a, at end); every SNR ratio, "
+                                     "pooled and at each probe point, within ±10%: no.")
+    # A study whose rloo/reward ratio is 3, 3.3, 3.6 on seeds 0-2 at every point: the half-width by hand.
+    space = SPACES["default"]
+    study = optuna.create_study(study_name="p", storage=f"sqlite:///{tmp_path / 's.db'}",
+                                direction="maximize")
+    study.set_user_attr("space", space.describe())
+    rng = np.random.default_rng(0)
+    for est in ("reward", "rloo"):
+        for seed in (0, 1, 2):
+            probe = _probe({"reward": 0.1, "rloo": 0.3 * (1 + 0.1 * seed)}, 0, fractions=(0.0, 1.0))
+            _add(study, {"model.advantage": est, "seed": seed}, _attrs(rng, 0.001, seed, probe), space.grid)
+    logs = np.log(3 * (1 + 0.1 * np.arange(3)))
+    half = math.sinh(sps.t.ppf(0.975, 2) * logs.std(ddof=1) / math.sqrt(3))  # (e^{m+h} − e^{m−h}) / 2e^m
+    s = summ.build_summary(study, precision=0.10)
+    rloo = s["comparisons"]["rloo"]["snr_ratio"]
+    assert rloo["half_width"] == pytest.approx(half) == rloo["by_point"]["1"]["half_width"]
+    assert s["snr_precision"]["met"] is (half <= 0.10) and s["snr_precision"]["target"] == 0.10
+    study.set_user_attr("snr_precision", half + 0.01)  # kept on the study by --until-decisive
+    assert summ.build_summary(study)["snr_precision"]["met"] is True
+    loose = open_comparisons(study, summ.DEFAULT_MIN_EFFECT)
+    assert "rloo" in open_comparisons(study, summ.DEFAULT_MIN_EFFECT, half - 0.01)
+    assert open_comparisons(study, summ.DEFAULT_MIN_EFFECT, half + 0.01) == loose

@@ -210,6 +210,9 @@ def test_grpo_lab_keeps_the_traceback_of_a_bug(tmp_path, ws, capsys):
     (["--space", "smoke", "--storage", "not a url"], r"^error: --storage 'not a url' is not a database URL"),
     (["--space", "no_such_module:SPACE"],
      r"^error: space 'no_such_module:SPACE': cannot import module 'no_such_module'"),
+    (["--space", "smoke", "--snr-precision", "0.1"], r"^error: --snr-precision 0.1 needs --until-decisive"),
+    (["--space", "smoke", "--until-decisive", "--snr-precision", "10"],
+     r"^error: --snr-precision 10 needs --until-decisive and a fraction in \(0, 1\)"),
 ])
 def test_ablate_user_errors(argv, pattern, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
