@@ -84,6 +84,9 @@ def test_controls_offset_the_seed_stream_of_the_aa_arm_and_the_probe_follows(tmp
     kinds = [c["kind"] for c in space.describe()["comparisons"]]
     assert kinds == ["positive_control", "aa_control"]
     assert space.points_for([7]) == [{"arm": arm, "seed": 7} for arm in space.grid["arm"]]
+    # group by group: side-by-side trials get other seeds (no wait on one seed's warm-start probe point)
+    pts = space.points_for([7, 8])
+    assert [p["seed"] for p in pts[:4]] == [7, 8, 7, 8] and pts[0]["arm"] == pts[1]["arm"] != pts[2]["arm"]
 
 
 def test_seed_is_an_int_parameter_and_old_categorical_studies_still_resume(tmp_path):
