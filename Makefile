@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PYTHON  := $(BIN)/python
 # The offline environment variables are set by each program where it starts (grpo_lab/environment.py).
 
-.PHONY: install test test-serial test-fast lint smoke tiny warmstart tensorboard ablate ablate-smoke bench gpu-wheels gpu-check-dry math-sample clean
+.PHONY: install test test-serial test-fast lint smoke tiny warmstart tensorboard ablate ablate-precise ablate-smoke bench gpu-wheels gpu-check-dry math-sample clean
 
 install: $(BIN)/grpo-lab ## create .venv, torch (CPU file on disk) first, then the project with [dev]
 
@@ -43,6 +43,9 @@ tensorboard: install
 
 ablate: install ## the default study: 4 estimators x 6 seeds, report under runs/ablate/default/
 	$(BIN)/grpo-lab-ablate --space default
+
+ablate-precise: install ## the default study, then seeds in rounds until every SNR ratio is within ±10% (12 min on 2 cores)
+	$(BIN)/grpo-lab-ablate --space default --until-decisive --snr-precision 0.10 --budget 20m
 
 ablate-smoke: install
 	$(BIN)/grpo-lab-ablate --space smoke

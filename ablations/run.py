@@ -1,9 +1,11 @@
 """``grpo-lab-ablate``: run a named ablation space as a resumable Optuna study, then write its report.
 
-    grpo-lab-ablate --space default                # make ablate: 4 estimators x 3 seeds, runs/ablate/default
+    grpo-lab-ablate --space default                # make ablate: 4 estimators x 6 seeds, runs/ablate/default
     grpo-lab-ablate --space smoke                  # make ablate-smoke: the harness end to end in a minute
     grpo-lab-ablate --space default --report-only  # rewrite report.md and the plots from the stored study
     grpo-lab-ablate --space default --until-decisive --budget 20m  # add seeds until all comparisons settle
+    grpo-lab-ablate --space default --until-decisive --snr-precision 0.10  # make ablate-precise: and until
+                                           # every SNR ratio is within ±10% (pooled and at each probe point)
     grpo-lab-ablate --space default --storage postgresql://user@host/db  # many runners share one study
 
 Layout (``--root`` defaults to ``runs``)::
