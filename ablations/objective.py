@@ -294,16 +294,31 @@ def trial_metrics(logdir: Path, threshold: float) -> dict[str, Any]:
 # ---- duplicates ----------------------------------------------------------------------------------------
 def find_duplicate(trials: list[FrozenTrial], number: int, params: dict[str, Any],
                    start) -> FrozenTrial | None:
-    """Another trial that owns ``params``: COMPLETE, or RUNNING and started before (start, number)."""
+    """Another trial that owns ``params``: COMPLETE, or RUNNING and started before (start, number). A
+    RUNNING trial owns the point of its params, of its enqueued ``fixed_params``, or of its GridSampler
+    ``grid_id`` (with the same search space) when that is this trial's too: those are set before a trial
+    suggests its params, so a trial whose params are still being written is seen (GridSampler hands a
+    running point to a second worker once every point has started)."""
+    me = next((t for t in trials if t.number == number), None)
+    grid = _grid_point(me) if me is not None else None
     for t in trials:
-        if t.number == number or t.params != params:
+        if t.number == number:
             continue
-        if t.state == TrialState.COMPLETE:
+        if t.state == TrialState.COMPLETE and t.params == params:
             return t
         if t.state == TrialState.RUNNING and t.datetime_start is not None and start is not None:
-            if (t.datetime_start, t.number) < (start, number):
+            owns = (t.params == params or t.system_attrs.get("fixed_params") == params
+                    or (grid is not None and _grid_point(t) == grid))
+            if owns and (t.datetime_start, t.number) < (start, number):
                 return t
     return None
+
+
+def _grid_point(t: FrozenTrial) -> tuple | None:
+    """``(grid_id, search space)`` that GridSampler gave the trial, or None."""
+    attrs = t.system_attrs
+    return (attrs["grid_id"], json.dumps(attrs.get("search_space"), sort_keys=True, default=str)) \
+        if "grid_id" in attrs else None
 
 
 def check_duplicate(trial: optuna.Trial, params: dict[str, Any]) -> None:

@@ -245,6 +245,31 @@ def test_find_duplicate_prefers_complete_then_the_earlier_running_trial():
     assert obj.find_duplicate(trials, 1, p, start(5)) is None  # not a duplicate of itself
 
 
+def test_a_running_trial_owns_its_grid_point_before_its_params_are_written():
+    """GridSampler hands a running point to a second worker once every point has started: the first trial
+    may not have written all its params when the second checks, so the point is read off its grid_id (or
+    the params it was enqueued with). Without that both ran to COMPLETE (seen once in CI)."""
+    p = {"model.advantage": "reward", "seed": 0}
+    space = {"model.advantage": ["reward", "rloo"], "seed": [0, 1]}
+
+    def running(params, second, system_attrs):
+        t = _trial(TrialState.RUNNING, params, second)
+        t._system_attrs = system_attrs
+        return t
+    first = running({"model.advantage": "reward"}, 1, {"grid_id": 3, "search_space": space})  # seed unset
+    second = running(p, 2, {"grid_id": 3, "search_space": space})
+    other = running(p, 2, {"grid_id": 2, "search_space": space})  # another point (its params not yet set)
+    other.params.clear()
+    first.number, second.number, other.number = 0, 1, 2
+    start = lambda s: datetime.datetime(2024, 1, 1) + datetime.timedelta(seconds=s)  # noqa: E731
+    assert obj.find_duplicate([first, second], 1, p, start(2)).number == 0  # the later one gives up
+    assert obj.find_duplicate([first, second], 0, p, start(1)) is None  # the earlier one goes on
+    assert obj.find_duplicate([first, other], 2, {"model.advantage": "rloo", "seed": 1}, start(2)) is None
+    enqueued = running({}, 1, {"fixed_params": p})
+    enqueued.number = 0
+    assert obj.find_duplicate([enqueued, second], 1, p, start(2)).number == 0
+
+
 def _fake_objective(space, fail_first=(), always_fail=(), sleep=0.0):
     """An objective without a fit: checks duplicates like the real one; fails some points on purpose."""
     seen: dict[tuple, int] = {}
