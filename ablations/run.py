@@ -24,6 +24,8 @@ How a study runs:
    ``fail_stale_trials`` (called at start, before every round and by Optuna before every trial), and
    ``RetryHeartbeatStaleTrialCallback`` (Optuna >= 4.9's name for ``RetryFailedTrialCallback``)
    re-enqueues it, at most twice. A rerun right after a kill therefore first waits up to the grace period.
+   A trial killed before its first heartbeat has none and would never go stale: the runner gives every
+   RUNNING trial one heartbeat when it starts (``storage.beat_for_silent_trials``).
 2. The warm start is built once by a ``grpo-lab warmstart`` subprocess with the first point's config, so
    the trials only load it (the cache key ignores the swept RL settings).
 3. Round 1 lets ``GridSampler`` hand out the grid points; it stops the study once every point was
@@ -80,7 +82,7 @@ from ablations.objective import (
 from ablations.progress import StudyProgress, console, point_key, point_status
 from ablations.pruning import make_pruner
 from ablations.spaces import SPACES, Space, get_space
-from ablations.storage import default_storage, fail_stale, make_storage
+from ablations.storage import beat_for_silent_trials, default_storage, fail_stale, make_storage
 from ablations.summary import DEFAULT_MIN_EFFECT, add_wall_time, min_effects
 from ablations.timing import throughput
 from ablations.worker import WorkerPool
@@ -271,6 +273,7 @@ def _main(argv: list[str] | None) -> int:
     threads = max(1, cores // n_jobs)
     study = open_study(space, name, storage)
     fail_stale(study)
+    beat_for_silent_trials(study, storage)  # a trial killed before its first heartbeat must go stale too
     pool = None if args.no_reuse else WorkerPool(threads, study_dir / "workers.log")
     objective = Objective(space, study_dir, root, threads=threads, probe=not args.no_probe, storage_url=url,
                           pool=pool)

@@ -31,6 +31,24 @@ def fail_stale(study: optuna.Study) -> None:
     quietly(optuna.storages.fail_stale_trials, study)
 
 
+def beat_for_silent_trials(study: optuna.Study, storage: RDBStorage) -> list[int]:
+    """Record one heartbeat now for every RUNNING trial; returns their numbers. A runner calls it once when
+    it starts, after :func:`fail_stale`.
+
+    A runner killed between starting a trial and its heartbeat thread's first beat leaves a RUNNING trial
+    with no heartbeat at all, and ``fail_stale_trials`` only compares heartbeats, so that trial never went
+    stale and its point was held forever: the resumed study waited on it (seen once, in
+    ``test_resume_after_sigkill_reruns_only_what_is_missing``). After this beat it goes stale one grace
+    period later like any dead trial. A live trial beats on by itself; a dead one whose beat was already
+    older than the grace period was failed by :func:`fail_stale` first, and one with a fresh beat goes
+    stale at most one grace period later than it would have."""
+    study_id = storage.get_study_id_from_name(study.study_name)
+    running = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
+    for number in running:
+        quietly(storage.record_heartbeat, storage.get_trial_id_from_study_id_trial_number(study_id, number))
+    return running
+
+
 def default_storage(root: Path, study: str) -> str:
     return f"sqlite:///{root / 'ablate' / f'{study}.db'}"
 

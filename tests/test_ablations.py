@@ -23,7 +23,7 @@ from ablations.progress import point_status
 from ablations.pruning import DEFAULT_PRUNER, StudyPruning, make_pruner, pruned_at
 from ablations.run import build_parser, open_study, run_grid
 from ablations.spaces import SPACES, ProbeSettings, Space, get_space
-from ablations.storage import make_storage
+from ablations.storage import beat_for_silent_trials, fail_stale, make_storage
 from grpo_lab.cli import cli_main
 from tests.conftest import CONFIGS
 
@@ -243,6 +243,24 @@ def test_find_duplicate_prefers_complete_then_the_earlier_running_trial():
     assert obj.find_duplicate(trials, 9, p, start(9)).number == 1  # an earlier RUNNING one wins
     assert obj.find_duplicate(trials, 0, p, start(2)) is None  # a later RUNNING one does not; FAIL never does
     assert obj.find_duplicate(trials, 1, p, start(5)) is None  # not a duplicate of itself
+
+
+def test_a_trial_killed_before_its_first_heartbeat_goes_stale_once_a_runner_starts(tmp_path):
+    """Optuna fails a RUNNING trial only by its heartbeat: one without any stayed RUNNING for good and held
+    its point (a resumed study waited forever). A starting runner beats once for it; then it goes stale."""
+    storage = make_storage(f"sqlite:///{tmp_path / 's.db'}", grace_period=1)
+    study = optuna.create_study(study_name="s", storage=storage)
+    silent = study.ask()  # RUNNING with no heartbeat, as a runner killed before the first beat leaves it
+    time.sleep(1.5)
+    fail_stale(study)
+    state = lambda: study.trials[silent.number].state  # noqa: E731
+    assert state() == TrialState.RUNNING  # heartbeats alone never fail it
+    assert beat_for_silent_trials(study, storage) == [silent.number]
+    fail_stale(study)
+    assert state() == TrialState.RUNNING  # its beat is fresh
+    time.sleep(1.5)
+    fail_stale(study)
+    assert state() == TrialState.FAIL
 
 
 def test_a_running_trial_owns_its_grid_point_before_its_params_are_written():
