@@ -118,7 +118,9 @@ def precision_sentence(precision: dict | None) -> str:
         return ""
     w = precision["widest"]
     where = "pooled" if w["point"] == "all" else f"at {POINT_NAMES.get(float(w['point']), w['point'])}"
-    text = f" Widest SNR-ratio interval: ±{w['half_width']:.1%} ({w['comparison']}, {where})"
+    half = w["half_width"]
+    width = f"±{half:.1%}" if math.isfinite(half) else "none (under 2 seeds with a ratio)"
+    text = f" Widest SNR-ratio interval: {width} ({w['comparison']}, {where})"
     if precision.get("target") is None:
         return text + "."
     return text + (f"; every SNR ratio, pooled and at each probe point, within ±{precision['target']:.0%}: "

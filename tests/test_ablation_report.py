@@ -315,6 +315,8 @@ def test_snr_precision_by_hand(tmp_path):
     assert summ.imprecise(a, 0.10) and not summ.imprecise(b, 0.10)
     one_seed = {"snr_ratio": {**ratio(math.nan), "by_point": {}}}
     assert summ.snr_precision({"b": b, "c": one_seed}, 0.5)["widest"]["comparison"] == "c"
+    assert "none (under 2 seeds with a ratio) (c, pooled)" in precision_sentence(
+        summ.snr_precision({"b": b, "c": one_seed}, 0.5))
     assert summ.imprecise(one_seed, 0.5)  # no interval is not within any target
     assert summ.snr_precision({}, 0.1) == {"target": 0.1, "widest": None, "met": None}
     assert precision_sentence(p) == (" Widest SNR-ratio interval: ±12.0% (a, at end); every SNR ratio, "
