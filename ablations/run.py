@@ -240,9 +240,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    if args.snr_precision is not None and not (args.until_decisive and 0 < args.snr_precision < 1):
-        raise UserError(f"--snr-precision {args.snr_precision:g} needs --until-decisive and a fraction "
-                        "in (0, 1), e.g. 0.10 for ±10%")
+    if args.until_decisive or args.snr_precision is not None:
+        from ablations.sequential import check_arguments  # it imports run_grid from here
+
+        check_arguments(args.round_seeds, args.max_seeds, args.snr_precision, args.until_decisive)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Optuna's own calls too

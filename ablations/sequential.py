@@ -31,6 +31,7 @@ from optuna.trial import TrialState
 from ablations.run import run_grid
 from ablations.spaces import Space
 from ablations.summary import build_summary, imprecise
+from grpo_lab.errors import UserError
 
 UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600}
 
@@ -70,6 +71,17 @@ def open_comparisons(study: optuna.Study, min_effect: dict[str, float],
             if not c["decided"] or (precision is not None and imprecise(c, precision))]
 
 
+def check_arguments(round_seeds: int, max_seeds: int, precision: float | None,
+                    until_decisive: bool = True) -> None:
+    """The rounds' settings (``UserError``: one ``error:`` line); ``grpo-lab-ablate`` checks them before any
+    work, ``run_until_decisive`` again for its other callers."""
+    if precision is not None and not (until_decisive and 0 < precision < 1):
+        raise UserError(f"--snr-precision {precision:g} needs --until-decisive and a fraction in (0, 1), "
+                        "e.g. 0.10 for ±10%")
+    if until_decisive and (round_seeds < 1 or max_seeds < 2):
+        raise UserError(f"--round-seeds must be >= 1 and --max-seeds >= 2, got {round_seeds} and {max_seeds}")
+
+
 def run_until_decisive(study: optuna.Study, space: Space, objective, n_jobs: int, budget_s: float,
                        min_effect: dict[str, float], round_seeds: int = 2, max_seeds: int = 64,
                        max_failures: int = 3, say: Callable[[str], Any] = print,
@@ -83,10 +95,7 @@ def run_until_decisive(study: optuna.Study, space: Space, objective, n_jobs: int
     Returns ``{"reason", "seeds", "spent_s", "open", "gave_up"}``."""
     if not space.is_grid or "seed" not in (space.grid or {}):
         raise ValueError(f"space {space.name!r}: --until-decisive needs a grid with a 'seed' key")
-    if round_seeds < 1 or max_seeds < 2:
-        raise ValueError("--round-seeds must be >= 1 and --max-seeds >= 2")
-    if precision is not None and not 0 < precision < 1:
-        raise ValueError(f"--snr-precision must be a fraction in (0, 1), e.g. 0.10, got {precision}")
+    check_arguments(round_seeds, max_seeds, precision)
     study.set_user_attr("min_effect", min_effect)
     if precision is not None:
         study.set_user_attr("snr_precision", precision)

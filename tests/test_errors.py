@@ -213,6 +213,8 @@ def test_grpo_lab_keeps_the_traceback_of_a_bug(tmp_path, ws, capsys):
     (["--space", "smoke", "--snr-precision", "0.1"], r"^error: --snr-precision 0.1 needs --until-decisive"),
     (["--space", "smoke", "--until-decisive", "--snr-precision", "10"],
      r"^error: --snr-precision 10 needs --until-decisive and a fraction in \(0, 1\)"),
+    (["--space", "smoke", "--until-decisive", "--round-seeds", "0"],
+     r"^error: --round-seeds must be >= 1 and --max-seeds >= 2, got 0 and 64"),
 ])
 def test_ablate_user_errors(argv, pattern, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
