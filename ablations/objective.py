@@ -317,8 +317,7 @@ def find_duplicate(trials: list[FrozenTrial], number: int, params: dict[str, Any
 def _grid_point(t: FrozenTrial) -> tuple | None:
     """``(grid_id, search space)`` that GridSampler gave the trial, or None."""
     attrs = t.system_attrs
-    return (attrs["grid_id"], json.dumps(attrs.get("search_space"), sort_keys=True, default=str)) \
-        if "grid_id" in attrs else None
+    return (attrs["grid_id"], attrs.get("search_space")) if "grid_id" in attrs else None
 
 
 def check_duplicate(trial: optuna.Trial, params: dict[str, Any]) -> None:
