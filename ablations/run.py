@@ -96,6 +96,11 @@ def open_study(space: Space, name: str, storage: RDBStorage) -> optuna.Study:
     pruner = make_pruner(space.pruner if not space.is_grid else None)
     study = optuna.create_study(study_name=name, storage=storage, sampler=space.sampler(seed=0),
                                 direction="maximize", load_if_exists=True, pruner=pruner)
+    changed = space.changed_settings(study.user_attrs.get("space"))
+    if changed and study.get_trials(deepcopy=False):
+        raise UserError(f"study {name!r} ran its trials with other settings ({', '.join(changed)}) than "
+                        f"space {space.name!r} has now, and new trials would be mixed with them: start a new "
+                        "study with --study NEW_NAME, or remove the old one")
     study.set_user_attr("space", space.describe())
     return study
 

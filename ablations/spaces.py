@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +83,9 @@ class Comparison:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"comparison {self.label!r}: kind must be one of {KINDS}, got {self.kind!r}")
+
+SETTINGS_KEYS = ("base_config", "overrides", "threshold", "baseline", "comparisons", "probe")
+"""What a trial runs with and the report compares by, in a space's :meth:`Space.describe`."""
 
 
 @dataclass(frozen=True)
@@ -240,6 +244,7 @@ class Space:
             "description": self.description,
             "grid": self.grid,
             "base_config": self.base_config,
+            "overrides": self.overrides,
             "threshold": self.threshold,
             "baseline": self.baseline,
             "comparisons": None if self.comparisons is None else [
@@ -253,6 +258,15 @@ class Space:
                 "at_fractions": list(self.probe.at_fractions),
             },
         }
+
+    def changed_settings(self, stored: dict[str, Any] | None) -> list[str]:
+        """The settings in which a study's stored :meth:`describe` differs from this space's: what its trials
+        ran with is not what new trials would run with. The grid is left out (a study may gain seeds), and
+        so is a key an older grpo_lab did not store."""
+        if not stored:
+            return []
+        now = json.loads(json.dumps(self.describe()))  # as the study stored it: tuples become lists
+        return [k for k in SETTINGS_KEYS if k in stored and stored[k] != now[k]]
 
 
 def _seed_distribution(trial: optuna.Trial) -> optuna.distributions.BaseDistribution:

@@ -25,6 +25,7 @@ from ablations.run import build_parser, open_study, run_grid
 from ablations.spaces import SPACES, ProbeSettings, Space, get_space
 from ablations.storage import beat_for_silent_trials, fail_stale, make_storage
 from grpo_lab.cli import cli_main
+from grpo_lab.errors import UserError
 from tests.conftest import CONFIGS
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -393,3 +394,31 @@ def test_shipped_ablate_configs_exist():
     for name in ("ablate.yaml", "ablate_smoke.yaml"):
         assert (CONFIGS / name).is_file()
     assert json.dumps(SPACES["default"].describe())  # JSON-safe: it is stored on the study
+
+
+def test_a_study_whose_trials_ran_with_other_settings_is_not_resumed_by_a_changed_space(tmp_path):
+    """Resuming a study after its space changed (another probe, other overrides) would mix trials of two
+    designs in one report: a user error, unless the study has no trials yet. A grid that only grows (more
+    seeds) is a resumable change, and a key an older study did not store is not compared."""
+    storage = make_storage(f"sqlite:///{tmp_path / 's.db'}")
+    grid = {"model.advantage": ["reward", "rloo"], "seed": [0, 1]}
+
+    def space(grid=grid, steps=200, probe=ProbeSettings(num_batches=64)):
+        return Space(name="s", description="d", grid=grid, overrides={"trainer.max_steps": steps},
+                     probe=probe)
+
+    old, more_seeds = space(), space(grid={**grid, "seed": [0, 1, 2, 3]})
+    fewer_steps = space(steps=150, probe=ProbeSettings(num_batches=32, prompts_per_batch=16))
+    study = open_study(old, "s", storage)
+    assert more_seeds.changed_settings(study.user_attrs["space"]) == []
+    assert fewer_steps.changed_settings(study.user_attrs["space"]) == ["overrides", "probe"]
+    study.add_trial(create_trial(params={"seed": 0}, distributions={"seed": CategoricalDistribution([0, 1])},
+                                 value=0.5))
+    assert open_study(more_seeds, "s", storage).study_name == "s"
+    with pytest.raises(UserError, match=r"other settings \(overrides, probe\).*--study NEW_NAME"):
+        open_study(fewer_steps, "s", storage)
+    open_study(old, "t", storage)  # a study without trials takes the new settings: nothing to mix
+    stored = open_study(fewer_steps, "t", storage).user_attrs["space"]
+    assert stored["overrides"] == {"trainer.max_steps": 150}
+    legacy = {k: v for k, v in old.describe().items() if k != "overrides"}  # stored before 'overrides' was
+    assert space(steps=150).changed_settings(json.loads(json.dumps(legacy))) == []
