@@ -41,10 +41,10 @@ tiny: install
 tensorboard: install
 	$(BIN)/tensorboard --logdir runs
 
-ablate: install ## the default study: 4 estimators x 6 seeds, report under runs/ablate/default/
+ablate: install ## the default study: 4 estimators x 8 seeds, report under runs/ablate/default/ (9 min on 2 cores)
 	$(BIN)/grpo-lab-ablate --space default
 
-ablate-precise: install ## the default study, then seeds in rounds until every SNR ratio is within ±10% (12 min on 2 cores)
+ablate-precise: install ## the default study, then seeds in rounds until every SNR ratio is within ±10% (make ablate meets it here)
 	$(BIN)/grpo-lab-ablate --space default --until-decisive --snr-precision 0.10 --budget 20m
 
 ablate-smoke: install

@@ -1,6 +1,6 @@
 """``grpo-lab-ablate``: run a named ablation space as a resumable Optuna study, then write its report.
 
-    grpo-lab-ablate --space default                # make ablate: 4 estimators x 6 seeds, runs/ablate/default
+    grpo-lab-ablate --space default                # make ablate: 4 estimators x 8 seeds, runs/ablate/default
     grpo-lab-ablate --space smoke                  # make ablate-smoke: the harness end to end in a minute
     grpo-lab-ablate --space default --report-only  # rewrite report.md and the plots from the stored study
     grpo-lab-ablate --space default --until-decisive --budget 20m  # add seeds until all comparisons settle

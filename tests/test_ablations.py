@@ -60,11 +60,11 @@ def test_every_space_builds_overlays_that_grpo_lab_loads(name, tmp_path):
 def test_seed_sets_the_rl_seed_the_data_order_and_the_probe():
     space = SPACES["default"]
     over = space.trial_overrides({"model.advantage": "rloo", "seed": 2})
-    assert over == {"model.advantage": "rloo", "seed_everything": 2, "data.seed": 2}
+    assert over == {"trainer.max_steps": 150, "model.advantage": "rloo", "seed_everything": 2, "data.seed": 2}
     cb = ProbeSettings().callback("rloo", 2)
     assert cb["class_path"] == "grpo_lab.variance.GradientVarianceProbe" and cb["init_args"]["seed"] == 2
     assert ProbeSettings(estimators="own").callback("rloo", 0)["init_args"]["estimators"] == ["rloo"]
-    assert len(space.points()) == 24  # 4 estimators x 6 seeds (issue 10: at least 6 seeds per arm)
+    assert len(space.points()) == 32  # 4 estimators x 8 seeds (issue 10: at least 6 seeds per arm)
     assert SPACES["strategies"].trial_overrides({"strategy": "ddp2"})["trainer.devices"] == 2
     # prompts_per_step is global: every strategy sees the same batch (the base config's)
     assert all("data.prompts_per_step" not in SPACES["strategies"].trial_overrides({"strategy": s, "seed": 0})
