@@ -84,7 +84,8 @@ class Comparison:
         if self.kind not in KINDS:
             raise ValueError(f"comparison {self.label!r}: kind must be one of {KINDS}, got {self.kind!r}")
 
-SETTINGS_KEYS = ("base_config", "overrides", "threshold", "baseline", "comparisons", "probe")
+
+SETTINGS_KEYS = ("base_config", "overrides", "presets", "threshold", "baseline", "comparisons", "probe")
 """What a trial runs with and the report compares by, in a space's :meth:`Space.describe`."""
 
 
@@ -245,6 +246,7 @@ class Space:
             "grid": self.grid,
             "base_config": self.base_config,
             "overrides": self.overrides,
+            "presets": self.presets,
             "threshold": self.threshold,
             "baseline": self.baseline,
             "comparisons": None if self.comparisons is None else [
