@@ -1,9 +1,9 @@
-"""The ablation harness: spaces, objective helpers, pruning, duplicate handling and the grid loop (the report:
-test_ablation_report.py; whole studies: test_ablation_studies.py)."""
+"""The ablation harness: spaces, objective helpers, pruning and the grid loop (resuming, duplicates and a
+changed space: test_ablation_resume.py; the report: test_ablation_report.py; whole studies:
+test_ablation_studies.py)."""
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import sys
@@ -16,17 +16,17 @@ import optuna
 import pytest
 import torch
 from optuna.distributions import CategoricalDistribution
-from optuna.trial import TrialState, create_trial
+from optuna.trial import TrialState
 
 from ablations import objective as obj
 from ablations.progress import point_status
 from ablations.pruning import DEFAULT_PRUNER, StudyPruning, make_pruner, pruned_at
 from ablations.run import build_parser, open_study, run_grid
 from ablations.spaces import SPACES, ProbeSettings, Space, get_space
-from ablations.storage import beat_for_silent_trials, fail_stale, make_storage
+from ablations.storage import make_storage
 from grpo_lab.cli import cli_main
-from grpo_lab.errors import UserError
 from tests.conftest import CONFIGS
+from tests.test_ablation_resume import _trial
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -225,71 +225,7 @@ def test_a_pruned_trial_stops_its_fit_early_and_keeps_its_curves(tmp_path, monke
     assert "train/reward" in t.user_attrs["curves"]
 
 
-# ---- duplicates and the study loop --------------------------------------------------------------------
-def _trial(state, params, number_start, value=None, grid=None):
-    dists = {k: CategoricalDistribution((grid or {}).get(k, [v])) for k, v in params.items()}
-    t = create_trial(state=state, params=params, distributions=dists, value=value)
-    t.datetime_start = datetime.datetime(2024, 1, 1) + datetime.timedelta(seconds=number_start)
-    return t
-
-
-def test_find_duplicate_prefers_complete_then_the_earlier_running_trial():
-    p, q = {"model.advantage": "rloo", "seed": 0}, {"model.advantage": "reward", "seed": 0}
-    trials = [_trial(TrialState.COMPLETE, q, 0, 1.0), _trial(TrialState.RUNNING, p, 5),
-              _trial(TrialState.FAIL, p, 1)]
-    for i, t in enumerate(trials):
-        t.number = i
-    start = lambda s: datetime.datetime(2024, 1, 1) + datetime.timedelta(seconds=s)  # noqa: E731
-    assert obj.find_duplicate(trials, 9, q, start(9)).number == 0  # a COMPLETE one always wins
-    assert obj.find_duplicate(trials, 9, p, start(9)).number == 1  # an earlier RUNNING one wins
-    assert obj.find_duplicate(trials, 0, p, start(2)) is None  # a later RUNNING one does not; FAIL never does
-    assert obj.find_duplicate(trials, 1, p, start(5)) is None  # not a duplicate of itself
-
-
-def test_a_trial_killed_before_its_first_heartbeat_goes_stale_once_a_runner_starts(tmp_path):
-    """Optuna fails a RUNNING trial only by its heartbeat: one without any stayed RUNNING for good and held
-    its point (a resumed study waited forever). A starting runner beats once for it; then it goes stale."""
-    storage = make_storage(f"sqlite:///{tmp_path / 's.db'}", grace_period=1)
-    study = optuna.create_study(study_name="s", storage=storage)
-    silent = study.ask()  # RUNNING with no heartbeat, as a runner killed before the first beat leaves it
-    time.sleep(1.5)
-    fail_stale(study)
-    state = lambda: study.trials[silent.number].state  # noqa: E731
-    assert state() == TrialState.RUNNING  # heartbeats alone never fail it
-    assert beat_for_silent_trials(study, storage) == [silent.number]
-    fail_stale(study)
-    assert state() == TrialState.RUNNING  # its beat is fresh
-    # SQLite's now() has whole seconds and Optuna wants now − beat > grace (1 s): up to 3 s must pass
-    time.sleep(3.1)
-    fail_stale(study)
-    assert state() == TrialState.FAIL
-
-
-def test_a_running_trial_owns_its_grid_point_before_its_params_are_written():
-    """GridSampler hands a running point to a second worker once every point has started: the first trial
-    may not have written all its params when the second checks, so the point is read off its grid_id (or
-    the params it was enqueued with). Without that both ran to COMPLETE (seen once in CI)."""
-    p = {"model.advantage": "reward", "seed": 0}
-    space = {"model.advantage": ["reward", "rloo"], "seed": [0, 1]}
-
-    def running(params, second, system_attrs):
-        t = _trial(TrialState.RUNNING, params, second)
-        t._system_attrs = system_attrs
-        return t
-    first = running({"model.advantage": "reward"}, 1, {"grid_id": 3, "search_space": space})  # seed unset
-    second = running(p, 2, {"grid_id": 3, "search_space": space})
-    other = running(p, 2, {"grid_id": 2, "search_space": space})  # another point (its params not yet set)
-    other.params.clear()
-    first.number, second.number, other.number = 0, 1, 2
-    start = lambda s: datetime.datetime(2024, 1, 1) + datetime.timedelta(seconds=s)  # noqa: E731
-    assert obj.find_duplicate([first, second], 1, p, start(2)).number == 0  # the later one gives up
-    assert obj.find_duplicate([first, second], 0, p, start(1)) is None  # the earlier one goes on
-    assert obj.find_duplicate([first, other], 2, {"model.advantage": "rloo", "seed": 1}, start(2)) is None
-    enqueued = running({}, 1, {"fixed_params": p})
-    enqueued.number = 0
-    assert obj.find_duplicate([enqueued, second], 1, p, start(2)).number == 0
-
-
+# ---- the study loop ---------------------------------------------------------------------------------
 def _fake_objective(space, fail_first=(), always_fail=(), sleep=0.0):
     """An objective without a fit: checks duplicates like the real one; fails some points on purpose."""
     seen: dict[tuple, int] = {}
@@ -377,48 +313,7 @@ def test_until_decisive_adds_seeds_until_the_comparison_is_settled_and_resumes(t
     assert out["reason"].startswith("budget") and out["open"] == ["rloo"] and out["seeds"] == [2, 3]
 
 
-def test_a_duplicate_trial_is_pruned_before_any_fit(tmp_path):
-    space = SPACES["smoke"]
-    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'd.db'}", direction="maximize")
-    params = {"model.advantage": "reward", "seed": 0}
-    study.add_trial(_trial(TrialState.COMPLETE, params, 0, 0.5, grid=space.grid))
-    study.enqueue_trial(params)
-    objective = obj.Objective(space, tmp_path / "study", tmp_path)
-    study.optimize(objective, n_trials=1)
-    t = study.trials[-1]
-    assert t.state == TrialState.PRUNED and t.user_attrs["duplicate_of"] == 0
-    assert not (tmp_path / "study").exists()  # no fit was started
-
-
 def test_shipped_ablate_configs_exist():
     for name in ("ablate.yaml", "ablate_smoke.yaml"):
         assert (CONFIGS / name).is_file()
     assert json.dumps(SPACES["default"].describe())  # JSON-safe: it is stored on the study
-
-
-def test_a_study_whose_trials_ran_with_other_settings_is_not_resumed_by_a_changed_space(tmp_path):
-    """Resuming a study after its space changed (another probe, other overrides) would mix trials of two
-    designs in one report: a user error, unless the study has no trials yet. A grid that only grows (more
-    seeds) is a resumable change, and a key an older study did not store is not compared."""
-    storage = make_storage(f"sqlite:///{tmp_path / 's.db'}")
-    grid = {"model.advantage": ["reward", "rloo"], "seed": [0, 1]}
-
-    def space(grid=grid, steps=200, probe=ProbeSettings(num_batches=64)):
-        return Space(name="s", description="d", grid=grid, overrides={"trainer.max_steps": steps},
-                     probe=probe)
-
-    old, more_seeds = space(), space(grid={**grid, "seed": [0, 1, 2, 3]})
-    fewer_steps = space(steps=150, probe=ProbeSettings(num_batches=32, prompts_per_batch=16))
-    study = open_study(old, "s", storage)
-    assert more_seeds.changed_settings(study.user_attrs["space"]) == []
-    assert fewer_steps.changed_settings(study.user_attrs["space"]) == ["overrides", "probe"]
-    study.add_trial(create_trial(params={"seed": 0}, distributions={"seed": CategoricalDistribution([0, 1])},
-                                 value=0.5))
-    assert open_study(more_seeds, "s", storage).study_name == "s"
-    with pytest.raises(UserError, match=r"other settings \(overrides, probe\).*--study NEW_NAME"):
-        open_study(fewer_steps, "s", storage)
-    open_study(old, "t", storage)  # a study without trials takes the new settings: nothing to mix
-    stored = open_study(fewer_steps, "t", storage).user_attrs["space"]
-    assert stored["overrides"] == {"trainer.max_steps": 150}
-    legacy = {k: v for k, v in old.describe().items() if k != "overrides"}  # stored before 'overrides' was
-    assert space(steps=150).changed_settings(json.loads(json.dumps(legacy))) == []
