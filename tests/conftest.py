@@ -33,6 +33,20 @@ def process_commands() -> list[tuple[int, str]]:
     return out
 
 
+def frozen_trial(state, params: dict, seconds: float, value=None, grid: dict | None = None):
+    """An Optuna ``FrozenTrial`` in ``state`` with ``params``, started ``seconds`` after 2024-01-01 (each
+    param's distribution is categorical over its ``grid`` values, or over its own value alone)."""
+    import datetime
+
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import create_trial
+
+    dists = {k: CategoricalDistribution((grid or {}).get(k, [v])) for k, v in params.items()}
+    t = create_trial(state=state, params=params, distributions=dists, value=value)
+    t.datetime_start = datetime.datetime(2024, 1, 1) + datetime.timedelta(seconds=seconds)
+    return t
+
+
 def full_sequence_logprobs(model, r, temperature=1.0):
     """The reference log-probabilities ``[B, T]`` of a rollout's completions: one plain forward over the B
     full sequences (no prompt sharing, no KV cache), at ``temperature``."""

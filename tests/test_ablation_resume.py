@@ -9,27 +9,20 @@ import time
 
 import optuna
 import pytest
-from optuna.distributions import CategoricalDistribution
-from optuna.trial import TrialState, create_trial
+from optuna.trial import TrialState
 
 from ablations import objective as obj
 from ablations.run import open_study
 from ablations.spaces import SPACES, ProbeSettings, Space
 from ablations.storage import beat_for_silent_trials, fail_stale, make_storage
 from grpo_lab.errors import UserError
-
-
-def _trial(state, params, number_start, value=None, grid=None):
-    dists = {k: CategoricalDistribution((grid or {}).get(k, [v])) for k, v in params.items()}
-    t = create_trial(state=state, params=params, distributions=dists, value=value)
-    t.datetime_start = datetime.datetime(2024, 1, 1) + datetime.timedelta(seconds=number_start)
-    return t
+from tests.conftest import frozen_trial
 
 
 def test_find_duplicate_prefers_complete_then_the_earlier_running_trial():
     p, q = {"model.advantage": "rloo", "seed": 0}, {"model.advantage": "reward", "seed": 0}
-    trials = [_trial(TrialState.COMPLETE, q, 0, 1.0), _trial(TrialState.RUNNING, p, 5),
-              _trial(TrialState.FAIL, p, 1)]
+    trials = [frozen_trial(TrialState.COMPLETE, q, 0, 1.0), frozen_trial(TrialState.RUNNING, p, 5),
+              frozen_trial(TrialState.FAIL, p, 1)]
     for i, t in enumerate(trials):
         t.number = i
     start = lambda s: datetime.datetime(2024, 1, 1) + datetime.timedelta(seconds=s)  # noqa: E731
@@ -66,7 +59,7 @@ def test_a_running_trial_owns_its_grid_point_before_its_params_are_written():
     space = {"model.advantage": ["reward", "rloo"], "seed": [0, 1]}
 
     def running(params, second, system_attrs):
-        t = _trial(TrialState.RUNNING, params, second)
+        t = frozen_trial(TrialState.RUNNING, params, second)
         t._system_attrs = system_attrs
         return t
     first = running({"model.advantage": "reward"}, 1, {"grid_id": 3, "search_space": space})  # seed unset
@@ -87,7 +80,7 @@ def test_a_duplicate_trial_is_pruned_before_any_fit(tmp_path):
     space = SPACES["smoke"]
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'd.db'}", direction="maximize")
     params = {"model.advantage": "reward", "seed": 0}
-    study.add_trial(_trial(TrialState.COMPLETE, params, 0, 0.5, grid=space.grid))
+    study.add_trial(frozen_trial(TrialState.COMPLETE, params, 0, 0.5, grid=space.grid))
     study.enqueue_trial(params)
     objective = obj.Objective(space, tmp_path / "study", tmp_path)
     study.optimize(objective, n_trials=1)
@@ -112,8 +105,7 @@ def test_a_study_whose_trials_ran_with_other_settings_is_not_resumed_by_a_change
     study = open_study(old, "s", storage)
     assert more_seeds.changed_settings(study.user_attrs["space"]) == []
     assert fewer_steps.changed_settings(study.user_attrs["space"]) == ["overrides", "probe"]
-    study.add_trial(create_trial(params={"seed": 0}, distributions={"seed": CategoricalDistribution([0, 1])},
-                                 value=0.5))
+    study.add_trial(frozen_trial(TrialState.COMPLETE, {"seed": 0}, 0, 0.5, grid={"seed": [0, 1]}))
     assert open_study(more_seeds, "s", storage).study_name == "s"
     with pytest.raises(UserError, match=r"other settings \(overrides, probe\).*--study NEW_NAME"):
         open_study(fewer_steps, "s", storage)

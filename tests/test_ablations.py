@@ -25,8 +25,7 @@ from ablations.run import build_parser, open_study, run_grid
 from ablations.spaces import SPACES, ProbeSettings, Space, get_space
 from ablations.storage import make_storage
 from grpo_lab.cli import cli_main
-from tests.conftest import CONFIGS
-from tests.test_ablation_resume import _trial
+from tests.conftest import CONFIGS, frozen_trial
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -98,7 +97,7 @@ def test_seed_is_an_int_parameter_and_old_categorical_studies_still_resume(tmp_p
     assert space.suggest(trial) == {"model.advantage": "reward", "seed": 5}
     assert isinstance(trial.distributions["seed"], optuna.distributions.IntDistribution)
     old = optuna.create_study(storage=f"sqlite:///{tmp_path / 'b.db'}")
-    old.add_trial(_trial(TrialState.COMPLETE, {"model.advantage": "reward", "seed": 0}, 0, 1.0,
+    old.add_trial(frozen_trial(TrialState.COMPLETE, {"model.advantage": "reward", "seed": 0}, 0, 1.0,
                          grid=space.grid))
     old.enqueue_trial({"model.advantage": "reward", "seed": 1})
     trial = old.ask()
