@@ -245,10 +245,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    if args.until_decisive or args.snr_precision is not None:
-        from ablations.sequential import check_arguments  # it imports run_grid from here
+    from ablations.sequential import check_arguments  # it imports run_grid from here
 
-        check_arguments(args.round_seeds, args.max_seeds, args.snr_precision, args.until_decisive)
+    check_arguments(args.round_seeds, args.max_seeds, args.snr_precision, args.until_decisive)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Optuna's own calls too
