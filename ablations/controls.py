@@ -3,11 +3,11 @@
 - Positive control: ``rewards: [exact_match, ablations.controls:constant]`` with ``reward_weights: [1, c]``
   shifts every reward by c. A baseline-free estimator (``reward``) then carries c·Σ∇log π of pure noise
   in every gradient; a centred one (``mean_baseline``, ``group_norm``, ``rloo``) is unchanged. Every such
-  estimator must beat ``reward`` on gradient SNR: *detected* when every paired SNR difference (per seed,
-  averaged over the probe points) has its 95% interval above 0.
-- A/A control: two arms with identical settings and independent seed streams. Every interval that
-  excludes no difference is a false positive; the report counts them (about 5% of the tests are expected
-  at α = 0.05) and claims nothing.
+  estimator must beat ``reward`` on gradient SNR: *passed* when every paired SNR difference (per seed,
+  averaged over the probe points) is above 0 under Holm.
+- A/A control: two arms with identical settings and independent seed streams: *passed* when Holm finds no
+  difference on any metric (``judge.py``; the default study carries one, ``rloo (A/A)``, with the cheap
+  spike-in positive control on it).
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ SHIFTED_REWARD = {"model.rewards": ["exact_match", "ablations.controls:constant"
                   "model.reward_weights": [1.0, 3.0]}
 SHIFTED_DENSE_REWARD = {"model.rewards": ["ablations.controls:length", "ablations.controls:constant"],
                         "model.reward_weights": [1.0, 3.0]}
+# The default study's A/A arm: rloo again on seeds shifted by 1000, sharing each seed's warm start, trained
+# without the probe (its comparison is on training metrics).
+AA_ARM = {"model.advantage": "rloo", "seed_offset": 1000, "probe": False}
 ARMS = {
     "reward+3": {"model.advantage": "reward"},
     "rloo+3": {"model.advantage": "rloo"},
@@ -46,31 +49,42 @@ def constant(completions: list[str], **_) -> list[float]:
     return [1.0] * len(completions)
 
 
-def positive_line(diffs: dict[str, dict], ratios: dict[str, dict]) -> str:
+def positive_line(diffs: dict[str, dict], ratios: dict[str, dict], passed: bool) -> str:
     """One sentence from the centred estimators' paired SNR differences against ``reward`` under the shift
-    (``{estimator: {mean, lo, hi, n}}``; detected when every interval is above 0) and their SNR ratios
-    (geometric means over seeds, where the SNRs were positive: under a large shift `reward`'s signal
-    estimate is often ≤ 0 at a few batches, and its ratio undefined)."""
+    (``{estimator: {mean, lo, hi, n, p_holm}}``; passed when Holm finds each above 0, ``judge``) and their
+    SNR ratios (geometric means over seeds, where the SNRs were positive: under a large shift `reward`'s
+    signal estimate is often ≤ 0 at a few batches, and its ratio undefined)."""
     if not diffs:
-        return ("positive control: no probe rows of centred estimators and `reward` under the shift: "
-                "not measured")
-    ok = all(d["lo"] > 0 for d in diffs.values())
+        return ("positive control (reward shift +3) FAILED: no probe rows of centred estimators and `reward` "
+                "under the shift")
     n = min(d["n"] for d in diffs.values())
 
     def ratio(e: str) -> str:
         r = ratios.get(e, {})
         return f", ×{r['mean']:.3g} over {r['n']} seed(s)" if r.get("n") else ""
 
-    parts = [f"{e} {d['mean']:+.3g} [{d['lo']:+.3g}, {d['hi']:+.3g}]{ratio(e)}" for e, d in diffs.items()]
-    caveat = "" if ok else " (an interval reaches 0 or is n/a)"
-    return (f"positive control {'DETECTED' if ok else 'NOT detected'}: gradient SNR minus `reward`'s under "
-            f"the shift ({n} seeds): " + "; ".join(parts) + caveat)
+    parts = [f"{e} {d['mean']:+.3g} [{d['lo']:+.3g}, {d['hi']:+.3g}] (Holm p = {d['p_holm']:.2g}){ratio(e)}"
+             for e, d in diffs.items()]
+    return (f"positive control (reward shift +3) {'passed' if passed else 'FAILED'}: gradient SNR minus "
+            f"`reward`'s under the shift ({n} seeds): " + "; ".join(parts))
 
 
-def aa_line(false_positives: list[str], tests: int) -> str:
-    """One sentence from the A/A comparison's metrics whose interval excluded no difference."""
-    expected = 0.05 * tests
-    found = ", ".join(false_positives) if false_positives else "none"
-    return (f"A/A control: {len(false_positives)} false positive(s) in {tests} tests at α = 0.05 "
-            f"(≈{expected:.1f} expected by chance): {found}. "
-            "No difference is claimed between identical arms.")
+def aa_line(aa: dict) -> str:
+    """One sentence from the A/A comparison's pass rule (``judge.aa_control``)."""
+    found = ", ".join(aa["false_positives"]) or "none"
+    return (f"A/A control {'passed' if aa['passed'] else 'FAILED'}: `{aa['comparison']}` against "
+            f"`{aa['baseline']}` (identical settings, independent seeds, n = {aa['n']}), {aa['tests']} tests "
+            f"under Holm at α = 0.05 (a calibrated harness fails this at most 5% of the time); differences "
+            f"found: {found}.")
+
+
+def spike_line(spike: dict, arm: str) -> str:
+    """One sentence from the spike-in positive control (``judge.spike_in``)."""
+    if not spike["verdicts"]:
+        return f"positive control (spike-in) FAILED: no A/A metric with 2 seeds to spike ({arm})"
+    effects = ", ".join(f"{m} +{e:g}" for m, e in spike["effects"].items())
+    found = "; ".join(f"{m}: {t}" for m, t in spike["verdicts"].items())
+    return (f"positive control (spike-in, the cheap one) {'passed' if spike['passed'] else 'FAILED'}: "
+            f"effects of {spike['factor']:g}× the SESOI ({effects}) added to the A/A arm `{arm}` over its "
+            f"real seed-to-seed noise must be found under Holm: {found}. The full positive control (a "
+            "reward shift) is `grpo-lab-ablate --space controls`.")

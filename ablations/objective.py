@@ -66,6 +66,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ablations import tensorboard_runs, timing
 from ablations.pruning import pruned_at
 from ablations.spaces import Space
+from ablations.stats import clip_stats
 from ablations.worker import WorkerDied, WorkerPool
 from grpo_lab.environment import thread_env
 from grpo_lab.errors import UserError, UserFileNotFoundError
@@ -120,7 +121,7 @@ def trial_overlay(space: Space, params: dict[str, Any], trial_dir: Path, root: P
                          "init_args": {"save_dir": str(trial_dir), "name": "", "version": "",
                                                                   "default_hp_metric": False}}
     callbacks = []
-    if probe and space.probe is not None:
+    if probe and space.probes(params):
         seed = int(dotted.get("seed_everything", params.get("seed", 0)))  # with the arm's seed_offset
         callbacks.append(space.probe.callback(dotted.get("model.advantage"), seed, str(root / "probe_cache")))
     if pruning is not None and not space.is_grid:
@@ -288,7 +289,16 @@ def trial_metrics(logdir: Path, threshold: float) -> dict[str, Any]:
         "curves": {tag: downsample(pts) for tag, pts in scalars.items() if tag.startswith(CURVE_PREFIXES)},
         "probe": probe,
         "last_step": int(reward[-1][0]),
+        "grad_clip": clip_stats([v for _, v in scalars.get("train/grad_norm", [])], max_grad_norm(logdir)),
     }
+
+
+def max_grad_norm(logdir: Path) -> float | None:
+    """``model.max_grad_norm`` of the fit's saved ``config.yaml`` (LightningCLI writes it to the log dir);
+    base.yaml's 1.0 when the file is missing."""
+    path = Path(logdir) / "config.yaml"
+    model = (yaml.safe_load(path.read_text()) or {}).get("model", {}) if path.is_file() else {}
+    return model.get("max_grad_norm", 1.0)
 
 
 # ---- duplicates ----------------------------------------------------------------------------------------

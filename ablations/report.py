@@ -20,8 +20,9 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from ablations.baseline_map import report_lines as baseline_map_lines
 from ablations.plots import POINT_NAMES, plot_easy_hard, plot_probe, plot_reward_curves
-from ablations.runs import ProbeView, Run, load_runs, ordered_groups, probe_fractions
+from ablations.runs import ProbeView, Run, load_runs, ordered_groups, probe_fractions, probe_view
 from ablations.stats import fmt_ci, fmt_diff, t_interval
 from ablations.summary import build_summary, relative_half_width, write_summary
 
@@ -40,17 +41,22 @@ Caveats on what is compared:
   pulled towards 0 by noise. A biased estimator can have a high SNR and still a cosine below 1."""
 
 VERDICTS = """\
-A verdict is **holds** (the 95% interval excludes no difference, in the claimed direction), **does not hold**
-(it excludes it the other way, or includes it while the minimum detectable effect (MDE: 80% power, α = 0.05,
-two-sided paired t on the observed spread) is at most the smallest effect of interest, so "no difference
-larger than the MDE"), or **cannot tell at this n** (the MDE is larger than that)."""
+A verdict is **holds** (the two-sided t-test rejects no difference and the effect points the claimed way),
+**the opposite** (it points the other way), **equivalent** (two one-sided tests at the smallest effect of
+interest, SESOI, reject: the 90% interval lies inside ±SESOI) or **cannot tell at this n** (neither; the line
+says how many seeds would resolve an effect of the SESOI). A holds or opposite also says its size: *larger
+than the SESOI* (the 95% interval lies beyond it), *negligible* (equivalence holds too) or *of unclear
+size*. The seed post's claims are declared up front as the family and Holm-adjusted together (difference and
+equivalence tests; p and Holm's p on each line); other metrics are *exploratory*. The MDE is a planning
+figure, never a verdict (`ablations/verdicts.py`; error rates by simulation:
+`python -m ablations.calibration`)."""
 
 
 def groups_table(summary: dict, probe: bool) -> list[str]:
     t = summary.get("threshold")
     head = ["group", "seeds", "lift (first → last 10%)", "hard-query lift", "AUC (mean train reward)",
             f"steps to reward ≥ {t:g}" if t is not None else "steps to threshold",
-            "final val acc sampled: all", "easy", "hard"]
+            "final val acc sampled: all", "easy", "hard", "clipped steps", "median ‖g‖ before clip"]
     head += ["SNR (mean over probe points)", "hard share of ‖g‖²", "cosine to ∇J"] if probe else []
     lines = ["| " + " | ".join(head + ["wall (s)"]) + " |", "|" + "---|" * (len(head) + 1)]
     for label, g in summary["groups"].items():
@@ -58,13 +64,16 @@ def groups_table(summary: dict, probe: bool) -> list[str]:
         steps = fmt_ci(g["steps_to_threshold"], ".0f", prefix="≥ " if k < n else "")
         row = [f"**{label}**", str(g["n_seeds"]), fmt_ci(g["lift"]), fmt_ci(g["hard_lift"]), fmt_ci(g["auc"]),
                steps + f" ({g['reached']} reached)",
-               fmt_ci(g["final_acc"]), fmt_ci(g["final_acc_easy"]), fmt_ci(g["final_acc_hard"])]
+               fmt_ci(g["final_acc"]), fmt_ci(g["final_acc_easy"]), fmt_ci(g["final_acc_hard"]),
+               fmt_ci(g.get("clipped_share", NA), ".0%"), fmt_ci(g.get("grad_norm_median", NA), ".2f")]
         if probe:
-            row += [fmt_ci(g["snr"], ".3g"), fmt_ci(g["hard_share"]), fmt_ci(g["cosine"])]
+            row += [fmt_ci(g.get(m, NA), spec) for m, spec in (("snr", ".3g"), ("hard_share", ".3f"),
+                                                                ("cosine", ".3f"))]
         lines.append("| " + " | ".join(row + [fmt_ci(g["wall_s"], ".0f")]) + " |")
     return lines
 
 
+NA = {"mean": math.nan, "lo": math.nan, "hi": math.nan}
 COLUMNS = [("auc_diff", "AUC", ".3f"), ("lift_diff", "lift", ".3f"),
            ("hard_lift_diff", "hard-query lift", ".3f"),
            ("final_acc_diff", "final val acc", ".3f"), ("steps_diff", "steps to threshold", ".0f"),
@@ -97,19 +106,30 @@ def verdict_lines(summary: dict) -> list[str]:
     return md
 
 
+def unsettled_sentence(summary: dict) -> str:
+    """' (cannot tell: label metric, about N seeds; ...)' for the primary verdicts not settled."""
+    open_ = [f"{label} {m}" + (f", about {v['seeds_needed']} seeds" if v.get("seeds_needed") else "")
+             for label, c in summary["comparisons"].items() for m, v in c.get("verdicts", {}).items()
+             if v["role"] == "primary" and v["code"] == "cannot tell"]
+    return f" (cannot tell: {'; '.join(open_)})" if open_ else ""
+
+
 def controls_lines(summary: dict, out_dir: Path) -> list[str]:
-    """This study's controls, else those of a `controls` study beside it, else how to run them."""
+    """This study's controls (passed or FAILED), and the full ones of a `controls` study beside it; which
+    ran is said, and how to run what did not."""
     own = summary.get("controls") or {}
-    if own:
-        return [f"- {own[k]['line']}" for k in ("positive", "aa") if k in own]
+    md = [f"- {own[k]['line']}" for k in ("positive", "aa") if k in own]
+    if own.get("positive", {}).get("kind") == "shift":
+        return md
     for name in ("controls", "controls_smoke"):
         path = out_dir.parent / name / "summary.json"
         if path.is_file():
             other = json.loads(path.read_text()).get("controls") or {}
-            return [f"- (study `{name}`, {path}) {other[k]['line']}"
-                    for k in ("positive", "aa") if k in other]
-    return ["- not run beside this study: `grpo-lab-ablate --space controls` checks that the harness detects "
-            "a reward shift (positive control) and claims nothing between identical arms (A/A)."]
+            return md + [f"- (the full controls, study `{name}`, {path}) {other[k]['line']}"
+                         for k in ("positive", "aa") if k in other]
+    return md + ["- the full controls were not run beside this study: `grpo-lab-ablate --space controls` "
+                 "checks that the harness detects a reward shift (positive control) and finds no difference "
+                 "between identical arms (A/A)."]
 
 
 def precision_sentence(precision: dict | None) -> str:
@@ -200,7 +220,7 @@ def write_report(study: optuna.Study, out_dir: str | Path,
         return path
     by_group = {g: sorted((r for r in runs if r.group == g), key=lambda r: str(r.seed))
                 for g in ordered_groups(runs, space)}
-    view = ProbeView(by_group) if any(r.probe_rows() for r in runs) else None
+    view = probe_view(by_group)
     plots = [plot_reward_curves(by_group, out / "reward_curves.png"),
              plot_easy_hard(by_group, out / "easy_hard.png")]
     fractions = probe_fractions(runs) if view else []
@@ -211,7 +231,9 @@ def write_report(study: optuna.Study, out_dir: str | Path,
            "mean `train/reward` of the last 10% of training minus the first 10% (hard-query lift: the same "
            "on `train/reward_hard`). AUC: the normalised area under the `train/reward` curve. Steps to "
            "threshold: first step whose moving average reaches it; a run that never does counts as its "
-           "length (marked ≥)."
+           "length (marked ≥). Clipped: the share of steps whose pre-clip gradient norm passed "
+           "`max_grad_norm`, and the median pre-clip norm (`train/grad_norm`). Population: "
+           + summary["population"] + "."
            + (f" Probe columns: {view.description}." if view else ""), ""]
     md += groups_table(summary, view is not None) + [""]
     if not grid:  # a tuning study: no groups to pair, the best trials are the result
@@ -224,15 +246,16 @@ def write_report(study: optuna.Study, out_dir: str | Path,
         md += ["## Paired comparisons", "",
                "Same seed value, same warm start: mean of the per-seed differences (group − "
                "baseline; SNR: geometric mean of the per-seed ratios) with its 95% Student-t interval and "
-               "the minimum detectable effect at this number of pairs. " + VERDICTS, ""]
+               "the minimum detectable effect at this number of pairs (a planning figure). " + VERDICTS, ""]
         md += comparisons_table(summary) + ["", "## Verdicts", ""] + verdict_lines(summary) + [""]
         effects = ", ".join(f"{k} {v:g}" for k, v in summary["min_effect"].items())
-        md += [f"Smallest effects of interest: {effects} (SNR: relative). Every comparison settled (interval "
-               f"excludes no difference, or MDE below that): {'yes' if summary['decisive'] else 'no'}."
-               + precision_sentence(summary.get("snr_precision")), ""]
+        md += [f"Smallest effects of interest: {effects} (SNR: relative). Every primary comparison settled "
+               f"(not *cannot tell*): {'yes' if summary['decisive'] else 'no'}"
+               + unsettled_sentence(summary) + "." + precision_sentence(summary.get("snr_precision")), ""]
     md += ["## Controls", ""] + controls_lines(summary, out) + [""]
     if fractions:
         md += ["## Probe points", ""] + probe_lines(by_group, view, fractions, summary)
+    md += baseline_map_lines(summary, out)  # ablations/baseline_map.py: [] without a map
     md += [NOTES, "", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     md += ["## Trials", "", "Rerun any trial by hand from its `cwd` with its `command` (Optuna user attrs).",
            "", "| trial | params | AUC | wall (s) | logdir |", "|---|---|---|---|---|"]

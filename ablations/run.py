@@ -1,9 +1,9 @@
 """``grpo-lab-ablate``: run a named ablation space as a resumable Optuna study, then write its report.
 
-    grpo-lab-ablate --space default                # make ablate: 4 estimators x 8 seeds, runs/ablate/default
+    grpo-lab-ablate --space default                # make ablate: 3 estimators + an A/A arm x 8 seeds
     grpo-lab-ablate --space smoke                  # make ablate-smoke: the harness end to end in a minute
     grpo-lab-ablate --space default --report-only  # rewrite report.md and the plots from the stored study
-    grpo-lab-ablate --space default --until-decisive --budget 20m  # add seeds until all comparisons settle
+    grpo-lab-ablate --space default --until-decisive --budget 20m  # seeds until intervals are ±SESOI/2
     grpo-lab-ablate --space default --until-decisive --snr-precision 0.10  # make ablate-precise: and until
                                            # every SNR ratio is within ±10% (pooled and at each probe point)
     grpo-lab-ablate --space default --storage postgresql://user@host/db  # many runners share one study
@@ -217,15 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true",
                    help="only (re)write the report from the stored study")
     p.add_argument("--until-decisive", action="store_true",
-                   help="add seeds in rounds until every comparison is settled or the budget is spent "
-                        "(ablations/sequential.py)")
+                   help="add seeds in rounds until every comparison's interval is within ±half its "
+                        "smallest effect of interest, or the budget is spent: a stopping rule on precision, "
+                        "not significance, so the verdicts keep their error rates (ablations/sequential.py)")
     p.add_argument("--budget", default="20m",
                    help="--until-decisive: wall-time budget of the study (20m, 90s, 1.5h)")
     p.add_argument("--min-effect", type=float, default=None,
-                   help="smallest AUC difference worth detecting (default 0.02): an interval with 0 in it "
-                        "and an MDE below this reads 'no difference larger than the MDE'")
+                   help="smallest AUC difference of interest, the SESOI (default 0.02): the equivalence "
+                        "test's margin and the size a verdict is judged against")
     p.add_argument("--min-snr-effect", type=float, default=None,
-                   help="smallest relative SNR difference worth detecting (default 0.10, i.e. x1.10)")
+                   help="smallest relative SNR difference of interest (default 0.10, i.e. x1.10): the SNR "
+                        "ratio's equivalence margin")
     p.add_argument("--snr-precision", type=float, default=None, metavar="H",
                    help="--until-decisive: also add seeds until every SNR ratio's 95%% interval, pooled and "
                         "at each probe point, is within ±H of the ratio (e.g. 0.10)")

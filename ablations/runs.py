@@ -46,9 +46,10 @@ class Run:
 
     @property
     def advantage(self) -> str | None:
-        """The run's advantage estimator: a swept param, or a fixed override of its space."""
-        overrides = self.attrs.get("overrides") or {}
-        return self.params.get("model.advantage") or overrides.get("model.advantage")
+        """The run's advantage estimator: its trial's override (a preset arm such as ``rloo (A/A)`` names
+        its estimator there), else the swept param."""
+        overrides = self.attrs.get("overrides") or {}  # a preset's estimator, else the param itself
+        return overrides.get("model.advantage") or self.params.get("model.advantage")
 
     def probe_rows(self, estimator: str | None = None) -> list[dict]:
         """Probe rows of ``estimator``; by default the run's own estimator's (all rows if the probe measured
@@ -210,6 +211,12 @@ class ProbeView:
                                                          if fraction is None or _at(x, fraction)) if v > 0)
                    for r in self.by_group[g]} for g in (group, base)}
         return {s: own[group][s] - own[base][s] for s in own[group] if s in own[base]}
+
+
+def probe_view(by_group: dict[str, list[Run]]) -> ProbeView | None:
+    """The view of the groups whose runs were probed (an A/A arm trains without the probe), or None."""
+    probed = {g: rs for g, rs in by_group.items() if any(r.probe_rows() for r in rs)}
+    return ProbeView(probed) if probed else None
 
 
 def _fmt_value(v: Any) -> str:

@@ -1,13 +1,17 @@
-"""``grpo-lab-ablate --until-decisive --budget 20m``: add seeds in rounds until every comparison is settled.
+"""``grpo-lab-ablate --until-decisive --budget 20m``: add seeds in rounds until every comparison is precise.
 
-A comparison is settled when its 95% interval excludes no difference or its minimum detectable effect is at
-most the smallest effect of interest (``--min-effect`` for the AUC difference, ``--min-snr-effect`` for the
-SNR ratio; ``summary.DECIDING``), and, with ``--snr-precision H``, when every SNR ratio's 95% interval, pooled
-and at each probe point, is at most ±H of the ratio (``summary.snr_precision``): more seeds narrow what the
-probe's batches cannot (the policies differ from seed to seed). Round 1 is the space's grid (its seeds); each
-later round enqueues every group at ``--round-seeds`` new seeds (the next unused integers), runs them through
-``run_grid`` and checks again. It stops when every comparison is settled, when the next round's expected cost
-(the mean trial wall time × its trials / workers) would pass the budget, or at ``--max-seeds``.
+The rounds stop on precision, never on significance (``verdicts.precise``; the argument and its references
+are in ``verdicts.py`` and docs/ablations.md): a comparison is open while the 95% interval of a deciding
+metric (``judge.DECIDING``: the AUC difference and the SNR ratio) is wider than ±half its smallest effect of
+interest (``--min-effect``, ``--min-snr-effect``), and, with ``--snr-precision H``, while an SNR ratio's
+95% interval, pooled or at a probe point, is wider than ±H of the ratio (``summary.snr_precision``). The
+width depends on the seeds' spread and their number, not on the sign of the effect, so the verdicts at the
+stopping time keep their error rates (``python -m ablations.calibration``: type-I error and power of this
+procedure by simulation through ``should_stop`` and ``verdicts``); at half the SESOI every comparison's
+verdict is settled. Round 1 is the space's grid (its seeds); each later round enqueues every group at
+``--round-seeds`` new seeds (the next unused integers), runs them through ``run_grid`` and checks again. It
+stops when nothing is open, when the next round's expected cost (the mean trial wall time × its trials /
+workers) would pass the budget, or at ``--max-seeds``.
 
 Seeds are an integer parameter (``spaces.SEED_MAX``), so new seeds need no change of the study's search
 space; enqueued trials carry all their params, and the rounds use a study handle whose sampler is
@@ -62,13 +66,28 @@ def mean_trial_seconds(study: optuna.Study) -> float:
 
 def open_comparisons(study: optuna.Study, min_effect: dict[str, float],
                      precision: float | None = None) -> list[str]:
-    """Labels of the comparisons that are not settled yet (all of them when there is no comparison):
-    undecided, or with an SNR ratio wider than ``precision`` (relative half-width; None: any width)."""
+    """Labels of the comparisons that are not precise yet (all of them when there is none): a deciding
+    metric wider than the stopping rule's ±SESOI/2, or an SNR ratio wider than ``precision`` (relative
+    half-width; None: any width). Controls (the A/A arm) are not waited for."""
     summary = build_summary(study, min_effect, precision)
-    if not summary["comparisons"]:
+    mine = {k: c for k, c in summary["comparisons"].items() if c["kind"] == "comparison"}
+    if not mine:
         return ["(no comparison yet)"]
-    return [label for label, c in summary["comparisons"].items()
-            if not c["decided"] or (precision is not None and imprecise(c, precision))]
+    return [label for label, c in mine.items()
+            if not c["precise"] or (precision is not None and imprecise(c, precision))]
+
+
+def should_stop(still_open: list[str], n_seeds: int, round_seeds: int, max_seeds: int, gave_up: int = 0,
+                max_failures: int = 3) -> str | None:
+    """Why the rounds stop after a round with ``n_seeds`` seeds (None: add a round). The budget is checked
+    by the caller; the simulation of ``ablations.calibration`` runs this same rule."""
+    if not still_open:
+        return "every comparison is precise"
+    if gave_up:
+        return f"{gave_up} point(s) failed {max_failures} times"
+    if n_seeds + round_seeds > max_seeds:
+        return f"--max-seeds {max_seeds} reached"
+    return None
 
 
 def check_arguments(round_seeds: int, max_seeds: int, precision: float | None,
@@ -114,16 +133,10 @@ def run_until_decisive(study: optuna.Study, space: Space, objective, n_jobs: int
         study.set_user_attr("until_decisive", {"spent_s": spent, "seeds": seeds, "budget_s": budget_s})
         still = evaluate(study, min_effect, precision)
         say(f"{len(seeds)} seeds, {spent / 60:.1f} of {budget_s / 60:.1f} min spent: "
-            + (f"{len(still)} comparison(s) not settled{wider}: {', '.join(still)}" if still
-               else "every comparison is settled"))
-        if not still:
-            reason = "every comparison is settled"
-            break
-        if gave_up:
-            reason = f"{len(gave_up)} point(s) failed {max_failures} times"
-            break
-        if len(seeds) + round_seeds > max_seeds:
-            reason = f"--max-seeds {max_seeds} reached"
+            + (f"{len(still)} comparison(s) wider than ±SESOI/2{wider}: {', '.join(still)}" if still
+               else "every comparison is precise"))
+        reason = should_stop(still, len(seeds), round_seeds, max_seeds, len(gave_up), max_failures)
+        if reason is not None:
             break
         cost = mean_trial_seconds(study) * len(space.groups()) * round_seeds / max(1, n_jobs)
         if not spent + cost <= budget_s:

@@ -65,6 +65,8 @@ DEFAULT_PRUNER: dict[str, Any] = {
 PROBE_CLASS = "grpo_lab.variance.GradientVarianceProbe"
 SEED_MAX = 2**31 - 1
 KINDS = ("comparison", "positive_control", "aa_control")
+POPULATIONS = ("networks", "one_network")
+WARM_START_SEED = 1234  # grpo_lab.warmstart.WarmStartConfig.seed's default: seed 0's network is the old one
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,8 @@ class Comparison:
             raise ValueError(f"comparison {self.label!r}: kind must be one of {KINDS}, got {self.kind!r}")
 
 
-SETTINGS_KEYS = ("base_config", "overrides", "presets", "threshold", "baseline", "comparisons", "probe")
+SETTINGS_KEYS = ("base_config", "overrides", "presets", "threshold", "baseline", "comparisons", "probe",
+                 "population")
 """What a trial runs with and the report compares by, in a space's :meth:`Space.describe`."""
 
 
@@ -109,6 +112,10 @@ class ProbeSettings:
     reference_batches: int = 0
     prompts_per_batch: int = 8
     at_fractions: tuple[float, ...] = (0.0, 1.0)
+    sketch_dim: int = 0
+    """d > 0: keep each gradient as a d-dim CountSketch made on the trial's device (unbiased dot products,
+    relative error about √(2/d); ``grpo_lab/probe/sketch.py``), for policies too large for K float32 rows of
+    every parameter on the CPU (a 113M model: 65536); 0: the exact probe."""
 
     def callback(self, advantage: str | None, seed: int, cache_dir: str | None = None) -> dict:
         """The callback entry (``class_path`` + ``init_args``) for a trial's overlay."""
@@ -127,6 +134,7 @@ class ProbeSettings:
                 "at_fractions": list(self.at_fractions),
                 "seed": seed,
                 "cache_dir": cache_dir,
+                **({"sketch_dim": self.sketch_dim} if self.sketch_dim else {}),
             },
         }
 
@@ -163,10 +171,18 @@ class Space:
     """Tuning spaces: the metric the pruner sees at every validation (higher is better)."""
     comparisons: tuple[Comparison, ...] | None = None
     """The report's paired comparisons (default: every group against ``baseline``)."""
+    population: str = "networks"
+    """What a verdict generalises over. ``networks``: each seed starts from its own warm start (warm-start
+    seed ``WARM_START_SEED + seed``, cached per seed; every arm of a seed shares it), so seeds sample
+    initial policies as well as RL randomness. ``one_network``: every seed starts from the same warm start
+    (the config's), a tighter paired design whose claims cover RL seeds from that one network."""
 
     def __post_init__(self) -> None:
         if (self.grid is None) == (self.distributions is None):
             raise UserError(f"space {self.name!r}: give exactly one of grid= and distributions=")
+        if self.population not in POPULATIONS:
+            raise UserError(f"space {self.name!r}: population must be one of {POPULATIONS}, got "
+                            f"{self.population!r}")
         if self.distributions is not None and not self.n_trials:
             raise UserError(f"space {self.name!r}: a space with distributions needs n_trials")
         for key, values in (self.grid or {}).items():
@@ -206,7 +222,9 @@ class Space:
 
     def trial_overrides(self, params: dict[str, Any]) -> dict[str, Any]:
         """Dotted config overrides of one trial: the space's ``overrides``, then each param expanded, the
-        seed last (shifted by its presets' ``seed_offset``)."""
+        seed last (shifted by its presets' ``seed_offset``), and with the ``networks`` population the
+        warm start's seed from the unshifted seed (so the arms of a seed, an A/A arm's included, share it).
+        A bundle's ``probe: False`` is not an override (:meth:`probes`)."""
         out = dict(self.overrides)
         offset = 0
         for key, value in params.items():
@@ -215,12 +233,21 @@ class Space:
             if key in self.presets:
                 bundle = dict(self.presets[key][value])
                 offset += int(bundle.pop("seed_offset", 0))
+                bundle.pop("probe", None)
                 out.update(bundle)
             else:
                 out[key] = value
         if "seed" in params:
             out["seed_everything"] = out["data.seed"] = int(params["seed"]) + offset
+            if self.population == "networks":
+                out.setdefault("model.warm_start.seed", WARM_START_SEED + int(params["seed"]))
         return out
+
+    def probes(self, params: dict[str, Any]) -> bool:
+        """Whether a trial with ``params`` runs the probe: the space has one and no preset of the trial says
+        ``probe: False`` (an A/A arm, measured on training only)."""
+        return self.probe is not None and all(
+            self.presets[k][v].get("probe", True) for k, v in params.items() if k in self.presets)
 
     def group_of(self, params: dict[str, Any]) -> dict[str, Any]:
         """The params that define a compared group (everything but the seed)."""
@@ -258,7 +285,10 @@ class Space:
                 "reference_batches": self.probe.reference_batches,
                 "prompts_per_batch": self.probe.prompts_per_batch,
                 "at_fractions": list(self.probe.at_fractions),
+                # only when set: a stored exact study's settings stay what they were (resumable)
+                **({"sketch_dim": self.probe.sketch_dim} if self.probe.sketch_dim else {}),
             },
+            "population": self.population,
         }
 
     def changed_settings(self, stored: dict[str, Any] | None) -> list[str]:

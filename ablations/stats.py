@@ -1,4 +1,4 @@
-"""The statistics of an ablation report: Student-t intervals, paired comparisons, power, and verdicts.
+"""The statistics of an ablation report: Student-t intervals, paired comparisons and power.
 
 Everything is from ``scipy.stats`` (the t and noncentral-t distributions) and ``scipy.optimize.brentq``;
 nothing here reads a study.
@@ -9,14 +9,14 @@ nothing here reads a study.
   **minimum detectable effect**: the smallest true mean difference a two-sided paired t-test at
   α = 0.05 would detect with 80% power at this n, given the observed SD of the differences (noncentral t,
   ``mde``). With fewer than 2 pairs every interval and the MDE are NaN (reported as n/a).
-- ``verdict``: *holds* (the interval excludes no-difference, in the claimed direction), *does not hold*
-  (it excludes it the other way; or it includes it but the MDE is at most the smallest effect of
-  interest, so "no difference larger than the MDE"), or *cannot tell at this n* (the MDE is larger than
-  the smallest effect of interest).
+
+The verdict rule (intervals against the smallest effect of interest, TOST, Holm) is ``verdicts.py``; the
+MDE here is a planning figure only.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -81,20 +81,30 @@ def mde(sd: float, n: int, alpha: float = ALPHA, power: float = POWER) -> float:
 
 @dataclass
 class Paired:
-    """A paired comparison: ``mean`` [``lo``, ``hi``] of the per-seed differences, their ``sd``, ``n`` pairs
-    and the ``mde``; for a ratio metric (``log=True``) all are on the log scale and :meth:`as_dict` reports
-    exp(mean) [exp(lo), exp(hi)] and the MDE as a factor exp(mde)."""
+    """A paired comparison: ``mean`` [``lo``, ``hi``] (95%) of the per-seed differences ``values``, their
+    ``sd``, ``n`` pairs and (computed when asked) the ``mde``; for a ratio metric (``log=True``) all are on
+    the log scale and :meth:`as_dict` reports exp(mean) [exp(lo), exp(hi)] and the MDE as a factor
+    exp(mde). The verdict on it is ``ablations.verdicts.verdict``."""
 
     mean: float
     lo: float
     hi: float
     sd: float
     n: int
-    mde: float
     log: bool = False
+    values: tuple[float, ...] = ()
+
+    @functools.cached_property
+    def mde(self) -> float:
+        """The minimum detectable effect at this n and SD (a planning figure; see :func:`mde`)."""
+        return mde(self.sd, self.n)
+
+    def interval(self, confidence: float) -> tuple[float, float]:
+        """The two-sided Student-t interval of the mean difference at ``confidence`` (NaN under 2 pairs)."""
+        return t_interval(self.values, confidence)[1:]
 
     def excludes_null(self) -> bool | None:
-        """Whether the interval excludes no difference (None when the interval is n/a)."""
+        """Whether the 95% interval excludes no difference (None when the interval is n/a)."""
         if not (np.isfinite(self.lo) and np.isfinite(self.hi)):
             return None
         return self.lo > 0 or self.hi < 0
@@ -123,38 +133,17 @@ def differences(d: dict, log: bool = False, confidence: float = 1 - ALPHA) -> Pa
     x = _finite(d.values())
     mean, lo, hi = t_interval(x, confidence)
     sd = float(x.std(ddof=1)) if len(x) >= 2 else math.nan
-    return Paired(mean, lo, hi, sd, len(x), mde(sd, len(x)), log)
+    return Paired(mean, lo, hi, sd, len(x), log, tuple(x.tolist()))
 
 
-def verdict(p: Paired, min_effect: float, higher_is_better: bool = True) -> tuple[str, str]:
-    """``(code, sentence)`` with code ``holds`` / ``does not hold`` / ``cannot tell`` (see the module
-    docstring); ``min_effect`` is the smallest effect of interest, in the metric's units (for a ratio
-    metric: relative, 0.10 = ×1.10)."""
-    d = p.as_dict()
-    unit = (lambda v: f"×{v:.3g}") if p.log else (lambda v: f"{v:+.3g}")
-    ci = f"{unit(d['mean'])} [{unit(d['lo'])}, {unit(d['hi'])}]"
-    mde_text = f"±{(d['mde'] - 1) * 100:.0f}%" if p.log else f"±{d['mde']:.3g}"
-    if p.n < 2 or not np.isfinite(p.mde):
-        return "cannot tell", f"cannot tell with {p.n} pair(s)"
-    small = (d["mde"] - 1 if p.log else d["mde"]) <= min_effect
-    if p.excludes_null():
-        better = (p.mean > 0) == higher_is_better
-        if better:
-            return "holds", f"holds: {ci}, n = {p.n}"
-        return "does not hold", f"does not hold, the opposite is seen: {ci}, n = {p.n}"
-    if small:
-        return ("does not hold",
-                f"does not hold: no difference larger than {mde_text} (MDE at n = {p.n}), {ci}")
-    return "cannot tell", f"cannot tell at n = {p.n} (MDE {mde_text}): {ci}"
-
-
-def decided(p: Paired, min_effect: float) -> bool:
-    """Settled: the interval excludes no difference, or the MDE is at most ``min_effect``."""
-    if p.excludes_null():
-        return True
-    if not np.isfinite(p.mde):
-        return False
-    return (math.exp(p.mde) - 1 if p.log else p.mde) <= min_effect
+def clip_stats(norms, max_norm: float | None) -> dict[str, float | None]:
+    """Gradient clipping in one run: the median pre-clip global norm over its steps and the share of steps
+    whose norm passed ``max_norm`` (0 without clipping); NaN without norms."""
+    x = _finite(norms)
+    if len(x) == 0:
+        return {"median": math.nan, "clipped_share": math.nan, "max_grad_norm": max_norm}
+    share = float((x > max_norm).mean()) if max_norm is not None else 0.0
+    return {"median": float(np.median(x)), "clipped_share": share, "max_grad_norm": max_norm}
 
 
 def interval_dict(ci: tuple[float, float, float]) -> dict[str, float]:
@@ -172,10 +161,15 @@ def lift(points: np.ndarray, fraction: float = 0.1) -> float:
     return float(pts[-k:, 1].mean() - pts[:k, 1].mean())
 
 
+def _nan(v) -> float:
+    """A figure read back from strict JSON: None (undefined) as NaN."""
+    return math.nan if v is None else float(v)
+
+
 def fmt_ci(ci, spec: str = ".3f", prefix: str = "") -> str:
     """``0.412 ± 0.031`` (mean ± half-width), ``0.412 (CI n/a)``, or ``n/a``; ``ci`` a tuple or a dict."""
-    mean, lo, hi = (ci["mean"], ci["lo"], ci["hi"]) if isinstance(ci, dict) else ci
-    if mean is None or not np.isfinite(mean):
+    mean, lo, hi = (_nan(v) for v in ((ci["mean"], ci["lo"], ci["hi"]) if isinstance(ci, dict) else ci))
+    if not np.isfinite(mean):
         return "n/a"
     if not (np.isfinite(lo) and np.isfinite(hi)):
         return f"{prefix}{mean:{spec}} (CI n/a)"
@@ -184,8 +178,8 @@ def fmt_ci(ci, spec: str = ".3f", prefix: str = "") -> str:
 
 def fmt_diff(d: dict, spec: str = ".3f", ratio: bool = False) -> str:
     """``+0.031 [+0.010, +0.052] (MDE 0.04)`` or ``×1.20 [×1.05, ×1.37] (MDE ×1.15)``; n/a parts said so."""
-    mean, lo, hi, m = d["mean"], d["lo"], d["hi"], d.get("mde", math.nan)
-    if mean is None or not np.isfinite(mean):
+    mean, lo, hi, m = (_nan(d.get(k)) for k in ("mean", "lo", "hi", "mde"))
+    if not np.isfinite(mean):
         return "n/a"
     f = (lambda v: f"×{v:{spec}}") if ratio else (lambda v: f"{v:+{spec}}")
     if not (np.isfinite(lo) and np.isfinite(hi)):

@@ -3,15 +3,20 @@
     python -m ablations.summary runs/ablate/default/summary.json     # the README's markdown table
 
 Schema (metrics are objects ``{"mean", "lo", "hi"}``, 95% Student-t intervals over seeds; comparisons add
-``mde`` (80% power, α = 0.05, two-sided paired t on the observed paired SD), ``n`` pairs and a verdict)::
+``mde`` (a planning figure: 80% power, α = 0.05, two-sided paired t on the observed paired SD), ``n`` pairs
+and verdicts). Strict JSON: a figure that is undefined (an interval under 2 seeds) is ``null``::
 
-    {"study", "space", "wall_s", "baseline", "threshold", "n_trials", "min_effect": {metric: x},
+    {"study", "space", "population", "wall_s", "baseline", "threshold", "n_trials", "min_effect": {metric: x},
      "groups": {label: {"n_seeds", "seeds", "lift", "hard_lift", "auc", "final_acc", "final_acc_easy",
-                        "final_acc_hard", "steps_to_threshold", "reached", "snr", "hard_share", "cosine"}},
+                        "final_acc_hard", "steps_to_threshold", "reached", "clipped_share",
+                        "grad_norm_median", "snr", "hard_share", "cosine"}},
      "comparisons": {label: {"group", "baseline", "kind", "n", "auc_diff", "lift_diff", "hard_lift_diff",
                              "final_acc_diff", "steps_diff", "snr_ratio", "hard_share_diff",
-                             "mde": {metric: x}, "verdict": {metric: code}, "decided"}},
-     "claims": {name: {"statement", "lines": [...]}}, "controls": {"positive", "aa"}, "decisive",
+                             "mde": {metric: x}, "verdict": {metric: code}, "verdict_text": {metric: text},
+                             "verdicts": {metric: {"code", "size", "p", "p_equiv", "p_holm", "p_equiv_holm",
+                                                   "seeds_needed", "role"}}, "settled", "precise"}},
+     "family": {"metrics", "correction", "members"}, "claims": {name: {"statement", "lines": [...]}},
+     "controls": {"positive": {..., "passed"}, "aa": {..., "passed"}}, "decisive", "precise",
      "snr_precision": {"target", "widest": {"comparison", "point", "half_width"}, "met"}}
 
 ``snr_ratio`` is a ratio: its mean/lo/hi are exp of the mean/interval of the per-seed log ratios (a
@@ -21,7 +26,10 @@ geometric mean) and its ``mde`` a factor (1.15: ratios beyond ×1.15 or below ÷
 ``{"mean", "lo", "hi", "mde", "n"}`` pooled over seeds like the ratio itself; both carry ``half_width``
 (``(hi − lo) / 2 / mean``), and ``snr_precision`` gives the widest of them over the comparisons and whether
 all are within the study's target (``--snr-precision``; ``{"target", "widest", "met"}``). A verdict
-(``stats.verdict``) is ``holds``, ``does not hold`` or ``cannot tell``, and ``verdict_text`` says why.
+(``verdicts.verdict``) is ``holds``, ``opposite``, ``equivalent`` or ``cannot tell``; ``role`` says whether
+the metric is in the declared family (``primary``, Holm-adjusted), ``exploratory`` or a ``control``
+(``judge.py``). ``decisive``: no primary comparison is *cannot tell*; ``precise``: every deciding metric
+meets the sequential stopping rule (``verdicts.precise``).
 """
 
 from __future__ import annotations
@@ -36,7 +44,9 @@ from typing import Any
 import numpy as np
 import optuna
 
-from ablations.controls import SHIFT_INVARIANT, aa_line, positive_line
+from ablations.baseline_map import baseline_map_summary
+from ablations.controls import SHIFT_INVARIANT, aa_line, positive_line, spike_line
+from ablations.judge import aa_control, family_metrics, judge, shift_detected, spike_in
 from ablations.runs import (
     ProbeView,
     Run,
@@ -48,9 +58,10 @@ from ablations.runs import (
     point_half_widths,
     probe_fractions,
     probe_variance_by_seed,
+    probe_view,
     snr_difference_by_seed,
 )
-from ablations.stats import decided, differences, interval_dict, paired, t_interval, verdict
+from ablations.stats import Paired, differences, interval_dict, paired, t_interval
 
 # The smallest effect worth detecting, per comparison metric (reward units; snr_ratio relative: 0.10 = ×1.10).
 DEFAULT_MIN_EFFECT = {"auc_diff": 0.02, "lift_diff": 0.03, "hard_lift_diff": 0.03, "final_acc_diff": 0.05,
@@ -63,7 +74,6 @@ DIFFS = {
     "final_acc_diff": (lambda r: r.final("sampled"), True),
     "steps_diff": (lambda r: r.steps_censored(), False),
 }
-DECIDING = ("auc_diff", "snr_ratio")  # what --until-decisive waits for
 
 
 def _num(v) -> float:
@@ -81,34 +91,37 @@ def group_entry(runs: list[Run], view: ProbeView | None, label: str) -> dict[str
            "final_acc_hard": ci(lambda r: r.final("sampled_hard")),
            "final_acc_greedy": ci(lambda r: r.final("greedy")), "steps_to_threshold": ci(Run.steps_censored),
            "reached": f"{reached}/{len(runs)}", "wall_s": ci(lambda r: _num(r.attrs.get("wall_time_s")))}
-    if view is not None:
+    clip = [r.attrs.get("grad_clip") or {} for r in runs]
+    out["clipped_share"] = interval_dict(t_interval([_num(c.get("clipped_share")) for c in clip]))
+    out["grad_norm_median"] = interval_dict(t_interval([_num(c.get("median")) for c in clip]))
+    if view is not None and label in view.by_group:
         for metric in ("snr", "hard_share", "cosine"):
             out[metric] = interval_dict(t_interval(list(view.values(label, metric).values())))
     return out
 
 
-def compare(by_group: dict[str, list[Run]], view: ProbeView | None, g: str, b: str, kind: str,
-            min_effect: dict[str, float]) -> dict[str, Any]:
-    """One comparison: every metric paired by seed, its MDE and verdict, and whether it is settled."""
+def compare(by_group: dict[str, list[Run]], view: ProbeView | None, g: str, b: str,
+            kind: str) -> tuple[dict[str, Any], dict[str, tuple[Paired, bool]]]:
+    """One comparison: every metric paired by seed (``{metric: (Paired, higher_is_better)}``, the tests
+    ``judge.judge`` turns into verdicts) and its entry of ``summary.json`` without the verdicts yet."""
     seeds = {r.seed for r in by_group[g]} & {r.seed for r in by_group[b]}
-    out: dict[str, Any] = {"group": g, "baseline": b, "kind": kind, "n": len(seeds), "mde": {}, "verdict": {},
-                           "verdict_text": {}}
+    out: dict[str, Any] = {"group": g, "baseline": b, "kind": kind, "n": len(seeds), "mde": {}}
     tests = {}
     for name, (value, higher) in DIFFS.items():
         tests[name] = (paired({r.seed: value(r) for r in by_group[g]},
                               {r.seed: value(r) for r in by_group[b]}), higher)
-    if view is not None:
+    probed = view is not None and g in view.by_group and b in view.by_group
+    if probed:
         tests["snr_ratio"] = (differences(view.log_ratios(g, b), log=True), True)
         tests["hard_share_diff"] = (paired(view.values(g, "hard_share"), view.values(b, "hard_share")), True)
-    for name, (p, higher) in tests.items():
-        code, text = verdict(p, min_effect[name], higher)
+    for name, (p, _) in tests.items():
         out[name] = p.as_dict()
-        out["mde"][name], out["verdict"][name], out["verdict_text"][name] = out[name]["mde"], code, text
-    if view is not None and view.same_params:
+        out["mde"][name] = out[name]["mde"]
+    if probed and view.same_params:
         hw = point_half_widths(view.runs, view.estimator[g], view.estimator[b])
         out["snr_ratio"]["probe_half_width"] = float(np.median(hw)) if hw else math.nan
         out["snr_ratio"]["probe_points"] = len(hw)
-    if view is not None:  # the same ratio at each probe point alone (the warm start; each trial's end)
+    if probed:  # the same ratio at each probe point alone (the warm start; each trial's end)
         points = {f"{f:g}": f for f in probe_fractions(view.runs)}
         out["snr_ratio"]["by_point"] = {k: differences(view.log_ratios(g, b, f), log=True).as_dict()
                                         for k, f in points.items()}
@@ -120,11 +133,8 @@ def compare(by_group: dict[str, list[Run]], view: ProbeView | None, g: str, b: s
                              *((out["snr_ratio"]["by_point"][k], f) for k, f in points.items())]:
                 entry["probe_noise_share"] = noise_share(view.log_ratios(g, b, f),
                                                          probe_variance_by_seed(view.runs, eg, eb, f))
-    out["decided"] = all(decided(tests[m][0], min_effect[m]) for m in DECIDING if m in tests)
-    excluding = [m for m, (p, _) in tests.items() if p.excludes_null()]
-    out["false_positives"] = excluding if kind == "aa_control" else None
-    out["tests"] = sum(p.excludes_null() is not None for p, _ in tests.values())
-    return out
+    out["tests"] = sum(p.n >= 2 for p, _ in tests.values())
+    return out, tests
 
 
 def relative_half_width(d: dict) -> float:
@@ -208,23 +218,28 @@ def claims(comparisons: dict, groups: dict, base: str) -> dict[str, dict]:
     return out
 
 
-def controls(runs: list[Run], by_group: dict, comparisons: dict) -> dict[str, Any]:
+def controls(by_group: dict, entries: dict, sesoi: dict[str, float]) -> dict[str, Any]:
+    """The study's controls with their pass rules (``judge``): the A/A comparison, the full positive
+    control (a reward shift, ``--space controls``) or, beside an A/A arm, the cheap spike-in one."""
     out: dict[str, Any] = {}
-    for c in comparisons.values():
+    for c, tests in entries.values():
         if c["kind"] == "positive_control":
             pool = by_group[c["group"]] + by_group[c["baseline"]]
             found = set.intersection(*(r.probe_estimators() for r in pool)) if pool else set()
             ests = [e for e in SHIFT_INVARIANT if e in found and "reward" in found]
-            diff = {e: differences(snr_difference_by_seed(pool, e, "reward")).as_dict() for e in ests}
+            diffs = {e: differences(snr_difference_by_seed(pool, e, "reward")) for e in ests}
             ratio = {e: differences(log_ratio_by_seed(pool, e, "reward"), log=True).as_dict() for e in ests}
-            out["positive"] = {"comparison": c["group"], "snr_diff_vs_reward": diff,
-                               "snr_ratio_vs_reward": ratio,
-                               "detected": bool(diff) and all(d["lo"] > 0 for d in diff.values()),
-                               "auc_diff": c["auc_diff"], "line": positive_line(diff, ratio)}
+            passed, holm_p = shift_detected(diffs)
+            diff = {e: {**d.as_dict(), "p_holm": holm_p[e]} for e, d in diffs.items()}
+            out["positive"] = {"kind": "shift", "comparison": c["group"], "snr_diff_vs_reward": diff,
+                               "snr_ratio_vs_reward": ratio, "passed": passed,
+                               "auc_diff": c["auc_diff"], "line": positive_line(diff, ratio, passed)}
         elif c["kind"] == "aa_control":
-            out["aa"] = {"comparison": c["group"], "false_positives": c["false_positives"],
-                         "tests": c["tests"],
-                         "line": aa_line(c["false_positives"], c["tests"])}
+            out["aa"] = aa_control(c)
+            out["aa"]["line"] = aa_line(out["aa"])
+            if "positive" not in out:
+                out["positive"] = spike_in(tests, sesoi)
+                out["positive"]["line"] = spike_line(out["positive"], c["group"])
     return out
 
 
@@ -239,26 +254,45 @@ def build_summary(study: optuna.Study, min_effect: dict[str, float] | None = Non
     groups = ordered_groups(runs, space)
     by_group = {g: sorted((r for r in runs if r.group == g), key=lambda r: str(r.seed)) for g in groups}
     base = baseline_group(runs, groups, space)
-    view = ProbeView(by_group) if any(r.probe_rows() for r in runs) else None
+    view = probe_view(by_group)
     out: dict[str, Any] = {"study": study.study_name, "space": space.get("name"), "baseline": base,
+                           "population": population_sentence(space),
                            "threshold": space.get("threshold"), "n_trials": len(runs), "extra_trials": extras,
                            "wall_s": wall_seconds(study), "min_effect": effects, "alpha": 0.05, "power": 0.8,
                            "probe": None if view is None else view.description,
                            "groups": {g: group_entry(rs, view, g) for g, rs in by_group.items()}}
+    out["baseline_map"] = baseline_map_summary(runs)  # ablations/baseline_map.py
     specs = space.get("comparisons") or [{"label": g, "group": None, "baseline": None, "kind": "comparison"}
                                          for g in groups if g != base]
-    comparisons = {}
+    entries = {}
     for spec in specs if space.get("grid") else []:
         g = spec["label"] if spec["group"] is None else group_of(runs, spec["group"])
         b = base if spec["baseline"] is None else group_of(runs, spec["baseline"])
         if g in by_group and b in by_group:
-            comparisons[spec["label"]] = compare(by_group, view, g, b, spec["kind"], effects)
-    out["comparisons"] = comparisons
-    out["claims"] = claims(comparisons, out["groups"], base) if _estimator_study(space, base) else {}
-    out["controls"] = controls(runs, by_group, comparisons)
-    out["decisive"] = bool(comparisons) and all(c["decided"] for c in comparisons.values())
+            entries[spec["label"]] = compare(by_group, view, g, b, spec["kind"])
+    estimators = _estimator_study(space, base)
+    judge(entries, effects, family_metrics(estimators))
+    comparisons = out["comparisons"] = {label: c for label, (c, _) in entries.items()}
+    out["family"] = {"metrics": list(family_metrics(estimators)), "correction": "holm",
+                     "members": sum(v["role"] == "primary" for c in comparisons.values()
+                                    for v in c["verdicts"].values())}
+    out["claims"] = claims(comparisons, out["groups"], base) if estimators else {}
+    out["controls"] = controls(by_group, entries, effects)
+    out["decisive"] = bool(comparisons) and all(c["settled"] for c in comparisons.values()
+                                                if c["kind"] == "comparison")
+    out["precise"] = bool(comparisons) and all(c["precise"] for c in comparisons.values()
+                                               if c["kind"] == "comparison")
     out["snr_precision"] = snr_precision(comparisons, precision or study.user_attrs.get("snr_precision"))
     return out
+
+
+def population_sentence(space: dict) -> str:
+    """Which population the study's verdicts cover (``Space.population``; a study stored before it existed
+    ran every seed from one network)."""
+    if space.get("population", "one_network") == "networks":
+        return ("initial policies and RL seeds: each seed starts from its own warm-start network (warm-start "
+                "seed 1234 + seed), shared by every arm of that seed")
+    return "RL seeds from one network: every seed starts from the same warm start"
 
 
 def _estimator_study(space: dict, base: str | None) -> bool:
@@ -288,10 +322,24 @@ def add_wall_time(study: optuna.Study, seconds: float) -> None:
     study.set_user_attr("wall_s", float(study.user_attrs.get("wall_s", 0.0)) + seconds)
 
 
+def strict(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, ±inf) as None: JSON has no NaN, and ``JSON.parse``
+    rejects the ``NaN`` Python's json writes by default."""
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
 def write_summary(summary: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    tmp.write_text(json.dumps(strict(summary), indent=2, default=str, allow_nan=False) + "\n")
     tmp.replace(path)
     return path
 

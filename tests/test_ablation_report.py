@@ -25,8 +25,8 @@ from ablations.stats import (
     t_half_width,
     t_interval,
     t_test_power,
-    verdict,
 )
+from ablations.verdicts import verdict
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -71,15 +71,16 @@ def test_paired_comparisons_and_verdicts():
     base = {s: 0.3 + 0.01 * s for s in range(6)}
     better = paired({s: v + 0.10 + 0.01 * (-1) ** s for s, v in base.items()}, base)
     assert better.n == 6 and better.mean == pytest.approx(0.10) and better.lo > 0
-    assert verdict(better, 0.02)[0] == "holds"
-    assert verdict(better, 0.02, higher_is_better=False)[0] == "does not hold"
+    assert verdict(better, 0.02).code == "holds" and verdict(better, 0.02).size == "larger than the SESOI"
+    assert verdict(better, 0.02, higher_is_better=False).code == "opposite"
     noisy = paired({s: v + (0.2 if s % 2 else -0.19) for s, v in base.items()}, base)
-    code, text = verdict(noisy, 0.02)
-    assert code == "cannot tell" and "MDE" in text and noisy.lo < 0 < noisy.hi
+    v = verdict(noisy, 0.02)
+    assert v.code == "cannot tell" and "seeds would detect" in v.text and noisy.lo < 0 < noisy.hi
+    assert v.seeds_needed > 6
     tight = paired({s: v + (0.001 if s % 2 else -0.001) for s, v in base.items()}, base)
-    code, text = verdict(tight, 0.02)
-    assert code == "does not hold" and "no difference larger than" in text
-    assert verdict(paired({0: 1.0}, {0: 0.0}), 0.02)[0] == "cannot tell"  # one pair
+    v = verdict(tight, 0.02)
+    assert v.code == "equivalent" and "no difference beyond ±0.02" in v.text
+    assert verdict(paired({0: 1.0}, {0: 0.0}), 0.02).code == "cannot tell"  # one pair
     doubled = differences({s: math.log(2.0) + 0.01 * (-1) ** s for s in range(6)}, log=True).as_dict()
     assert doubled["mean"] == pytest.approx(2.0, rel=1e-3) and doubled["lo"] > 1.9 and doubled["mde"] > 1
     # the non-positive pair is left out
@@ -277,16 +278,15 @@ def test_controls_detect_the_shift_and_claim_nothing_in_aa(tmp_path):
     text = write_report(study, tmp_path / "ablate" / "controls").read_text()
     s = json.loads((tmp_path / "ablate" / "controls" / "summary.json").read_text())
     pos, aa = s["controls"]["positive"], s["controls"]["aa"]
-    assert pos["detected"] and set(pos["snr_ratio_vs_reward"]) == {"mean_baseline", "group_norm", "rloo"}
+    assert pos["passed"] and set(pos["snr_ratio_vs_reward"]) == {"mean_baseline", "group_norm", "rloo"}
     assert all(d["lo"] > 1 for d in pos["snr_ratio_vs_reward"].values())
-    assert aa["tests"] >= 5 and isinstance(aa["false_positives"], list)
-    assert "positive control DETECTED" in text and "A/A control:" in text
-    assert "No difference is claimed" in text
+    assert aa["tests"] >= 5 and aa["passed"] and aa["false_positives"] == []
+    assert "positive control (reward shift +3) passed" in text and "A/A control passed" in text
     assert s["claims"] == {}  # no estimator claims in a controls study
     # Another study's report beside it quotes the controls.
     other = write_report(_synthetic_study(f"sqlite:///{tmp_path / 's.db'}"), tmp_path / "ablate" / "default")
     other = other.read_text()
-    assert "(study `controls`" in other and "positive control DETECTED" in other
+    assert "(the full controls, study `controls`" in other and "reward shift +3) passed" in other
 
 
 def test_the_readme_table_script(tmp_path, capsys):

@@ -1,0 +1,102 @@
+"""Verdicts for a whole study: the declared family under Holm, the exploratory rest, and the controls' pass
+rules. ``summary.build_summary`` pairs the metrics (``summary.compare``); this file only judges them.
+
+- The family (declared before any data, ``family_metrics``): in a study of advantage estimators against
+  `reward`, the seed post's three claims (``verdicts.PRIMARY``: SNR ratio, hard-query lift, AUC) for every
+  estimator; in any other study the metrics ``--until-decisive`` waits for (``DECIDING``). Holm adjusts
+  the family's difference and equivalence p-values together; every other metric is *exploratory*.
+- The A/A control (two arms with identical settings on independent seed streams) is its own family: it
+  *passes* when Holm finds no difference on any of its metrics. Under a calibrated harness it fails with
+  probability at most α = 0.05; a harness whose intervals are too narrow, or whose arms differ by more
+  than their seeds, fails it.
+- The positive control. The full one (``--space controls``): a reward shift of +3 that every centred
+  estimator must see through, *passed* when each one's paired SNR difference to `reward` is above 0 under
+  Holm. The cheap one in a study with an A/A arm: a known effect of twice the SESOI is added to the A/A
+  arm's per-seed values of each spiked metric (a spike-in: the real seed-to-seed noise, a known truth),
+  *passed* when Holm finds every one (``holds``); it fails where the study is too noisy to see effects of
+  that size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ablations.stats import Paired, differences
+from ablations.verdicts import (
+    PRIMARY,
+    Verdict,
+    family_verdicts,
+    holm,
+    p_difference,
+    precise,
+    settled,
+    verdict,
+)
+
+DECIDING = ("auc_diff", "snr_ratio")  # what --until-decisive waits for
+SPIKED = ("auc_diff", "hard_lift_diff")  # the cheap positive control's metrics
+SPIKE_FACTOR = 2.0  # the spiked effect, in SESOIs
+
+
+def family_metrics(estimator_study: bool) -> tuple[str, ...]:
+    return PRIMARY if estimator_study else DECIDING
+
+
+def judge(entries: dict[str, tuple[dict, dict[str, tuple[Paired, bool]]]], sesoi: dict[str, float],
+          family: tuple[str, ...]) -> None:
+    """Fill every entry's ``verdict`` (code), ``verdict_text``, ``verdicts`` (p-values, Holm's, role),
+    ``settled`` (no deciding metric is *cannot tell*) and ``precise`` (the sequential stopping rule holds
+    for every deciding metric) in place."""
+    primary = {(label, m): (p, m, higher) for label, (out, tests) in entries.items()
+               if out["kind"] == "comparison" for m, (p, higher) in tests.items() if m in family}
+    judged: dict[tuple[str, str], Verdict] = family_verdicts(primary, sesoi)
+    for label, (out, tests) in entries.items():
+        if out["kind"] == "aa_control":
+            judged.update(family_verdicts({(label, m): (p, m, h) for m, (p, h) in tests.items()}, sesoi))
+    for label, (out, tests) in entries.items():
+        out["verdict"], out["verdict_text"], out["verdicts"] = {}, {}, {}
+        for m, (p, higher) in tests.items():
+            v = judged.get((label, m)) or verdict(p, sesoi[m], higher)
+            role = ("primary" if (label, m) in primary else
+                    "control" if out["kind"] == "aa_control" else "exploratory")
+            out["verdict"][m] = v.code
+            out["verdict_text"][m] = v.text if role != "exploratory" else f"exploratory: {v.text}"
+            out["verdicts"][m] = {**v.as_dict(), "role": role}
+        deciding = [m for m in DECIDING if m in tests]
+        out["settled"] = all(settled(out["verdict"][m]) for m in deciding)
+        out["precise"] = all(precise(tests[m][0], sesoi[m]) for m in deciding)
+
+
+def aa_control(out: dict) -> dict[str, Any]:
+    """The A/A comparison's pass rule: no metric with a difference (holds or opposite) under Holm."""
+    found = [m for m, code in out["verdict"].items() if code in ("holds", "opposite")]
+    return {"comparison": out["group"], "baseline": out["baseline"], "n": out["n"], "tests": out["tests"],
+            "false_positives": found, "passed": not found}
+
+
+def spike_in(tests: dict[str, tuple[Paired, bool]], sesoi: dict[str, float],
+             metrics: tuple[str, ...] = SPIKED) -> dict[str, Any]:
+    """The cheap positive control: the A/A comparison's per-seed differences with ``SPIKE_FACTOR`` × the
+    SESOI added in the better direction, judged as a family; passed when every spiked metric holds."""
+    spiked = {}
+    for m in metrics:
+        if m not in tests or tests[m][0].n < 2:
+            continue
+        p, higher = tests[m]
+        delta = SPIKE_FACTOR * sesoi[m] * (1 if higher else -1)
+        spiked[m] = (differences(dict(enumerate(v + delta for v in p.values)), log=p.log), m, higher)
+    found = family_verdicts(spiked, sesoi)
+    lines = {m: v.text for m, v in found.items()}
+    passed = bool(found) and all(v.code == "holds" for v in found.values())
+    effects = {m: SPIKE_FACTOR * sesoi[m] for m in found}
+    return {"kind": "spike-in", "factor": SPIKE_FACTOR, "effects": effects, "verdicts": lines,
+            "passed": passed}
+
+
+def shift_detected(diffs: dict[str, Paired]) -> tuple[bool, dict[str, float]]:
+    """The full positive control's rule: every centred estimator's paired SNR difference to `reward` under
+    the shift is above 0 (Holm over the estimators). Returns (passed, Holm p per estimator)."""
+    names = list(diffs)
+    adjusted = holm([p_difference(diffs[e]) for e in names])
+    ok = bool(names) and all(a < 0.05 and diffs[e].mean > 0 for e, a in zip(names, adjusted, strict=True))
+    return ok, dict(zip(names, adjusted, strict=True))

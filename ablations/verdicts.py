@@ -1,0 +1,202 @@
+"""The verdict rule of an ablation report: intervals against the smallest effect of interest, Holm over a
+declared family, and a stopping rule for sequential seeds that keeps them valid.
+
+A comparison (per-seed differences, ``stats.Paired``) gets one of four verdicts:
+
+- **holds**: the two-sided t-test rejects no difference (p < α; the 95% interval excludes 0) and the
+  effect points the claimed way;
+- **the opposite**: it rejects no difference, the effect points the other way;
+- **equivalent**: two one-sided t-tests at the smallest effect of interest (SESOI) both reject
+  (TOST p < α, i.e. the 90% interval lies inside ±SESOI): any true difference is smaller than the SESOI;
+- **cannot tell at this n**: neither, with the number of seeds at which the minimum detectable effect would
+  reach the SESOI (a planning figure only: post-hoc power is never evidence of absence).
+
+A *holds* or *opposite* also says its size: *larger than the SESOI* (the 95% interval lies beyond ±SESOI),
+*negligible* (TOST also rejects: a real difference, smaller than the SESOI) or *of unclear size*.
+
+Family-wise error: the report declares the seed post's claims up front as its family (``PRIMARY`` metrics
+of every estimator-vs-baseline comparison) and adjusts their p-values by Holm's step-down (Holm 1979)
+over every hypothesis the family tests, each metric's difference test and its equivalence test
+(2m hypotheses: conservative, since at most one of a metric's two nulls can be true). Other metrics are
+labelled *exploratory* and are unadjusted.
+
+Sequential seeds (``grpo-lab-ablate --until-decisive``) stop on precision, never on significance: a round
+of seeds is added while some deciding comparison's 95% interval is wider than ±SESOI/2 (``precise``).
+The width of a t-interval depends on the sample SD only, which for normal differences is independent of
+the sample mean, so the stopping time carries (almost) no information about the sign of the effect and the
+fixed-n tests stay valid (a fixed-width sequential interval, Chow & Robbins 1965; "accuracy in parameter
+estimation", Kelley & Maxwell 2003). A half-width of SESOI/2 guarantees a verdict: an interval that
+contains 0 then has its 90% interval inside ±SESOI. ``python -m ablations.calibration`` shows each
+procedure's type-I error and power by simulation through this code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as sps
+
+from ablations.stats import ALPHA, POWER, Paired, mde
+
+PRIMARY = ("snr_ratio", "hard_lift_diff", "auc_diff")  # the seed post's claims (i), (ii), (iii)
+CODES = ("holds", "opposite", "equivalent", "cannot tell")
+
+
+def margin(p: Paired, sesoi: float) -> float:
+    """The SESOI on the scale of the differences: log(1 + SESOI) for a ratio metric (log scale)."""
+    return math.log1p(sesoi) if p.log else float(sesoi)
+
+
+def p_difference(p: Paired) -> float:
+    """Two-sided one-sample t-test of mean difference 0 (``scipy.stats.ttest_1samp``). With no spread (every
+    seed's difference the same): 1 when that difference is 0, else 0. NaN with under 2 pairs."""
+    if p.n < 2:
+        return math.nan
+    if p.sd == 0:
+        return 1.0 if p.mean == 0 else 0.0
+    return float(sps.ttest_1samp(p.values, 0.0).pvalue)
+
+
+def p_equivalence(p: Paired, m: float) -> float:
+    """TOST: the larger p of the one-sided t-tests of mean > −m and mean < +m (``m`` the margin on the
+    differences' scale). With no spread: 0 when |mean| < m, else 1. NaN with under 2 pairs."""
+    if p.n < 2:
+        return math.nan
+    if p.sd == 0:
+        return 0.0 if abs(p.mean) < m else 1.0
+    lower = sps.ttest_1samp(p.values, -m, alternative="greater").pvalue
+    upper = sps.ttest_1samp(p.values, m, alternative="less").pvalue
+    return float(max(lower, upper))
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input order: with the m finite p's sorted ascending,
+    p̃_(j) = max_{i ≤ j} min(1, (m − i + 1)·p_(i)). NaN stays NaN and does not count in m. Rejecting every
+    p̃ < α controls the family-wise error at α under any dependence."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full(p.shape, math.nan)
+    idx = np.flatnonzero(np.isfinite(p))
+    order = idx[np.argsort(p[idx], kind="stable")]
+    m = len(order)
+    running = 0.0
+    for i, k in enumerate(order):
+        running = max(running, min(1.0, (m - i) * p[k]))
+        out[k] = running
+    return out.tolist()
+
+
+def seeds_needed(sd: float, sesoi_margin: float, n: int, limit: int = 4096) -> int | None:
+    """Planning: the fewest pairs at which the MDE (80% power, two-sided α) is at most the margin, given the
+    observed SD (None if not finite or beyond ``limit``)."""
+    if not (np.isfinite(sd) and sesoi_margin > 0):
+        return None
+    if sd == 0:
+        return max(n, 2)
+    lo, hi = max(n, 2), max(n, 2)
+    while mde(sd, hi) > sesoi_margin:
+        lo, hi = hi, hi * 2
+        if hi > limit:
+            return None
+    while lo < hi:  # mde falls with n: the first n with mde <= margin
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if mde(sd, mid) > sesoi_margin else (lo, mid)
+    return lo
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A comparison's verdict: ``code`` (``CODES``), ``size`` of a holds/opposite, the test p-values (and
+    Holm's, when the metric belongs to the family), and the sentence the report prints."""
+
+    code: str
+    size: str | None
+    p: float
+    p_equiv: float
+    p_adjusted: float | None
+    p_equiv_adjusted: float | None
+    text: str
+    seeds_needed: int | None = None
+
+    def as_dict(self) -> dict:
+        return {"code": self.code, "size": self.size, "p": self.p, "p_equiv": self.p_equiv,
+                "p_holm": self.p_adjusted, "p_equiv_holm": self.p_equiv_adjusted,
+                "seeds_needed": self.seeds_needed}
+
+
+def _fmt(p: Paired):
+    return (lambda v: f"×{math.exp(v):.3g}") if p.log else (lambda v: f"{v:+.3g}")
+
+
+def _p_text(raw: float, adjusted: float | None, name: str = "p") -> str:
+    return f"{name} = {raw:.2g}" + ("" if adjusted is None else f", Holm {adjusted:.2g}")
+
+
+def verdict(p: Paired, sesoi: float, higher_is_better: bool = True, p_adjusted: float | None = None,
+            p_equiv_adjusted: float | None = None, alpha: float = ALPHA) -> Verdict:
+    """The verdict of one comparison (module docstring). ``sesoi``: the smallest effect of interest in the
+    metric's units (a ratio metric's is relative: 0.10 = ×1.10). ``p_adjusted``/``p_equiv_adjusted``:
+    Holm's p-values when the comparison is in the family; the verdict then uses them."""
+    m = margin(p, sesoi)
+    raw, raw_e = p_difference(p), p_equivalence(p, m)
+    if p.n < 2:
+        return Verdict("cannot tell", None, raw, raw_e, p_adjusted, p_equiv_adjusted,
+                       f"cannot tell with {p.n} pair(s)")
+    pd = raw if p_adjusted is None else p_adjusted
+    pe = raw_e if p_equiv_adjusted is None else p_equiv_adjusted
+    f = _fmt(p)
+    ci = f"{f(p.mean)} [{f(p.lo)}, {f(p.hi)}], n = {p.n}"
+    bound = f"±{sesoi:.0%}" if p.log else f"±{sesoi:g}"
+    if pd < alpha:
+        code = "holds" if (p.mean > 0) == higher_is_better else "opposite"
+        if p.lo > m or p.hi < -m:
+            size = "larger than the SESOI"
+        elif pe < alpha:
+            size = "negligible"
+        else:
+            size = "of unclear size"
+        name = "holds" if code == "holds" else "the opposite holds"
+        text = f"{name}, {size} ({bound}): {ci}; {_p_text(raw, p_adjusted)}"
+        return Verdict(code, size, raw, raw_e, p_adjusted, p_equiv_adjusted, text)
+    if pe < alpha:
+        lo90, hi90 = p.interval(1 - 2 * alpha)
+        text = (f"equivalent: no difference beyond {bound} (90% interval [{f(lo90)}, {f(hi90)}]): {ci}; "
+                f"{_p_text(raw_e, p_equiv_adjusted, 'TOST p')}")
+        return Verdict("equivalent", None, raw, raw_e, p_adjusted, p_equiv_adjusted, text)
+    need = seeds_needed(p.sd, m, p.n)
+    plan = (f"about {need} seeds would detect a difference of {bound} (80% power)" if need
+            else "no finite number of seeds plans for it")
+    text = f"cannot tell at n = {p.n}: {ci}; {_p_text(raw, p_adjusted)}; {plan}"
+    return Verdict("cannot tell", None, raw, raw_e, p_adjusted, p_equiv_adjusted, text, need)
+
+
+def family_verdicts(tests: dict, sesoi: dict[str, float]) -> dict:
+    """Verdicts of a family under Holm: ``tests`` ``{key: (Paired, metric, higher_is_better)}``; every key's
+    difference and equivalence p-values are adjusted together (2m hypotheses). Returns ``{key: Verdict}``."""
+    keys = list(tests)
+    raw = [p_difference(p) for p, _, _ in tests.values()]
+    raw_e = [p_equivalence(p, margin(p, sesoi[metric])) for p, metric, _ in tests.values()]
+    adjusted = holm(raw + raw_e)
+    out = {}
+    for i, k in enumerate(keys):
+        p, metric, higher = tests[k]
+        out[k] = verdict(p, sesoi[metric], higher, adjusted[i], adjusted[len(keys) + i])
+    return out
+
+
+def precise(p: Paired, sesoi: float) -> bool:
+    """The sequential stopping rule's test: the 95% interval's half-width is at most half the SESOI margin
+    (a function of the spread and n only, never of the mean)."""
+    if p.n < 2 or not (np.isfinite(p.lo) and np.isfinite(p.hi)):
+        return False
+    return (p.hi - p.lo) / 2 <= margin(p, sesoi) / 2
+
+
+def settled(code: str) -> bool:
+    return code != "cannot tell"
+
+
+__all__ = ["CODES", "POWER", "PRIMARY", "Verdict", "family_verdicts", "holm", "margin", "p_difference",
+           "p_equivalence", "precise", "seeds_needed", "settled", "verdict"]
