@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: rows carry the baseline map (baseline_map.py)
 MODULE_KEYS = ("num_generations", "max_new_tokens", "min_new_tokens", "temperature", "aggregation", "rewards",
                "reward_weights", "invalid_rewards", "policy")
 

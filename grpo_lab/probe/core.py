@@ -24,6 +24,8 @@ import torch
 
 from grpo_lab.advantages import CLASSIC_ESTIMATORS
 from grpo_lab.errors import UserError
+from grpo_lab.probe.baseline_map import PAIR as BASELINE_PAIR
+from grpo_lab.probe.baseline_map import cross_gram, point_map
 from grpo_lab.probe.gradients import batch_gradients
 from grpo_lab.probe.stats import GramAccumulator, snr_intervals
 from grpo_lab.rng import seeded
@@ -128,7 +130,14 @@ def probe(
                     bar.advance(task)
     stats = acc.statistics()
     intervals = snr_intervals(acc.grams(), estimators[0], n_resamples=n_resamples, seed=seed)
-    return {name: {**s, **intervals[name]} for name, s in stats.items()}
+    out = {name: {**s, **intervals[name]} for name, s in stats.items()}
+    if all(name in estimators for name in BASELINE_PAIR):  # the baseline family c ↦ r − c·b̄₋ᵢ
+        i, j = (estimators.index(name) for name in BASELINE_PAIR)
+        cross = cross_gram(acc.store[i, : acc.k], acc.store[j, : acc.k])  # [K, K]
+        grams = acc.grams()
+        out[BASELINE_PAIR[1]]["baseline_map"] = point_map(grams[BASELINE_PAIR[0]], cross,
+                                                          grams[BASELINE_PAIR[1]])
+    return out
 
 
 def relative_half_width(row: dict) -> float:
