@@ -6,21 +6,39 @@ has nothing to learn from (measured: reward 0.00 over 200 steps). A minute of te
 which is where the comparison of objectives is interesting. The result is a local HF directory keyed by
 everything that determines it (policy config, task, steps, seed ...), so every later fit and every
 ablation trial with the same settings loads the identical weights instead of training again.
+
+The cache is crash-consistent and safe for concurrent builders (several trial processes of one study may
+ask for the same key at once):
+
+- a builder holds an exclusive ``fcntl`` lock on ``<cache_dir>/<key>.lock`` (released by the kernel when
+  its process dies, so a lock file left by a killed process blocks nobody), builds into
+  ``<cache_dir>/.<key>.tmp<pid>`` and renames that directory into place when it is complete: a kill
+  mid-save leaves only a temporary directory, which the next builder removes;
+- the last file written is ``complete.json``, the size and SHA-256 of every other file; an entry is used
+  only when all of them match (:func:`check_entry`), so a truncated or corrupt ``model.safetensors`` (a full
+  disk, an interrupted copy) or a directory of an older grpo_lab without the marker is never loaded;
+- a bad entry is moved aside to ``<key>.broken`` with one warning line and built again, once; if that
+  fails too (a full disk), the error is one ``error:`` line naming the path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
+import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from grpo_lab.errors import UserError
+from grpo_lab.errors import UserError, UserRuntimeError
 from grpo_lab.policy import PolicyConfig, build_policy, save_policy
 from grpo_lab.rewards import exact_match
 from grpo_lab.rng import seeded
@@ -29,6 +47,8 @@ from grpo_lab.tasks import Query, load_queries
 from grpo_lab.tokenizer import chat_prompt
 
 log = logging.getLogger(__name__)
+
+MARKER = "complete.json"  # written last: every other file's size and SHA-256
 
 
 @dataclass
@@ -121,12 +141,85 @@ def train_sft(model: PreTrainedModel, tok: PreTrainedTokenizerBase, queries: lis
             log.info("warm start step %d/%d: loss %.3f", step + 1, cfg.steps, loss.item())
 
 
-def ensure_warm_start(policy: PolicyConfig, cfg: WarmStartConfig, dataset: str) -> Path:
-    """The cached warm-start directory for these settings, training it first if absent."""
-    path = warm_start_dir(policy, cfg, dataset)
-    if (path / "config.json").is_file():
-        return path
-    t0 = time.perf_counter()
+def file_digest(path: Path) -> dict[str, int | str]:
+    """``{"bytes": size, "sha256": hex}`` of one file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def write_marker(entry: Path) -> None:
+    """Write ``complete.json`` into ``entry``, the digest of every other file in it: the last file written."""
+    files = {p.name: file_digest(p) for p in sorted(entry.iterdir()) if p.is_file() and p.name != MARKER}
+    tmp = entry / f"{MARKER}.tmp"
+    tmp.write_text(json.dumps({"files": files}, indent=2))
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    tmp.replace(entry / MARKER)
+
+
+def check_entry(entry: Path) -> str | None:
+    """Why the cache entry ``entry`` cannot be used (missing, no marker, a file missing, truncated or
+    changed), or None when every file matches its ``complete.json`` digest."""
+    if not entry.is_dir():
+        return "missing"
+    try:
+        files = json.loads((entry / MARKER).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MARKER}: a build that did not finish, or one of an older grpo_lab"
+    except (ValueError, KeyError, TypeError):
+        return f"{MARKER} is unreadable"
+    if "config.json" not in files or "warmstart.json" not in files:
+        return f"{MARKER} lists no config.json or warmstart.json"
+    for name, want in files.items():
+        p = entry / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != want.get("bytes"):
+            return f"{name} has {p.stat().st_size} bytes, {want.get('bytes')} were written"
+        if file_digest(p)["sha256"] != want.get("sha256"):
+            return f"{name} differs from what was written (SHA-256)"
+    return None
+
+
+@contextlib.contextmanager
+def build_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``fcntl`` lock on ``path`` (where ``fcntl`` is missing: none, and concurrent
+    builders each build and the first rename wins)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def move_aside(entry: Path, reason: str) -> Path:
+    """Move the bad entry to ``<key>.broken`` (replacing an older one), with one warning line."""
+    aside = entry.with_name(entry.name + ".broken")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.rename(entry, aside)
+    log.warning("warning: warm start %s is incomplete or corrupt (%s): moved to %s, building it again",
+                entry, reason, aside)
+    return aside
+
+
+def remove_leftovers(entry: Path) -> None:
+    """Remove temporary build directories of ``entry`` (only called under its lock: their builders died)."""
+    for tmp in entry.parent.glob(f".{entry.name}.tmp*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train_warm_start(policy: PolicyConfig, cfg: WarmStartConfig, dataset: str):
+    """Build the policy and run the SFT: ``(model, tokenizer, sampled accuracy)``."""
     with seeded(cfg.seed):
         model, tok = build_policy(policy, seed=cfg.seed)
         train_data = load_queries(dataset, cfg.steps * cfg.batch_size, cfg.seed + 1)
@@ -140,11 +233,55 @@ def ensure_warm_start(policy: PolicyConfig, cfg: WarmStartConfig, dataset: str) 
                                     for qs in (train_data, held_out))
         train_sft(model, tok, train_data, cfg)
         acc = sampled_accuracy(model, tok, held_out)
+    return model, tok, acc
+
+
+def build_entry(policy: PolicyConfig, cfg: WarmStartConfig, dataset: str, path: Path) -> None:
+    """Train the warm start and put it at ``path`` complete or not at all: saved into a temporary directory
+    beside it, ``warmstart.json`` and then ``complete.json`` written, and the directory renamed."""
+    t0 = time.perf_counter()
+    model, tok, acc = train_warm_start(policy, cfg, dataset)
     meta = {"key": path.name, "dataset": dataset, "policy": policy.key(), "warm_start": asdict(cfg),
             "sampled_accuracy": acc, "seconds": round(time.perf_counter() - t0, 1)}
-    save_policy(model, tok, path)
-    (path / "warmstart.json").write_text(json.dumps(meta, indent=2))
+    work = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    staged = work / path.name  # save_policy's own temporary directory lands in ``work`` too
+    try:
+        save_policy(model, tok, staged)
+        (staged / "warmstart.json").write_text(json.dumps(meta, indent=2))
+        write_marker(staged)
+        try:
+            os.rename(staged, path)
+        except OSError:  # without fcntl, another builder may have renamed its copy first: use that one
+            if check_entry(path) is not None:
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # a failed save, or a rename that lost the race
     log.info("warm start saved to %s (sampled accuracy %s)", path, acc)
+
+
+def ensure_warm_start(policy: PolicyConfig, cfg: WarmStartConfig, dataset: str) -> Path:
+    """The cached warm-start directory for these settings, checked against its ``complete.json``; built
+    first if absent, built again (once) if it is incomplete or corrupt. See the module docstring."""
+    path = warm_start_dir(policy, cfg, dataset)
+    if check_entry(path) is None:
+        return path
+    with build_lock(path.with_name(f"{path.name}.lock")):
+        reason = check_entry(path)  # another process may have built it while we waited
+        if reason is None:
+            return path
+        remove_leftovers(path)
+        if path.exists():
+            move_aside(path, reason)
+        try:
+            build_entry(policy, cfg, dataset, path)
+        except (OSError, SafetensorError) as err:  # a full disk, a read-only cache directory
+            why = getattr(err, "strerror", None) or err
+            raise UserRuntimeError(f"could not write the warm start {path}: {why} (free space, or set "
+                                   "model.warm_start.cache_dir)") from err
+        reason = check_entry(path)
+        if reason is not None:
+            raise UserRuntimeError(f"the warm start {path} was built again and is still unusable ({reason}): "
+                                   "check the disk, then remove it and rerun")
     return path
 
 

@@ -7,7 +7,10 @@ lengths, temperature, aggregation, rewards and weights, policy config), the quer
 from, and the torch version. Entries are JSON files written atomically (beside, then renamed). Two trials
 that miss the same entry at once do not both compute it: the first takes an exclusive ``fcntl`` lock on
 ``<key>.lock`` and the second waits for it, then reads the entry (where ``fcntl`` is missing, both compute
-and the last rename wins: the same numbers).
+and the last rename wins: the same numbers). A lock file left by a killed process blocks nobody (the kernel
+releases an ``fcntl`` lock with its process). An entry that does not parse as a JSON object (truncated by a
+full disk or an interrupted copy) is moved aside to ``<key>.json.broken`` with one warning line and
+computed again; a write that fails (a full disk) leaves no temporary file behind.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
+log = logging.getLogger(__name__)
 CACHE_VERSION = 3  # 3: rows carry the baseline map (baseline_map.py)
 MODULE_KEYS = ("num_generations", "max_new_tokens", "min_new_tokens", "temperature", "aggregation", "rewards",
                "reward_weights", "invalid_rewards", "policy")
@@ -70,8 +75,32 @@ def write_json(path: Path, payload) -> None:
     """Atomically (written beside, then renamed); non-finite floats as the JSON extensions Infinity/NaN."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_entry(path: Path) -> dict | None:
+    """The entry at ``path``, or None when it is missing; a file that is not a JSON object (truncated,
+    corrupt) is moved aside to ``<name>.broken`` with one warning line and also gives None."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        value = json.loads(data)
+        if isinstance(value, dict):
+            return value
+        reason = f"a JSON {type(value).__name__}, not an object"
+    except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
+        reason = f"{type(err).__name__}: {err}"
+    aside = path.with_name(path.name + ".broken")
+    os.replace(path, aside)
+    log.warning("warning: probe cache entry %s is corrupt (%s): moved to %s, computing it again", path,
+                reason, aside)
+    return None
 
 
 def cached(cache_dir: str | Path | None, key: str, compute: Callable[[], dict]) -> tuple[dict, bool]:
@@ -81,8 +110,9 @@ def cached(cache_dir: str | Path | None, key: str, compute: Callable[[], dict]) 
         return compute(), False
     path = Path(cache_dir) / f"{key}.json"
     with _locked(Path(cache_dir) / f"{key}.lock"):
-        if path.is_file():
-            return json.loads(path.read_text()), True
+        value = read_entry(path)
+        if value is not None:
+            return value, True
         value = compute()
         write_json(path, value)
         return value, False
