@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import pickle
+import time
 import zipfile
 from pathlib import Path
 
@@ -92,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="queries generated for a built-in task (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the queries and of the probe's sampling (default: %(default)s)")
+    parser.add_argument("--sketch-dim", type=int, default=0, metavar="D",
+                        help="keep each gradient as a D-dim CountSketch made on --device (unbiased dot "
+                             "products, relative error about sqrt(2/D); grpo_lab/probe/sketch.py), so K "
+                             "batches of a 100M+ model fit in memory, e.g. 65536; 0: the exact probe, "
+                             "float32 rows of every parameter on the CPU (default: %(default)s)")
     parser.add_argument("--device", default="cpu",
                         help="torch device to run the probe on, e.g. cpu or cuda (default: %(default)s)")
     parser.add_argument("--out", default="probe.json",
@@ -106,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
         "yourself, e.g. with an optimizer callable in its hyperparameters",
     )
     return parser
+
+
+def probe_cost(seconds: float, device: str) -> dict[str, float | None]:
+    """The probe's wall time, this process's peak resident memory and (on CUDA) the peak memory torch
+    allocated on the device, for ``bench/gpu_check.sh``."""
+    import resource
+
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
+    return {"seconds": round(seconds, 2), "max_rss_bytes": float(rss_kib * 1024),
+            "cuda_max_allocated_bytes": float(torch.cuda.max_memory_allocated(device)) if cuda else None}
 
 
 def load_module(ckpt: str | Path, trust: bool = False):
@@ -138,6 +155,9 @@ def _main(argv: list[str] | None) -> dict[str, dict[str, float | None]]:
     args = build_parser().parse_args(argv)
     from grpo_lab.tasks import load_queries
 
+    if args.sketch_dim < 0:
+        raise UserError(f"--sketch-dim must be >= 0 (0: the exact probe), got {args.sketch_dim}")
+
     if not Path(args.ckpt).is_file():
         raise UserFileNotFoundError(f"--ckpt {args.ckpt}: no such checkpoint file")
     if not zipfile.is_zipfile(args.ckpt):  # what torch.save (and so Lightning) has written since torch 1.6
@@ -146,9 +166,11 @@ def _main(argv: list[str] | None) -> dict[str, dict[str, float | None]]:
 
     module = load_module(args.ckpt, trust=args.trust_checkpoint).to(args.device)
     queries = load_queries(args.dataset, args.num_queries, args.seed)
+    t0 = time.perf_counter()
     stats = probe(
         module, queries, args.estimators, args.num_batches, args.reference_batches, args.prompts_per_batch,
         args.seed, progress=not args.quiet, reference_estimator=args.reference_estimator,
+        sketch_dim=args.sketch_dim,
     )
     payload = {
         "ckpt": str(args.ckpt),
@@ -156,6 +178,7 @@ def _main(argv: list[str] | None) -> dict[str, dict[str, float | None]]:
         | {"reference": f"{args.reference_estimator}/{REFERENCE_AGGREGATION}",
            "num_generations": module.hparams.num_generations, "aggregation": module.hparams.aggregation},
         "results": [{"estimator": name, **s} for name, s in stats.items()],
+        "cost": probe_cost(time.perf_counter() - t0, args.device),
     }
     _write_json(Path(args.out), payload)
     if not args.quiet:

@@ -52,6 +52,7 @@ class GradientVarianceProbe(L.Callback):
         split_value: str = DEFAULT_SPLIT[1],
         cache_dir: str | None = None,
         n_resamples: int = 2000,
+        sketch_dim: int = 0,
     ) -> None:
         """
         Args:
@@ -69,6 +70,10 @@ class GradientVarianceProbe(L.Callback):
             split_value: the column's value whose share is reported (``hard``).
             cache_dir: directory of computed probe points, shared by the trials of a study (None: none).
             n_resamples: bootstrap resamples of the batches for the intervals.
+            sketch_dim: d > 0 keeps each gradient as a d-dim CountSketch computed on the model's device
+                (``grpo_lab/probe/sketch.py``: unbiased dot products, relative error about √(2/d)), so
+                K batches of a 100M+ model fit in memory; 0: the exact probe (float32 rows of every
+                parameter on the CPU).
         """
         if any(not 0.0 <= f <= 1.0 for f in at_fractions):
             raise UserError(f"at_fractions must lie in [0, 1], got {list(at_fractions)}")
@@ -76,6 +81,8 @@ class GradientVarianceProbe(L.Callback):
                 or reference_batches < 0 or prompts_per_batch < 1):
             raise UserError("need num_batches >= 2, warm_start_batches >= 2 (or None), "
                             "reference_batches >= 0 and prompts_per_batch >= 1")
+        if sketch_dim < 0:
+            raise UserError(f"sketch_dim must be >= 0 (0: the exact probe), got {sketch_dim}")
         self.estimators = list(estimators)
         self.num_batches = num_batches
         self.warm_start_batches = num_batches if warm_start_batches is None else warm_start_batches
@@ -87,6 +94,7 @@ class GradientVarianceProbe(L.Callback):
         self.split = None if split_column is None else (split_column, split_value)
         self.cache_dir = cache_dir
         self.n_resamples = n_resamples
+        self.sketch_dim = sketch_dim
         self.results: list[dict] = []
         self._done: set[float] = set()
 
@@ -119,7 +127,8 @@ class GradientVarianceProbe(L.Callback):
         return {"estimators": self.estimators, "num_batches": num_batches or self.num_batches,
                 "reference_batches": self.reference_batches, "prompts_per_batch": prompts_per_batch,
                 "seed": self.seed, "reference": f"{self.reference_estimator}/{REFERENCE_AGGREGATION}",
-                "split": list(self.split) if self.split else None, "n_resamples": self.n_resamples}
+                "split": list(self.split) if self.split else None, "n_resamples": self.n_resamples,
+                **({"sketch_dim": self.sketch_dim} if self.sketch_dim else {})}  # exact: keys as before
 
     def _total_steps(self, trainer) -> float | None:
         if trainer.max_steps is not None and trainer.max_steps > 0:
@@ -168,7 +177,7 @@ class GradientVarianceProbe(L.Callback):
         def compute() -> dict:
             return probe(pl_module, queries, self.estimators, k, self.reference_batches, ppb,
                          self.seed, reference_estimator=self.reference_estimator, split=self.split,
-                         n_resamples=self.n_resamples)
+                         n_resamples=self.n_resamples, sketch_dim=self.sketch_dim)
 
         key = cache_key(pl_module, queries, settings) if self.cache_dir else ""
         return cached(self.cache_dir, key, compute)

@@ -27,6 +27,8 @@ from grpo_lab.errors import UserError
 from grpo_lab.probe.baseline_map import PAIR as BASELINE_PAIR
 from grpo_lab.probe.baseline_map import cross_gram, point_map
 from grpo_lab.probe.gradients import batch_gradients
+from grpo_lab.probe.scores import completion_scores
+from grpo_lab.probe.sketch import CountSketch
 from grpo_lab.probe.stats import GramAccumulator, snr_intervals
 from grpo_lab.rng import seeded
 
@@ -83,6 +85,8 @@ def probe(
     reference_estimator: str | None = REFERENCE_ESTIMATOR,
     split: tuple[str, object] | None = DEFAULT_SPLIT,
     n_resamples: int = 2000,
+    score_prompts: int = 0,
+    sketch_dim: int = 0,
 ) -> dict[str, dict[str, float | None]]:
     """Gradient statistics of each estimator at the module's current parameters.
 
@@ -99,6 +103,15 @@ def probe(
     runs in training mode and its modes are restored, and sampling uses a forked torch RNG seeded with
     ``seed``: the global RNG is the same afterwards, so a training run probed along the way samples what it
     would have without it. ``progress`` shows a transient Rich bar on a terminal.
+
+    ``score_prompts`` > 0 (with ``reward`` and ``rloo`` among the estimators) also measures per-completion
+    scores on one rollout of that many queries (``scores.py``) and adds the mechanism's moments and
+    predictions to the baseline map (``mechanism.py``): a few seconds at 2-4 queries.
+
+    ``sketch_dim`` d > 0 keeps every gradient as its d-dim CountSketch (``sketch.py``, seeded with ``seed``:
+    one projection for all rows), computed on the module's device, instead of a float32 row of all D
+    parameters on the CPU: the statistics are then those of the projected gradients, every dot product
+    unbiased with a relative error of about √(2/d). 0 (the default) is the exact probe.
     """
     estimators = list(dict.fromkeys(estimators))
     if not estimators:
@@ -110,6 +123,9 @@ def probe(
     if not 1 <= prompts_per_batch <= len(queries):
         raise UserError(f"prompts_per_batch must be in [1, {len(queries)}] (the queries given), got "
                         f"{prompts_per_batch}")
+    if sketch_dim < 0:
+        raise UserError(f"sketch_dim must be >= 0 (0: the exact probe), got {sketch_dim}")
+    sketch = CountSketch(sketch_dim, seed) if sketch_dim else None
     if split is not None and not any(split[0] in q for q in queries):
         split = None  # no such column: nothing to split by
     acc = GramAccumulator(estimators, num_batches)
@@ -118,16 +134,19 @@ def probe(
     with frozen(module, seed), _progress(progress) as bar:
         task = bar.add_task("gradient probe", total=total) if bar is not None else None
         for batch in _batches(queries, num_batches, prompts_per_batch, gen):
-            g = batch_gradients(module, batch, estimators, reference_estimator, split)
+            g = batch_gradients(module, batch, estimators, reference_estimator, split, sketch=sketch)
             acc.add(g.full, g.hard, g.reference)
             if bar is not None:
                 bar.advance(task)
         if reference_estimator:
             for batch in _batches(queries, reference_batches, prompts_per_batch, gen):
                 acc.add_reference(batch_gradients(module, batch, [reference_estimator],
-                                                  reference_estimator).reference)
+                                                  reference_estimator, sketch=sketch).reference)
                 if bar is not None:
                     bar.advance(task)
+        use = score_prompts > 0 and all(name in estimators for name in BASELINE_PAIR)
+        subset = next(_batches(queries, 1, min(score_prompts, len(queries)), gen)) if use else None
+        scores = completion_scores(module, subset) if use else None
     stats = acc.statistics()
     intervals = snr_intervals(acc.grams(), estimators[0], n_resamples=n_resamples, seed=seed)
     out = {name: {**s, **intervals[name]} for name, s in stats.items()}
@@ -137,6 +156,9 @@ def probe(
         grams = acc.grams()
         out[BASELINE_PAIR[1]]["baseline_map"] = point_map(grams[BASELINE_PAIR[0]], cross,
                                                           grams[BASELINE_PAIR[1]])
+        if scores is not None:  # the mechanism, from per-completion scores (mechanism.py)
+            bmap = out[BASELINE_PAIR[1]]["baseline_map"]
+            bmap["mechanism"] = scores.mechanism(prompts_per_batch, bmap["v"][0])
     return out
 
 

@@ -12,6 +12,12 @@ one backward pass per basis vector and combines: the default four estimators and
 span 3 directions (``rloo`` is G/(G−1) × ``mean_baseline``, the reference a rescaled ``rloo``). With a
 split by difficulty the hard and easy queries' sequences are forwarded separately, so each part's
 backward passes run over its own sequences only: the split costs about 18% more (measured), not twice.
+
+By default every gradient is a float32 row of all D parameters on the CPU (the exact probe). With a
+``sketch`` (``sketch.py``, a CountSketch) each basis vector's gradient is projected to d dimensions on its
+own device as soon as its backward pass is done, and only the d-dim rows leave the device: a probe of a
+100M+ model keeps K·E·d numbers instead of K·E·D, at the price of a relative error of about √(2/d) in
+each dot product (unbiased).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from torch import Tensor
 from grpo_lab.advantages import compute_advantages
 from grpo_lab.errors import UserError
 from grpo_lab.losses import aggregation_normalizer, policy_loss
+from grpo_lab.probe.sketch import CountSketch
 from grpo_lab.rollout import sequence_logprobs
 
 REFERENCE_AGGREGATION = "constant"
@@ -32,8 +39,9 @@ REFERENCE_AGGREGATION = "constant"
 
 @dataclass
 class BatchGradients:
-    """One batch's ascent directions ``[D]`` (float32, CPU): per estimator the whole gradient and (with a
-    split) its part from the split's queries; the reference estimator's with ``constant`` aggregation."""
+    """One batch's ascent directions ``[D]`` (float32, CPU; ``[d]`` sketches with a sketch): per estimator
+    the whole gradient and (with a split) its part from the split's queries; the reference estimator's
+    with ``constant`` aggregation."""
 
     full: dict[str, Tensor]
     hard: dict[str, Tensor] | None = None
@@ -74,25 +82,28 @@ def _basis(cotangents: Tensor, rtol: float = 1e-5) -> tuple[Tensor, Tensor]:
     return basis, c @ basis.T
 
 
-def _backward(logprobs: Tensor, cotangents: Tensor, params: list[Tensor]) -> Tensor:
+def _backward(logprobs: Tensor, cotangents: Tensor, params: list[Tensor],
+              sketch: CountSketch | None = None) -> Tensor:
     """``[n, D]`` (float32, CPU): J_θᵀ c for each row c of ``cotangents`` ``[n, *logprobs.shape]``, through
     one backward pass per vector of a basis of their span (the basis found in float64, the rows combined in
-    float32: a float64 copy of every row cost more than the backward passes)."""
-    d = sum(p.numel() for p in params)
+    float32: a float64 copy of every row cost more than the backward passes). With ``sketch``: ``[n, d]``,
+    S·J_θᵀ c, each basis vector's gradient projected on its device (S is linear, so the combination of the
+    projections is the projection of the combination)."""
+    d = sum(p.numel() for p in params) if sketch is None else sketch.dim
     basis, coefs = _basis(cotangents.flatten(1))
     grads = []
     for i in range(basis.shape[0]):
         out = torch.autograd.grad(logprobs, params,
                                   grad_outputs=basis[i].view_as(logprobs).to(logprobs.dtype),
                                   retain_graph=i < basis.shape[0] - 1, allow_unused=True)
-        grads.append(_flat(out, params))
-    stacked = torch.stack(grads) if grads else torch.zeros(0, d)  # [r, D] on the CPU
+        grads.append(_flat(out, params) if sketch is None else sketch.project(out, params))
+    stacked = torch.stack(grads) if grads else torch.zeros(0, d)  # [r, D] (or [r, d]) on the CPU
     return coefs.to(device=stacked.device, dtype=stacked.dtype) @ stacked
 
 
 def batch_gradients(module, batch: list[dict], estimators: Sequence[str], reference: str | None = None,
                     split: tuple[str, object] | None = None,
-                    aggregation: str | None = None) -> BatchGradients:
+                    aggregation: str | None = None, sketch: CountSketch | None = None) -> BatchGradients:
     """Each estimator's gradient on one rollout of ``batch`` (``module.rollout``, ``module.score`` [P, G]).
 
     ``aggregation`` overrides the module's (``constant`` divides by B·``max_new_tokens`` as the module
@@ -101,7 +112,8 @@ def batch_gradients(module, batch: list[dict], estimators: Sequence[str], refere
     equals value (the rest is ``full − hard``), both with the whole batch's normalizer: those queries go
     first in the rollout and the two parts are forwarded separately, so each backward pass runs over one
     part's sequences and the split costs about nothing. ``reference`` adds that estimator's gradient with
-    ``constant`` aggregation. Group estimators on G = 1 raise ``compute_advantages``'s ValueError.
+    ``constant`` aggregation. ``sketch`` returns every row as its d-dim projection (module docstring).
+    Group estimators on G = 1 raise ``compute_advantages``'s ValueError.
     """
     names = list(dict.fromkeys(estimators))
     if not names:
@@ -132,8 +144,9 @@ def batch_gradients(module, batch: list[dict], estimators: Sequence[str], refere
                                   kl_estimator=h.kl_estimator, aggregation=a, normalizer=normalizer)
             cots.append(torch.autograd.grad(loss, leaf)[0])
         cots = torch.stack(cots)  # [n, B, T]
-        grads = {p.start: _backward(lp, cots[:, p], params) for p, lp in zip(parts, logprobs, strict=True)}
-    total = -torch.stack(list(grads.values())).sum(0)  # ascent directions [n, D]
+        grads = {p.start: _backward(lp, cots[:, p], params, sketch)
+                 for p, lp in zip(parts, logprobs, strict=True)}
+    total = -torch.stack(list(grads.values())).sum(0)  # ascent directions [n, D] (or [n, d])
     hard = None
     if split is not None:
         inside = -grads[0] if cut > 0 else torch.zeros_like(total)  # [n, D]
