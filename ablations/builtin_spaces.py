@@ -34,7 +34,9 @@ register_space(Space(
     # them, 150 of configs/ablate.yaml's 200 steps (lift still ≈ +0.2) and probe batches of 16 prompts (per
     # prompt ~30% cheaper than 8, intervals as wide at equal prompts): K = 32 at the ends (512 prompts), 64 at
     # the warm start (1,024; one policy for every trial of a seed, computed once per seed).
-    probe=ProbeSettings(num_batches=32, warm_start_batches=64, prompts_per_batch=16),
+    # score_prompts: the baseline map's mechanism (issue 20) from 4 queries' per-completion scores at each
+    # seed's warm start (about 1 s per seed).
+    probe=ProbeSettings(num_batches=32, warm_start_batches=64, prompts_per_batch=16, score_prompts=4),
     overrides={"trainer.max_steps": 150},
     baseline={"model.advantage": "reward"},
     comparisons=DEFAULT_COMPARISONS,

@@ -112,6 +112,9 @@ class ProbeSettings:
     reference_batches: int = 0
     prompts_per_batch: int = 8
     at_fractions: tuple[float, ...] = (0.0, 1.0)
+    score_prompts: int = 0
+    """Queries whose completions' scores are measured one by one at the warm start, for the baseline map's
+    mechanism (``grpo_lab/probe/scores.py``; about 1 s for 4 queries x 16 on the default policy)."""
     sketch_dim: int = 0
     """d > 0: keep each gradient as a d-dim CountSketch made on the trial's device (unbiased dot products,
     relative error about √(2/d); ``grpo_lab/probe/sketch.py``), for policies too large for K float32 rows of
@@ -134,6 +137,7 @@ class ProbeSettings:
                 "at_fractions": list(self.at_fractions),
                 "seed": seed,
                 "cache_dir": cache_dir,
+                **({"score_prompts": self.score_prompts} if self.score_prompts else {}),
                 **({"sketch_dim": self.sketch_dim} if self.sketch_dim else {}),
             },
         }
@@ -285,6 +289,7 @@ class Space:
                 "reference_batches": self.probe.reference_batches,
                 "prompts_per_batch": self.probe.prompts_per_batch,
                 "at_fractions": list(self.probe.at_fractions),
+                **({"score_prompts": self.probe.score_prompts} if self.probe.score_prompts else {}),
                 # only when set: a stored exact study's settings stay what they were (resumable)
                 **({"sketch_dim": self.probe.sketch_dim} if self.probe.sketch_dim else {}),
             },

@@ -52,6 +52,7 @@ class GradientVarianceProbe(L.Callback):
         split_value: str = DEFAULT_SPLIT[1],
         cache_dir: str | None = None,
         n_resamples: int = 2000,
+        score_prompts: int = 0,
         sketch_dim: int = 0,
     ) -> None:
         """
@@ -70,6 +71,8 @@ class GradientVarianceProbe(L.Callback):
             split_value: the column's value whose share is reported (``hard``).
             cache_dir: directory of computed probe points, shared by the trials of a study (None: none).
             n_resamples: bootstrap resamples of the batches for the intervals.
+            score_prompts: at the warm start, per-completion scores on this many queries for the
+                baseline map's mechanism (``grpo_lab/probe/scores.py``; 0: none).
             sketch_dim: d > 0 keeps each gradient as a d-dim CountSketch computed on the model's device
                 (``grpo_lab/probe/sketch.py``: unbiased dot products, relative error about √(2/d)), so
                 K batches of a 100M+ model fit in memory; 0: the exact probe (float32 rows of every
@@ -94,6 +97,8 @@ class GradientVarianceProbe(L.Callback):
         self.split = None if split_column is None else (split_column, split_value)
         self.cache_dir = cache_dir
         self.n_resamples = n_resamples
+        self.score_prompts = score_prompts
+        self._score_now = 0  # score_prompts while the warm start is probed (_maybe_probe)
         self.sketch_dim = sketch_dim
         self.results: list[dict] = []
         self._done: set[float] = set()
@@ -154,6 +159,7 @@ class GradientVarianceProbe(L.Callback):
                            "probing")
             return
         k = self.warm_start_batches if fractions == [0.0] else self.num_batches
+        self._score_now = self.score_prompts if fractions == [0.0] else 0
         stats, hit = self.measure(pl_module, queries, k)
         step = int(trainer.global_step)
         for f in fractions:
@@ -173,10 +179,14 @@ class GradientVarianceProbe(L.Callback):
         ppb = min(self.prompts_per_batch, len(queries))
         k = num_batches or self.num_batches
         settings = self.settings(ppb, k)
+        score_prompts = self._score_now
+        if score_prompts:  # a point with the mechanism is another cache entry
+            settings["score_prompts"] = score_prompts
 
         def compute() -> dict:
             return probe(pl_module, queries, self.estimators, k, self.reference_batches, ppb,
                          self.seed, reference_estimator=self.reference_estimator, split=self.split,
+                         score_prompts=score_prompts,
                          n_resamples=self.n_resamples, sketch_dim=self.sketch_dim)
 
         key = cache_key(pl_module, queries, settings) if self.cache_dir else ""

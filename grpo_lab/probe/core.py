@@ -27,6 +27,7 @@ from grpo_lab.errors import UserError
 from grpo_lab.probe.baseline_map import PAIR as BASELINE_PAIR
 from grpo_lab.probe.baseline_map import cross_gram, point_map
 from grpo_lab.probe.gradients import batch_gradients
+from grpo_lab.probe.scores import completion_scores
 from grpo_lab.probe.sketch import CountSketch
 from grpo_lab.probe.stats import GramAccumulator, snr_intervals
 from grpo_lab.rng import seeded
@@ -84,6 +85,7 @@ def probe(
     reference_estimator: str | None = REFERENCE_ESTIMATOR,
     split: tuple[str, object] | None = DEFAULT_SPLIT,
     n_resamples: int = 2000,
+    score_prompts: int = 0,
     sketch_dim: int = 0,
 ) -> dict[str, dict[str, float | None]]:
     """Gradient statistics of each estimator at the module's current parameters.
@@ -101,6 +103,10 @@ def probe(
     runs in training mode and its modes are restored, and sampling uses a forked torch RNG seeded with
     ``seed``: the global RNG is the same afterwards, so a training run probed along the way samples what it
     would have without it. ``progress`` shows a transient Rich bar on a terminal.
+
+    ``score_prompts`` > 0 (with ``reward`` and ``rloo`` among the estimators) also measures per-completion
+    scores on one rollout of that many queries (``scores.py``) and adds the mechanism's moments and
+    predictions to the baseline map (``mechanism.py``): a few seconds at 2-4 queries.
 
     ``sketch_dim`` d > 0 keeps every gradient as its d-dim CountSketch (``sketch.py``, seeded with ``seed``:
     one projection for all rows), computed on the module's device, instead of a float32 row of all D
@@ -138,6 +144,9 @@ def probe(
                                                   reference_estimator, sketch=sketch).reference)
                 if bar is not None:
                     bar.advance(task)
+        use = score_prompts > 0 and all(name in estimators for name in BASELINE_PAIR)
+        subset = next(_batches(queries, 1, min(score_prompts, len(queries)), gen)) if use else None
+        scores = completion_scores(module, subset) if use else None
     stats = acc.statistics()
     intervals = snr_intervals(acc.grams(), estimators[0], n_resamples=n_resamples, seed=seed)
     out = {name: {**s, **intervals[name]} for name, s in stats.items()}
@@ -147,6 +156,9 @@ def probe(
         grams = acc.grams()
         out[BASELINE_PAIR[1]]["baseline_map"] = point_map(grams[BASELINE_PAIR[0]], cross,
                                                           grams[BASELINE_PAIR[1]])
+        if scores is not None:  # the mechanism, from per-completion scores (mechanism.py)
+            bmap = out[BASELINE_PAIR[1]]["baseline_map"]
+            bmap["mechanism"] = scores.mechanism(prompts_per_batch, bmap["v"][0])
     return out
 
 
