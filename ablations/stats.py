@@ -36,7 +36,12 @@ def t_half_width(sd, n: int, confidence: float = 1 - ALPHA):
     """Half-width of the two-sided Student-t interval of a mean of ``n`` values with SD ``sd``."""
     if n < 2:
         return np.full_like(np.asarray(sd, dtype=float), math.nan)
-    return sps.t.ppf(0.5 + confidence / 2, n - 1) * np.asarray(sd, dtype=float) / math.sqrt(n)
+    return _t_quantile(0.5 + confidence / 2, n - 1) * np.asarray(sd, dtype=float) / math.sqrt(n)
+
+
+@functools.lru_cache(maxsize=4096)
+def _t_quantile(q: float, df: int) -> float:
+    return float(sps.t.ppf(q, df))
 
 
 def t_interval(values, confidence: float = 1 - ALPHA) -> tuple[float, float, float]:

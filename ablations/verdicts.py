@@ -32,11 +32,13 @@ procedure's type-I error and power by simulation through this code.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import integrate, optimize
 from scipy import stats as sps
 
 from ablations.stats import ALPHA, POWER, Paired, mde
@@ -50,14 +52,19 @@ def margin(p: Paired, sesoi: float) -> float:
     return math.log1p(sesoi) if p.log else float(sesoi)
 
 
+def _t(p: Paired, null: float) -> float:
+    return (p.mean - null) / (p.sd / math.sqrt(p.n))
+
+
 def p_difference(p: Paired) -> float:
-    """Two-sided one-sample t-test of mean difference 0 (``scipy.stats.ttest_1samp``). With no spread (every
-    seed's difference the same): 1 when that difference is 0, else 0. NaN with under 2 pairs."""
+    """Two-sided one-sample t-test of mean difference 0 (the statistic of ``scipy.stats.ttest_1samp``, its
+    p from ``scipy.stats.t``). With no spread (every seed's difference the same): 1 when that difference
+    is 0, else 0. NaN with under 2 pairs."""
     if p.n < 2:
         return math.nan
     if p.sd == 0:
         return 1.0 if p.mean == 0 else 0.0
-    return float(sps.ttest_1samp(p.values, 0.0).pvalue)
+    return float(2 * sps.t.sf(abs(_t(p, 0.0)), p.n - 1))
 
 
 def p_equivalence(p: Paired, m: float) -> float:
@@ -67,9 +74,7 @@ def p_equivalence(p: Paired, m: float) -> float:
         return math.nan
     if p.sd == 0:
         return 0.0 if abs(p.mean) < m else 1.0
-    lower = sps.ttest_1samp(p.values, -m, alternative="greater").pvalue
-    upper = sps.ttest_1samp(p.values, m, alternative="less").pvalue
-    return float(max(lower, upper))
+    return float(max(sps.t.sf(_t(p, -m), p.n - 1), sps.t.cdf(_t(p, m), p.n - 1)))
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
@@ -88,22 +93,61 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     return out.tolist()
 
 
+@functools.cache
+def _unit_mde(n: int) -> float:
+    return mde(1.0, n)
+
+
 def seeds_needed(sd: float, sesoi_margin: float, n: int, limit: int = 4096) -> int | None:
     """Planning: the fewest pairs at which the MDE (80% power, two-sided α) is at most the margin, given the
-    observed SD (None if not finite or beyond ``limit``)."""
+    observed SD (the MDE is linear in the SD, so sd·MDE(1, n)); None if not finite or beyond ``limit``."""
     if not (np.isfinite(sd) and sesoi_margin > 0):
         return None
     if sd == 0:
         return max(n, 2)
-    lo, hi = max(n, 2), max(n, 2)
-    while mde(sd, hi) > sesoi_margin:
+    target = sesoi_margin / sd
+    lo = hi = max(n, 2)
+    while _unit_mde(hi) > target:
         lo, hi = hi, hi * 2
         if hi > limit:
             return None
-    while lo < hi:  # mde falls with n: the first n with mde <= margin
+    while lo < hi:  # the MDE falls with n: the first n with MDE <= margin
         mid = (lo + hi) // 2
-        lo, hi = (mid + 1, hi) if mde(sd, mid) > sesoi_margin else (lo, mid)
+        lo, hi = (mid + 1, hi) if _unit_mde(mid) > target else (lo, mid)
     return lo
+
+
+def tost_power(true_diff: float, margin_: float, sd: float, n: int, alpha: float = ALPHA) -> float:
+    """Power of TOST at margin ±``margin_`` on ``n`` pairs with SD ``sd`` when the true mean difference is
+    ``true_diff``: it rejects iff |mean − 0| ≤ margin − t_{1−α, n−1}·s/√n on both sides, i.e. the mean lies
+    in [−m + c·s, m − c·s] with c = t/√n; over s ~ σ·χ_{n−1}/√(n−1) (independent of the mean) this is the
+    integral of Φ((m − c·s − δ)√n/σ) − Φ((−m + c·s − δ)√n/σ) where positive (``scipy.integrate.quad``)."""
+    if n < 2 or not (sd > 0):
+        return math.nan
+    c = sps.t.ppf(1 - alpha, n - 1) / math.sqrt(n)
+    se = sd / math.sqrt(n)
+
+    def at(s: float) -> float:
+        lo, hi = -margin_ + c * s, margin_ - c * s
+        if hi <= lo:
+            return 0.0
+        dens = sps.chi.pdf(s * math.sqrt(n - 1) / sd, n - 1) * math.sqrt(n - 1) / sd
+        return (sps.norm.cdf((hi - true_diff) / se) - sps.norm.cdf((lo - true_diff) / se)) * dens
+
+    s_max = margin_ / c  # beyond it the acceptance region is empty
+    return float(integrate.quad(at, 0.0, s_max, limit=200)[0])
+
+
+def equivalence_margin(sd: float, n: int, power: float = POWER, alpha: float = ALPHA) -> float:
+    """Planning: the margin at which TOST on ``n`` pairs with SD ``sd`` shows equivalence of a true
+    difference of 0 with ``power`` (NaN under 2 pairs or without spread)."""
+    if n < 2 or not (np.isfinite(sd) and sd > 0):
+        return math.nan
+    hi = sd
+    while tost_power(0.0, hi, sd, n, alpha) < power:
+        hi *= 2
+    return float(optimize.brentq(lambda m: tost_power(0.0, m, sd, n, alpha) - power, 1e-12 * sd, hi,
+                                 xtol=1e-10 * sd))
 
 
 @dataclass(frozen=True)
@@ -198,5 +242,5 @@ def settled(code: str) -> bool:
     return code != "cannot tell"
 
 
-__all__ = ["CODES", "POWER", "PRIMARY", "Verdict", "family_verdicts", "holm", "margin", "p_difference",
-           "p_equivalence", "precise", "seeds_needed", "settled", "verdict"]
+__all__ = ["CODES", "PRIMARY", "Verdict", "equivalence_margin", "family_verdicts", "holm", "margin",
+           "p_difference", "p_equivalence", "precise", "seeds_needed", "settled", "tost_power", "verdict"]
