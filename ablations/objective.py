@@ -47,6 +47,7 @@ a measurement the report needs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -64,6 +65,7 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from ablations import tensorboard_runs, timing
+from ablations.placement import DeviceSlots, devices_needed, trainer_overrides
 from ablations.pruning import pruned_at
 from ablations.spaces import Space
 from ablations.stats import clip_stats
@@ -189,30 +191,40 @@ def run_fit(cmd: list[str], log_path: Path, threads: int, cwd: str | Path | None
                         f"{log_path}:\n{log_tail(log_path)}")
 
 
-def runs_in_process(base_config: str | Path, overrides: dict[str, Any]) -> bool:
-    """Whether a trial can run inside a worker (``ablations/worker.py``): one process, i.e. the Trainer's
-    strategy is ``auto`` and it has one device and one node, after base.yaml, the space's base config and
-    the trial's overrides. Several processes need their own: Lightning's DDP launcher starts the other
-    ranks by running ``sys.argv`` again, and ``torch.distributed``'s state would outlive the trial."""
+def trainer_settings(base_config: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """A trial's ``trainer`` settings after base.yaml, the space's base config and the trial's overrides."""
     trainer: dict[str, Any] = {}
     for path in (REPO_ROOT / "configs" / "base.yaml", base_config):
         if Path(path).is_file():
             trainer.update((yaml.safe_load(Path(path).read_text()) or {}).get("trainer") or {})
     trainer.update({k.removeprefix("trainer."): v for k, v in overrides.items() if k.startswith("trainer.")})
+    return trainer
+
+
+def runs_in_process(base_config: str | Path, overrides: dict[str, Any]) -> bool:
+    """Whether a trial can run inside a worker (``ablations/worker.py``): one process, i.e. the Trainer's
+    strategy is ``auto`` and it has one device and one node, after base.yaml, the space's base config and
+    the trial's overrides. Several processes need their own: Lightning's DDP launcher starts the other
+    ranks by running ``sys.argv`` again, and ``torch.distributed``'s state would outlive the trial."""
+    trainer = trainer_settings(base_config, overrides)
     return trainer.get("strategy", "auto") in ("auto", None) and str(trainer.get("devices", 1)) == "1" \
         and str(trainer.get("num_nodes", 1)) == "1"
 
 
 def execute(cmd: list[str], log_path: Path, threads: int, pool: WorkerPool | None = None,
-            env: dict[str, str] | None = None) -> None:
+            env: dict[str, str] | None = None, devices: list[str] | None = None) -> None:
     """Run ``grpo_command(...)``: in a worker of ``pool`` (its arguments after ``-m grpo_lab.cli``), or as
-    its own process without one. Raises ``FitFailed`` with the log's tail if it fails or its worker dies."""
+    its own process without one; ``devices``: on those GPUs only (``CUDA_VISIBLE_DEVICES``, a worker of
+    theirs). Raises ``FitFailed`` with the log's tail if it fails or its worker dies."""
+    visible = None if devices is None else ",".join(devices)  # its CUDA_VISIBLE_DEVICES
+    if visible is not None:
+        env = {**(env or {}), "CUDA_VISIBLE_DEVICES": visible}
     if pool is None:
         return run_fit(cmd, log_path, threads, env=env)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_bytes(b"")
     try:
-        status = pool.run(cmd[3:], log_path, env)
+        status = pool.run(cmd[3:], log_path, env, visible)
     except WorkerDied as err:
         raise FitFailed(f"{err}; last lines of {log_path}:\n{log_tail(log_path)}") from None
     if status != 0:
@@ -352,6 +364,9 @@ class Objective:
     """The study's RDB URL, for the pruning callback inside the fit (tuning spaces; None: no pruning)."""
     pool: WorkerPool | None = None
     """Workers that run trials in-process (``ablations/worker.py``); None: every trial is its own process."""
+    slots: DeviceSlots | None = None
+    """The study's GPUs (``placement.py``): each trial waits for the devices it needs and runs on them;
+    None: trials run where their config says (the CPU)."""
 
     def __post_init__(self) -> None:
         self.base_config = resolve_config(self.space.base_config)
@@ -366,19 +381,27 @@ class Objective:
             "storage": self.storage_url, "study_name": trial.study.study_name, "trial_number": trial.number}
         cfg = trial_overlay(self.space, params, trial_dir, self.root, self.probe, pruning)
         cfg["trainer"]["callbacks"].append({"class_path": timing.CLASS_PATH})  # last: after the probe's hooks
+        overrides = self.space.trial_overrides(params)
+        k = devices_needed(trainer_settings(self.base_config, overrides).get("devices"))
+        if self.slots is not None:
+            cfg["trainer"].update(trainer_overrides(k))
         overlay = write_overlay(cfg, trial_dir / "trial.yaml",
                                 f"trial {trial.number} of study {trial.study.study_name!r}: {params}")
         peer = params.get("peer", "grpo_lab")
         cmd = grpo_command("fit", self.base_config, overlay, PEERS[peer])
-        overrides = self.space.trial_overrides(params)
         pool = self.pool if peer == "grpo_lab" and runs_in_process(self.base_config, overrides) else None
         trial.set_user_attr("overrides", overrides)
         trial.set_user_attr("command", shlex.join(cmd))
         trial.set_user_attr("cwd", os.getcwd())
         trial.set_user_attr("logdir", str(trial_dir))
         trial.set_user_attr("in_process", pool is not None)
-        t0, start = time.perf_counter(), time.time()
-        execute(cmd, trial_dir / "fit.log", self.threads, pool, env={timing.START_ENV: repr(start)})
+        with self.slots.hold(trial.number, k) if self.slots else contextlib.nullcontext() as devices:
+            if devices is not None:
+                trial.set_user_attr("accelerator", "gpu")
+                trial.set_user_attr("devices", devices)
+            t0, start = time.perf_counter(), time.time()
+            execute(cmd, trial_dir / "fit.log", self.threads, pool, env={timing.START_ENV: repr(start)},
+                    devices=devices)
         returned = time.time()
         metrics = trial_metrics(trial_dir, self.space.threshold)
         metrics["wall_time_s"] = round(time.perf_counter() - t0, 2)

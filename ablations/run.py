@@ -7,6 +7,7 @@
     grpo-lab-ablate --space default --until-decisive --snr-precision 0.10  # make ablate-precise: and until
                                            # every SNR ratio is within ±10% (pooled and at each probe point)
     grpo-lab-ablate --space default --storage postgresql://user@host/db  # many runners share one study
+    grpo-lab-ablate --space smoke --accelerator gpu --devices 0,1 --trials-per-device 2  # on GPUs (below)
 
 Layout (``--root`` defaults to ``runs``)::
 
@@ -51,6 +52,10 @@ Every process a trial starts dies with the runner, the workers and a DDP trial's
 (``grpo_lab.processes``: each worker and fit, and each process it starts, is SIGKILLed by the kernel when its
 parent dies). DDP trials get the same ``OMP_NUM_THREADS`` per process, so run the ``strategies`` space with
 ``--n-jobs 1``.
+
+GPUs (``--accelerator gpu``): ``--devices auto`` or ``0,1,...``, up to ``--trials-per-device`` trials on
+each at once; a trial gets as many free GPUs as its ``trainer.devices`` and records them (``placement.py``).
+Each runner places trials on its own machine's GPUs (runners sharing a ``postgresql://`` study use theirs).
 """
 
 from __future__ import annotations
@@ -75,9 +80,20 @@ from ablations.objective import (
     execute,
     grpo_command,
     log_tail,
+    resolve_config,
     runs_in_process,
+    trainer_settings,
     trial_overlay,
     write_overlay,
+)
+from ablations.placement import (
+    DeviceSlots,
+    Placement,
+    check_fits,
+    devices_needed,
+    make_placement,
+    visible_device_count,
+    worker_devices,
 )
 from ablations.progress import StudyProgress, console, point_key, point_status
 from ablations.pruning import make_pruner
@@ -115,8 +131,9 @@ def build_warm_start(space: Space, objective: Objective, study_dir: Path, thread
     t0 = time.perf_counter()
     try:
         in_process = runs_in_process(objective.base_config, space.trial_overrides(params))
+        first = list(objective.slots.placement.devices[:1]) if objective.slots else None  # trains on the CPU
         execute(grpo_command("warmstart", objective.base_config, overlay), study_dir / "warmstart.log",
-                threads, objective.pool if in_process else None)
+                threads, objective.pool if in_process else None, devices=first)
     except FitFailed as err:
         last = log_tail(study_dir / "warmstart.log", 1).strip()
         if last.startswith("error: "):  # the space's config is wrong: the fit said why in one line
@@ -184,6 +201,21 @@ def run_tuning(study: optuna.Study, space: Space, objective: Objective, n_jobs: 
                            callbacks=[progress.on_trial_end])
 
 
+def devices_per_trial(space: Space) -> list[int]:
+    """The devices (``trainer.devices``) each trial of ``space`` runs on."""
+    base = resolve_config(space.base_config)
+    return [devices_needed(trainer_settings(base, space.trial_overrides(p)).get("devices"))
+            for p in (space.points() or [{}])]
+
+
+def prestart(pool: WorkerPool, n_jobs: int, placement: Placement | None) -> None:
+    """Start the workers of ``n_jobs`` parallel trials ahead (on the GPUs they will take first)."""
+    if placement is None:
+        return pool.prestart(n_jobs)
+    for device, n in worker_devices(placement, n_jobs).items():
+        pool.prestart(n, device)
+
+
 # ---- command line --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -203,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-jobs", type=int, default=None,
                    help="trials run in parallel (default: the CPU cores, at most the grid size); each gets "
                         "max(1, cores // n_jobs) torch threads")
+    p.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"],
+                   help="where the trials run: cpu (as their config says), or gpu, placed on --devices")
+    p.add_argument("--devices", default="auto",
+                   help="--accelerator gpu: the GPUs to place trials on, 'auto' (every GPU torch sees) or "
+                        "indices such as 0,1; a trial gets as many as its trainer.devices")
+    p.add_argument("--trials-per-device", type=int, default=1,
+                   help="--accelerator gpu: trials that share one GPU at a time (each in its own worker)")
     p.add_argument("--max-failures", type=int, default=3,
                    help="give up on a grid point after this many failed fits")
     p.add_argument("--grace-period", type=int, default=30,
@@ -276,16 +315,24 @@ def _main(argv: list[str] | None) -> int:
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     size = len(space.points()) if space.is_grid else (space.n_trials or 1)
-    n_jobs = max(1, min(args.n_jobs or cores, size))
+    placement = make_placement(args.accelerator, args.devices, args.trials_per_device,
+                               visible_device_count() if args.accelerator == "gpu" else 0,
+                               os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if placement is not None:
+        check_fits(devices_per_trial(space), placement)
+    n_jobs = max(1, min(args.n_jobs or (placement.capacity if placement else cores), size))
     threads = max(1, cores // n_jobs)
     study = open_study(space, name, storage)
     fail_stale(study)
     beat_for_silent_trials(study, storage)  # a trial killed before its first heartbeat must go stale too
     pool = None if args.no_reuse else WorkerPool(threads, study_dir / "workers.log")
     objective = Objective(space, study_dir, root, threads=threads, probe=not args.no_probe, storage_url=url,
-                          pool=pool)
+                          pool=pool, slots=DeviceSlots(placement) if placement else None)
     console.print(f"study {name!r} ({space.description}) on {url}: {size} trials, {n_jobs} workers x "
                   f"{threads} threads" + ("" if pool else ", a fresh process per trial"))
+    if placement is not None:
+        console.print(f"trials placed on GPU {','.join(placement.devices)}, at most "
+                      f"{placement.trials_per_device} per GPU")
     t0, since = time.perf_counter(), datetime.datetime.now()
     gave_up: list[dict] = []
     complete = point_status(study.get_trials(deepcopy=False), space.points()) if space.is_grid else {}
@@ -293,7 +340,8 @@ def _main(argv: list[str] | None) -> int:
         if not space.is_grid or args.until_decisive or any(not c["COMPLETE"] for c in complete.values()):
             if pool is not None and any(runs_in_process(objective.base_config, space.trial_overrides(p))
                                         for p in (space.points() or [{}])):
-                pool.prestart(n_jobs)  # the second worker imports while the first builds the warm start
+                prestart(pool, n_jobs, placement)  # the second worker imports while the first builds the warm
+                # start
             # One thread per worker here too: two threads on two busy cores measured 20x slower than one.
             build_warm_start(space, objective, study_dir, threads)
             if args.until_decisive:

@@ -16,6 +16,9 @@ The runner side is :class:`WorkerPool`; the worker side is ``python -m ablations
 - A worker that dies (a crash of the interpreter, SIGKILL) answers nothing: :meth:`WorkerPool.run` raises
   ``FitFailed`` as a dead fit process does, the trial fails and is retried (``--max-failures``), and the
   next trial gets a fresh worker.
+- On GPUs (``grpo-lab-ablate --accelerator gpu``, ``placement.py``) a worker is started with the
+  ``CUDA_VISIBLE_DEVICES`` of the devices its first trial was given and keeps them (CUDA reads the variable
+  once): :meth:`WorkerPool.run` with ``devices`` hands out only a worker of those devices, or starts one.
 
 Each trial must give the curves it would give in a fresh process. Seeds are set by ``seed_everything``
 from the trial's config; what else a fit can leave behind in the process is put back after each trial:
@@ -167,8 +170,9 @@ def serve(threads: int) -> int:
 class Worker:
     """One worker process and its pipes (used by one thread at a time: the pool hands it out)."""
 
-    def __init__(self, proc) -> None:
+    def __init__(self, proc, devices: str | None = None) -> None:
         self.proc = proc
+        self.devices = devices  # its CUDA_VISIBLE_DEVICES (None: the runner's)
         self.trials = 0
         self.ready = False  # its "ready" line is read before its first answer
 
@@ -229,44 +233,52 @@ class WorkerPool:
     def env(self) -> dict[str, str]:
         return {**child_env(), **thread_env(self.threads)}
 
-    def _start(self) -> Worker:
+    def _start(self, devices: str | None = None) -> Worker:
         import subprocess
 
         self.log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**self.env(), **({} if devices is None else {"CUDA_VISIBLE_DEVICES": devices})}
 
         def spawn():
             with open(self.log, "ab") as err:
                 return subprocess.Popen(
                     [sys.executable, "-m", WORKER_MODULE, "--threads", str(self.threads), "--log",
                      str(self.log)],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=self.env(), cwd=self.cwd,
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env, cwd=self.cwd,
                     text=True, bufsize=1, preexec_fn=parent_death_preexec())
 
         self.started += 1
-        return Worker(self._spawner.submit(spawn).result())
+        return Worker(self._spawner.submit(spawn).result(), devices)
 
-    def prestart(self, n: int) -> None:
-        """Start workers until ``n`` are idle, without waiting for their imports (they import in parallel
-        with whatever runs next, e.g. the warm start in the first of them)."""
+    def prestart(self, n: int, devices: str | None = None) -> None:
+        """Start workers (on ``devices``, a ``CUDA_VISIBLE_DEVICES`` value) until ``n`` of them are idle,
+        without waiting for their imports (they import in parallel with whatever runs next, e.g. the warm
+        start in the first of them)."""
         with self._lock:
-            missing = n - len(self._idle)
-        started = [self._start() for _ in range(missing)]
+            missing = n - sum(w.devices == devices for w in self._idle)
+        started = [self._start(devices) for _ in range(missing)]
         with self._lock:
             self._idle[:0] = started  # taken last: a worker that is already warm goes first
 
-    def _take(self) -> Worker:
+    def _take(self, devices: str | None = None) -> Worker:
         with self._lock:
-            while self._idle:
-                worker = self._idle.pop()
+            while True:
+                mine = [w for w in self._idle if w.devices == devices]
+                if not mine:
+                    break
+                worker = mine[-1]
+                self._idle.remove(worker)
                 if worker.alive():
                     return worker
                 worker.close()  # died while idle: not this trial's fault
-        return self._start()
+        return self._start(devices)
 
-    def run(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> int:
+    def run(self, argv: list[str], log: Path, env: dict[str, str] | None = None,
+            devices: str | None = None) -> int:
         """``grpo-lab <argv>`` in a worker with its output in ``log``: the exit status (0, 1 or 2). Raises
-        ``WorkerDied`` if the worker died during it (it is then replaced for the next trial)."""
-        worker = self._take()
+        ``WorkerDied`` if the worker died during it (it is then replaced for the next trial). ``devices``:
+        a worker started with that ``CUDA_VISIBLE_DEVICES`` (None: the runner's)."""
+        worker = self._take(devices)
         try:
             status = worker.run(argv, log, env or {})
         except WorkerDied:
