@@ -42,6 +42,20 @@ register_space(Space(
     comparisons=DEFAULT_COMPARISONS,
 ))
 
+# The clipping confound (issue 19): with max_grad_norm 1.0, group_norm's pre-clip norm is above it on most
+# steps and the other arms' on few, so clipping acts on one arm. The same three estimators and seeds with
+# clipping off, trained only (the probe measures gradients before any clipping, so its SNR rows would be
+# the default study's): the default report reads this study's AUC verdicts beside its own.
+register_space(Space(
+    name="default_noclip",
+    description="the default study's estimators (reward, group_norm, rloo) x 8 seeds with gradient clipping "
+                "off: does claim (iii)'s AUC verdict depend on clipping?",
+    grid={"model.advantage": ["reward", "group_norm", "rloo"], "seed": [0, 1, 2, 3, 4, 5, 6, 7]},
+    probe=None,
+    overrides={"trainer.max_steps": 150, "model.max_grad_norm": None},
+    baseline={"model.advantage": "reward"},
+))
+
 register_space(Space(
     name="smoke",
     description="2 estimators x 2 seeds on a tiny policy: checks the harness end to end in about a minute",

@@ -106,6 +106,38 @@ def verdict_lines(summary: dict) -> list[str]:
     return md
 
 
+def clipping_check(summary: dict, out_dir: Path, other: str = "default_noclip") -> dict:
+    """The clipping confound: each group's share of clipped steps and median pre-clip norm, and, where the
+    study ``other`` (the same arms with clipping off) has a summary beside this one, each comparison's AUC
+    verdict with and without clipping and whether any differs (``depends``; None when not run)."""
+    groups = {g: {"clipped_share": v.get("clipped_share"), "grad_norm_median": v.get("grad_norm_median")}
+              for g, v in summary["groups"].items()}
+    path = out_dir.parent / other / "summary.json"
+    if summary.get("space") == other or not path.is_file():
+        return {"groups": groups, "unclipped_study": None, "auc_verdicts": {}, "depends": None}
+    unclipped = json.loads(path.read_text()).get("comparisons", {})
+    both = {label: {"clipped": c["verdict"].get("auc_diff"),
+                    "unclipped": unclipped[label]["verdict"].get("auc_diff"),
+                    "unclipped_text": unclipped[label]["verdict_text"].get("auc_diff")}
+            for label, c in summary["comparisons"].items()
+            if c["kind"] == "comparison" and label in unclipped}
+    depends = any(v["clipped"] != v["unclipped"] for v in both.values()) if both else None
+    return {"groups": groups, "unclipped_study": str(path), "auc_verdicts": both, "depends": depends}
+
+
+def clipping_lines(check: dict) -> list[str]:
+    shares = ", ".join(f"{g} {fmt_ci(v['clipped_share'] or NA, '.0%')} (median ‖g‖ "
+                       f"{fmt_ci(v['grad_norm_median'] or NA, '.2f')})" for g, v in check["groups"].items())
+    md = [f"- Steps clipped (pre-clip `train/grad_norm` above `max_grad_norm`), per arm: {shares}."]
+    if check["depends"] is None:
+        return md + ["- Claim (iii) with clipping off: not run beside this study "
+                     "(`grpo-lab-ablate --space default_noclip`)."]
+    md += [f"- Claim (iii) with clipping off (study at {check['unclipped_study']}): "
+           + "; ".join(f"{label}: {v['clipped']} with clipping, {v['unclipped_text']} without"
+                       for label, v in check["auc_verdicts"].items())]
+    return md + [f"- The AUC verdict {'DEPENDS' if check['depends'] else 'does not depend'} on clipping."]
+
+
 def unsettled_sentence(summary: dict) -> str:
     """' (cannot tell: label metric, about N seeds; ...)' for the primary verdicts not settled."""
     open_ = [f"{label} {m}" + (f", about {v['seeds_needed']} seeds" if v.get("seeds_needed") else "")
@@ -202,6 +234,7 @@ def write_report(study: optuna.Study, out_dir: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     space = study.user_attrs.get("space", {})
     summary = build_summary(study, min_effect)
+    summary["clipping"] = clipping_check(summary, out)
     write_summary(summary, out / "summary.json")
     runs, extras = load_runs(study)
     md = [f"# Ablation report: study `{study.study_name}`", ""]
@@ -253,6 +286,8 @@ def write_report(study: optuna.Study, out_dir: str | Path,
                f"(not *cannot tell*): {'yes' if summary['decisive'] else 'no'}"
                + unsettled_sentence(summary) + "." + precision_sentence(summary.get("snr_precision")), ""]
     md += ["## Controls", ""] + controls_lines(summary, out) + [""]
+    if summary["comparisons"]:
+        md += ["## Clipping", ""] + clipping_lines(summary["clipping"]) + [""]
     if fractions:
         md += ["## Probe points", ""] + probe_lines(by_group, view, fractions, summary)
     md += baseline_map_lines(summary, out)  # ablations/baseline_map.py: [] without a map

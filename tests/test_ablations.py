@@ -25,6 +25,7 @@ from ablations.run import build_parser, open_study, run_grid
 from ablations.spaces import SPACES, ProbeSettings, Space, get_space
 from ablations.storage import make_storage
 from grpo_lab.cli import cli_main
+from grpo_lab.errors import UserError
 from tests.conftest import CONFIGS, frozen_trial
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -53,21 +54,40 @@ def test_every_space_builds_overlays_that_grpo_lab_loads(name, tmp_path):
         assert Path(cli.trainer.log_dir).resolve() == trial_dir.resolve()
         assert not cli.trainer.checkpoint_callbacks and not cli.trainer.progress_bar_callback
         probes = [c for c in cli.trainer.callbacks if type(c).__name__ == "GradientVarianceProbe"]
-        assert len(probes) == (space.probe is not None)
+        assert len(probes) == space.probes(params)
 
 
 def test_seed_sets_the_rl_seed_the_data_order_and_the_probe():
     space = SPACES["default"]
     over = space.trial_overrides({"model.advantage": "rloo", "seed": 2})
-    assert over == {"trainer.max_steps": 150, "model.advantage": "rloo", "seed_everything": 2, "data.seed": 2}
+    assert over == {"trainer.max_steps": 150, "model.advantage": "rloo", "seed_everything": 2, "data.seed": 2,
+                    "model.warm_start.seed": 1236}  # population "networks": each seed its own warm start
     cb = ProbeSettings().callback("rloo", 2)
     assert cb["class_path"] == "grpo_lab.variance.GradientVarianceProbe" and cb["init_args"]["seed"] == 2
     assert ProbeSettings(estimators="own").callback("rloo", 0)["init_args"]["estimators"] == ["rloo"]
-    assert len(space.points()) == 32  # 4 estimators x 8 seeds (issue 10: at least 6 seeds per arm)
+    assert len(space.points()) == 32  # 3 estimators and an A/A arm x 8 seeds (issue 10: at least 6 per arm)
     assert SPACES["strategies"].trial_overrides({"strategy": "ddp2"})["trainer.devices"] == 2
     # prompts_per_step is global: every strategy sees the same batch (the base config's)
     assert all("data.prompts_per_step" not in SPACES["strategies"].trial_overrides({"strategy": s, "seed": 0})
                for s in ("single", "ddp1", "ddp2"))
+
+
+def test_the_default_aa_arm_shares_the_seeds_network_and_trains_without_the_probe(tmp_path):
+    space = SPACES["default"]
+    a = space.trial_overrides({"model.advantage": "rloo", "seed": 3})
+    b = space.trial_overrides({"model.advantage": "rloo (A/A)", "seed": 3})
+    assert (b["seed_everything"], b["data.seed"], b["model.advantage"]) == (1003, 1003, "rloo")
+    assert a["model.warm_start.seed"] == b["model.warm_start.seed"] == 1237  # the seed's own network
+    assert "probe" not in b and "seed_offset" not in b
+    assert space.probes({"model.advantage": "rloo", "seed": 3})
+    assert not space.probes({"model.advantage": "rloo (A/A)", "seed": 3})
+    cfg = obj.trial_overlay(space, {"model.advantage": "rloo (A/A)", "seed": 3}, tmp_path / "t", tmp_path)
+    assert cfg["trainer"]["callbacks"] == []
+    one = Space(name="one", description="one", grid={"model.advantage": ["rloo"], "seed": [0, 1]},
+                population="one_network")
+    assert "model.warm_start.seed" not in one.trial_overrides({"model.advantage": "rloo", "seed": 1})
+    with pytest.raises(UserError, match="population must be one of"):
+        Space(name="bad", description="b", grid={"seed": [0]}, population="everyone")
 
 
 def test_controls_offset_the_seed_stream_of_the_aa_arm_and_the_probe_follows(tmp_path):
@@ -279,9 +299,9 @@ def _effect_objective(space, effects, sd=0.02, wall=10.0):
     return objective
 
 
-def test_until_decisive_adds_seeds_until_the_comparison_is_settled_and_resumes(tmp_path):
+def test_until_decisive_adds_seeds_until_the_comparison_is_precise_and_resumes(tmp_path):
     from ablations.sequential import parse_duration, run_until_decisive
-    from ablations.summary import DEFAULT_MIN_EFFECT
+    from ablations.summary import DEFAULT_MIN_EFFECT, build_summary
 
     durations = [parse_duration(text) for text in ("20m", "90s", "1.5h", "7")]
     assert durations == [1200, 90, 5400, 7]
@@ -291,12 +311,13 @@ def test_until_decisive_adds_seeds_until_the_comparison_is_settled_and_resumes(t
                   probe=None)
     storage = make_storage(f"sqlite:///{tmp_path / 'd.db'}")
     study = open_study(space, "d", storage)
-    objective = _effect_objective(space, {"reward": 0.0, "rloo": 0.05})
+    objective = _effect_objective(space, {"reward": 0.0, "rloo": 0.05}, sd=0.005)
     out = run_until_decisive(study, space, objective, 1, 3600, DEFAULT_MIN_EFFECT, round_seeds=2,
                              say=lambda m: None, storage=storage)
-    assert out["reason"] == "every comparison is settled" and out["open"] == []
-    # seeds 2, 3 differ by +0.05 and +0.01: t with 1 df cannot settle that
-    assert out["seeds"] == [2, 3, 4, 5]
+    assert out["reason"] == "every comparison is precise" and out["open"] == []
+    # the rounds stop on width: 2 seeds (t with 1 df) cannot give ±0.01; the last round's seeds can
+    auc = build_summary(study)["comparisons"]["rloo"]["auc_diff"]
+    assert (auc["hi"] - auc["lo"]) / 2 <= 0.01 and out["seeds"] == [2, 3, 4, 5, 6, 7]
     status = point_status(study.get_trials(), space.points_for(out["seeds"]))
     assert all(c["COMPLETE"] == 1 for c in status.values())
     n = len(study.get_trials())
