@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import optuna
 
-from ablations import controls, variants
+from ablations import controls, regimes, variants
 from ablations.spaces import Comparison, ProbeSettings, Space, register_space
 
 # The default study's arms: three estimators and an A/A arm. `mean_baseline` is not trained: it is exactly
@@ -169,4 +169,22 @@ register_space(Space(
     overrides={"model.advantage": "group_norm"},
     probe=None,
     baseline={"peer": "grpo_lab"},
+))
+
+# The baseline map's regimes (issue 20, item 3; ablations/regimes.py): probe-only cells, the warm start probed
+# before one optimizer step, over G, the task mix (success rate) and the reward's coding a·r + b.
+register_space(Space(
+    name="regimes",
+    description="baseline regimes: V(rloo)/V(reward), c* and the mechanism's prediction at the warm start, "
+                "over group size, task mix and reward coding (probe-only cells)",
+    grid={"model.num_generations": regimes.GROUP_SIZES, "mix": list(regimes.MIXES),
+          "coding": list(regimes.CODINGS), "seed": [0, 1, 2]},
+    presets=regimes.PRESETS,
+    overrides=regimes.OVERRIDES,
+    probe=ProbeSettings(estimators=("reward", "rloo"), num_batches=24, prompts_per_batch=8,
+                        at_fractions=(0.0,), score_prompts=4),
+    baseline={"coding": "r", "mix": "mixed", "model.num_generations": 16},
+    comparisons=(Comparison("r+3 vs r (G = 16, mixed)",
+                            {"coding": "r+3", "mix": "mixed", "model.num_generations": 16},
+                            {"coding": "r", "mix": "mixed", "model.num_generations": 16}),),
 ))

@@ -65,3 +65,31 @@ def test_no_rloo_rows_no_map(tmp_path):
     run = Run(0, {"seed": 0}, "reward", 0, {"probe": [{"fraction": 0.0, "estimator": "reward"}]})
     assert baseline_map_summary([run]) is None
     assert report_lines({"baseline_map": None}, tmp_path) == []
+
+
+def test_regimes_table_and_phase_diagram(tmp_path):
+    from ablations import regimes
+
+    runs = []
+    for i, (g, coding) in enumerate((g, c) for g in (4, 16) for c in ("r", "r+3")):
+        for seed in (0, 1):
+            run = _run(10 * i + seed, seed, fractions=(0.0,))
+            run.params = {"model.num_generations": g, "mix": "mixed", "coding": coding, "seed": seed}
+            run.group = f"coding={coding}, mix=mixed, num_generations={g}"
+            a, b = regimes.CODINGS[coding]
+            run.attrs["overrides"] = {"model.reward_weights": [a, b]}
+            run.attrs["curves"] = {"train/reward": [[0, a * 0.25 + b]]}
+            for row in run.attrs["probe"]:  # distinct warm starts per cell (different rollouts)
+                if "baseline_map" in row:
+                    mech = row["baseline_map"]["mechanism"]
+                    row["baseline_map"] = {**_map(100 * i + seed, 0.3), "mechanism": mech}
+            runs.append(run)
+    out = baseline_map_summary(runs)
+    assert len(out["by_group"]) == 4
+    cell = out["by_group"]["coding=r+3, mix=mixed, num_generations=16"]
+    assert cell["params"]["coding"] == "r+3" and cell["success_rate"] == pytest.approx(0.25)
+    lines = report_lines({"baseline_map": out}, tmp_path)
+    assert "## Baseline map: regimes" in lines
+    assert not any(line.startswith("| all points") for line in lines)  # cells differ: no pooled row
+    assert sum(line.startswith("| 4 | mixed |") for line in lines) == 2
+    assert (tmp_path / "baseline_regimes.png").is_file()

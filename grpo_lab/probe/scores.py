@@ -87,18 +87,23 @@ def completion_scores(module, batch: list[dict]) -> ScoreSample:
     mask = rollout.completion_mask  # [B, T]
     b = mask.shape[0]
     params = [p for p in module.model.parameters() if p.requires_grad]
+    g = rewards.shape[1]
+    parts = []
     with torch.inference_mode(False), torch.enable_grad():
-        logprobs = sequence_logprobs(module.model, rollout, h.temperature)[0]  # [B, T]
-        leaf = logprobs.detach().requires_grad_(True)
-        loss, _ = policy_loss(leaf, leaf.detach(), torch.ones(b, device=leaf.device), mask,
-                              clip_low=h.clip_low, clip_high=h.clip_high, kl_estimator=h.kl_estimator,
-                              aggregation=h.aggregation, normalizer=1.0)
-        weights = -torch.autograd.grad(loss, leaf)[0]  # [B, T]: each token's weight in its completion's score
-        rows = torch.eye(b, device=leaf.device, dtype=leaf.dtype)[:, :, None] * weights[None]  # [B, B, T]
-        u = _per_row_gradients(logprobs, rows, params).double()  # [B, D]
+        for start in range(0, b, g):  # one group at a time: G backward rows over a G-sequence graph, not B
+            part = rollout.select(slice(start, start + g))
+            logprobs = sequence_logprobs(module.model, part, h.temperature)[0]  # [G, T]
+            leaf = logprobs.detach().requires_grad_(True)
+            ones = torch.ones(g, device=leaf.device)  # advantage 1 for every completion
+            loss, _ = policy_loss(leaf, leaf.detach(), ones, part.completion_mask, clip_low=h.clip_low,
+                                  clip_high=h.clip_high, kl_estimator=h.kl_estimator,
+                                  aggregation=h.aggregation, normalizer=1.0)
+            weights = -torch.autograd.grad(loss, leaf)[0]  # [G, T]: each token's weight in its score
+            rows = torch.eye(g, device=leaf.device, dtype=leaf.dtype)[:, :, None] * weights[None]  # [G, G, T]
+            parts.append(_per_row_gradients(logprobs, rows, params).double())  # [G, D]
+    u = torch.cat(parts)  # [B, D]
     gram = (u @ u.T).numpy()
     keep = (~invalid.any(-1)).cpu().numpy()  # queries with an invalid reward are left out
-    g = rewards.shape[1]
     idx = np.concatenate([np.arange(i * g, (i + 1) * g) for i in np.flatnonzero(keep)]) if keep.any() \
         else np.zeros(0, dtype=int)
     normalizer = float(aggregation_normalizer(h.aggregation, mask, h.max_new_tokens))
