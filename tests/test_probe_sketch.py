@@ -1,11 +1,15 @@
 """grpo_lab/probe/sketch.py: the CountSketch's dot products are unbiased, and the sketched probe agrees with
 the exact one on the tiny model (same batches, same seed)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from scipy import stats as sps
 
+from ablations.spaces import ProbeSettings, get_space
+from grpo_lab.probe.callback import GradientVarianceProbe
 from grpo_lab.probe.core import probe
 from grpo_lab.probe.gradients import batch_gradients
 from grpo_lab.probe.sketch import CountSketch, hash_coefficients, hashes, polynomial_hash
@@ -100,3 +104,15 @@ def test_a_negative_sketch_dim_is_a_user_error(capsys):
     assert capsys.readouterr().err.strip() == "error: --sketch-dim must be >= 0 (0: the exact probe), got -1"
     with pytest.raises(ValueError, match="sketch_dim must be >= 0"):
         probe(_module(), _queries(), num_batches=2, sketch_dim=-1)
+
+
+def test_probe_settings_pass_the_sketch_and_leave_exact_studies_and_cache_keys_as_they_were():
+    exact, sketched = ProbeSettings(), ProbeSettings(sketch_dim=65536)
+    assert "sketch_dim" not in exact.callback("rloo", 0)["init_args"]
+    init = sketched.callback("rloo", 0)["init_args"]
+    assert init["sketch_dim"] == 65536
+    assert GradientVarianceProbe(**init).settings(8)["sketch_dim"] == 65536  # in the probe cache's key
+    assert "sketch_dim" not in GradientVarianceProbe().settings(8)  # an exact probe's key is unchanged
+    space = get_space("default")
+    assert "sketch_dim" not in space.describe()["probe"]  # a stored exact study still resumes
+    assert dataclasses.replace(space, probe=sketched).changed_settings(space.describe()) == ["probe"]
