@@ -97,6 +97,8 @@ def probe(
     the same resampled batches for both), ``variance``, ``signal``, ``mean_norm``, ``relative_variance``,
     ``num_batches``, ``cosine`` and ``reference_snr`` (None without ``reference_estimator``), and
     ``hard_share``/``hard_signal_share`` (None without ``split``, or for queries without the column).
+    With ``reward`` and ``rloo`` among the estimators, ``rloo``'s row also carries ``baseline_map``: the
+    quadratics V(c), S(c) of the family r_i − c·b̄₋ᵢ with c* and V(1)/V(0) (``baseline_map.point_map``).
 
     ``reference_batches`` R adds R batches on which only the reference is computed (0: the K batches
     serve as the reference too). No optimizer step is taken (checked), ``.grad`` is untouched, the model
