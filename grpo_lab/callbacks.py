@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import grad_norm
+from lightning.pytorch.plugins.precision import Precision
 
 from grpo_lab.errors import UserError, UserRuntimeError
 
@@ -46,18 +46,26 @@ class NonFiniteGuard:
     def before_optimizer_step(self, module: L.LightningModule, optimizer,
                               max_grad_norm: float | None) -> None:
         """Log the gradient norm; drop a non-finite gradient (the optimizer then skips every parameter) or
-        clip a finite one to ``max_grad_norm``."""
-        total = grad_norm(module.model, norm_type=2).get("grad_2.0_norm_total")
-        if total is None:  # no backward happened (a skipped loss): nothing to clip or count
+        clip a finite one to ``max_grad_norm``. The norm is one fused computation on the device, the clipping
+        reuses it, and the finiteness check is the one value read back (Lightning's ``grad_norm`` read each
+        parameter's norm to the host, and its clipping computed the norm again)."""
+        grads = [p.grad for p in module.model.parameters() if p.grad is not None]
+        if not grads:  # no backward happened (a skipped loss): nothing to clip or count
             return
+        total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)  # 0-d, on the gradients' device
         module.log("train/grad_norm", total, on_step=True, on_epoch=False)
-        if not torch.isfinite(torch.as_tensor(total)):
+        if not torch.isfinite(total):
             for p in module.model.parameters():  # optimizers skip parameters without a gradient
                 p.grad = None
             self.bad(f"gradient norm is {float(total)}")
             return
         self.in_a_row = 0
-        if max_grad_norm is not None:
+        if max_grad_norm is None:
+            return
+        if type(module.trainer.precision_plugin).clip_grad_by_norm is Precision.clip_grad_by_norm:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, total)  # what clip_grad_norm_ does
+        else:  # a plugin with its own clipping (FSDP refuses it): Lightning's path
             module.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
 
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from grpo_lab.advantages import resolve_estimator
+from grpo_lab.decode import DecodeSettings
 from grpo_lab.errors import UserError
 from grpo_lab.losses import AGGREGATIONS, IMPORTANCE_LEVELS, KL_ESTIMATORS, OBJECTIVES, check_loss_settings
 from grpo_lab.registry import lookup
@@ -78,6 +81,23 @@ class RLConfig:
         max_grad_norm: clip the gradient's global L2 norm to this (None: no clipping).
         max_bad_steps: a step whose loss or gradient is not finite is skipped (weights untouched,
             counted in ``train/skipped_steps``); this many in a row stop the run with an error.
+        kv_cache: the rollout's KV cache: ``dynamic`` (transformers' default: grows by a copy per token),
+            ``sliced`` (a preallocated buffer, attention over its filled prefix: the same numbers, no
+            copies) or ``static`` (fixed slots, fixed shapes: what a compiled step needs; equal to float
+            rounding). Default: sliced on CPU, static on a GPU.
+        compile_decode: torch.compile the rollout's one-token step over the static cache (on a GPU with
+            ``mode="reduce-overhead"``: a CUDA graph per shape); a failing compilation is logged and the
+            step runs eagerly. Default: on for a GPU, off on CPU (compiling costs minutes there and the
+            compiled step was slower on the bench shape).
+        compile_backend: torch.compile backend of ``compile_decode`` (``inductor``; ``aot_eager`` to check
+            tracing without code generation).
+        stop_check_every: check for "every completion has ended" every k tokens (each check waits for the
+            device). The rollout is the same for any k; the steps after the last EOS draw random numbers,
+            so later draws differ. Default: 1 on CPU, 8 on a GPU.
+        share_prompts: forward each prompt once per group (its KV cache repeated G times) in the rollout's
+            prefill and the loss forward: fewer FLOPs, more kernels. Default: on for CPU, off on a GPU.
+        tf32: let fp32 matmuls on a GPU use TF32 (``torch.set_float32_matmul_precision("high")``;
+            process-wide). No effect on CPU or in bf16.
     """
 
     rewards: list[str] = field(default_factory=lambda: ["exact_match"])
@@ -110,6 +130,12 @@ class RLConfig:
     micro_batches: int = 1
     max_grad_norm: float | None = 1.0
     max_bad_steps: int = 5
+    kv_cache: str | None = None
+    compile_decode: bool | None = None
+    compile_backend: str = "inductor"
+    stop_check_every: int | None = None
+    share_prompts: bool | None = None
+    tf32: bool = False
 
     def __post_init__(self) -> None:
         estimator = resolve_estimator(self.advantage, self.advantage_center, self.advantage_scale)
@@ -143,6 +169,15 @@ class RLConfig:
                                             not 1 <= self.overlong_buffer <= self.max_new_tokens):
             raise UserError(f"need max_resample_rounds >= 0 and 1 <= overlong_buffer <= max_new_tokens, got "
                              f"{self.max_resample_rounds} and {self.overlong_buffer}")
+        try:
+            self.decode_settings("cpu")
+        except ValueError as err:
+            raise UserError(str(err)) from None
+
+    def decode_settings(self, device: torch.device | str) -> DecodeSettings:
+        """How the rollout decodes on ``device``: the decode fields, each unset one following the device."""
+        return DecodeSettings.for_device(device, self.kv_cache, self.compile_decode, self.compile_backend,
+                                         self.stop_check_every, self.share_prompts)
 
     @property
     def estimator(self):

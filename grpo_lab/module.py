@@ -40,6 +40,7 @@ from torch import Tensor
 from grpo_lab.advantages import compute_advantages, logit_gradient_energy
 from grpo_lab.callbacks import ExactResume, NonFiniteGuard
 from grpo_lab.config import RLConfig
+from grpo_lab.decode import Decoder, enable_tf32
 from grpo_lab.distributed import min_over_processes, sum_over_processes, world_size
 from grpo_lab.errors import UserError, UserRuntimeError
 from grpo_lab.losses import aggregation_normalizer, policy_loss, sequence_kl
@@ -99,6 +100,7 @@ class GRPOModule(SampledAccuracy, SeveralUpdates, L.LightningModule):
         self.val_metrics = torch.nn.ModuleDict()
         self.guard, self._invalid_rewards = NonFiniteGuard(self.rl.max_bad_steps), 0
         self.timer = PhaseTimer()  # the step's named phases; off unless a profiler turns it on
+        self._decoder: Decoder | None = None  # built at the first rollout, when the device is known
 
     @property
     def skipped_steps(self) -> int:
@@ -159,7 +161,18 @@ class GRPOModule(SampledAccuracy, SeveralUpdates, L.LightningModule):
         return generate(
             self.model, self.tokenizer, [q["prompt"] for q in batch], num_generations or rl.num_generations,
             rl.max_new_tokens, rl.temperature, greedy=greedy, min_new_tokens=rl.min_new_tokens,
+            decoder=self.decoder,
         )
+
+    @property
+    def decoder(self) -> Decoder:
+        """The rollout's decoder for the model's device (``RLConfig.decode_settings``); TF32 is switched on
+        with the first one when ``tf32`` is set."""
+        if self._decoder is None or self._decoder.device != self.device:
+            self._decoder = Decoder(self.rl.decode_settings(self.device), self.device)
+            if self.rl.tf32:
+                enable_tf32(self.device)
+        return self._decoder
 
     def reward(self, rollout: Rollout, batch: list[Query], aggregation: str | None = None) -> Tensor:
         """Rewards ``[P, G]`` of the rollout's completions (``aggregation`` overrides the configured one)."""
@@ -230,7 +243,8 @@ class GRPOModule(SampledAccuracy, SeveralUpdates, L.LightningModule):
         rl = self.rl
         per_token = rl.entropy_coef > 0 or (rl.top_entropy_quantile < 1 and entropy_mask is None)
         logprobs, entropy = sequence_logprobs(self.model, rollout, rl.temperature, with_entropy=True,
-                                              token_entropy=per_token)  # [B, T]
+                                              token_entropy=per_token,
+                                              share_prompts=self.decoder.settings.share_prompts)  # [B, T]
         ref = None
         if self._ref and rl.kl_in == "loss":
             with torch.no_grad(), self.timer("reference"):

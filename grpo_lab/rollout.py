@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from grpo_lab.decode import Decoder, DecodeSettings, race_sample
 from grpo_lab.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,18 @@ def shared_prompt_forward(model: PreTrainedModel, ids: Tensor, mask: Tensor,
     return cache, out.logits[:, -1, :].repeat_interleave(group, dim=0)
 
 
+def next_token(logits: Tensor, temperature: float, greedy: bool, ban: int | None,
+               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """The sampled (or greedy) next token [B] from ``logits`` [B, V] at ``temperature``, and its
+    log-probability [B] under the sampling distribution; token ``ban`` (EOS before ``min_new_tokens``) gets
+    probability 0. Sampling is ``decode.race_sample``: ``torch.multinomial``'s draw, no host checks."""
+    scores = logits.float() / (1.0 if greedy else temperature)  # [B, V]
+    if ban is not None:
+        scores[:, ban] = float("-inf")
+    tok = scores.argmax(-1) if greedy else race_sample(torch.softmax(scores, dim=-1), generator)  # [B]
+    return tok, token_logprobs(scores, tok)
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -119,53 +132,59 @@ def generate(
     temperature: float = 1.0,
     greedy: bool = False,
     min_new_tokens: int = 0,
+    decoder: Decoder | None = None,
 ) -> Rollout:
     """Sample ``num_generations`` completions for each prompt (or the greedy one), stopping at EOS.
 
-    Sampling uses torch's global RNG, so a seeded run samples the same completions.
+    Sampling uses torch's default generator of the model's device, so a seeded run samples the same
+    completions. ``decoder``: how to decode (``decode.Decoder``; default: the device's
+    ``DecodeSettings.for_device``); every kind of cache and stop check gives the same completions.
     """
     if temperature <= 0 and not greedy:
         raise UserError(f"temperature must be > 0 for sampling, got {temperature}")
     device = next(model.parameters()).device
+    dec = decoder or Decoder(DecodeSettings.for_device(device), device)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompt_ids, prompt_mask = (t.to(device) for t in encode_prompts(tokenizer, prompts, num_generations))
-    b = prompt_ids.shape[0]
-    attn = prompt_mask.clone()
+    b, tp = prompt_ids.shape
     cache_kw = _cache_keyword(model)
     g = num_generations  # prefill each prompt once, not G times
-    shared = shared_prompt_forward(model, prompt_ids[::g], prompt_mask[::g], g)
+    shared = None
+    if dec.settings.share_prompts:
+        shared = shared_prompt_forward(model, prompt_ids[::g], prompt_mask[::g], g)
     if shared is not None:
         cache, logits = shared
     else:
-        out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=positions(attn), use_cache=True,
-                    **_keep_last(model, 1))
+        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions(prompt_mask),
+                    use_cache=True, **_keep_last(model, 1))
         cache, logits = out[cache_kw], out.logits[:, -1, :]  # [B, V]
-    next_pos = attn.sum(-1, keepdim=True)  # [B, 1]
+    cache, slots = dec.prepare(model, cache, tp, max_new_tokens)
+    attn = prompt_mask.new_zeros(b, slots)  # [B, slots]: the prompt's mask, then 1 per token fed back
+    attn[:, :tp] = prompt_mask
+    static = cache is dec.static  # a static cache's step attends over every slot (fixed shapes)
+    next_pos = prompt_mask.sum(-1, keepdim=True)  # [B, 1]
     done = torch.zeros(b, dtype=torch.bool, device=device)
     tokens, logps, masks = [], [], []
     for step in range(max_new_tokens):
-        scores = logits.float() / (1.0 if greedy else temperature)
-        if step < min_new_tokens:
-            scores[:, eos] = float("-inf")
-        if greedy:
-            tok = scores.argmax(-1)
-        else:
-            tok = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(-1)  # [B]
-        logps.append(token_logprobs(scores, tok))
+        tok, logp = next_token(logits, temperature, greedy, eos if step < min_new_tokens else None)
+        logps.append(logp)
         masks.append(~done)
         tok = tok.masked_fill(done, pad)
         tokens.append(tok)
         done = done | (tok == eos)
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if step == max_new_tokens - 1 or ((step + 1) % dec.settings.stop_check_every == 0
+                                          and bool(done.all())):
             break
-        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-        kwargs = {cache_kw: cache}
-        out = model(input_ids=tok.unsqueeze(-1), attention_mask=attn, position_ids=next_pos, use_cache=True,
-                    **kwargs)
-        cache, logits, next_pos = out[cache_kw], out.logits[:, -1, :], next_pos + 1
-    completion_ids = torch.stack(tokens, dim=1)  # [B, T]
-    completion_mask = torch.stack(masks, dim=1).long()  # [B, T]
-    logprobs = torch.stack(logps, dim=1) * completion_mask  # [B, T]
+        attn[:, tp + step] = 1
+        logits = dec.forward(model, tok, attn if static else attn[:, : tp + step + 1], next_pos, cache,
+                             cache_kw)
+        next_pos = next_pos + 1
+    completion_mask = torch.stack(masks, dim=1).long()  # [B, T']
+    # a late stop check ran steps after the last EOS: keep T = the longest completion, as a check per token
+    t = int(completion_mask.sum(-1).max()) if dec.settings.stop_check_every > 1 else len(tokens)
+    completion_ids = torch.stack(tokens, dim=1)[:, :t]  # [B, T]
+    completion_mask = completion_mask[:, :t]
+    logprobs = torch.stack(logps, dim=1)[:, :t] * completion_mask  # [B, T]
     texts = tokenizer.batch_decode(completion_ids.masked_fill(completion_mask == 0, pad),
                                    skip_special_tokens=True)
     return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, logprobs, texts, ~done,
@@ -174,7 +193,7 @@ def generate(
 
 def sequence_logprobs(
     model: PreTrainedModel, rollout: Rollout, temperature: float = 1.0, with_entropy: bool = False,
-    token_entropy: bool = False,
+    token_entropy: bool = False, share_prompts: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-token log π(o_t | q, o_<t) ``[B, T]`` of the rollout's completions (with grad when enabled), at
     the sampling temperature; and the mean token entropy over the mask if asked (``token_entropy``: the
@@ -183,12 +202,12 @@ def sequence_logprobs(
     With ``rollout.group_size`` G > 1 each prompt is forwarded once and its KV cache shared by its G
     completions (``shared_prompt_forward``); the completions then run in one forward over that cache. The
     result and its gradient equal one forward over the B full sequences (tests/test_rollout.py), with the
-    prompt's share of the FLOPs divided by G.
+    prompt's share of the FLOPs divided by G; ``share_prompts=False`` forwards the B full sequences instead.
     """
     t = rollout.completion_ids.shape[1]
     g = rollout.group_size
     shared = None
-    if g > 1:
+    if g > 1 and share_prompts:
         shared = shared_prompt_forward(model, rollout.prompt_ids[::g], rollout.prompt_mask[::g], g)
     if shared is not None:
         cache, first = shared  # first: [B, V], the prediction of completion token 0
