@@ -4,6 +4,7 @@ import torch
 
 from grpo_lab.advantages import compute_advantages
 from grpo_lab.data import QueryDataModule
+from grpo_lab.errors import UserError
 from grpo_lab.module import GRPOModule
 from grpo_lab.policy import PolicyConfig
 from grpo_lab.rollout import sequence_logprobs
@@ -90,7 +91,9 @@ def test_bad_config_is_rejected_up_front(kwargs, match):
 
 
 def test_reward_raw_estimator_allows_one_generation():
-    GRPOModule(policy=SMALL, advantage="reward", num_generations=1)
+    assert GRPOModule(policy=SMALL, advantage="reward", num_generations=1).rl.num_generations == 1
+    with pytest.raises(UserError, match="'rloo' needs num_generations >= 2"):  # a group baseline does not
+        GRPOModule(policy=SMALL, advantage="rloo", num_generations=1)
 
 
 def huge_reward(completions, **_):
