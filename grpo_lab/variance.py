@@ -3,11 +3,11 @@
 The claim behind every baseline in ``advantages.py`` is *variance reduction*. The probe measures it on
 the actual policy, at fixed parameters, without perturbing a training run: K independent rollout batches,
 every estimator's gradient on the same rollouts, and per estimator the signal-to-noise ratio with a
-bootstrap interval over the batches, the paired SNR ratio to a baseline estimator, the cosine with an
-unbiased reference ∇J and the share of the gradient that comes from hard queries. The code lives in the
-``grpo_lab.probe`` package (``stats`` pure math, ``gradients`` the backward passes, ``core`` the probe,
-``cache`` the per-policy cache, ``callback`` the Lightning callback); this module keeps the names it
-always had and the command line::
+95% interval over the batches (the delta method on its U-statistics: ``probe/intervals.py``), the paired
+SNR ratio to a baseline estimator, the cosine with an unbiased reference ∇J and the share of the gradient
+that comes from hard queries. The code lives in the ``grpo_lab.probe`` package (``stats`` pure math,
+``gradients`` the backward passes, ``core`` the probe, ``cache`` the per-policy cache, ``callback`` the
+Lightning callback); this module keeps the names it always had and the command line::
 
     python -m grpo_lab.variance --ckpt runs/.../last.ckpt --num-batches 64 --out probe.json
 
@@ -65,7 +65,7 @@ def _table(stats: dict[str, dict[str, float | None]], title: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m grpo_lab.variance",
-        description="Measure each advantage estimator's gradient signal-to-noise ratio (with a bootstrap "
+        description="Measure each advantage estimator's gradient signal-to-noise ratio (with a delta-method "
         "interval over the batches and the paired ratio to the first estimator), its cosine with an unbiased "
         "estimate of ∇J and the share of hard queries, at the parameters of a GRPOModule checkpoint.",
     )

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 3  # 3: rows carry the baseline map (baseline_map.py)
+CACHE_VERSION = 4  # 4: per-point intervals by the delta method (intervals.py); 3: rows carry the baseline map
 MODULE_KEYS = ("num_generations", "max_new_tokens", "min_new_tokens", "temperature", "aggregation", "rewards",
                "reward_weights", "invalid_rewards", "policy")
 

@@ -70,7 +70,8 @@ class GradientVarianceProbe(L.Callback):
             split_column: query column to split each gradient by (None: no split), e.g. ``difficulty``.
             split_value: the column's value whose share is reported (``hard``).
             cache_dir: directory of computed probe points, shared by the trials of a study (None: none).
-            n_resamples: bootstrap resamples of the batches for the intervals.
+            n_resamples: bootstrap resamples, for ``snr_intervals(method="bca")`` only: the probe's
+                intervals are the delta method's (``intervals.py``), which draws none.
             score_prompts: at the warm start, per-completion scores on this many queries for the
                 baseline map's mechanism (``grpo_lab/probe/scores.py``; 0: none).
             sketch_dim: d > 0 keeps each gradient as a d-dim CountSketch computed on the model's device

@@ -4,9 +4,10 @@
 2. on each batch compute every estimator's gradient on the *same* rollout (a paired comparison: the
    differences between estimators are not drowned in the batch-to-batch noise they share), its part from
    hard queries, and the reference estimator's (``rloo`` with ``constant`` aggregation: unbiased for ∇J);
-3. summarize with the Gram-matrix statistics of ``stats.py``: SNR with a bootstrap interval over the K
-   batches, the paired SNR ratio to the first estimator with its interval, the cosine of each estimator's
-   expected gradient with the reference's, and the hard queries' share of the gradient.
+3. summarize with the Gram-matrix statistics of ``stats.py``: SNR with a 95% interval over the K
+   batches (``intervals.py``: the delta method with the U-statistics' unbiased variance), the paired SNR
+   ratio to the first estimator with its interval, the cosine of each estimator's expected gradient with
+   the reference's, and the hard queries' share of the gradient.
 
 The reference is estimated from the same K batches (U-statistics over pairs of different batches, so the
 shared rollout does not inflate the cosine): one more backward pass per batch, where the probe used to
@@ -92,9 +93,10 @@ def probe(
 
     Draws ``num_batches`` (K) independent batches of ``prompts_per_batch`` queries (without replacement
     within a batch, from a ``torch.Generator`` seeded with ``seed``) and G fresh completions each. Returns
-    ``{estimator: {...}}`` with ``snr`` and its 95% BCa interval ``snr_lo``/``snr_hi`` over the batches,
+    ``{estimator: {...}}`` with ``snr`` and its 95% interval ``snr_lo``/``snr_hi`` over the batches
+    (the delta method, ``intervals.py``; ``n_resamples`` serves ``stats.snr_intervals(method="bca")`` only),
     ``snr_ratio`` to the first estimator (``ratio_to``) with ``snr_ratio_lo``/``snr_ratio_hi`` (paired:
-    the same resampled batches for both), ``variance``, ``signal``, ``mean_norm``, ``relative_variance``,
+    the same batches for both), ``variance``, ``signal``, ``mean_norm``, ``relative_variance``,
     ``num_batches``, ``cosine`` and ``reference_snr`` (None without ``reference_estimator``), and
     ``hard_share``/``hard_signal_share`` (None without ``split``, or for queries without the column).
     With ``reward`` and ``rloo`` among the estimators, ``rloo``'s row also carries ``baseline_map``: the

@@ -2,8 +2,9 @@
 
 Every statistic the probe reports is a function of inner products g_k·g_l between the K per-batch
 gradients (within one estimator) and a few running sums across estimators, so the probe keeps the Gram
-matrix M[k, l] = g_k·g_l (O(K²) numbers) and can resample *batches* for a bootstrap by resampling indices:
-a resample is a count vector w[k] (how often batch k was drawn, n = Σ w), and
+matrix M[k, l] = g_k·g_l (O(K²) numbers): the per-point intervals (``intervals.py``, the delta method) read
+it, and a bootstrap resamples *batches* by resampling indices: a resample is a count vector w[k] (how often
+batch k was drawn, n = Σ w), and
 
     Σ_{i,j} g_{b_i}·g_{b_j} = wᵀ M w        Σ_i ‖g_{b_i}‖² = Σ_k w_k M[k, k]
 
@@ -48,6 +49,8 @@ import numpy as np
 import torch
 from scipy import stats as sps
 from torch import Tensor
+
+from grpo_lab.probe.intervals import delta_intervals
 
 
 # ---- from the gradients themselves ---------------------------------------------------------------------
@@ -132,12 +135,29 @@ def u_statistic(dot_of_sums: float, sum_of_dots: float, pairs: int) -> float:
 
 
 def snr_intervals(grams: dict[str, np.ndarray], ratio_to: str | None, n_resamples: int = 2000,
-                  confidence: float = 0.95, seed: int = 0) -> dict[str, dict[str, float]]:
+                  confidence: float = 0.95, seed: int = 0,
+                  method: str = "delta") -> dict[str, dict[str, float]]:
+    """Per estimator ``snr_lo``/``snr_hi`` and, against ``ratio_to``, ``snr_ratio`` = SNR_e / SNR_ratio_to
+    with ``snr_ratio_lo``/``snr_ratio_hi``, paired (the same batches for every estimator). A signal estimate
+    ≤ 0 (too few batches to see the signal) counts as log SNR = −∞, so a ratio or a bound can be 0 or
+    ``inf``; NaN where both SNRs are ≤ 0 or the interval cannot be computed.
+
+    ``method="delta"`` (the probe's): the delta method with the unbiased variance of the U-statistics,
+    ``intervals.py`` (calibrated: tests/test_probe_coverage.py). ``"bca"``: the BCa bootstrap over the K
+    batches (``n_resamples``, ``seed``) the probe used before issue 19, kept for comparison: too wide, since
+    a resample over-weights the pair term of a U-statistic's variance.
+    """
+    if method == "delta":
+        return delta_intervals(grams, ratio_to, confidence)
+    if method != "bca":
+        raise ValueError(f"unknown interval method {method!r}; known: 'delta', 'bca'")
+    return _bca_intervals(grams, ratio_to, n_resamples, confidence, seed)
+
+
+def _bca_intervals(grams: dict[str, np.ndarray], ratio_to: str | None, n_resamples: int,
+                   confidence: float, seed: int) -> dict[str, dict[str, float]]:
     """BCa bootstrap over the K batches (``scipy.stats.bootstrap``), the same resampled batches for every
-    estimator (the comparison is paired): per estimator ``snr_lo``/``snr_hi`` and, against ``ratio_to``,
-    ``snr_ratio`` = SNR_e / SNR_ratio_to with ``snr_ratio_lo``/``snr_ratio_hi`` (the interval of the log
-    ratio, exponentiated). A signal estimate ≤ 0 (too few batches to see the signal) counts as log SNR = −∞,
-    so a ratio or a bound can be 0 or ``inf``; NaN where both SNRs are ≤ 0 or BCa cannot be computed."""
+    estimator; the ratio's interval is that of the log ratio, exponentiated."""
     names = list(grams)
     k = next(iter(grams.values())).shape[0]
     stacked = np.stack([np.asarray(grams[n], dtype=np.float64) for n in names])  # [E, K, K]
