@@ -12,13 +12,14 @@ overlays on it.
 from __future__ import annotations
 
 import sys
+import zipfile
 from pathlib import Path
 
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from grpo_lab.data import QueryDataModule
-from grpo_lab.errors import UserFileNotFoundError, run_cli
+from grpo_lab.errors import UserError, UserFileNotFoundError, run_cli
 from grpo_lab.module import GRPOModule
 from grpo_lab.rendezvous import choose_rendezvous_port
 from grpo_lab.warmstart import ensure_warm_start
@@ -45,7 +46,10 @@ class GRPOCLI(LightningCLI):
             raise UserFileNotFoundError(f"--ckpt_path {ckpt}: no such checkpoint (give a .ckpt path, or "
                                         "'last')")
         if ckpt != "last":
+            check_checkpoint(ckpt)
             return
+        for dirpath in checkpoint_dirs(cfg):  # a ModelCheckpoint with its own dirpath keeps last.ckpt there
+            check_checkpoint(ckpt, Path(dirpath) / "last.ckpt")
         logger = cfg.get("trainer", {}).get("logger")
         has_args = logger is not None and not isinstance(logger, bool)
         args = getattr(logger, "init_args", None) if has_args else None
@@ -56,6 +60,7 @@ class GRPOCLI(LightningCLI):
                       key=lambda p: int(p.parts[-3].split("_")[1]))
         if done:
             args["version"] = int(done[-1].parts[-3].split("_")[1])
+            check_checkpoint(ckpt, done[-1])
 
     def before_fit(self) -> None:
         """A multi-process fit on this machine gets its rendezvous port below the ephemeral range
@@ -71,6 +76,30 @@ class GRPOCLI(LightningCLI):
         if cfg.get("enable_progress_bar") is not False and not has_bar:
             self.trainer_defaults = {**self.trainer_defaults, "callbacks": [RichProgressBar()]}
         return super().instantiate_trainer(**kwargs)
+
+
+def check_checkpoint(given, path: Path | None = None) -> None:
+    """A checkpoint file (``path``, else ``given`` itself) that is not a complete zip archive, as
+    ``torch.save`` writes it (truncated by a full disk or an interrupted copy), is a user error naming it;
+    a directory (a sharded checkpoint) or a remote path is left to Lightning."""
+    if not isinstance(given, str) or "://" in given:
+        return
+    path = Path(given) if path is None else path
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise UserError(f"--ckpt_path {given}: {path} is truncated or not a checkpoint (a Lightning .ckpt is "
+                        "a zip archive written by torch.save); give an earlier checkpoint, or remove it")
+
+
+def checkpoint_dirs(cfg) -> list[str]:
+    """The ``dirpath`` of every ``ModelCheckpoint`` in the config's ``trainer.callbacks`` that sets one."""
+    callbacks = cfg.get("trainer", {}).get("callbacks") or []
+    found = []
+    for cb in callbacks if isinstance(callbacks, list) else [callbacks]:
+        args = getattr(cb, "init_args", None)
+        if str(getattr(cb, "class_path", "")).endswith("ModelCheckpoint") and args is not None \
+                and args.get("dirpath"):
+            found.append(str(args.get("dirpath")))
+    return found
 
 
 def _parser_kwargs() -> dict:

@@ -14,6 +14,10 @@ the processes the command starts (a DDP rank, an ablation trial's fit).
 ``run_cli`` is also where a program's process is set up (``grpo_lab.environment.configure_process``: the
 offline environment variables, transformers' logging), so importing grpo_lab changes nothing global.
 
+A full disk (``ENOSPC``, ``EDQUOT``, or ``EFBIG`` past a file-size limit) is not a bug either: ``run_cli``
+prints it as one ``error:`` line too (:func:`disk_full_line`), exit status 2. What was being written is not
+trusted later: the caches check their entries, Lightning renames a checkpoint into place only once written.
+
 ``UserError`` subclasses ``ValueError`` and its two siblings also subclass ``FileNotFoundError`` and
 ``RuntimeError``, so ``except ValueError`` (or ``FileNotFoundError`` / ``RuntimeError``) around library
 calls keeps working.
@@ -21,6 +25,7 @@ calls keeps working.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Callable
@@ -34,6 +39,7 @@ T = TypeVar("T")
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "GRPO_LAB_DEBUG"
 EXIT_USER_ERROR = 2  # as argparse's own usage errors
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class UserError(ValueError):
@@ -62,6 +68,16 @@ def error_line(err: BaseException) -> str:
     return f"error: {message}{hint}"
 
 
+def disk_full_line(err: OSError) -> str | None:
+    """``error: …`` for an ``OSError`` of a full disk (or a file-size limit), naming the file when the error
+    does; None for any other ``OSError``."""
+    if err.errno not in DISK_FULL:
+        return None
+    where = f" writing {err.filename}" if err.filename else ""
+    return (f"error: no space left{where} ({err.strerror}): free some space and rerun (a fit resumes from "
+            "its last checkpoint with --ckpt_path last, a study with the same command)")
+
+
 def run_cli(main: Callable[[list[str] | None], T], argv: list[str] | None = None) -> T:
     """Call ``main(argv)`` as an entry point: ``--debug`` taken out of the arguments (of ``sys.argv`` itself
     when ``argv`` is None, since LightningCLI and argparse read it there), the process tied to its parent's
@@ -82,4 +98,10 @@ def run_cli(main: Callable[[list[str] | None], T], argv: list[str] | None = None
         if debug_enabled():
             raise
         print(error_line(err), file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR) from None
+    except OSError as err:
+        line = disk_full_line(err)
+        if line is None or debug_enabled():
+            raise
+        print(line, file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR) from None

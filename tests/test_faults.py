@@ -30,7 +30,7 @@ from grpo_lab.warmstart import (
     load_weights,
     warm_start_dir,
 )
-from tests.conftest import ROOT
+from tests.conftest import CONFIGS, ROOT
 
 SMALL = PolicyConfig(hidden_size=32, num_layers=1, num_heads=2)
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -187,3 +187,38 @@ def test_a_probe_cache_write_on_a_full_disk_leaves_no_entry(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k.lock"]
     assert cached(tmp_path, "k", lambda: {"x": 1}) == ({"x": 1}, False)
     assert cached(tmp_path, "k", lambda: {"x": 2}) == ({"x": 1}, True)
+
+
+# ---- a fit's checkpoint --------------------------------------------------------------------------------
+def _fit(tmp_path: Path, *extra: str) -> list[str]:
+    """``grpo-lab fit`` on the smoke config, 2 steps, its checkpoint (base.yaml's ModelCheckpoint, last.ckpt)
+    under ``tmp_path/runs``."""
+    return ["fit", "--config", str(CONFIGS / "smoke.yaml"), "--trainer.max_steps", "2",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--model.warm_start.cache_dir",
+            str(tmp_path / "ws"), "--trainer.enable_progress_bar", "false", "--data.num_train", "8", *extra]
+
+
+def _one_error_line(capsys, run) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        run()
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert exit_.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    return errors[0]
+
+
+def test_a_full_disk_at_the_checkpoint_then_a_truncated_last_ckpt_are_one_line_each(tmp_path, capsys):
+    """A fit under a 160 KiB file-size limit (the warm start's 80 KB fit, the 270 KB checkpoint does not):
+    one ``error:`` line, no ``last.ckpt`` left behind. With space again the fit writes its checkpoint; that
+    file truncated (a full disk during a copy) and given to ``--ckpt_path last`` is one line naming it."""
+    from grpo_lab import cli
+
+    with file_size_limit(160 * 1024):
+        line = _one_error_line(capsys, lambda: cli.main(_fit(tmp_path)))
+    assert line.startswith("error: no space left") and "File too large" in line, line
+    assert not list((tmp_path / "runs").rglob("*.ckpt"))
+    cli.main(_fit(tmp_path))
+    (last,) = (tmp_path / "runs").rglob("last.ckpt")
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    line = _one_error_line(capsys, lambda: cli.main(_fit(tmp_path, "--ckpt_path", "last")))
+    assert line.startswith(f"error: --ckpt_path last: {last} is truncated or not a checkpoint"), line
