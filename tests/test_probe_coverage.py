@@ -4,7 +4,8 @@
     delta-method intervals (``snr_intervals``' default) cover the true SNR and SNR ratio about 95% of the
     time, while the BCa bootstrap the probe used before covers well above (too wide).
 (b) The real probe on a fixed tiny policy: independent probes (different probe seeds) fall inside one
-    probe's interval about 95% of the time. ``PROBE_COVERAGE_N`` probes (default 20); the figure in
+    probe's interval about 95% of the time (``precision.replicate_calibration``: each interval against the
+    mean of the other probes). ``PROBE_COVERAGE_N`` probes (default 20); the figure in
     docs/ablations.md comes from ``PROBE_COVERAGE_N=60 .venv/bin/python -m pytest
     tests/test_probe_coverage.py -k tiny -s``.
 """
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
+from grpo_lab.probe.precision import replicate_calibration
 from grpo_lab.probe.stats import snr_intervals
 
 
@@ -88,30 +90,28 @@ def probe_replicates(n: int, num_batches: int, prompts_per_batch: int) -> list[d
             for seed in range(n)]
 
 
-def replicate_coverage(rows: list[dict], estimator: str, key: str) -> tuple[int, int, float, float]:
-    """``(hits, n, sd, rms_se)``: how many probes' intervals of log ``key`` hold the mean of the *other*
-    probes' estimates (the truth up to σ/√(n − 1), so a calibrated 95% interval holds it ~94.7% of the
-    time at n = 20), the SD of the n estimates and the RMS standard error the intervals imply."""
-    x = np.log([r[estimator][key] for r in rows])  # [n]
-    lo = np.log([r[estimator][f"{key}_lo"] for r in rows])
-    hi = np.log([r[estimator][f"{key}_hi"] for r in rows])
-    others = (x.sum() - x) / (len(x) - 1)
-    hits = int(np.sum((lo <= others) & (others <= hi)))
-    se = (hi - lo) / (2 * sps.norm.ppf(0.975))
-    return hits, len(x), float(np.std(x, ddof=1)), float(np.sqrt(np.mean(se**2)))
-
-
 @pytest.mark.slow
 def test_tiny_probe_replicates_fall_inside_one_probes_interval():
     n, k, p = int(os.environ.get("PROBE_COVERAGE_N", "20")), 32, 4
     rows = probe_replicates(n, k, p)
     total = checks = 0
     for estimator, key in (("reward", "snr_ratio"), ("group_norm", "snr_ratio"), ("mean_baseline", "snr")):
-        hits, m, sd, rms = replicate_coverage(rows, estimator, key)
-        print(f"{estimator} {key}: {hits}/{m} probes' intervals hold the others' mean; SD of the log "
-              f"estimates {sd:.4f}, RMS SE of the intervals {rms:.4f} (K = {k} x {p} prompts)")
-        total, checks = total + hits, checks + m
-        assert 0.5 < sd / rms < 2.0, (estimator, sd, rms)
+        x, lo, hi = (np.log([r[estimator][f] for r in rows]) for f in (key, f"{key}_lo", f"{key}_hi"))
+        c = replicate_calibration(x, lo, hi)
+        print(f"{estimator} {key}: {c['hits']}/{c['n']} probes' intervals hold the others' mean; SD of the "
+              f"log estimates {c['sd']:.4f}, RMS SE of the intervals {c['rms_se']:.4f} (K = {k} x {p})")
+        total, checks = total + c["hits"], checks + c["n"]
+        assert 0.25 < c["share"] < 4.0, (estimator, c)
     ci = sps.binomtest(total, checks).proportion_ci(0.95)
     print(f"together: {total}/{checks} = {total / checks:.3f} (binomial 95% CI {ci.low:.3f}-{ci.high:.3f})")
     assert sps.binomtest(total, checks, 0.947).pvalue > 0.01, (total, checks)
+
+
+def test_replicate_calibration_by_hand():
+    x = [0.0, 0.1, -0.1, 0.3]
+    c = replicate_calibration(x, [v - 0.2 for v in x], [v + 0.2 for v in x])
+    # the others' means: 0.1, 0.0667, 0.1333, 0.0 -> distances 0.1, 0.033, 0.233, 0.3: two within 0.2
+    assert (c["hits"], c["n"]) == (2, 4)
+    assert c["sd"] == pytest.approx(math.sqrt(0.0875 / 3))
+    assert c["rms_se"] == pytest.approx(0.4 / (2 * sps.norm.ppf(0.975)))
+    assert c["share"] == pytest.approx(c["rms_se"] ** 2 / c["sd"] ** 2)
