@@ -316,14 +316,33 @@ PRESETS: dict[str, tuple[str, str]] = {
     "gradient_weighted": ("gradient_weighted", "none"),
 }
 ADVANTAGES.update({name: normalized(*pair) for name, pair in PRESETS.items()})
+
+def baseline_coef_estimator(coef: float) -> Estimator:
+    """A_i = r_i − c·b̄₋ᵢ with b̄₋ᵢ the leave-one-out mean: the baseline family of the probe's baseline map
+    (``grpo_lab/probe/baseline_map.py``). c = 0 is ``reward``, c = 1 is ``rloo``; unbiased for every c (b̄₋ᵢ
+    never depends on o_i). A flat group keeps (1 − c)·r (not zeroed), so the advantages, and the gradient,
+    are linear in c as the map assumes; at c = 1 that is 0, as ``rloo`` gives."""
+
+    def fn(rewards: Tensor, eps: float) -> Tensor:  # [P, G] -> [P, G]
+        return rewards - coef * _leave_one_out(rewards, None)
+
+    fn.__name__ = f"baseline_coef_{coef:g}"
+    return Estimator(fn, needs_group=True, flat_is_zero=False)
+
+
+ADVANTAGES["baseline_coef"] = baseline_coef_estimator(1.0)  # its c: RLConfig.baseline_coef
 CLASSIC_ESTIMATORS: tuple[str, ...] = ("reward", "mean_baseline", "group_norm", "rloo")
 """REINFORCE, its group-mean baseline, GRPO's normalization and RLOO: the four the default study and the
 gradient probe compare (the first is the baseline of their ratios)."""
 
 
-def resolve_estimator(advantage: str, center: str | None = None, scale: str | None = None) -> Estimator:
+def resolve_estimator(advantage: str, center: str | None = None, scale: str | None = None,
+                      baseline_coef: float = 1.0) -> Estimator:
     """``advantage`` with its center and/or scale replaced: ``("group_norm", scale="none")`` is
-    ``mean_baseline``. Only presets of a pair can be modified (a free-form estimator has no halves)."""
+    ``mean_baseline``. Only presets of a pair can be modified (a free-form estimator has no halves).
+    ``baseline_coef`` is the c of the ``baseline_coef`` estimator (ignored by the others)."""
+    if advantage == "baseline_coef" and center is None and scale is None:
+        return baseline_coef_estimator(baseline_coef)
     est = get_estimator(advantage)
     if center is None and scale is None:
         return est

@@ -57,6 +57,8 @@ class RLConfig:
             gradient-norm proxy). Default: the preset's.
         advantage_scale: replace the divisor of the ``advantage`` preset: none, group (std of the group),
             batch (std of the batch). Default: the preset's.
+        baseline_coef: c of the ``baseline_coef`` advantage, A_i = r_i − c·(leave-one-out mean): 0 is
+            ``reward``, 1 is ``rloo``, unbiased for every c (the probe's baseline map measures c*).
         objective: per-token policy objective: ``clip`` (PPO/GRPO) or ``cispo`` (clipped, stop-gradient
             importance weight times A·log π; MiniMax-M1).
         importance_level: ``token`` (a ratio per token) or ``sequence`` (GSPO: one length-normalized ratio
@@ -115,6 +117,7 @@ class RLConfig:
     advantage: str = "group_norm"
     advantage_center: str | None = None
     advantage_scale: str | None = None
+    baseline_coef: float = 1.0
     objective: str = "clip"
     importance_level: str = "token"
     clip_low: float = 0.2
@@ -138,7 +141,8 @@ class RLConfig:
     tf32: bool = False
 
     def __post_init__(self) -> None:
-        estimator = resolve_estimator(self.advantage, self.advantage_center, self.advantage_scale)
+        estimator = resolve_estimator(self.advantage, self.advantage_center, self.advantage_scale,
+                                      self.baseline_coef)
         for registry, name, what in ((AGGREGATIONS, self.aggregation, "aggregation"),
                                      (KL_ESTIMATORS, self.kl_estimator, "KL estimator"),
                                      (OBJECTIVES, self.objective, "objective"),
@@ -182,7 +186,8 @@ class RLConfig:
     @property
     def estimator(self):
         """The advantage estimator: the ``advantage`` preset with ``advantage_center``/``advantage_scale``."""
-        return resolve_estimator(self.advantage, self.advantage_center, self.advantage_scale)
+        return resolve_estimator(self.advantage, self.advantage_center, self.advantage_scale,
+                                 self.baseline_coef)
 
     @property
     def overlong_tokens(self) -> int:
