@@ -32,8 +32,8 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from ablations.run import run_grid
 from ablations.spaces import Space
+from ablations.study_loop import run_grid
 from ablations.summary import build_summary, imprecise
 from grpo_lab.errors import UserError
 

@@ -12,9 +12,9 @@ import pytest
 from optuna.trial import TrialState
 
 from ablations import objective as obj
-from ablations.run import open_study
 from ablations.spaces import SPACES, ProbeSettings, Space
 from ablations.storage import beat_for_silent_trials, fail_stale, make_storage
+from ablations.study_loop import open_study
 from grpo_lab.errors import UserError
 from tests.conftest import frozen_trial
 

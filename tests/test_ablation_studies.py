@@ -21,9 +21,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from ablations.run import open_study, run_grid
 from ablations.spaces import SPACES, Space
 from ablations.storage import make_storage
+from ablations.study_loop import open_study, run_grid
 from ablations.tensorboard_runs import run_name
 from grpo_lab.tensorboard_scalars import read_scalars
 from tests.conftest import ROOT, process_commands

@@ -21,9 +21,10 @@ from optuna.trial import TrialState
 from ablations import objective as obj
 from ablations.progress import point_status
 from ablations.pruning import DEFAULT_PRUNER, StudyPruning, make_pruner, pruned_at
-from ablations.run import build_parser, open_study, run_grid
+from ablations.run import build_parser
 from ablations.spaces import SPACES, ProbeSettings, Space, get_space
 from ablations.storage import make_storage
+from ablations.study_loop import open_study, run_grid
 from grpo_lab.cli import cli_main
 from grpo_lab.errors import UserError
 from tests.conftest import CONFIGS, frozen_trial

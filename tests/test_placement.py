@@ -22,8 +22,9 @@ from ablations.placement import (
     physical_ids,
     worker_devices,
 )
-from ablations.run import devices_per_trial, main
+from ablations.run import main
 from ablations.spaces import get_space
+from ablations.study_loop import devices_per_trial
 from ablations.worker import WorkerDied, WorkerPool
 from grpo_lab.errors import UserError
 

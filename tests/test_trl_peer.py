@@ -86,9 +86,9 @@ def test_a_parity_study_runs_trl_trials_through_the_objective_and_compares_them(
 
     from ablations.objective import Objective
     from ablations.report import write_report
-    from ablations.run import open_study, run_grid
     from ablations.spaces import SPACES, Space
     from ablations.storage import make_storage
+    from ablations.study_loop import open_study, run_grid
     from ablations.worker import WorkerPool
 
     base = SPACES["trl_parity"]
