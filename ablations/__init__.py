@@ -5,3 +5,8 @@
 - ``run.py``: ``grpo-lab-ablate``: study creation on SQLite or any RDB URL, resume, parallel workers;
 - ``report.py``: ``report.md`` and PNG plots from the study's COMPLETE trials only.
 """
+
+# The built-in spaces (default, smoke, objectives, ...) register into ablations.spaces.SPACES: the package
+# imports them, so that the registry (spaces.py) never imports what registers into it, and any
+# ``from ablations.spaces import SPACES`` sees them.
+from ablations import builtin_spaces  # noqa: F401

@@ -55,7 +55,7 @@ import optuna
 
 from grpo_lab.advantages import CLASSIC_ESTIMATORS
 from grpo_lab.errors import UserError
-from grpo_lab.registry import import_object
+from grpo_lab.registry import import_object, register
 
 DEFAULT_PRUNER: dict[str, Any] = {
     "class_path": "optuna.pruners.MedianPruner",
@@ -329,9 +329,10 @@ SPACES: dict[str, Space] = {}
 
 
 def register_space(space: Space) -> Space:
-    """Add ``space`` to the registry under ``space.name`` (a later registration replaces an earlier one)."""
-    SPACES[space.name] = space
-    return space
+    """Add ``space`` to the registry under ``space.name``. A name is taken once: another space under it raises
+    ``ValueError``; the same space again (or an equal one, as a reloaded module re-creates it) replaces it
+    (``grpo_lab.registry.register``)."""
+    return register(SPACES, space.name, space, "space")
 
 
 def get_space(name: str) -> Space:
@@ -345,8 +346,3 @@ def get_space(name: str) -> Space:
         return register_space(obj)
     raise UserError(f"unknown space {name!r}; known: {', '.join(sorted(SPACES))} "
                     "(or give 'module:attribute')")
-
-
-# The built-in spaces (default, smoke, objectives, strategies, tune_lr, controls, field, trl_parity) register
-# themselves here, once the classes above exist.
-from ablations import builtin_spaces  # noqa: E402,F401

@@ -35,7 +35,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from grpo_lab.errors import UserError, run_cli
+from grpo_lab.entry import run_cli
+from grpo_lab.errors import UserError
 
 # grpo_lab's estimator -> TRL's scale_rewards (TRL always centres by the group mean), and aggregation ->
 # loss_type

@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 
 from grpo_lab.errors import UserError
-from grpo_lab.registry import lookup
+from grpo_lab.registry import lookup, register
 
 AdvantageFn = Callable[..., Tensor]  # fn(rewards[P, G], eps[, weights=[P, G]]) -> advantages[P, G]
 
@@ -93,11 +93,12 @@ def register_advantage(name: str, *, needs_group: bool = True) -> Callable[[Adva
     """Register ``fn(rewards[P, G], eps) -> advantages[P, G]`` under ``name``.
 
     ``needs_group``: the estimator compares completions within a group, so it needs G >= 2, and a group
-    with zero spread gets advantage exactly 0 (applied by :func:`compute_advantages`).
+    with zero spread gets advantage exactly 0 (applied by :func:`compute_advantages`). A taken name raises
+    ``ValueError`` (``grpo_lab.registry.register``: the same function again replaces it).
     """
 
     def decorator(fn: AdvantageFn) -> AdvantageFn:
-        ADVANTAGES[name] = Estimator(fn, needs_group)
+        register(ADVANTAGES, name, Estimator(fn, needs_group), "advantage estimator")
         return fn
 
     return decorator

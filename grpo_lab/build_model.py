@@ -33,7 +33,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from grpo_lab.errors import UserError, UserFileNotFoundError, run_cli
+from grpo_lab.entry import run_cli
+from grpo_lab.errors import UserError, UserFileNotFoundError
 from grpo_lab.policy import save_policy
 from grpo_lab.rng import seeded
 from grpo_lab.tokenizer import CHATML_TEMPLATE, build_bpe_tokenizer

@@ -19,7 +19,8 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from grpo_lab.data import QueryDataModule
-from grpo_lab.errors import UserError, UserFileNotFoundError, run_cli
+from grpo_lab.entry import run_cli
+from grpo_lab.errors import UserError, UserFileNotFoundError
 from grpo_lab.module import GRPOModule
 from grpo_lab.rendezvous import choose_rendezvous_port
 from grpo_lab.warmstart import ensure_warm_start

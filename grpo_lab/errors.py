@@ -2,7 +2,7 @@
 
 Code that validates what a user gave (a file, a name, a config value, the user's own reward function) raises
 ``UserError`` or one of its subclasses; every entry point (``grpo-lab``, ``grpo-lab-ablate``,
-``python -m grpo_lab.variance``) runs through ``run_cli``, which prints such an error as::
+``python -m grpo_lab.variance``) runs through ``grpo_lab.entry.run_cli``, which prints such an error as::
 
     error: reward function 'my_rewards:score' returned 15 values for 16 completions
 
@@ -11,9 +11,6 @@ on stderr and exits with status 2. Anything else (a bug in our code or in a libr
 ``GRPO_LAB_DEBUG=1`` shows the traceback of user errors too; ``--debug`` also sets ``GRPO_LAB_DEBUG=1`` for
 the processes the command starts (a DDP rank, an ablation trial's fit).
 
-``run_cli`` is also where a program's process is set up (``grpo_lab.environment.configure_process``: the
-offline environment variables, transformers' logging), so importing grpo_lab changes nothing global.
-
 A full disk (``ENOSPC``, ``EDQUOT``, or ``EFBIG`` past a file-size limit) is not a bug either: ``run_cli``
 prints it as one ``error:`` line too (:func:`disk_full_line`), exit status 2. What was being written is not
 trusted later: the caches check their entries, Lightning renames a checkpoint into place only once written.
@@ -21,20 +18,15 @@ trusted later: the caches check their entries, Lightning renames a checkpoint in
 ``UserError`` subclasses ``ValueError`` and its two siblings also subclass ``FileNotFoundError`` and
 ``RuntimeError``, so ``except ValueError`` (or ``FileNotFoundError`` / ``RuntimeError``) around library
 calls keeps working.
+
+This module imports nothing of grpo_lab (every module that raises a ``UserError`` imports it): the process
+control of an entry point lives in ``grpo_lab.entry``.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import sys
-from collections.abc import Callable
-from typing import TypeVar
-
-from grpo_lab.environment import configure_process
-from grpo_lab.processes import die_with_parent
-
-T = TypeVar("T")
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "GRPO_LAB_DEBUG"
@@ -76,32 +68,3 @@ def disk_full_line(err: OSError) -> str | None:
     where = f" writing {err.filename}" if err.filename else ""
     return (f"error: no space left{where} ({err.strerror}): free some space and rerun (a fit resumes from "
             "its last checkpoint with --ckpt_path last, a study with the same command)")
-
-
-def run_cli(main: Callable[[list[str] | None], T], argv: list[str] | None = None) -> T:
-    """Call ``main(argv)`` as an entry point: ``--debug`` taken out of the arguments (of ``sys.argv`` itself
-    when ``argv`` is None, since LightningCLI and argparse read it there), the process tied to its parent's
-    life when the parent asked for it (``grpo_lab.processes.die_with_parent``), the process set up
-    (``grpo_lab.environment.configure_process``), and a ``UserError`` turned into one ``error:`` line on
-    stderr and ``SystemExit(2)``. Returns what ``main`` returns."""
-    die_with_parent()
-    configure_process()
-    args = list(sys.argv[1:] if argv is None else argv)
-    if DEBUG_FLAG in args:
-        os.environ[DEBUG_ENV] = "1"  # an entry point may set the environment; children inherit it
-        args = [a for a in args if a != DEBUG_FLAG]
-        if argv is None:
-            sys.argv[1:] = args
-    try:
-        return main(None if argv is None else args)
-    except UserError as err:
-        if debug_enabled():
-            raise
-        print(error_line(err), file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_USER_ERROR) from None
-    except OSError as err:
-        line = disk_full_line(err)
-        if line is None or debug_enabled():
-            raise
-        print(line, file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_USER_ERROR) from None

@@ -58,14 +58,14 @@ OBJECTIVES: dict[str, ObjectiveFn] = {}
 
 
 # ``@register_kl("name")``: fn(logprobs[B, T], ref_logprobs[B, T]) -> kl[B, T]
-register_kl = registrar(KL_ESTIMATORS)
+register_kl = registrar(KL_ESTIMATORS, "KL estimator")
 # ``@register_aggregation("name")``: fn(loss[B, T], mask[B, T], normalizer) -> scalar
-register_aggregation = registrar(AGGREGATIONS)
+register_aggregation = registrar(AGGREGATIONS, "aggregation")
 # ``@register_importance_level("name")``: fn(logprobs[B, T], old_logprobs[B, T], mask[B, T]) -> ratio[B, T|1]
-register_importance_level = registrar(IMPORTANCE_LEVELS)
+register_importance_level = registrar(IMPORTANCE_LEVELS, "importance level")
 # ``@register_objective("name")``: fn(ratio, logprobs, adv[B, 1], *, clip_low, clip_high, dual_clip)
 #   -> (per-token loss [B, T], clipped [B, T] bool)
-register_objective = registrar(OBJECTIVES)
+register_objective = registrar(OBJECTIVES, "objective")
 
 
 @register_kl("k1")

@@ -13,7 +13,8 @@ parsing and comparison with ``signal.alarm``, which works only in the main threa
 from a worker thread) the bound is switched off rather than failing. The package is the optional extra
 ``pip install -e .[math]``; it is imported on the first call, so importing this module never needs it.
 
-Registered in ``grpo_lab.rewards.REWARDS`` under both names (``rewards.py`` imports this module).
+``grpo_lab.rewards`` registers both under these names; this module imports nothing of grpo_lab, so the
+import runs one way.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ import functools
 import logging
 import re
 import threading
-
-from grpo_lab.rewards import register_reward
 
 log = logging.getLogger(__name__)
 TIMEOUT_SECONDS = 5
@@ -95,14 +94,12 @@ def answers_match(completion: str, answer: object) -> bool:
         return False
 
 
-@register_reward("math_verify")
 def math_verify(completions: list[str], answer: list, **_) -> list[float]:
     """1.0 when the completion's final answer equals the ``answer`` column symbolically (math-verify)."""
     _math_verify()  # a missing package is a set-up error, not a 0 reward
     return [float(answers_match(c, a)) for c, a in zip(completions, answer, strict=True)]
 
 
-@register_reward("format")
 def format_reward(completions: list[str], **_) -> list[float]:
     """1.0 for ``<think>…</think><answer>…</answer>`` and nothing else around it, else 0.0."""
     return [float(_FORMAT.fullmatch(c) is not None) for c in completions]

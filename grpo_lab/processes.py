@@ -8,7 +8,7 @@ covered by its parent's flag. Hence two halves:
 - the parent starts a child with ``child_env()`` (``GRPO_LAB_PARENT_PID=<parent pid>`` in its environment)
   and, for a command that is not ours, ``preexec_fn=parent_death_preexec()``;
 - the child calls ``die_with_parent()`` first thing (every grpo_lab entry point does, in
-  ``grpo_lab.errors.run_cli``): it sets the flag on itself, exits at once if the parent already died while
+  ``grpo_lab.entry.run_cli``): it sets the flag on itself, exits at once if the parent already died while
   it was starting, and puts its own pid in ``GRPO_LAB_PARENT_PID``, so the processes *it* starts inherit the
   request and tie themselves to it in turn.
 

@@ -3,8 +3,9 @@
 ``columns`` are the query's other fields, one value per completion (a query's G completions repeat its
 values G times), as in TRL, plus the rollout's own columns (``ROLLOUT_COLUMNS``: ``completion_length`` in
 tokens including EOS, ``truncated``, and the settings ``max_new_tokens`` and ``overlong_buffer``). A reward
-is chosen in the config by registry name (``exact_match``, ``numeric_match``, ``overlong_penalty``) or by an
-import path the user names (``my_package.my_module:my_reward``): code is imported only from such paths.
+is chosen in the config by registry name (``exact_match``, ``numeric_match``, ``overlong_penalty``, and
+``math_verify`` and ``format`` from ``math_rewards.py``) or by an import path the user names
+(``my_package.my_module:my_reward``): code is imported only from such paths.
 
 Several reward functions become one reward per completion by a ``reward_aggregation``
 (``REWARD_AGGREGATIONS``): ``weighted_sum`` (Σ_k w_k·r_k, the default) or ``normalize_then_sum`` (GDPO,
@@ -22,6 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from grpo_lab.errors import UserError, UserRuntimeError
+from grpo_lab.math_rewards import format_reward, math_verify
 from grpo_lab.registry import lookup, registrar
 
 RewardFn = Callable[..., list[float]]
@@ -32,9 +34,10 @@ ROLLOUT_COLUMNS = ("completion_length", "truncated", "max_new_tokens", "overlong
 """Columns the module adds to every reward call (one value per completion); a query column of that name is
 replaced."""
 
-register_reward = registrar(REWARDS)  # @register_reward("name") on a (completions, **columns) -> list[float]
+# @register_reward("name") on a (completions, **columns) -> list[float]
+register_reward = registrar(REWARDS, "reward")
 # @register_reward_aggregation("name") on fn(values[K, P, G] (NaN = invalid), weights[K]) -> rewards[P, G]
-register_reward_aggregation = registrar(REWARD_AGGREGATIONS)
+register_reward_aggregation = registrar(REWARD_AGGREGATIONS, "reward aggregation")
 
 
 def _first_line(text: str) -> str:
@@ -71,6 +74,12 @@ def overlong_penalty(completions: list[str], completion_length: list[int], max_n
         free = cap - buf
         out.append(0.0 if n <= free else max(-1.0, (free - n) / buf))
     return out
+
+
+# The math rewards live in math_rewards.py (math-verify is an optional extra) and know nothing of this
+# registry: it registers them, so the import runs one way.
+register_reward("math_verify")(math_verify)
+register_reward("format")(format_reward)
 
 
 def load_reward(spec: str) -> RewardFn:
@@ -222,5 +231,3 @@ def score(
     values = score_each(fns, completions, columns, allow_invalid)  # [K, B]
     return aggregate_rewards(values.unsqueeze(1), weights).squeeze(0)
 
-
-from grpo_lab import math_rewards  # noqa: E402,F401  (registers math_verify and format)

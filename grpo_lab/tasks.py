@@ -38,7 +38,7 @@ TaskFn = Callable[[int, int], list[Query]]
 TASKS: dict[str, TaskFn] = {}
 
 
-register_task = registrar(TASKS)  # @register_task("name") on fn(n, seed) -> list[query]
+register_task = registrar(TASKS, "task")  # @register_task("name") on fn(n, seed) -> list[query]
 
 
 def arithmetic_query(a: int, b: int, difficulty: str) -> Query:

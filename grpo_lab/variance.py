@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from grpo_lab.errors import UserError, UserFileNotFoundError, run_cli
+from grpo_lab.entry import run_cli
+from grpo_lab.errors import UserError, UserFileNotFoundError
 from grpo_lab.probe.cache import write_json as _write_json
 from grpo_lab.probe.callback import GradientVarianceProbe
 from grpo_lab.probe.core import (

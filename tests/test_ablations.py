@@ -4,6 +4,7 @@ test_ablation_studies.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -22,7 +23,7 @@ from ablations import objective as obj
 from ablations.progress import point_status
 from ablations.pruning import DEFAULT_PRUNER, StudyPruning, make_pruner, pruned_at
 from ablations.run import build_parser
-from ablations.spaces import SPACES, ProbeSettings, Space, get_space
+from ablations.spaces import SPACES, ProbeSettings, Space, get_space, register_space
 from ablations.storage import make_storage
 from ablations.study_loop import open_study, run_grid
 from grpo_lab.cli import cli_main
@@ -141,6 +142,20 @@ def test_space_registry_errors_and_import_paths(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     space = get_space("my_spaces:temp")
     assert space.name == "temp_test" and SPACES.pop("temp_test") is space
+
+
+def test_a_space_name_is_registered_once():
+    """Another space named ``default`` raises (naming the registry and the name) and the built-in stays; the
+    same space again, or an equal one (a reloaded module re-creates it), is no clash."""
+    default = SPACES["default"]
+    with pytest.raises(ValueError, match="^space 'default' is already registered: register the new space "):
+        register_space(Space(name="default", description="mine", grid={"seed": [0]}))
+    assert SPACES["default"] is default
+    assert register_space(default) is default
+    equal = dataclasses.replace(default)
+    assert equal is not default and register_space(equal) is equal
+    register_space(default)
+    assert SPACES["default"] is default
 
 
 def test_every_runner_flag_has_help():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from grpo_lab.build_model import ModelSpec, build_model, corpus_texts, main
-from grpo_lab.errors import run_cli
+from grpo_lab.entry import run_cli
 from grpo_lab.policy import PolicyConfig, build_policy
 from grpo_lab.tokenizer import build_bpe_tokenizer, chat_prompt, load_tokenizer
 from tests.conftest import ROOT

@@ -16,7 +16,8 @@ from ablations.run import main as ablate_main
 from ablations.spaces import Space
 from grpo_lab import cli
 from grpo_lab.data import QueryDataModule
-from grpo_lab.errors import DEBUG_ENV, UserError, UserFileNotFoundError, UserRuntimeError, error_line, run_cli
+from grpo_lab.entry import run_cli
+from grpo_lab.errors import DEBUG_ENV, UserError, UserFileNotFoundError, UserRuntimeError, error_line
 from grpo_lab.variance import main as probe_main
 from tests.conftest import CONFIGS, ROOT
 

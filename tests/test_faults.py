@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo_lab.errors import run_cli
+from grpo_lab.entry import run_cli
 from grpo_lab.policy import PolicyConfig, build_policy
 from grpo_lab.probe.cache import cached
 from grpo_lab.warmstart import (
