@@ -1,19 +1,28 @@
-"""The steps of ``bench/gpu_check.sh``; each runs in its own process and is recorded, failed or not.
+"""The steps of ``bench/gpu_check.sh`` (issue 21, item 4); each runs in its own process and is recorded,
+failed or not, in this order (the later ones take what is left of the budget):
 
 0. ``pip install --no-index --find-links bench/wheels -r bench/gpu_requirements.txt`` (real run, when the
    folder exists), with the machine's torch pinned by a constraint so nothing replaces it;
-1. ``grpo-lab fit`` (``python -m grpo_lab.cli``) with ``precision=bf16-mixed`` for a Llama of ~113M matmul
-   weights (hidden 768, 12 layers, 12 heads, MLP 3072, char vocabulary) on the arithmetic task, 50 steps of
-   P=16 x G=8 completions of up to 32 tokens: step time, completion tokens/s and peak memory from
-   ``grpo_lab.stepstats.StepStats``; it keeps ``last.ckpt`` for step 4;
-2. the same (10 steps) with ``trainer.strategy`` ``ddp`` and ``fsdp`` on one device: does each run, and are
-   its step-1 loss, reward and gradient norm those of step 1's fit (same seed, weights and samples)? fsdp
-   runs with ``model.max_grad_norm: null``: Lightning's ``FSDPPrecision.clip_grad_by_norm`` raises
-   ("gradient_clip_algorithm='norm' is currently not supported"); the gradient norm is logged before any
-   clipping, so the step-1 comparison still holds;
-3. ``python -m grpo_lab.variance --ckpt <step 1's last.ckpt> --device cuda``;
-4. ``python -m bench.run --device cuda --shape gpu``: grpo_lab against TRL's GRPOTrainer on identical work
-   (``configs/bench_gpu.yaml``), fp32 and bf16 each, as ratios within the run (last: it takes what is left).
+1. ``fit``: ``grpo-lab fit`` (``python -m grpo_lab.cli``) with ``precision=bf16-mixed`` for a Llama of ~113M
+   matmul weights (hidden 768, 12 layers, 12 heads, MLP 3072, char vocabulary) on the arithmetic task, 50
+   steps of P=16 x G=8 completions of up to 32 tokens, the device's default decode settings
+   (``RLConfig.decode_settings``: on a GPU the compiled static-cache step): step time, completion tokens/s
+   (goal >= 3 x 7,013) and peak memory from ``grpo_lab.stepstats.StepStats``; it keeps ``last.ckpt``;
+2. ``profile``: ``python -m bench.gpu_profile`` on the same shape: each decode path's rollout time (the path
+   before issue 21, sliced, static eager, static compiled with prompts shared and not), and the whole training
+   step with ``share_prompts`` on and off, each with a ``torch.profiler`` summary of one step (top kernels,
+   kernel launches, host syncs and host reads per step);
+3. ``variance_probe``: ``python -m grpo_lab.variance --ckpt <step 1's last.ckpt>`` on the device, sketched
+   (``--sketch-dim``) with K = 32 batches when the probe has that flag, its time and memory from its JSON;
+4. ``bench``: ``python -m bench.run --device cuda --shape gpu``: grpo_lab against TRL's GRPOTrainer on
+   identical work (``configs/bench_gpu.yaml``), fp32 and bf16 each, as ratios within the run (goal <= 0.5);
+5. ``ablate``: a smoke study (``grpo-lab-ablate --space smoke``) with 2 workers placed on the GPU
+   (``--accelerator gpu --trials-per-device 2``, when grpo-lab-ablate has the flag), and the devices each
+   trial recorded;
+6. ``ddp``/``fsdp``: the fit (10 steps) under ``trainer.strategy`` ``ddp`` and ``fsdp`` on one device: does
+   each run, and are its step-1 loss, reward and gradient norm those of step 1's fit (same seed, weights and
+   samples)? fsdp runs with ``model.max_grad_norm: null``: Lightning's ``FSDPPrecision.clip_grad_by_norm``
+   raises; the gradient norm is logged before any clipping, so the step-1 comparison still holds.
 
 The reward is ``exact_match + 0.1 x digit_fraction``: from random weights exact matches are rare, so the
 digit share gives every group a spread and nonzero advantages, hence a gradient the step-1 comparison can
@@ -46,15 +55,27 @@ REAL = {"device": "cuda", "accelerator": "gpu", "precision": "bf16-mixed", "hidd
         "tokens": 32, "steps": 50, "strategy_steps": 10, "budget_seconds": 480,
         "bench": ["--shape", "gpu", "--steps", "5", "--warmup", "2"],
         "probe": ["--num-batches", "8", "--reference-batches", "32", "--prompts-per-batch", "8"],
-        "limits": {"wheels": 90, "fit": 150, "ddp": 75, "fsdp": 75, "probe": 75, "bench": 170}}
+        "sketch": ["--num-batches", "32", "--reference-batches", "0", "--prompts-per-batch", "8",
+                   "--sketch-dim", "65536"],
+        "profile": ["--repeats", "3", "--warmup", "2", "--steps", "3"],
+        "ablate": ["--accelerator", "gpu", "--devices", "auto", "--trials-per-device", "2", "--n-jobs", "2"],
+        "limits": {"wheels": 90, "fit": 130, "profile": 90, "probe": 75, "bench": 150, "ablate": 90,
+                   "ddp": 60, "fsdp": 60}}
 DRY = {"device": "cpu", "accelerator": "cpu", "precision": "bf16-mixed", "hidden_size": 32, "num_layers": 1,
        "num_heads": 2, "max_positions": 64, "prompts": 4, "generations": 4, "tokens": 4, "steps": 3,
        "strategy_steps": 2, "budget_seconds": None,
        "bench": ["--shape", "tiny", "--steps", "1", "--warmup", "1", "--no-bf16", "--matmul-size", "128",
                  "--matmul-seconds", "0.2"],
        "probe": ["--num-batches", "2", "--reference-batches", "2", "--prompts-per-batch", "2"],
-       "limits": {"wheels": 0, "fit": 300, "ddp": 300, "fsdp": 300, "probe": 300, "bench": 300}}
+       "sketch": ["--num-batches", "2", "--reference-batches", "2", "--prompts-per-batch", "2",
+                  "--sketch-dim", "256"],
+       "profile": ["--repeats", "1", "--warmup", "1", "--steps", "1", "--no-bf16"],
+       "ablate": ["--n-jobs", "2"],
+       "limits": {"wheels": 0, "fit": 300, "profile": 300, "probe": 300, "bench": 300, "ablate": 300,
+                  "ddp": 300, "fsdp": 300}}
 REWARDS = ["exact_match", "bench.gpu_check:digit_fraction"]
+GOAL_TOKENS_PER_S = 3 * 7013  # issue 21: 3x the first H100 run's 113M fit
+GOAL_RATIO = 0.5  # issue 21: grpo_lab / TRL step time, fp32 and bf16 each
 
 
 def digit_fraction(completions: list[str], **_) -> list[float]:
@@ -188,6 +209,78 @@ def install_wheels(work: Path, env: dict, timeout: float) -> dict:
     return {**rest, "ok": rec["ok"] and rest["ok"], "core": rec}
 
 
+def has_flag(module: str, flag: str, env: dict) -> bool:
+    """Whether ``python -m module --help`` lists ``flag`` (steps that call work in progress check first)."""
+    try:
+        out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return False
+    return flag in out.stdout
+
+
+def profile_step(plan: dict, work: Path, env: dict, timeout: float | None) -> dict:
+    """Step 2: ``bench.gpu_profile`` on the fit's shape (decode paths, the step both ways, the profiler)."""
+    out = work / "profile.json"
+    cmd = [sys.executable, "-m", "bench.gpu_profile", "--device", plan["device"],
+           "--hidden-size", str(plan["hidden_size"]), "--num-layers", str(plan["num_layers"]),
+           "--num-heads", str(plan["num_heads"]), "--max-positions", str(plan["max_positions"]),
+           "--prompts", str(plan["prompts"]), "--generations", str(plan["generations"]),
+           "--tokens", str(plan["tokens"]), *plan["profile"], "--out", str(out)]
+    rec = run_step(cmd, work / "profile.log", timeout, env)
+    if out.is_file():
+        rec.update({k: v for k, v in json.loads(out.read_text()).items() if k in ("rollout", "step")})
+    return rec
+
+
+def probe_step(plan: dict, work: Path, env: dict, timeout: float | None, ckpt: Path) -> dict:
+    """Step 3: the gradient-variance probe at step 1's checkpoint, sketched when the probe can."""
+    if not ckpt.is_file():
+        return {"ok": False, "error": "no checkpoint from step 1"}
+    sketched = has_flag("grpo_lab.variance", "--sketch-dim", env)
+    args = plan["sketch"] if sketched else plan["probe"]
+    out = work / "probe.json"
+    cmd = [sys.executable, "-m", "grpo_lab.variance", "--ckpt", str(ckpt), "--device", plan["device"], *args,
+           "--quiet", "--out", str(out)]
+    rec = {**run_step(cmd, work / "probe.log", timeout, env), "sketched": sketched}
+    if out.is_file():
+        probe = json.loads(out.read_text())
+        rec.update(results=probe.get("results"), cost=probe.get("cost"))
+    if not sketched:
+        rec["todo"] = "grpo_lab.variance has no --sketch-dim yet: the exact probe ran (issue 21, item 3)"
+    return rec
+
+
+STUDY_DEVICES = """import json, sys, optuna
+s = optuna.load_study(study_name=sys.argv[2], storage=sys.argv[1])
+print(json.dumps([{"number": t.number, "state": t.state.name, "accelerator": t.user_attrs.get("accelerator"),
+                   "devices": t.user_attrs.get("devices")} for t in s.trials]))"""
+
+
+def ablate_step(plan: dict, work: Path, env: dict, timeout: float | None) -> dict:
+    """Step 5: the smoke study with 2 workers (on the GPU when grpo-lab-ablate can place trials), and the
+    devices each trial recorded. The trials decode eagerly (TORCHDYNAMO_DISABLE=1): this step checks where
+    trials run, and a compilation per trial would cost most of its time limit."""
+    placed = plan["device"] == "cuda" and has_flag("ablations.run", "--trials-per-device", env)
+    args = plan["ablate"] if placed else ["--n-jobs", "2"]
+    root = work / "ablate"
+    cmd = [sys.executable, "-m", "ablations.run", "--space", "smoke", "--root", str(root), "--no-probe",
+           "--no-report", *args]
+    rec = {**run_step(cmd, work / "ablate.log", timeout, {**env, "TORCHDYNAMO_DISABLE": "1"}),
+           "placed_on_gpu": placed}
+    db = root / "ablate" / "smoke.db"
+    if db.is_file():
+        try:
+            got = subprocess.run([sys.executable, "-c", STUDY_DEVICES, f"sqlite:///{db}", "smoke"], cwd=ROOT,
+                                 env=env, capture_output=True, text=True, timeout=60)
+            rec["trials"] = json.loads(got.stdout) if got.returncode == 0 else got.stderr[-2000:]
+        except (subprocess.TimeoutExpired, json.JSONDecodeError) as err:
+            rec["trials"] = f"not read: {err}"
+    if plan["device"] == "cuda" and not placed:
+        rec["todo"] = "grpo-lab-ablate has no --accelerator gpu yet: the trials ran as their config says"
+    return rec
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/gpu_check.sh", description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true",
@@ -197,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=None,
                    help="logs, stats and checkpoints (default: runs/gpu_check, or a temp dir with --dry-run)")
     p.add_argument("--skip", default="",
-                   help="comma-separated steps to leave out: wheels, fit, ddp, fsdp, bench, probe")
+                   help="comma-separated steps to leave out: wheels, fit, profile, probe, bench, ablate, "
+                        "ddp, fsdp")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for all steps (default 480 on a GPU, none in a dry run); each step's limit "
                         "is cut to what is left")
@@ -205,14 +299,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="the probe's K batches and reference batches (default 8 and 32 on a GPU); each "
                         "batch's gradients are float64 rows of every parameter, kept on the CPU")
     args = p.parse_args(argv)
-    plan = DRY if args.dry_run or os.environ.get("GPU_CHECK_DRY_RUN") == "1" else REAL
+    dry = args.dry_run or os.environ.get("GPU_CHECK_DRY_RUN") == "1"
+    plan = DRY if dry else REAL
     if args.budget is not None:
         plan = {**plan, "budget_seconds": args.budget}
     if args.probe_batches is not None:
         k = str(args.probe_batches)
         plan = {**plan, "probe": ["--num-batches", k, "--reference-batches", k, *plan["probe"][4:]],
+                "sketch": ["--num-batches", k, *plan["sketch"][2:]],
                 "limits": {**plan["limits"], "probe": 170}}
-    dry = plan is DRY
     work = args.workdir or (Path(tempfile.mkdtemp(prefix="gpu_check_")) if dry
                             else ROOT / "runs" / "gpu_check")
     work.mkdir(parents=True, exist_ok=True)
@@ -248,6 +343,20 @@ def main(argv: list[str] | None = None) -> int:
 
     if "fit" not in skip:
         results["fit"] = fit("fit", "auto", plan["steps"], checkpoint=True)
+        results["fit"]["goal_completion_tokens_per_s"] = GOAL_TOKENS_PER_S
+    if "profile" not in skip:
+        results["profile"] = profile_step(plan, work, env, limit("profile"))
+    ckpt = work / "ckpt" / "last.ckpt"
+    if "probe" not in skip:
+        results["variance_probe"] = probe_step(plan, work, env, limit("probe"), ckpt)
+    if "bench" not in skip:
+        peers = "grpo_lab,trl" if importlib.util.find_spec("trl") else "grpo_lab"
+        cmd = [sys.executable, "-m", "bench.run", "--device", plan["device"], *plan["bench"],
+               "--peers", peers, "--no-rss-fit", "--wait-quiet", "0", "--out", str(work / "bench.json")]
+        results["bench"] = {**run_step(cmd, work / "bench.log", limit("bench"), env), "peers": peers,
+                            "goal_ratio_at_most": GOAL_RATIO, **bench_summary(work / "bench.json")}
+    if "ablate" not in skip:
+        results["ablate"] = ablate_step(plan, work, env, limit("ablate"))
     base = results.get("fit", {}).get("step1", {})
     results["strategies"] = {}
     for strategy in ("ddp", "fsdp"):
@@ -260,27 +369,11 @@ def main(argv: list[str] | None = None) -> int:
         if dry and not rec["ok"] and "requires a GPU accelerator" in "\n".join(rec.get("log_tail", [])):
             rec["expected_on_cpu"] = "Lightning's FSDPStrategy refuses accelerator=cpu"
         results["strategies"][strategy] = rec
-    ckpt = work / "ckpt" / "last.ckpt"
-    if "probe" not in skip:
-        if ckpt.is_file():
-            cmd = [sys.executable, "-m", "grpo_lab.variance", "--ckpt", str(ckpt), "--device", plan["device"],
-                   *plan["probe"], "--quiet", "--out", str(work / "probe.json")]
-            rec = run_step(cmd, work / "probe.log", limit("probe"), env)
-            if (work / "probe.json").is_file():
-                rec["results"] = json.loads((work / "probe.json").read_text()).get("results")
-            results["variance_probe"] = rec
-        else:
-            results["variance_probe"] = {"ok": False, "error": "no checkpoint from step 1"}
-    if "bench" not in skip:
-        peers = "grpo_lab,trl" if importlib.util.find_spec("trl") else "grpo_lab"
-        cmd = [sys.executable, "-m", "bench.run", "--device", plan["device"], *plan["bench"],
-               "--peers", peers, "--no-rss-fit", "--wait-quiet", "0", "--out", str(work / "bench.json")]
-        results["bench"] = {**run_step(cmd, work / "bench.log", limit("bench"), env), "peers": peers,
-                            **bench_summary(work / "bench.json")}
     results["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    steps = [results.get("fit"), *results["strategies"].values(), results.get("bench"),
-             results.get("variance_probe")]
-    results["all_ok"] = all(s.get("ok") or s.get("expected_on_cpu") for s in steps if s is not None)
+    steps = [results.get(k) for k in ("fit", "profile", "variance_probe", "bench", "ablate")]
+    steps += list(results["strategies"].values())
+    results["all_ok"] = all(s.get("ok") or s.get("expected_on_cpu") or s.get("todo")
+                            for s in steps if s is not None)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out} ({'all steps ran' if results['all_ok'] else 'some steps failed'}; "

@@ -122,6 +122,7 @@ def run_grpo_lab(spec: dict) -> dict:
         "attn_implementation": module.model.config._attn_implementation,
         "precision": "bf16-mixed" if spec["bf16"] else "32-true",
         "optimizer": f"{type(opt).__module__}.{type(opt).__name__}({flags})",
+        "decode": {**vars(module.decoder.settings), "compiled": module.decoder.compiled is not None},
     }
 
 

@@ -23,6 +23,9 @@ FLOP_FORMULA = (
 )
 
 
+DECODE_KEYS = ("kv_cache", "compile_decode", "compile_backend", "stop_check_every", "share_prompts", "tf32")
+
+
 def shape_spec(name: str) -> dict:
     """The work of one shape, read from its config (the one source for both peers)."""
     import yaml
@@ -49,6 +52,7 @@ def shape_spec(name: str) -> dict:
         "lr": opt.get("lr", 5e-4),
         "dataset": data.get("dataset", "arithmetic"),
         "prompts": data.get("prompts_per_step", 8),
+        "decode": {k: model[k] for k in DECODE_KEYS if k in model},  # grpo_lab's; unset: the device's
     }
     if model.get("min_new_tokens") != model["max_new_tokens"]:
         raise ValueError(f"{spec['config']}: min_new_tokens must equal max_new_tokens (fixed-length work)")
@@ -109,7 +113,7 @@ def grpo_module(spec: dict, model_dir: str | Path, attn: str | None = None, **se
         num_iterations=1,
         max_grad_norm=spec["max_grad_norm"],
         optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
-        **settings,
+        **{**spec.get("decode", {}), **settings},
     )
 
 

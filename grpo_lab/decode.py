@@ -21,6 +21,7 @@ Shapes: B sequences, Tp prompt slots, T new tokens, V vocabulary, H heads, D hea
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from dataclasses import dataclass
@@ -28,7 +29,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel, StaticCache
-from transformers.cache_utils import DynamicLayer
+
+try:
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # transformers < 4.56, no per-layer caches: every cache stays as the model made it
+    DynamicLayer = object
 
 log = logging.getLogger(__name__)
 KV_CACHES = ("dynamic", "sliced", "static")
@@ -123,12 +128,14 @@ def static_slots(prompt_len: int, new_tokens: int) -> int:
     return STATIC_SLOTS * math.ceil((prompt_len + new_tokens) / STATIC_SLOTS)
 
 
-def decode_forward(model: PreTrainedModel, tok: Tensor, attn: Tensor, pos: Tensor, cache,
-                   cache_kw: str) -> Tensor:
+def decode_forward(model: PreTrainedModel, tok: Tensor, attn: Tensor, pos: Tensor, cache, cache_kw: str,
+                   slot: Tensor | None = None) -> Tensor:
     """One decode step: the logits [B, V] of the token after ``tok`` [B], given the attention mask ``attn``
-    [B, slots] and position ids ``pos`` [B, 1]; ``cache`` is updated in place."""
+    [B, slots] and position ids ``pos`` [B, 1]; ``cache`` is updated in place. ``slot`` [1]: the cache slot
+    written, for transformers releases whose forward takes ``cache_position``."""
+    extra = {} if slot is None else {"cache_position": slot}
     out = model(input_ids=tok.unsqueeze(-1), attention_mask=attn, position_ids=pos, use_cache=True,
-                **{cache_kw: cache})
+                **{cache_kw: cache}, **extra)
     return out.logits[:, -1, :]
 
 
@@ -141,6 +148,8 @@ class Decoder:
         self.settings, self.device = settings, None if device is None else torch.device(device)
         self.compiled = None
         self.static: StaticCache | None = None
+        self.slot: Tensor | None = None  # [1] the static cache's next slot (when the model takes it)
+        self.calls = 0  # static-cache steps run
 
     def prepare(self, model: PreTrainedModel, cache, prompt_len: int, new_tokens: int):
         """The prefilled ``cache`` (``prompt_len`` entries) as the configured kind, and the number of slots
@@ -164,26 +173,45 @@ class Decoder:
             self.static.reset()
         else:
             self.static = StaticCache(config=model.config, max_cache_len=slots)
+        filled = torch.arange(prompt_len, device=keys.device)
         for i, layer in enumerate(cache.layers):
-            self.static.update(layer.keys, layer.values, i)
+            self.static.update(layer.keys, layer.values, i, {"cache_position": filled})
+        takes_position = "cache_position" in inspect.signature(model.forward).parameters
+        self.slot = torch.full((1,), prompt_len, device=keys.device) if takes_position else None
         return self.static, slots
 
     def forward(self, model: PreTrainedModel, tok: Tensor, attn: Tensor, pos: Tensor, cache,
                 cache_kw: str) -> Tensor:
-        """:func:`decode_forward`, compiled when the settings say so and the cache is the static one. A
-        compilation that fails is logged once and the step runs eagerly from then on."""
-        if not (self.settings.compile and cache is self.static):
+        """:func:`decode_forward`, compiled when the settings say so and the cache is the static one. If the
+        compiled step fails in its first calls (tracing, code generation, graph capture), that is logged
+        and the step runs eagerly from then on."""
+        if cache is not self.static:
             return decode_forward(model, tok, attn, pos, cache, cache_kw)
-        if self.compiled is None:
-            mode = "reduce-overhead" if self.settings.compile_backend == "inductor" and tok.is_cuda else None
-            self.compiled = torch.compile(decode_forward, backend=self.settings.compile_backend, mode=mode)
+        try:
+            if not self.settings.compile or self.compiled is decode_forward or self.calls >= 3:
+                return self.step()(model, tok, attn, pos, cache, cache_kw, self.slot)
             try:
-                return self.compiled(model, tok, attn, pos, cache, cache_kw)
-            except Exception as err:  # noqa: BLE001 - a backend's failure must not cost the run
+                return self.step()(model, tok, attn, pos, cache, cache_kw, self.slot)
+            except Exception as err:  # a backend's failure must not cost the run
                 log.warning("torch.compile of the decode step failed (%s: %s); decoding eagerly",
                             type(err).__name__, str(err).splitlines()[0] if str(err) else "")
                 self.compiled = decode_forward
-        return self.compiled(model, tok, attn, pos, cache, cache_kw)
+                return decode_forward(model, tok, attn, pos, cache, cache_kw, self.slot)
+        finally:
+            self.calls += 1
+            if self.slot is not None:
+                self.slot += 1
+
+    def step(self):
+        """The one-token step: :func:`decode_forward`, or its compiled form (compiled once per decoder; with
+        inductor on a GPU in ``mode="reduce-overhead"``: CUDA graphs)."""
+        if not self.settings.compile:
+            return decode_forward
+        if self.compiled is None:
+            cuda = self.static is not None and self.static.layers[0].keys.is_cuda
+            mode = "reduce-overhead" if self.settings.compile_backend == "inductor" and cuda else None
+            self.compiled = torch.compile(decode_forward, backend=self.settings.compile_backend, mode=mode)
+        return self.compiled
 
 
 def enable_tf32(device: torch.device | str) -> bool:

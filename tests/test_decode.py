@@ -170,3 +170,12 @@ def test_prompt_sharing_off_gives_the_same_logprobs():
     b, _ = sequence_logprobs(model, shared, 1.3, share_prompts=False)
     m = shared.completion_mask
     torch.testing.assert_close(a * m, b * m, atol=2e-5, rtol=1e-5)
+
+
+def test_a_failing_compilation_falls_back_to_the_eager_step(caplog):
+    model, tok = build_policy(PolicyConfig(hidden_size=32, num_layers=1, num_heads=2), seed=0)
+    broken = Decoder(DecodeSettings(kv_cache="static", compile=True, compile_backend="no_such_backend"))
+    with caplog.at_level("WARNING", logger="grpo_lab.decode"):
+        got = roll(model, tok, broken, n=6)
+    assert broken.compiled is not None and "decoding eagerly" in caplog.text
+    same_rollout(got, roll(model, tok, Decoder(DecodeSettings(kv_cache="static")), n=6))

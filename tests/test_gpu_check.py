@@ -36,6 +36,26 @@ def test_fit_overlay_names_the_plan():
     assert ddp["model"]["max_grad_norm"] == 1.0
 
 
+def test_the_plans_name_every_step_and_the_decode_paths_compared():
+    for plan in (gpu_check.REAL, gpu_check.DRY):
+        assert set(plan["limits"]) == {"wheels", "fit", "profile", "probe", "bench", "ablate", "ddp", "fsdp"}
+        assert "--sketch-dim" in plan["sketch"] and "--num-batches" in plan["sketch"]
+    assert gpu_check.REAL["sketch"][1] == "32"  # issue 21: K = 32 batches of the 113M model
+    assert "--trials-per-device" in gpu_check.REAL["ablate"]
+    from bench.gpu_profile import decode_paths
+
+    paths = decode_paths("cuda")
+    assert len(paths) == 5 and list(paths.values())[0].kv_cache == "dynamic"
+    default = [s for name, s in paths.items() if name.startswith("device default (")][0]
+    assert default.compile and default.kv_cache == "static" and not default.share_prompts
+
+
+def test_has_flag_reads_a_modules_help():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    assert gpu_check.has_flag("bench.gpu_profile", "--repeats", env)
+    assert not gpu_check.has_flag("bench.gpu_profile", "--no-such-flag", env)
+
+
 @pytest.mark.slow
 def test_dry_run_runs_every_step_on_cpu(tmp_path):
     results = ROOT / "bench" / "gpu_results.json"
@@ -58,4 +78,12 @@ def test_dry_run_runs_every_step_on_cpu(tmp_path):
     assert r["bench"]["ok"] and r["bench"]["shapes"]["tiny"]["peers"]["grpo_lab"]["ok"]
     probe = r["variance_probe"]
     assert probe["ok"] and {e["estimator"] for e in probe["results"]} >= {"reward", "group_norm"}
+    assert probe["sketched"] and probe["cost"]["seconds"] > 0
+    prof = r["profile"]
+    assert prof["ok"] and all(p["same_tokens_as_first_path"] for p in prof["rollout"].values())
+    for way in ("prompts_shared", "prompts_not_shared"):
+        summary = prof["step"][way]["profile_of_last_step"]
+        assert summary["top"] and summary["host_reads"] > 0
+    ablate = r["ablate"]
+    assert ablate["ok"] and not ablate["placed_on_gpu"] and len(ablate["trials"]) >= 4
     assert (results.stat().st_mtime_ns if results.exists() else None) == before  # a dry run never writes it
