@@ -24,7 +24,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -141,13 +141,14 @@ def decode_forward(model: PreTrainedModel, tok: Tensor, attn: Tensor, pos: Tenso
 
 class Decoder:
     """The decode step of one policy on one device under ``settings``. It keeps what may be reused across
-    rollouts: the compiled step and, for the static cache, the cache itself (a CUDA graph replays on fixed
-    addresses)."""
+    rollouts: the compiled step and, for the static cache, one cache per batch shape (a CUDA graph replays on
+    fixed addresses; training and validation rollouts alternate shapes)."""
 
     def __init__(self, settings: DecodeSettings, device: torch.device | str | None = None) -> None:
         self.settings, self.device = settings, None if device is None else torch.device(device)
         self.compiled = None
-        self.static: StaticCache | None = None
+        self.static: StaticCache | None = None  # the cache of the rollout under way
+        self.statics: dict[tuple, StaticCache] = {}  # one per (B, slots, dtype, device): fixed addresses
         self.slot: Tensor | None = None  # [1] the static cache's next slot (when the model takes it)
         self.calls = 0  # static-cache steps run
 
@@ -164,18 +165,24 @@ class Decoder:
             return cache, width
         slots = static_slots(prompt_len, new_tokens)
         keys = cache.layers[0].keys  # [B, H, Tp, D]
-        same = (self.static is not None and self.static.layers[0].is_initialized
-                and self.static.layers[0].keys.shape[0] == keys.shape[0]
-                and self.static.layers[0].max_cache_len == slots
-                and self.static.layers[0].keys.dtype == keys.dtype
-                and self.static.layers[0].keys.device == keys.device)
-        if same:
-            self.static.reset()
-        else:
-            self.static = StaticCache(config=model.config, max_cache_len=slots)
-        filled = torch.arange(prompt_len, device=keys.device)
-        for i, layer in enumerate(cache.layers):
-            self.static.update(layer.keys, layer.values, i, {"cache_position": filled})
+        key = (keys.shape[0], slots, keys.dtype, str(keys.device))
+        try:
+            self.static = self.statics.get(key)
+            if self.static is None:
+                self.static = self.statics[key] = StaticCache(config=model.config, max_cache_len=slots)
+            else:
+                self.static.reset()
+            filled = torch.arange(prompt_len, device=keys.device)
+            for i, layer in enumerate(cache.layers):
+                self.static.update(layer.keys, layer.values, i, {"cache_position": filled})
+        except (TypeError, ValueError, AttributeError, NotImplementedError) as err:
+            # a transformers release whose StaticCache differs: decode with the sliced cache from now on
+            log.warning("transformers' StaticCache failed here (%s: %s); decoding with the sliced cache",
+                        type(err).__name__, err)
+            self.settings = replace(self.settings, kv_cache="sliced", compile=False)
+            self.static, self.statics = None, {}
+            slice_in_place(cache, width)
+            return cache, width
         takes_position = "cache_position" in inspect.signature(model.forward).parameters
         self.slot = torch.full((1,), prompt_len, device=keys.device) if takes_position else None
         return self.static, slots

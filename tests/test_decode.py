@@ -90,6 +90,8 @@ def test_every_cache_gives_the_same_rollout(attn, bf16):
     cache = static_dec.static
     again = roll(model, tok, static_dec, seed=1, bf16=bf16)
     assert static_dec.static is cache
+    roll(model, tok, static_dec, prompts=PROMPTS[:2], bf16=bf16)  # another batch shape: a cache of its own
+    assert len(static_dec.statics) == 2 and cache in static_dec.statics.values()
     assert torch.equal(again.completion_ids, roll(model, tok, sliced_dec, seed=1, bf16=bf16).completion_ids)
 
 
@@ -179,3 +181,19 @@ def test_a_failing_compilation_falls_back_to_the_eager_step(caplog):
         got = roll(model, tok, broken, n=6)
     assert broken.compiled is not None and "decoding eagerly" in caplog.text
     same_rollout(got, roll(model, tok, Decoder(DecodeSettings(kv_cache="static")), n=6))
+
+
+def test_a_static_cache_transformers_cannot_build_falls_back_to_the_sliced_one(caplog, monkeypatch):
+    from grpo_lab import decode
+
+    def incompatible(**_):
+        raise TypeError("unexpected keyword argument 'max_cache_len'")
+
+    model, tok = build_policy(PolicyConfig(hidden_size=32, num_layers=1, num_heads=2), seed=0)
+    monkeypatch.setattr(decode, "StaticCache", incompatible)
+    dec = Decoder(DecodeSettings(kv_cache="static", compile=True))
+    with caplog.at_level("WARNING", logger="grpo_lab.decode"):
+        got = roll(model, tok, dec, n=6)
+    assert "sliced cache" in caplog.text
+    assert (dec.settings.kv_cache, dec.settings.compile) == ("sliced", False)
+    same_rollout(got, roll(model, tok, Decoder(DecodeSettings(kv_cache="sliced")), n=6))
