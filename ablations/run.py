@@ -7,6 +7,7 @@
     grpo-lab-ablate --space default --until-decisive --snr-precision 0.10  # make ablate-precise: and until
                                            # every SNR ratio is within ±10% (pooled and at each probe point)
     grpo-lab-ablate --space default --storage postgresql://user@host/db  # many runners share one study
+    GRPO_LAB_STORAGE=postgresql://user:PASSWORD@host/db grpo-lab-ablate  # the URL out of history and ps
     grpo-lab-ablate --space smoke --accelerator gpu --devices 0,1 --trials-per-device 2  # on GPUs (below)
 
 Layout (``--root`` defaults to ``runs``)::
@@ -87,7 +88,18 @@ from ablations.placement import (
 from ablations.progress import console, point_status
 from ablations.sequential import check_arguments, parse_duration, run_until_decisive
 from ablations.spaces import SPACES, get_space
-from ablations.storage import beat_for_silent_trials, default_storage, fail_stale, make_storage
+from ablations.storage import (
+    ENV_URL,
+    STORAGE_ENV,
+    beat_for_silent_trials,
+    fail_stale,
+    is_connection_loss,
+    lost_connection,
+    make_storage,
+    public_url,
+    storage_url,
+    trial_storage_url,
+)
 from ablations.study_loop import (
     build_warm_start,
     devices_per_trial,
@@ -99,8 +111,7 @@ from ablations.study_loop import (
 from ablations.summary import DEFAULT_MIN_EFFECT, add_wall_time, min_effects
 from ablations.timing import throughput
 from ablations.worker import WorkerPool
-from grpo_lab.entry import run_cli
-from grpo_lab.errors import UserError
+from grpo_lab.errors import UserError, run_cli
 
 
 # ---- command line --------------------------------------------------------------------------------------
@@ -115,8 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", default=None,
                    help="study name (default: the space name); rerun the same name to resume")
     p.add_argument("--storage", default=None,
-                   help="Optuna RDB URL (default: sqlite:///<root>/ablate/<study>.db); a "
-                        "postgresql://user@host/db URL lets many runners on many machines share one study")
+                   help=f"Optuna RDB URL (default: ${STORAGE_ENV}, else "
+                        "sqlite:///<root>/ablate/<study>.db); a postgresql://user@host/db URL lets many "
+                        "runners on many machines share one study (a "
+                        f"password is safer in ${STORAGE_ENV} or ~/.pgpass than on the command line; it is "
+                        "never printed)")
     p.add_argument("--root", default="runs",
                    help="directory for the study database, trial directories and warm starts")
     p.add_argument("--n-jobs", type=int, default=None,
@@ -182,11 +196,12 @@ def _main(argv: list[str] | None) -> int:
     name = args.study or space.name
     root = Path(args.root)
     study_dir = root / "ablate" / name
-    url = args.storage or default_storage(root, name)
+    url = storage_url(args.storage, root, name)
     try:
         storage = make_storage(url, args.grace_period)
     except sqlalchemy.exc.ArgumentError as err:  # not a URL, or an unknown database dialect
-        raise UserError(f"--storage {url!r} is not a database URL SQLAlchemy can open ({err})") from None
+        raise UserError(f"--storage {public_url(url)!r} is not a database URL SQLAlchemy can open "
+                        f"({public_url(str(err))})") from None
 
     from ablations.report import write_report  # matplotlib only when needed
 
@@ -194,7 +209,8 @@ def _main(argv: list[str] | None) -> int:
         try:
             study = optuna.load_study(study_name=name, storage=storage)
         except KeyError:
-            raise UserError(f"no study {name!r} in {url}: run without --report-only first") from None
+            raise UserError(f"no study {name!r} in {public_url(url)}: run without --report-only "
+                            "first") from None
         console.print(f"report: {write_report(study, study_dir, min_effects(args))}")
         return 0
 
@@ -211,10 +227,13 @@ def _main(argv: list[str] | None) -> int:
     fail_stale(study)
     beat_for_silent_trials(study, storage)  # a trial killed before its first heartbeat must go stale too
     pool = None if args.no_reuse else WorkerPool(threads, study_dir / "workers.log")
-    objective = Objective(space, study_dir, root, threads=threads, probe=not args.no_probe, storage_url=url,
-                          pool=pool, slots=DeviceSlots(placement) if placement else None)
-    console.print(f"study {name!r} ({space.description}) on {url}: {size} trials, {n_jobs} workers x "
-                  f"{threads} threads" + ("" if pool else ", a fresh process per trial"))
+    if trial_storage_url(url) == ENV_URL:  # trials (their pruning callback) read the password from here
+        os.environ[STORAGE_ENV] = url
+    objective = Objective(space, study_dir, root, threads=threads, probe=not args.no_probe,
+                          storage_url=trial_storage_url(url), pool=pool,
+                          slots=DeviceSlots(placement) if placement else None)
+    console.print(f"study {name!r} ({space.description}) on {public_url(url)}: {size} trials, {n_jobs} "
+                  f"workers x {threads} threads" + ("" if pool else ", a fresh process per trial"))
     if placement is not None:
         console.print(f"trials placed on GPU {','.join(placement.devices)}, at most "
                       f"{placement.trials_per_device} per GPU")
@@ -238,6 +257,10 @@ def _main(argv: list[str] | None) -> int:
                 gave_up = run_grid(study, space, objective, n_jobs, args.max_failures)["gave_up"]
             else:
                 run_tuning(study, space, objective, n_jobs)
+    except Exception as err:
+        if is_connection_loss(err):  # the server went away mid-study: one line, the finished trials are kept
+            raise lost_connection(url, err) from None
+        raise
     finally:
         if pool is not None:
             pool.close()

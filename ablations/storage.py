@@ -3,11 +3,21 @@ and, on SQLite, transactions that take the write lock first.
 
 The runner (``run.py``), the pruning callback inside a trial's fit (``pruning.py``) and the tests open a
 study's database through :func:`make_storage`, so all of them get the same driver, timeout and locking.
+
+Credentials stay secret: every URL shown to a person goes through :func:`public_url` (the password as
+``***``), and the runner also takes its URL from ``GRPO_LAB_STORAGE`` (:data:`STORAGE_ENV`), which keeps it
+out of shell history and of ``ps``. A server that cannot be reached, a refused login or a missing database
+is a ``UserError`` naming host, port and database (:func:`connection_error`), checked before anything else;
+a server that goes away mid-study is one line too (:func:`lost_connection`), and a restarted one is
+reconnected to (``pool_pre_ping``: a pooled connection the restart killed is replaced, not used).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
+import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -17,6 +27,14 @@ import optuna
 import sqlalchemy
 import sqlalchemy.exc
 from optuna.storages import RDBStorage
+from sqlalchemy.engine import make_url
+
+from grpo_lab.errors import UserError
+
+STORAGE_ENV = "GRPO_LAB_STORAGE"
+"""Environment variable the runner reads its storage URL from when ``--storage`` is not given."""
+CONNECT_TIMEOUT_S = 10
+log = logging.getLogger(__name__)
 
 
 def quietly(fn, *args, **kwargs):
@@ -53,6 +71,106 @@ def default_storage(root: Path, study: str) -> str:
     return f"sqlite:///{root / 'ablate' / f'{study}.db'}"
 
 
+def storage_url(given: str | None, root: Path, study: str) -> str:
+    """The study's URL: ``--storage``, else ``$GRPO_LAB_STORAGE``, else the SQLite file under ``root``."""
+    return given or os.environ.get(STORAGE_ENV) or default_storage(root, study)
+
+
+ENV_URL = f"env:{STORAGE_ENV}"
+"""What a trial's config names as its storage when the URL holds a password: :func:`make_storage` reads the
+URL from ``$GRPO_LAB_STORAGE``, which the runner sets and its trials inherit, so ``trial.yaml`` and the
+fit's saved ``config.yaml`` never hold the password."""
+
+
+def trial_storage_url(url: str) -> str:
+    """``url`` for a trial's config: :data:`ENV_URL` when it holds a password, else itself."""
+    try:
+        return ENV_URL if make_url(url).password else url
+    except sqlalchemy.exc.ArgumentError:
+        return url
+
+
+def resolve_url(url: str) -> str:
+    """:data:`ENV_URL` as the URL in ``$GRPO_LAB_STORAGE``; any other URL as it is."""
+    if url != ENV_URL:
+        return url
+    if not os.environ.get(STORAGE_ENV):
+        raise UserError(f"storage {ENV_URL} names ${STORAGE_ENV}, which is not set")
+    return os.environ[STORAGE_ENV]
+
+
+def public_url(url: str) -> str:
+    """``url`` as it may be printed, logged or stored: its password as ``***`` (SQLAlchemy's
+    ``render_as_string(hide_password=True)``; a string SQLAlchemy cannot parse gets anything between
+    ``scheme://user:`` and ``@`` masked)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+def describe_target(url: str) -> str:
+    """``host H, port P, database D`` of a server URL, ``file F`` of SQLite (no password)."""
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite":
+        return f"file {u.database}"
+    return f"host {u.host or 'localhost'}, port {u.port or 'default'}, database {u.database or '(default)'}"
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of the driver's message (psycopg's next lines are hints), without the SQL."""
+    orig = getattr(err, "orig", None) or err.__cause__ or err
+    first = next((line.strip() for line in str(orig).splitlines() if line.strip()), type(orig).__name__)
+    return first
+
+
+def connection_error(url: str, err: BaseException) -> UserError:
+    """A user's error for a database that cannot be opened: the server, not the password."""
+    return UserError(f"cannot open the study's database {public_url(url)} ({describe_target(url)}): "
+                     f"{_reason(err)}; check the server, the user and the database name")
+
+
+def lost_connection(url: str, err: BaseException) -> UserError:
+    """A user's error for a database that went away mid-study (finished trials are kept)."""
+    return UserError(f"lost the connection to the study's database {public_url(url)} "
+                     f"({describe_target(url)}): {_reason(err)}; rerun the same command to resume")
+
+
+def is_connection_loss(err: BaseException) -> bool:
+    """``err`` (or an exception it was raised from) is the driver losing or failing its connection."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def check_connection(url: str, engine_kwargs: dict[str, Any]) -> None:
+    """Open and close one connection to ``url``: a :func:`connection_error` when it fails."""
+    engine = sqlalchemy.create_engine(url, **engine_kwargs)
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.DBAPIError as err:
+        raise connection_error(url, err) from None
+    finally:
+        engine.dispose()
+
+
+class BeatingRDBStorage(RDBStorage):
+    """``RDBStorage`` whose heartbeat survives a database that is away for a moment (a server restart):
+    Optuna's heartbeat thread ends on the first error, with a traceback on the console, and the trial then
+    goes stale although it runs on. A failed beat here is one warning line; the next beat reconnects."""
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            super().record_heartbeat(trial_id)
+        except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as err:
+            log.warning("warning: heartbeat of trial id %d not recorded (%s); retrying at the next beat",
+                        trial_id, _reason(err))
+
+
 def normalize_url(url: str) -> str:
     """``postgresql://`` with the driver that is installed: SQLAlchemy >= 2.1 means psycopg 3 by it, while
     the ``[postgres]`` extra installs psycopg2-binary; an explicit ``postgresql+driver://`` is kept."""
@@ -70,13 +188,17 @@ def make_storage(url: str, grace_period: int = 30) -> RDBStorage:
 
     ``RetryHeartbeatStaleTrialCallback`` is Optuna >= 4.9's name for ``RetryFailedTrialCallback`` (and
     ``heartbeat_stale_trial_callback`` for ``failed_trial_callback``); older Optuna gets the old names.
+    A database that cannot be opened is :func:`connection_error` (a ``UserError``), before any retry.
     """
-    url = normalize_url(url)
+    url = normalize_url(resolve_url(url))
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         # threads and heartbeats write concurrently; isolation_level None: we issue BEGIN ourselves
         engine_kwargs = {"connect_args": {"timeout": 60, "isolation_level": None}}
+    elif url.startswith("postgresql"):  # a restarted server: replace dead pooled connections, do not use them
+        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
+    check_connection(url, engine_kwargs)
     if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
         retry = {"heartbeat_stale_trial_callback": quietly(optuna.storages.RetryHeartbeatStaleTrialCallback,
                                                            max_retry=2)}
@@ -86,7 +208,7 @@ def make_storage(url: str, grace_period: int = 30) -> RDBStorage:
                   grace_period=grace_period, **retry)
     for attempt in range(5):
         try:
-            storage = quietly(RDBStorage, url, **kwargs)
+            storage = quietly(BeatingRDBStorage, url, **kwargs)
             if url.startswith("sqlite"):
                 serialize_sqlite_transactions(storage.engine)
             return storage
