@@ -188,3 +188,15 @@ register_space(Space(
                             {"coding": "r+3", "mix": "mixed", "model.num_generations": 16},
                             {"coding": "r", "mix": "mixed", "model.num_generations": 16}),),
 ))
+
+# Does lower variance buy faster learning? (issue 20, item 4): A_i = r_i − c·b̄₋ᵢ trained at c = 0 (reward),
+# at the warm start's measured c* (0.18, the baseline map of configs/ablate.yaml's warm start, 3 seeds) and at
+# c = 1 (rloo), paired by seed, on the default study's task and length.
+register_space(Space(
+    name="baseline_coef",
+    description="A_i = r_i − c·(leave-one-out mean) trained at c = 0, the warm start's c* = 0.18 and c = 1",
+    grid={"model.baseline_coef": [0.0, 0.18, 1.0], "seed": [0, 1, 2, 3, 4, 5, 6, 7]},
+    overrides={"model.advantage": "baseline_coef", "trainer.max_steps": 150},
+    probe=None,
+    baseline={"model.baseline_coef": 0.0},
+))
