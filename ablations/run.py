@@ -111,7 +111,8 @@ from ablations.study_loop import (
 from ablations.summary import DEFAULT_MIN_EFFECT, add_wall_time, min_effects
 from ablations.timing import throughput
 from ablations.worker import WorkerPool
-from grpo_lab.errors import UserError, run_cli
+from grpo_lab.entry import run_cli
+from grpo_lab.errors import UserError
 
 
 # ---- command line --------------------------------------------------------------------------------------
