@@ -28,7 +28,7 @@ from ablations.verdicts import (
     family_verdicts,
     holm,
     p_difference,
-    precise,
+    planned_seeds,
     settled,
     verdict,
 )
@@ -43,10 +43,11 @@ def family_metrics(estimator_study: bool) -> tuple[str, ...]:
 
 
 def judge(entries: dict[str, tuple[dict, dict[str, tuple[Paired, bool]]]], sesoi: dict[str, float],
-          family: tuple[str, ...]) -> None:
+          family: tuple[str, ...], first: set | None = None) -> None:
     """Fill every entry's ``verdict`` (code), ``verdict_text``, ``verdicts`` (p-values, Holm's, role),
-    ``settled`` (no deciding metric is *cannot tell*) and ``precise`` (the sequential stopping rule holds
-    for every deciding metric) in place."""
+    ``settled`` (no deciding metric is *cannot tell*), ``seeds_planned`` (the seeds the sequential rule
+    plans from the first-stage seeds ``first``, default: every seed) and ``precise`` (n reached them), in
+    place."""
     primary = {(label, m): (p, m, higher) for label, (out, tests) in entries.items()
                if out["kind"] == "comparison" for m, (p, higher) in tests.items() if m in family}
     judged: dict[tuple[str, str], Verdict] = family_verdicts(primary, sesoi)
@@ -64,7 +65,9 @@ def judge(entries: dict[str, tuple[dict, dict[str, tuple[Paired, bool]]]], sesoi
             out["verdicts"][m] = {**v.as_dict(), "role": role}
         deciding = [m for m in DECIDING if m in tests]
         out["settled"] = all(settled(out["verdict"][m]) for m in deciding)
-        out["precise"] = all(precise(tests[m][0], sesoi[m]) for m in deciding)
+        stage = first if first is not None else {k for p, _ in tests.values() for k in p.seeds}
+        out["seeds_planned"] = max((planned_seeds(tests[m][0], stage, sesoi[m]) for m in deciding), default=0)
+        out["precise"] = out["n"] >= out["seeds_planned"]
 
 
 def aa_control(out: dict) -> dict[str, Any]:

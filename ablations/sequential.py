@@ -1,17 +1,19 @@
-"""``grpo-lab-ablate --until-decisive --budget 20m``: add seeds in rounds until every comparison is precise.
+"""``grpo-lab-ablate --until-decisive --budget 20m``: Stein's two-stage design over seeds.
 
-The rounds stop on precision, never on significance (``verdicts.precise``; the argument and its references
-are in ``verdicts.py`` and docs/ablations.md): a comparison is open while the 95% interval of a deciding
-metric (``judge.DECIDING``: the AUC difference and the SNR ratio) is wider than ±half its smallest effect of
-interest (``--min-effect``, ``--min-snr-effect``), and, with ``--snr-precision H``, while an SNR ratio's
-95% interval, pooled or at a probe point, is wider than ±H of the ratio (``summary.snr_precision``). The
-width depends on the seeds' spread and their number, not on the sign of the effect, so the verdicts at the
-stopping time keep their error rates (``python -m ablations.calibration``: type-I error and power of this
-procedure by simulation through ``should_stop`` and ``verdicts``); at half the SESOI every comparison's
-verdict is settled. Round 1 is the space's grid (its seeds); each later round enqueues every group at
-``--round-seeds`` new seeds (the next unused integers), runs them through ``run_grid`` and checks again. It
-stops when nothing is open, when the next round's expected cost (the mean trial wall time × its trials /
-workers) would pass the budget, or at ``--max-seeds``.
+The first round is the space's grid (its seeds: the first stage). From the first stage's spread only, each
+comparison plans the seeds at which its deciding metrics' 95% intervals (``judge.DECIDING``: the AUC
+difference and the SNR ratio) are within ±half their smallest effect of interest (``--min-effect``,
+``--min-snr-effect``; ``verdicts.planned_seeds``), and, with ``--snr-precision H``, every SNR ratio,
+pooled and at each probe point, within ±H of the ratio (``summary.precision_seeds``). Later rounds enqueue
+every group at ``--round-seeds`` new seeds (the next unused integers) until every comparison has its
+planned seeds, and the report then tests every comparison with Stein's statistic: the mean over all seeds,
+the first stage's SD and n₀ − 1 df (``stats.stein``), exactly Student's t whatever number of seeds the plan
+chose (Stein 1945). The plan never looks at a mean, so the verdicts keep their error rates
+(``python -m ablations.calibration``: the procedure simulated through ``planned_seeds``, ``should_stop``,
+``stein`` and ``verdicts``); stopping when the running interval gets narrow enough instead (a Chow–Robbins
+rule) gave a type-I error of 0.068 there. The rounds stop when every comparison has its planned seeds, when
+the next round's expected cost (the mean trial wall time × its trials / workers) would pass the budget, or
+at ``--max-seeds``.
 
 Seeds are an integer parameter (``spaces.SEED_MAX``), so new seeds need no change of the study's search
 space; enqueued trials carry all their params, and the rounds use a study handle whose sampler is
@@ -34,7 +36,7 @@ from optuna.trial import TrialState
 
 from ablations.spaces import Space
 from ablations.study_loop import run_grid
-from ablations.summary import build_summary, imprecise
+from ablations.summary import build_summary, precision_seeds
 from grpo_lab.errors import UserError
 
 UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600}
@@ -65,16 +67,17 @@ def mean_trial_seconds(study: optuna.Study) -> float:
 
 
 def open_comparisons(study: optuna.Study, min_effect: dict[str, float],
-                     precision: float | None = None) -> list[str]:
-    """Labels of the comparisons that are not precise yet (all of them when there is none): a deciding
-    metric wider than the stopping rule's ±SESOI/2, or an SNR ratio wider than ``precision`` (relative
-    half-width; None: any width). Controls (the A/A arm) are not waited for."""
+                     precision: float | None = None, max_seeds: int = 64) -> list[str]:
+    """Labels of the comparisons with fewer seeds than their plan (all of them when there is none): the
+    deciding metrics' ``seeds_planned`` and, with ``precision``, the SNR ratios' ``precision_seeds``, each
+    from the first stage's spread. Controls (the A/A arm) are not waited for."""
     summary = build_summary(study, min_effect, precision)
     mine = {k: c for k, c in summary["comparisons"].items() if c["kind"] == "comparison"}
     if not mine:
         return ["(no comparison yet)"]
     return [label for label, c in mine.items()
-            if not c["precise"] or (precision is not None and imprecise(c, precision))]
+            if c["n"] < min(max_seeds, max(c["seeds_planned"], precision_seeds(c, precision, max_seeds)
+                                           if precision is not None and "snr_ratio" in c else 0))]
 
 
 def should_stop(still_open: list[str], n_seeds: int, round_seeds: int, max_seeds: int, gave_up: int = 0,
@@ -82,7 +85,7 @@ def should_stop(still_open: list[str], n_seeds: int, round_seeds: int, max_seeds
     """Why the rounds stop after a round with ``n_seeds`` seeds (None: add a round). The budget is checked
     by the caller; the simulation of ``ablations.calibration`` runs this same rule."""
     if not still_open:
-        return "every comparison is precise"
+        return "every comparison has its planned seeds"
     if gave_up:
         return f"{gave_up} point(s) failed {max_failures} times"
     if n_seeds + round_seeds > max_seeds:
@@ -104,7 +107,8 @@ def check_arguments(round_seeds: int, max_seeds: int, precision: float | None,
 def run_until_decisive(study: optuna.Study, space: Space, objective, n_jobs: int, budget_s: float,
                        min_effect: dict[str, float], round_seeds: int = 2, max_seeds: int = 64,
                        max_failures: int = 3, say: Callable[[str], Any] = print,
-                       evaluate: Callable[[optuna.Study, dict, float | None], list[str]] = open_comparisons,
+                       evaluate: Callable[[optuna.Study, dict, float | None, int], list[str]]
+                       = open_comparisons,
                        *, storage: optuna.storages.BaseStorage | str,
                        precision: float | None = None) -> dict[str, Any]:
     """Rounds of seeds until every comparison is settled, the budget is spent, or ``max_seeds`` (see the
@@ -114,6 +118,9 @@ def run_until_decisive(study: optuna.Study, space: Space, objective, n_jobs: int
     Returns ``{"reason", "seeds", "spent_s", "open", "gave_up"}``."""
     if not space.is_grid or "seed" not in (space.grid or {}):
         raise ValueError(f"space {space.name!r}: --until-decisive needs a grid with a 'seed' key")
+    if len(space.grid["seed"]) < 2:
+        raise UserError(f"space {space.name!r}: --until-decisive needs at least 2 seeds in the grid (the "
+                        f"first stage, whose spread plans the rest), got {space.grid['seed']}")
     check_arguments(round_seeds, max_seeds, precision)
     study.set_user_attr("min_effect", min_effect)
     if precision is not None:
@@ -131,10 +138,10 @@ def run_until_decisive(study: optuna.Study, space: Space, objective, n_jobs: int
                            points=space.points_for(seeds))["gave_up"]
         spent += time.perf_counter() - t0
         study.set_user_attr("until_decisive", {"spent_s": spent, "seeds": seeds, "budget_s": budget_s})
-        still = evaluate(study, min_effect, precision)
+        still = evaluate(study, min_effect, precision, max_seeds)
         say(f"{len(seeds)} seeds, {spent / 60:.1f} of {budget_s / 60:.1f} min spent: "
-            + (f"{len(still)} comparison(s) wider than ±SESOI/2{wider}: {', '.join(still)}" if still
-               else "every comparison is precise"))
+            + (f"{len(still)} comparison(s) short of their planned seeds (±SESOI/2{wider}): "
+               f"{', '.join(still)}" if still else "every comparison has its planned seeds"))
         reason = should_stop(still, len(seeds), round_seeds, max_seeds, len(gave_up), max_failures)
         if reason is not None:
             break

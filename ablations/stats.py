@@ -86,10 +86,12 @@ def mde(sd: float, n: int, alpha: float = ALPHA, power: float = POWER) -> float:
 
 @dataclass
 class Paired:
-    """A paired comparison: ``mean`` [``lo``, ``hi``] (95%) of the per-seed differences ``values``, their
-    ``sd``, ``n`` pairs and (computed when asked) the ``mde``; for a ratio metric (``log=True``) all are on
-    the log scale and :meth:`as_dict` reports exp(mean) [exp(lo), exp(hi)] and the MDE as a factor
-    exp(mde). The verdict on it is ``ablations.verdicts.verdict``."""
+    """A paired comparison: ``mean`` [``lo``, ``hi``] (95%) of the per-seed differences ``values`` (of
+    ``seeds``), their ``sd``, ``n`` pairs and (computed when asked) the ``mde``; for a ratio metric
+    (``log=True``) all are on the log scale and :meth:`as_dict` reports exp(mean) [exp(lo), exp(hi)] and the
+    MDE as a factor exp(mde). ``df`` is the t-distribution's degrees of freedom: n − 1, or for Stein's
+    two-stage comparison (:func:`stein`) the first stage's n₀ − 1 with ``sd`` the first stage's SD. The
+    verdict on it is ``ablations.verdicts.verdict``."""
 
     mean: float
     lo: float
@@ -98,6 +100,12 @@ class Paired:
     n: int
     log: bool = False
     values: tuple[float, ...] = ()
+    seeds: tuple = ()
+    df: int | None = None
+
+    @property
+    def dof(self) -> int:
+        return self.n - 1 if self.df is None else self.df
 
     @functools.cached_property
     def mde(self) -> float:
@@ -105,8 +113,12 @@ class Paired:
         return mde(self.sd, self.n)
 
     def interval(self, confidence: float) -> tuple[float, float]:
-        """The two-sided Student-t interval of the mean difference at ``confidence`` (NaN under 2 pairs)."""
-        return t_interval(self.values, confidence)[1:]
+        """The two-sided t interval of the mean difference at ``confidence``, mean ± t(df)·sd/√n (NaN
+        under 2 pairs)."""
+        if self.n < 2 or self.dof < 1 or not np.isfinite(self.sd):
+            return (math.nan, math.nan)
+        half = _t_quantile(0.5 + confidence / 2, self.dof) * self.sd / math.sqrt(self.n)
+        return (self.mean - half, self.mean + half)
 
     def excludes_null(self) -> bool | None:
         """Whether the 95% interval excludes no difference (None when the interval is n/a)."""
@@ -118,7 +130,8 @@ class Paired:
         f = math.exp if self.log else float
         out = {k: f(v) if np.isfinite(v) else math.nan for k, v in
                (("mean", self.mean), ("lo", self.lo), ("hi", self.hi), ("mde", self.mde))}
-        return {**out, "n": self.n}
+        out = {**out, "n": self.n}
+        return out if self.df is None else {**out, "df": self.df, "stein": True}
 
 
 def paired(a: dict, b: dict, log: bool = False, confidence: float = 1 - ALPHA) -> Paired:
@@ -135,10 +148,42 @@ def paired(a: dict, b: dict, log: bool = False, confidence: float = 1 - ALPHA) -
 
 def differences(d: dict, log: bool = False, confidence: float = 1 - ALPHA) -> Paired:
     """The comparison from per-seed differences ``d`` already taken (log ratios with ``log``)."""
-    x = _finite(d.values())
+    kept = {k: float(v) for k, v in d.items() if v is not None and np.isfinite(v)}
+    x = np.asarray(list(kept.values()), dtype=float)
     mean, lo, hi = t_interval(x, confidence)
     sd = float(x.std(ddof=1)) if len(x) >= 2 else math.nan
-    return Paired(mean, lo, hi, sd, len(x), log, tuple(x.tolist()))
+    return Paired(mean, lo, hi, sd, len(x), log, tuple(x.tolist()), tuple(kept))
+
+
+def stein(p: Paired, first: set, confidence: float = 1 - ALPHA) -> Paired:
+    """Stein's two-stage comparison (Stein 1945) of a study whose later seeds were added by a rule that
+    looked at its first-stage seeds ``first`` only: the mean over every seed, with the first stage's SD s₀
+    and n₀ − 1 degrees of freedom, t = mean·√n / s₀. With normal differences this t is exactly Student's t
+    with n₀ − 1 df whatever the number of seeds the rule chose. ``p`` itself when every seed is in the
+    first stage (a fixed-n study) or the first stage has under 2 seeds."""
+    s0, n0 = first_stage(p, first)
+    if n0 < 2 or n0 == p.n:
+        return p
+    out = Paired(p.mean, math.nan, math.nan, s0, p.n, p.log, p.values, p.seeds, n0 - 1)
+    out.lo, out.hi = out.interval(confidence)
+    return out
+
+
+def first_stage(p: Paired, first: set) -> tuple[float, int]:
+    """(SD, n) of the per-seed differences of the first-stage seeds ``first`` (NaN SD under 2)."""
+    x0 = [v for k, v in zip(p.seeds, p.values, strict=True) if k in first]
+    return (float(np.std(x0, ddof=1)) if len(x0) >= 2 else math.nan), len(x0)
+
+
+def stein_seeds(sd0: float, n0: int, half_width: float, max_seeds: int) -> int:
+    """Stein's second stage: the fewest seeds n ≥ n₀ whose interval t_{n₀−1}·s₀/√n has at most
+    ``half_width`` (95%), capped at ``max_seeds``; a function of the first stage's SD only."""
+    if n0 < 2 or not np.isfinite(sd0) or (half_width <= 0 and sd0 > 0):
+        return max_seeds
+    if sd0 == 0:
+        return n0
+    need = math.ceil((_t_quantile(1 - ALPHA / 2, n0 - 1) * sd0 / half_width) ** 2)
+    return int(min(max(n0, need), max_seeds))
 
 
 def clip_stats(norms, max_norm: float | None) -> dict[str, float | None]:

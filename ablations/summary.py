@@ -14,7 +14,8 @@ and verdicts). Strict JSON: a figure that is undefined (an interval under 2 seed
                              "final_acc_diff", "steps_diff", "snr_ratio", "hard_share_diff",
                              "mde": {metric: x}, "verdict": {metric: code}, "verdict_text": {metric: text},
                              "verdicts": {metric: {"code", "size", "p", "p_equiv", "p_holm", "p_equiv_holm",
-                                                   "seeds_needed", "role"}}, "settled", "precise"}},
+                                                   "seeds_needed", "role"}}, "settled", "seeds_planned",
+                             "precise"}},
      "family": {"metrics", "correction", "members"}, "claims": {name: {"statement", "lines": [...]}},
      "controls": {"positive": {..., "passed"}, "aa": {..., "passed"}}, "decisive", "precise",
      "snr_precision": {"target", "widest": {"comparison", "point", "half_width"}, "met"}}
@@ -28,8 +29,10 @@ geometric mean) and its ``mde`` a factor (1.15: ratios beyond ×1.15 or below ÷
 all are within the study's target (``--snr-precision``; ``{"target", "widest", "met"}``). A verdict
 (``verdicts.verdict``) is ``holds``, ``opposite``, ``equivalent`` or ``cannot tell``; ``role`` says whether
 the metric is in the declared family (``primary``, Holm-adjusted), ``exploratory`` or a ``control``
-(``judge.py``). ``decisive``: no primary comparison is *cannot tell*; ``precise``: every deciding metric
-meets the sequential stopping rule (``verdicts.precise``).
+(``judge.py``). ``decisive``: no primary comparison is *cannot tell*; ``seeds_planned``: the seeds the
+sequential rule plans from the first stage (the grid's seeds; ``verdicts.planned_seeds``), ``precise``:
+every comparison has them. In a study grown past its grid's seeds every test is Stein's two-stage one
+(``stats.stein``: the first stage's SD, its n₀ − 1 df; ``df`` and ``stein`` in the metric's entry).
 """
 
 from __future__ import annotations
@@ -61,7 +64,16 @@ from ablations.runs import (
     probe_view,
     snr_difference_by_seed,
 )
-from ablations.stats import Paired, differences, interval_dict, paired, t_interval
+from ablations.stats import (
+    Paired,
+    differences,
+    first_stage,
+    interval_dict,
+    paired,
+    stein,
+    stein_seeds,
+    t_interval,
+)
 
 # The smallest effect worth detecting, per comparison metric (reward units; snr_ratio relative: 0.10 = ×1.10).
 DEFAULT_MIN_EFFECT = {"auc_diff": 0.02, "lift_diff": 0.03, "hard_lift_diff": 0.03, "final_acc_diff": 0.05,
@@ -101,9 +113,12 @@ def group_entry(runs: list[Run], view: ProbeView | None, label: str) -> dict[str
 
 
 def compare(by_group: dict[str, list[Run]], view: ProbeView | None, g: str, b: str,
-            kind: str) -> tuple[dict[str, Any], dict[str, tuple[Paired, bool]]]:
+            kind: str, first: set) -> tuple[dict[str, Any], dict[str, tuple[Paired, bool]]]:
     """One comparison: every metric paired by seed (``{metric: (Paired, higher_is_better)}``, the tests
-    ``judge.judge`` turns into verdicts) and its entry of ``summary.json`` without the verdicts yet."""
+    ``judge.judge`` turns into verdicts) and its entry of ``summary.json`` without the verdicts yet. Seeds
+    beyond the first stage ``first`` (added by ``--until-decisive``) make every test Stein's two-stage one
+    (``stats.stein``); each SNR ratio records its first stage's SD (``sd0``, ``n0``) for the rounds'
+    planning."""
     seeds = {r.seed for r in by_group[g]} & {r.seed for r in by_group[b]}
     out: dict[str, Any] = {"group": g, "baseline": b, "kind": kind, "n": len(seeds), "mde": {}}
     tests = {}
@@ -114,6 +129,7 @@ def compare(by_group: dict[str, list[Run]], view: ProbeView | None, g: str, b: s
     if probed:
         tests["snr_ratio"] = (differences(view.log_ratios(g, b), log=True), True)
         tests["hard_share_diff"] = (paired(view.values(g, "hard_share"), view.values(b, "hard_share")), True)
+    tests = {name: (stein(p, first), higher) for name, (p, higher) in tests.items()}
     for name, (p, _) in tests.items():
         out[name] = p.as_dict()
         out["mde"][name] = out[name]["mde"]
@@ -123,8 +139,11 @@ def compare(by_group: dict[str, list[Run]], view: ProbeView | None, g: str, b: s
         out["snr_ratio"]["probe_points"] = len(hw)
     if probed:  # the same ratio at each probe point alone (the warm start; each trial's end)
         points = {f"{f:g}": f for f in probe_fractions(view.runs)}
-        out["snr_ratio"]["by_point"] = {k: differences(view.log_ratios(g, b, f), log=True).as_dict()
-                                        for k, f in points.items()}
+        by_point = {k: differences(view.log_ratios(g, b, f), log=True) for k, f in points.items()}
+        out["snr_ratio"]["by_point"] = {k: stein(p, first).as_dict() for k, p in by_point.items()}
+        for entry, p in [(out["snr_ratio"], tests["snr_ratio"][0]),
+                         *((out["snr_ratio"]["by_point"][k], p) for k, p in by_point.items())]:
+            entry["sd0"], entry["n0"] = first_stage(p, first)
         for entry in (out["snr_ratio"], *out["snr_ratio"]["by_point"].values()):
             entry["half_width"] = relative_half_width(entry)
         if view.same_params:  # is the probe or the seeds' spread what limits each interval?
@@ -159,9 +178,13 @@ def snr_precision(comparisons: dict, target: float | None) -> dict[str, Any]:
     return {"target": target, "widest": widest, "met": met}
 
 
-def imprecise(comparison: dict, target: float) -> bool:
-    """Whether any of the comparison's SNR ratios (pooled, or at a probe point) is wider than ``target``."""
-    return snr_precision({"c": comparison}, target)["met"] is False
+def precision_seeds(comparison: dict, target: float, max_seeds: int) -> int:
+    """The seeds at which every SNR ratio of the comparison (pooled, and at each probe point) would be within
+    ±``target`` of the ratio, planned from its first stage's SD (``sd0``, ``n0``; Stein's second stage):
+    a relative half-width sinh(h) ≤ target on the log scale."""
+    entries = [comparison["snr_ratio"], *comparison["snr_ratio"].get("by_point", {}).values()]
+    return max((stein_seeds(_num(e.get("sd0")), int(e.get("n0") or 0), math.asinh(target), max_seeds)
+                for e in entries), default=0)
 
 
 def noise_share(log_ratios: dict, probe_variances: dict) -> float:
@@ -264,14 +287,16 @@ def build_summary(study: optuna.Study, min_effect: dict[str, float] | None = Non
     out["baseline_map"] = baseline_map_summary(runs)  # ablations/baseline_map.py
     specs = space.get("comparisons") or [{"label": g, "group": None, "baseline": None, "kind": "comparison"}
                                          for g in groups if g != base]
+    # the first stage: the grid's seeds; seeds beyond them were added by --until-decisive (Stein's rule)
+    first = set((space.get("grid") or {}).get("seed") or [r.seed for r in runs])
     entries = {}
     for spec in specs if space.get("grid") else []:
         g = spec["label"] if spec["group"] is None else group_of(runs, spec["group"])
         b = base if spec["baseline"] is None else group_of(runs, spec["baseline"])
         if g in by_group and b in by_group:
-            entries[spec["label"]] = compare(by_group, view, g, b, spec["kind"])
+            entries[spec["label"]] = compare(by_group, view, g, b, spec["kind"], first)
     estimators = _estimator_study(space, base)
-    judge(entries, effects, family_metrics(estimators))
+    judge(entries, effects, family_metrics(estimators), first)
     comparisons = out["comparisons"] = {label: c for label, (c, _) in entries.items()}
     out["family"] = {"metrics": list(family_metrics(estimators)), "correction": "holm",
                      "members": sum(v["role"] == "primary" for c in comparisons.values()

@@ -313,12 +313,15 @@ def test_snr_precision_by_hand(tmp_path):
     assert p["met"] is False and p["widest"] == {"comparison": "a", "point": "1", "half_width": 0.12}
     assert summ.snr_precision({"a": a, "b": b}, 0.15)["met"] is True
     assert summ.snr_precision({"a": a}, None)["met"] is None
-    assert summ.imprecise(a, 0.10) and not summ.imprecise(b, 0.10)
+    # --snr-precision plans Stein's seeds from each ratio's first-stage SD: the widest point decides
+    plan = {"snr_ratio": {"sd0": 0.05, "n0": 4, "by_point": {"0": {"sd0": 0.1, "n0": 4}}}}
+    expected = math.ceil((sps.t.ppf(0.975, 3) * 0.1 / math.asinh(0.10)) ** 2)
+    assert summ.precision_seeds(plan, 0.10, 4096) == expected == 11
+    assert summ.precision_seeds(plan, 0.10, 8) == 8  # capped at --max-seeds
     one_seed = {"snr_ratio": {**ratio(math.nan), "by_point": {}}}
     assert summ.snr_precision({"b": b, "c": one_seed}, 0.5)["widest"]["comparison"] == "c"
     assert "none (under 2 seeds with a ratio) (c, pooled)" in precision_sentence(
         summ.snr_precision({"b": b, "c": one_seed}, 0.5))
-    assert summ.imprecise(one_seed, 0.5)  # no interval is not within any target
     assert summ.snr_precision({}, 0.1) == {"target": 0.1, "widest": None, "met": None}
     assert precision_sentence(p) == (" Widest SNR-ratio interval: ±12.0% (a, at end); every SNR ratio, "
                                      "pooled and at each probe point, within ±10%: no.")

@@ -315,7 +315,7 @@ def _effect_objective(space, effects, sd=0.02, wall=10.0):
     return objective
 
 
-def test_until_decisive_adds_seeds_until_the_comparison_is_precise_and_resumes(tmp_path):
+def test_until_decisive_runs_steins_planned_seeds_and_resumes(tmp_path):
     from ablations.sequential import parse_duration, run_until_decisive
     from ablations.summary import DEFAULT_MIN_EFFECT, build_summary
 
@@ -323,17 +323,19 @@ def test_until_decisive_adds_seeds_until_the_comparison_is_precise_and_resumes(t
     assert durations == [1200, 90, 5400, 7]
     with pytest.raises(ValueError, match="not a duration"):
         parse_duration("soon")
-    space = Space(name="d", description="d", grid={"model.advantage": ["reward", "rloo"], "seed": [2, 3]},
-                  probe=None)
+    space = Space(name="d", description="d", probe=None,
+                  grid={"model.advantage": ["reward", "rloo"], "seed": [2, 3, 4, 5]})
     storage = make_storage(f"sqlite:///{tmp_path / 'd.db'}")
     study = open_study(space, "d", storage)
-    objective = _effect_objective(space, {"reward": 0.0, "rloo": 0.05}, sd=0.005)
+    objective = _effect_objective(space, {"reward": 0.0, "rloo": 0.05}, sd=0.008)
     out = run_until_decisive(study, space, objective, 1, 3600, DEFAULT_MIN_EFFECT, round_seeds=2,
                              say=lambda m: None, storage=storage)
-    assert out["reason"] == "every comparison is precise" and out["open"] == []
-    # the rounds stop on width: 2 seeds (t with 1 df) cannot give ±0.01; the last round's seeds can
-    auc = build_summary(study)["comparisons"]["rloo"]["auc_diff"]
-    assert (auc["hi"] - auc["lo"]) / 2 <= 0.01 and out["seeds"] == [2, 3, 4, 5, 6, 7]
+    assert out["reason"] == "every comparison has its planned seeds" and out["open"] == []
+    # Stein: seeds 2-5 (the grid: t with 3 df) plan the rest from their spread; the report tests with their SD
+    rloo = build_summary(study)["comparisons"]["rloo"]
+    assert rloo["auc_diff"]["stein"] and rloo["auc_diff"]["df"] == 3
+    n = len(out["seeds"])
+    assert rloo["seeds_planned"] > 4 and n >= rloo["seeds_planned"] > n - 2  # the last round was needed
     status = point_status(study.get_trials(), space.points_for(out["seeds"]))
     assert all(c["COMPLETE"] == 1 for c in status.values())
     n = len(study.get_trials())
@@ -346,7 +348,7 @@ def test_until_decisive_adds_seeds_until_the_comparison_is_precise_and_resumes(t
     out = run_until_decisive(null, space,
                              _effect_objective(space, {"reward": 0.0, "rloo": 0.0}, sd=0.2, wall=60.0),
                              2, 100, DEFAULT_MIN_EFFECT, say=lambda m: None, storage=storage)
-    assert out["reason"].startswith("budget") and out["open"] == ["rloo"] and out["seeds"] == [2, 3]
+    assert out["reason"].startswith("budget") and out["open"] == ["rloo"] and out["seeds"] == [2, 3, 4, 5]
 
 
 def test_shipped_ablate_configs_exist():
