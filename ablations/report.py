@@ -185,6 +185,8 @@ def point_ratio_lines(summary: dict, names: list[str], fractions: list[float]) -
     rows = []
     for c in summary["comparisons"].values():
         by_point = c.get("snr_ratio", {}).get("by_point") or {}
+        if not by_point:  # not probed (an A/A arm)
+            continue
         cells = []
         for f in fractions:
             d = by_point.get(f"{f:g}")
@@ -218,7 +220,7 @@ def probe_lines(by_group: dict[str, list[Run]], view: ProbeView, fractions: list
     md += point_ratio_lines(summary, names, fractions)
     md += ["| group | " + " | ".join(f"SNR @ {n}" for n in names) + " | "
           + " | ".join(f"hard share @ {n}" for n in names) + " |", "|" + "---|" * (2 * len(fractions) + 1)]
-    for g in by_group:
+    for g in view.by_group:  # the probed groups (an A/A arm trains without the probe)
         cells = [fmt_ci(t_interval(list(view.values(g, m, f).values())), spec)
                  for m, spec in (("snr", ".3g"), ("hard_share", ".3f"))
                  for f in fractions]
