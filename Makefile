@@ -41,10 +41,10 @@ tiny: install
 tensorboard: install
 	$(BIN)/tensorboard --logdir runs
 
-ablate: install ## the default study: 4 estimators x 8 seeds, report under runs/ablate/default/ (9 min on 2 cores)
+ablate: install ## the default study: 3 estimators + an A/A arm x 8 seeds, report under runs/ablate/default/ (docs/results.md: time)
 	$(BIN)/grpo-lab-ablate --space default
 
-ablate-precise: install ## the default study, then seeds in rounds until every SNR ratio is within ±10% (make ablate meets it here)
+ablate-precise: install ## the default study, then Stein's planned seeds for every SNR ratio within ±10% (docs/ablations.md)
 	$(BIN)/grpo-lab-ablate --space default --until-decisive --snr-precision 0.10 --budget 20m
 
 ablate-smoke: install

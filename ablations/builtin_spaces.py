@@ -29,7 +29,7 @@ register_space(Space(
     grid={"model.advantage": list(DEFAULT_ARMS), "seed": [0, 1, 2, 3, 4, 5, 6, 7]},
     presets={"model.advantage": DEFAULT_ARMS},
     # Sized so that every SNR ratio, at each probe point and pooled, comes within ±10% in under 10 minutes
-    # (issue 10; README, "How precise the SNR ratios are"). At the trials' ends most of the spread across
+    # (issue 10; docs/results.md, "How precise the SNR ratios"). At the trials' ends most of the spread across
     # seeds is the trained policies differing, which only more trained policies narrow: 8 seeds. To pay for
     # them, 150 of configs/ablate.yaml's 200 steps (lift still ≈ +0.2) and probe batches of 16 prompts (per
     # prompt ~30% cheaper than 8, intervals as wide at equal prompts): K = 32 at the ends (512 prompts), 64 at

@@ -48,7 +48,7 @@ from ablations.sequential import should_stop
 from ablations.stats import ALPHA, differences, mde, stein
 from ablations.verdicts import equivalence_margin, family_verdicts, margin, planned_seeds, verdict
 
-# SD of the per-seed paired differences in the default study (8 seeds; README "The main job"), and the
+# SD of the per-seed paired differences in the default study (8 seeds; docs/results.md), and the
 # SESOI of each metric (summary.DEFAULT_MIN_EFFECT; the SNR ratio's relative).
 SPREADS = {"auc_diff": 0.0077, "hard_lift_diff": 0.0165, "snr_ratio": 0.066}
 SESOI = {"auc_diff": 0.02, "hard_lift_diff": 0.03, "snr_ratio": 0.10}

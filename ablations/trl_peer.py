@@ -24,7 +24,8 @@ generator calls), so the two peers' curves agree only in distribution: the repor
 seeds, with intervals; and TRL's group-std ε, hard-coded ``(r - mean) / (std + 1e-4)`` against grpo_lab's
 1e-6 (at most 4e-4 relative on an advantage of 0/1 rewards with G = 16; no setting of either side changes
 it). Everything else computes the same step: seeded alike before a generation, the two sample the same
-completions, and on the same completions they take the same step (``tests/test_trl_peer.py``; README "Peer
+completions, and on the same completions they take the same step (``tests/test_trl_peer.py``;
+docs/peer_parity.md "Peer
 parity"). TRL validates nothing here, so a TRL trial has no ``val/acc_*``.
 """
 

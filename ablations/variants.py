@@ -1,4 +1,4 @@
-"""The `field` space's arms: the field's GRPO variants (README "The variants"), one factor at a time around
+"""The `field` space's arms: the field's GRPO variants (docs/variants.md), one factor at a time around
 GRPO.
 
 Data only (ablations/spaces.py registers the space). The baseline arm `grpo` is group_norm, token-level

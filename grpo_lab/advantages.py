@@ -1,6 +1,6 @@
 """Advantage estimators: rewards ``[P, G]`` -> advantages ``[P, G]``. Pure torch, no trainer state.
 
-The derivation (README, "From reward to advantage"):
+The derivation (docs/derivation.md, "From reward to advantage"):
 
 1. The surrogate objective is J(θ) = E_{q~p(Q), o~π_θ(·|q)}[R(o)].
 2. REINFORCE estimates ∇J = E[∇log π_θ(o|q) · R(o)]: the estimator ``"reward"`` weights each sampled

@@ -1,6 +1,6 @@
 """The GRPO policy loss and its variants: importance ratio, objective, KL, entropy, aggregation. Pure torch.
 
-From REINFORCE to GRPO (README, "The derivation"):
+From REINFORCE to GRPO (docs/derivation.md):
 
 - REINFORCE's gradient ∇J = E[∇log π_θ(o|q) · A] can be written with the identity trick as the gradient
   of E[(π_θ / π_θ.detach()) · A]: the ratio is 1 in value but carries ∇log π_θ. Replace the detached copy

@@ -1,4 +1,4 @@
-"""Step metrics as a pure function of what the step saw: the names are stable (README "Metrics")."""
+"""Step metrics as a pure function of what the step saw: the names are stable (docs/metrics.md)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """GRPOModule: one training step is rollout -> reward -> advantage -> loss. The math lives elsewhere.
 
-What this implements, top to bottom (README "The derivation" has the why):
+What this implements, top to bottom (docs/derivation.md has the why):
 
 1. Rollout: for each of the P queries of the batch sample G completions from the current policy
    (temperature, ``max_new_tokens``, stop at EOS) -> B = P·G sequences.
