@@ -48,41 +48,28 @@ a measurement the report needs.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shlex
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 import yaml
-from optuna.trial import FrozenTrial, TrialState
 
 from ablations import tensorboard_runs, timing
+from ablations.curves import trial_metrics
+from ablations.duplicates import check_duplicate
+from ablations.launch import PEERS, REPO_ROOT, execute, grpo_command, runs_in_process, trainer_settings
 from ablations.placement import DeviceSlots, devices_needed, trainer_overrides
 from ablations.pruning import pruned_at
 from ablations.spaces import Space
-from ablations.stats import clip_stats
-from ablations.worker import WorkerDied, WorkerPool
-from grpo_lab.environment import thread_env
+from ablations.worker import WorkerPool
 from grpo_lab.errors import UserError, UserFileNotFoundError
-from grpo_lab.processes import child_env, parent_death_preexec
-from grpo_lab.tensorboard_scalars import read_scalars
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CURVE_PREFIXES = ("train/reward", "val/acc_sampled", "val/acc_greedy")
-MAX_POINTS = 200
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
-
-
-class FitFailed(RuntimeError):
-    """A trial's ``grpo-lab fit`` exited non-zero (the message carries the tail of its ``fit.log``)."""
 
 
 # ---- the trial's config --------------------------------------------------------------------------------
@@ -138,216 +125,6 @@ def write_overlay(cfg: dict, path: Path, note: str = "") -> Path:
     path.write_text("# written by ablations/objective.py: one trial's overrides on its space's base config\n"
                     + (f"# {note}\n" if note else "") + yaml.safe_dump(cfg, sort_keys=False))
     return path
-
-
-PEERS = {"grpo_lab": "grpo_lab.cli", "trl": "ablations.trl_peer"}
-"""What trains a trial, by its ``peer`` param (the ``trl_parity`` space): grpo_lab, or TRL's GRPOTrainer on
-the same config (``ablations/trl_peer.py``, always in a process of its own)."""
-
-
-def grpo_command(sub: str, base_config: str, overlay: Path, module: str = "grpo_lab.cli") -> list[str]:
-    """``python -m grpo_lab.cli <sub> --config <base> --config <overlay>`` (base.yaml comes first by default);
-    ``module`` another entry point that takes the same arguments (``PEERS``)."""
-    return [sys.executable, "-m", module, sub, "--config", base_config, "--config", str(overlay)]
-
-
-# ---- running a fit -------------------------------------------------------------------------------------
-def launch(cmd: list[str], log_path: Path, threads: int, cwd: str | Path | None = None,
-           env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start ``cmd`` with its output in ``log_path`` and ``threads`` BLAS/OpenMP threads, tied to this
-    process's life (``grpo_lab.processes``): it, and every process it starts that calls ``die_with_parent``
-    (any grpo_lab entry point, e.g. a DDP fit's second rank), is SIGKILLed when the runner dies."""
-    env = {**child_env(), **thread_env(threads), **(env or {})}
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd,
-            preexec_fn=parent_death_preexec(),
-        )
-
-
-def log_tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def run_fit(cmd: list[str], log_path: Path, threads: int, cwd: str | Path | None = None,
-            env: dict[str, str] | None = None) -> None:
-    """Run ``cmd`` to completion (killing it if this thread is interrupted).
-
-    Raises ``FitFailed`` with the log's tail if the command exits non-zero.
-    """
-    proc = launch(cmd, log_path, threads, cwd, env)
-    try:
-        rc = proc.wait()
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    if rc != 0:
-        raise FitFailed(f"`{shlex.join(cmd)}` exited with {rc}; last lines of "
-                        f"{log_path}:\n{log_tail(log_path)}")
-
-
-def trainer_settings(base_config: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    """A trial's ``trainer`` settings after base.yaml, the space's base config and the trial's overrides."""
-    trainer: dict[str, Any] = {}
-    for path in (REPO_ROOT / "configs" / "base.yaml", base_config):
-        if Path(path).is_file():
-            trainer.update((yaml.safe_load(Path(path).read_text()) or {}).get("trainer") or {})
-    trainer.update({k.removeprefix("trainer."): v for k, v in overrides.items() if k.startswith("trainer.")})
-    return trainer
-
-
-def runs_in_process(base_config: str | Path, overrides: dict[str, Any]) -> bool:
-    """Whether a trial can run inside a worker (``ablations/worker.py``): one process, i.e. the Trainer's
-    strategy is ``auto`` and it has one device and one node, after base.yaml, the space's base config and
-    the trial's overrides. Several processes need their own: Lightning's DDP launcher starts the other
-    ranks by running ``sys.argv`` again, and ``torch.distributed``'s state would outlive the trial."""
-    trainer = trainer_settings(base_config, overrides)
-    return trainer.get("strategy", "auto") in ("auto", None) and str(trainer.get("devices", 1)) == "1" \
-        and str(trainer.get("num_nodes", 1)) == "1"
-
-
-def execute(cmd: list[str], log_path: Path, threads: int, pool: WorkerPool | None = None,
-            env: dict[str, str] | None = None, devices: list[str] | None = None) -> None:
-    """Run ``grpo_command(...)``: in a worker of ``pool`` (its arguments after ``-m grpo_lab.cli``), or as
-    its own process without one; ``devices``: on those GPUs only (``CUDA_VISIBLE_DEVICES``, a worker of
-    theirs). Raises ``FitFailed`` with the log's tail if it fails or its worker dies."""
-    visible = None if devices is None else ",".join(devices)  # its CUDA_VISIBLE_DEVICES
-    if visible is not None:
-        env = {**(env or {}), "CUDA_VISIBLE_DEVICES": visible}
-    if pool is None:
-        return run_fit(cmd, log_path, threads, env=env)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_path.write_bytes(b"")
-    try:
-        status = pool.run(cmd[3:], log_path, env, visible)
-    except WorkerDied as err:
-        raise FitFailed(f"{err}; last lines of {log_path}:\n{log_tail(log_path)}") from None
-    if status != 0:
-        raise FitFailed(f"`{shlex.join(cmd)}` exited with {status} in a worker; last lines of {log_path}:\n"
-                        f"{log_tail(log_path)}")
-
-
-# ---- metrics from the scalars --------------------------------------------------------------------------
-def moving_average(values: np.ndarray, window: int) -> np.ndarray:
-    """Trailing moving average (the first points average what there is so far)."""
-    values = np.asarray(values, dtype=float)
-    if window <= 1 or len(values) == 0:
-        return values
-    c = np.cumsum(np.insert(values, 0, 0.0))
-    idx = np.arange(1, len(values) + 1)
-    lo = np.maximum(0, idx - window)
-    return (c[idx] - c[lo]) / (idx - lo)
-
-
-def auc(points: list[tuple[int, float]]) -> float:
-    """Normalised area under a curve: trapezoid area / step span (a single point: its value)."""
-    if not points:
-        return float("nan")
-    steps, values = np.array(points, dtype=float).T
-    if len(steps) == 1 or steps[-1] == steps[0]:
-        return float(values.mean())
-    return float(np.trapezoid(values, steps) / (steps[-1] - steps[0]))
-
-
-def steps_to_threshold(points: list[tuple[int, float]], threshold: float,
-                       window: int | None = None) -> int | None:
-    """First step at which the mean of the last ``window`` values reaches ``threshold``; None if never.
-
-    Only full windows count (from the ``window``-th point on), so one lucky early batch does not count as
-    learned. The default window is a tenth of the curve, between 3 and 20 points.
-    """
-    if not points:
-        return None
-    steps, values = np.array(points, dtype=float).T
-    window = min(len(values), window or max(3, min(20, len(values) // 10)))
-    full = np.convolve(values, np.ones(window) / window, mode="valid")  # full[i] ends at point i + window - 1
-    hit = np.nonzero(full >= threshold)[0]
-    return int(steps[hit[0] + window - 1]) if len(hit) else None
-
-
-def downsample(points: list[tuple[int, float]], max_points: int = MAX_POINTS) -> list[list[float]]:
-    """At most ``max_points`` ``[step, value]`` pairs: consecutive points averaged in equal bins."""
-    if len(points) <= max_points:
-        return [[int(s), float(v)] for s, v in points]
-    arr = np.array(points, dtype=float)
-    return [[float(b[:, 0].mean()), float(b[:, 1].mean())] for b in np.array_split(arr, max_points)]
-
-
-def _dedup(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
-    """Sorted by step, the last value kept where a step was logged twice (e.g. a resumed event file)."""
-    return sorted(dict(points).items())
-
-
-def trial_metrics(logdir: Path, threshold: float) -> dict[str, Any]:
-    """The user attrs of a finished trial, from its TensorBoard scalars and ``probe.json``."""
-    scalars = {tag: _dedup(pts) for tag, pts in read_scalars(logdir).items()}
-    reward = scalars.get("train/reward")
-    if not reward:
-        raise FitFailed(f"no train/reward scalars under {logdir}; the fit logged nothing (see fit.log)")
-    probe_file = Path(logdir) / "probe.json"
-    probe = json.loads(probe_file.read_text()) if probe_file.is_file() else []
-    if isinstance(probe, dict):  # {"config": ..., "results": [rows]}
-        probe = probe.get("results", [])
-    return {
-        "auc": auc(reward),
-        "steps_to_threshold": steps_to_threshold(reward, threshold),
-        "final": {tag.removeprefix("val/acc_"): pts[-1][1]
-                  for tag, pts in scalars.items() if tag.startswith("val/acc_")},
-        "curves": {tag: downsample(pts) for tag, pts in scalars.items() if tag.startswith(CURVE_PREFIXES)},
-        "probe": probe,
-        "last_step": int(reward[-1][0]),
-        "grad_clip": clip_stats([v for _, v in scalars.get("train/grad_norm", [])], max_grad_norm(logdir)),
-    }
-
-
-def max_grad_norm(logdir: Path) -> float | None:
-    """``model.max_grad_norm`` of the fit's saved ``config.yaml`` (LightningCLI writes it to the log dir);
-    base.yaml's 1.0 when the file is missing."""
-    path = Path(logdir) / "config.yaml"
-    model = (yaml.safe_load(path.read_text()) or {}).get("model", {}) if path.is_file() else {}
-    return model.get("max_grad_norm", 1.0)
-
-
-# ---- duplicates ----------------------------------------------------------------------------------------
-def find_duplicate(trials: list[FrozenTrial], number: int, params: dict[str, Any],
-                   start) -> FrozenTrial | None:
-    """Another trial that owns ``params``: COMPLETE, or RUNNING and started before (start, number). A
-    RUNNING trial owns the point of its params, of its enqueued ``fixed_params``, or of its GridSampler
-    ``grid_id`` (with the same search space) when that is this trial's too: those are set before a trial
-    suggests its params, so a trial whose params are still being written is seen (GridSampler hands a
-    running point to a second worker once every point has started)."""
-    me = next((t for t in trials if t.number == number), None)
-    grid = _grid_point(me) if me is not None else None
-    for t in trials:
-        if t.number == number:
-            continue
-        if t.state == TrialState.COMPLETE and t.params == params:
-            return t
-        if t.state == TrialState.RUNNING and t.datetime_start is not None and start is not None:
-            owns = (t.params == params or t.system_attrs.get("fixed_params") == params
-                    or (grid is not None and _grid_point(t) == grid))
-            if owns and (t.datetime_start, t.number) < (start, number):
-                return t
-    return None
-
-
-def _grid_point(t: FrozenTrial) -> tuple | None:
-    """``(grid_id, search space)`` that GridSampler gave the trial, or None."""
-    attrs = t.system_attrs
-    return (attrs["grid_id"], attrs.get("search_space")) if "grid_id" in attrs else None
-
-
-def check_duplicate(trial: optuna.Trial, params: dict[str, Any]) -> None:
-    """Raise ``TrialPruned("duplicate of trial M")`` if another trial owns ``params`` (see the docstring)."""
-    dup = find_duplicate(trial.study.get_trials(deepcopy=False), trial.number, params, trial.datetime_start)
-    if dup is not None:
-        trial.set_user_attr("duplicate_of", dup.number)
-        raise optuna.TrialPruned(f"duplicate of trial {dup.number}")
 
 
 # ---- the objective -------------------------------------------------------------------------------------

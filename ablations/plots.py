@@ -12,7 +12,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from ablations.objective import moving_average
+from ablations.curves import moving_average
 from ablations.runs import ProbeView, Run
 from ablations.stats import t_half_width, t_interval
 

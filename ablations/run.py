@@ -74,11 +74,8 @@ import optuna
 import sqlalchemy.exc
 from optuna.trial import TrialState
 
-from ablations.objective import (
-    Objective,
-    log_tail,
-    runs_in_process,
-)
+from ablations.launch import log_tail, runs_in_process
+from ablations.objective import Objective
 from ablations.placement import (
     DeviceSlots,
     check_fits,

@@ -16,18 +16,8 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from ablations.objective import (
-    FitFailed,
-    Objective,
-    execute,
-    grpo_command,
-    log_tail,
-    resolve_config,
-    runs_in_process,
-    trainer_settings,
-    trial_overlay,
-    write_overlay,
-)
+from ablations.launch import FitFailed, execute, grpo_command, log_tail, runs_in_process, trainer_settings
+from ablations.objective import Objective, resolve_config, trial_overlay, write_overlay
 from ablations.placement import Placement, devices_needed, worker_devices
 from ablations.progress import StudyProgress, console, point_key, point_status
 from ablations.pruning import make_pruner

@@ -29,7 +29,7 @@ probe points on disk, imported user modules) hold values, not state: a hit gives
 ``tests/test_worker.py`` checks that every logged scalar of a trial run as the second trial of a worker
 equals that of the same trial in its own process. Trials that cannot run in-process (several processes:
 Lightning's DDP launcher starts the other ranks by running ``sys.argv`` again) keep their own process
-(``ablations.objective.runs_in_process``).
+(``ablations.launch.runs_in_process``).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ablations.objective import moving_average
+from ablations.curves import moving_average
 from grpo_lab.tensorboard_scalars import learning_lift, read_scalars
 
 

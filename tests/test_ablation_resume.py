@@ -12,6 +12,7 @@ import pytest
 from optuna.trial import TrialState
 
 from ablations import objective as obj
+from ablations.duplicates import find_duplicate
 from ablations.spaces import SPACES, ProbeSettings, Space
 from ablations.storage import beat_for_silent_trials, fail_stale, make_storage
 from ablations.study_loop import open_study
@@ -26,10 +27,10 @@ def test_find_duplicate_prefers_complete_then_the_earlier_running_trial():
     for i, t in enumerate(trials):
         t.number = i
     start = lambda s: datetime.datetime(2024, 1, 1) + datetime.timedelta(seconds=s)  # noqa: E731
-    assert obj.find_duplicate(trials, 9, q, start(9)).number == 0  # a COMPLETE one always wins
-    assert obj.find_duplicate(trials, 9, p, start(9)).number == 1  # an earlier RUNNING one wins
-    assert obj.find_duplicate(trials, 0, p, start(2)) is None  # a later RUNNING one does not; FAIL never does
-    assert obj.find_duplicate(trials, 1, p, start(5)) is None  # not a duplicate of itself
+    assert find_duplicate(trials, 9, q, start(9)).number == 0  # a COMPLETE one always wins
+    assert find_duplicate(trials, 9, p, start(9)).number == 1  # an earlier RUNNING one wins
+    assert find_duplicate(trials, 0, p, start(2)) is None  # a later RUNNING one does not; FAIL never does
+    assert find_duplicate(trials, 1, p, start(5)) is None  # not a duplicate of itself
 
 
 def test_a_trial_killed_before_its_first_heartbeat_goes_stale_once_a_runner_starts(tmp_path):
@@ -68,12 +69,12 @@ def test_a_running_trial_owns_its_grid_point_before_its_params_are_written():
     other.params.clear()
     first.number, second.number, other.number = 0, 1, 2
     start = lambda s: datetime.datetime(2024, 1, 1) + datetime.timedelta(seconds=s)  # noqa: E731
-    assert obj.find_duplicate([first, second], 1, p, start(2)).number == 0  # the later one gives up
-    assert obj.find_duplicate([first, second], 0, p, start(1)) is None  # the earlier one goes on
-    assert obj.find_duplicate([first, other], 2, {"model.advantage": "rloo", "seed": 1}, start(2)) is None
+    assert find_duplicate([first, second], 1, p, start(2)).number == 0  # the later one gives up
+    assert find_duplicate([first, second], 0, p, start(1)) is None  # the earlier one goes on
+    assert find_duplicate([first, other], 2, {"model.advantage": "rloo", "seed": 1}, start(2)) is None
     enqueued = running({}, 1, {"fixed_params": p})
     enqueued.number = 0
-    assert obj.find_duplicate([enqueued, second], 1, p, start(2)).number == 0
+    assert find_duplicate([enqueued, second], 1, p, start(2)).number == 0
 
 
 def test_a_duplicate_trial_is_pruned_before_any_fit(tmp_path):

@@ -19,6 +19,8 @@ import torch
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
+from ablations import curves, duplicates
+from ablations import launch as fits
 from ablations import objective as obj
 from ablations.progress import point_status
 from ablations.pruning import DEFAULT_PRUNER, StudyPruning, make_pruner, pruned_at
@@ -169,20 +171,20 @@ def test_every_runner_flag_has_help():
 # ---- objective helpers -------------------------------------------------------------------------------
 def test_curve_metrics_by_hand():
     line = [(s, s / 10) for s in range(11)]  # 0 -> 1 over 10 steps
-    assert obj.auc(line) == pytest.approx(0.5) and obj.auc([(3, 0.2)]) == 0.2
-    assert obj.steps_to_threshold(line, 0.5, window=3) == 6  # mean of steps 4, 5, 6 = 0.5
+    assert curves.auc(line) == pytest.approx(0.5) and curves.auc([(3, 0.2)]) == 0.2
+    assert curves.steps_to_threshold(line, 0.5, window=3) == 6  # mean of steps 4, 5, 6 = 0.5
     # a lucky start is not enough
-    assert obj.steps_to_threshold([(0, 1.0), (1, 0.0), (2, 0.0)], 0.9, window=3) is None
+    assert curves.steps_to_threshold([(0, 1.0), (1, 0.0), (2, 0.0)], 0.9, window=3) is None
     long = [(s, float(s % 2)) for s in range(1000)]
-    small = obj.downsample(long)
+    small = curves.downsample(long)
     assert len(small) == 200 and np.mean([v for _, v in small]) == pytest.approx(0.5)
     assert obj.nest({"model.advantage": "rloo", "model.policy.hidden_size": 8}) == {
         "model": {"advantage": "rloo", "policy": {"hidden_size": 8}}}
 
 
 def test_run_fit_raises_with_the_log_tail(tmp_path):
-    with pytest.raises(obj.FitFailed, match="(?s)exited with 3.*boom"):
-        obj.run_fit([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], tmp_path / "a.log",
+    with pytest.raises(fits.FitFailed, match="(?s)exited with 3.*boom"):
+        fits.run_fit([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], tmp_path / "a.log",
                     threads=1)
 
 
@@ -267,12 +269,12 @@ def _fake_objective(space, fail_first=(), always_fail=(), sleep=0.0):
 
     def objective(trial):
         params = space.suggest(trial)
-        obj.check_duplicate(trial, params)
+        duplicates.check_duplicate(trial, params)
         key = tuple(sorted(params.items()))
         seen[key] = seen.get(key, 0) + 1
         time.sleep(sleep)
         if key in always_fail or (key in fail_first and seen[key] == 1):
-            raise obj.FitFailed("on purpose")
+            raise fits.FitFailed("on purpose")
         trial.set_user_attr("pid", os.getpid())
         return 1.0
 
@@ -306,7 +308,7 @@ def _effect_objective(space, effects, sd=0.02, wall=10.0):
     """A fit-free objective whose AUC is 0.5 + effects[advantage] + a seeded N(0, sd) per (group, seed)."""
     def objective(trial):
         params = space.suggest(trial)
-        obj.check_duplicate(trial, params)
+        duplicates.check_duplicate(trial, params)
         rng = np.random.default_rng([params["seed"], sorted(effects).index(params["model.advantage"])])
         trial.set_user_attr("auc", 0.5 + effects[params["model.advantage"]] + float(rng.normal(0, sd)))
         trial.set_user_attr("wall_time_s", wall)

@@ -45,7 +45,7 @@ def test_child_env_fills_in_what_is_unset_and_extra_wins():
 def test_trial_and_worker_environments_come_from_the_one_rule(tmp_path, monkeypatch):
     """A trial's fit (``objective.launch``) and a worker (``WorkerPool.env``) get the offline variables, the
     thread count and the parent-death request from ``grpo_lab.environment`` and ``grpo_lab.processes``."""
-    from ablations.objective import launch
+    from ablations.launch import launch
     from ablations.worker import WorkerPool
     from grpo_lab import processes
 

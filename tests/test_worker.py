@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from ablations import launch as fits
 from ablations import objective as obj
 from ablations.spaces import SPACES
 from ablations.timing import CLASS_PATH as TIMING
@@ -40,7 +41,7 @@ def _trial_cmd(tmp: Path, params: dict, name: str) -> tuple[list[str], Path]:
         cb["init_args"]["cache_dir"] = None
     cfg["trainer"]["callbacks"].append({"class_path": TIMING})
     overlay = obj.write_overlay(cfg, tmp / f"{name}.yaml")
-    return obj.grpo_command("fit", obj.resolve_config(space.base_config), overlay), tmp / name
+    return fits.grpo_command("fit", obj.resolve_config(space.base_config), overlay), tmp / name
 
 
 def _probe_rows(logdir: Path) -> list[dict]:
@@ -55,7 +56,7 @@ def test_a_trial_logs_the_same_scalars_in_a_worker_after_another_trial_as_in_its
     bit."""
     trial, other = {"model.advantage": "reward", "seed": 0}, {"model.advantage": "rloo", "seed": 1}
     cmd, fresh = _trial_cmd(tmp_path, trial, "fresh")
-    obj.run_fit(cmd, fresh / "fit.log", threads=1)
+    fits.run_fit(cmd, fresh / "fit.log", threads=1)
     runs = []
     with WorkerPool(threads=1, log=tmp_path / "workers.log") as pool:
         for name, params in (("other", other), ("second", trial), ("third", trial)):
@@ -138,13 +139,13 @@ def test_a_killed_worker_fails_its_trial_and_the_next_trial_gets_a_fresh_one(tmp
 
 def test_only_single_process_trials_run_in_a_worker():
     base = obj.resolve_config("configs/ablate.yaml")
-    assert obj.runs_in_process(base, {"model.advantage": "rloo"})
+    assert fits.runs_in_process(base, {"model.advantage": "rloo"})
     space = SPACES["strategies"]
-    assert obj.runs_in_process(base, space.trial_overrides({"strategy": "single", "seed": 0}))
+    assert fits.runs_in_process(base, space.trial_overrides({"strategy": "single", "seed": 0}))
     for strategy in ("ddp1", "ddp2"):
-        assert not obj.runs_in_process(base, space.trial_overrides({"strategy": strategy, "seed": 0}))
-    assert not obj.runs_in_process(base, {"trainer.devices": 2})
-    assert not obj.runs_in_process(base, {"trainer.num_nodes": 2})
+        assert not fits.runs_in_process(base, space.trial_overrides({"strategy": strategy, "seed": 0}))
+    assert not fits.runs_in_process(base, {"trainer.devices": 2})
+    assert not fits.runs_in_process(base, {"trainer.num_nodes": 2})
 
 
 @pytest.mark.skipif(not processes.supported(), reason="PR_SET_PDEATHSIG is Linux only")
