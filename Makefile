@@ -3,7 +3,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 PYTHON  := $(BIN)/python
-# The offline environment variables are set by each program where it starts (grpo_lab/environment.py).
+# The offline environment variables are set by each program where it starts (grpo_lab/system/process_env.py).
 
 .PHONY: install test test-serial test-fast lint smoke tiny warmstart tensorboard ablate ablate-precise ablate-smoke bench gpu-wheels gpu-check-dry math-sample clean
 
@@ -67,7 +67,7 @@ gpu-check-dry: install ## bench/gpu_check.sh's steps on CPU at tiny sizes (JSON 
 	PYTHON=$(PYTHON) bash bench/gpu_check.sh --dry-run
 
 math-sample: install ## build the local Qwen2-architecture model and run configs/math_sample.yaml (wiring, not learning)
-	$(PYTHON) -m grpo_lab.build_model --arch qwen2 --out runs/models/qwen2-math --corpus examples/math_sample.jsonl
+	$(PYTHON) -m grpo_lab.model.build_model --arch qwen2 --out runs/models/qwen2-math --corpus examples/math_sample.jsonl
 	$(BIN)/grpo-lab fit --config configs/math_sample.yaml
 
 clean:

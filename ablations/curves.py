@@ -13,7 +13,7 @@ import yaml
 
 from ablations.launch import FitFailed
 from ablations.stats import clip_stats
-from grpo_lab.tensorboard_scalars import read_scalars
+from grpo_lab.train.tensorboard_scalars import read_scalars
 
 CURVE_PREFIXES = ("train/reward", "val/acc_sampled", "val/acc_greedy")
 MAX_POINTS = 200

@@ -13,8 +13,8 @@ from typing import Any
 import yaml
 
 from ablations.worker import WorkerDied, WorkerPool
-from grpo_lab.environment import thread_env
-from grpo_lab.processes import child_env, parent_death_preexec
+from grpo_lab.system.process_env import thread_env
+from grpo_lab.system.processes import child_env, parent_death_preexec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +37,8 @@ def grpo_command(sub: str, base_config: str, overlay: Path, module: str = "grpo_
 def launch(cmd: list[str], log_path: Path, threads: int, cwd: str | Path | None = None,
            env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``cmd`` with its output in ``log_path`` and ``threads`` BLAS/OpenMP threads, tied to this
-    process's life (``grpo_lab.processes``): it, and every process it starts that calls ``die_with_parent``
+    process's life (``grpo_lab.system.processes``): it, and every process it starts that calls
+    ``die_with_parent``
     (any grpo_lab entry point, e.g. a DDP fit's second rank), is SIGKILLed when the runner dies."""
     env = {**child_env(), **thread_env(threads), **(env or {})}
     log_path.parent.mkdir(parents=True, exist_ok=True)

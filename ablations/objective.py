@@ -19,7 +19,8 @@ For trial N of study S the objective
    as ``python -m grpo_lab.cli fit ...`` in a process of its own (a DDP trial, or ``--no-reuse``), with
    ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` set to the runner's threads per worker. Either way the command
    is stored as the trial's ``command`` user attr (to rerun by hand from the same directory), and, on
-   Linux, ``PR_SET_PDEATHSIG`` (``grpo_lab.processes``) ties the worker or the fit, and every process it
+   Linux, ``PR_SET_PDEATHSIG`` (``grpo_lab.system.processes``) ties the worker or the fit, and every
+   process it
    starts (a DDP trial's second rank), to the runner: a SIGKILLed runner leaves no orphans behind. A fit
    that fails, or a worker that dies during the trial, raises ``FitFailed`` (the trial fails and is retried);
 5. reads the scalars back and returns the AUC of the reward curve (the mean ``train/reward`` over
@@ -67,7 +68,7 @@ from ablations.placement import DeviceSlots, devices_needed, trainer_overrides
 from ablations.pruning import pruned_at
 from ablations.spaces import Space
 from ablations.worker import WorkerPool
-from grpo_lab.errors import UserError, UserFileNotFoundError
+from grpo_lab.system.errors import UserError, UserFileNotFoundError
 
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 

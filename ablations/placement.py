@@ -23,7 +23,7 @@ from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from grpo_lab.errors import UserError
+from grpo_lab.system.errors import UserError
 
 ACCELERATORS = ("cpu", "gpu")
 

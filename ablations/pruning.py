@@ -30,7 +30,7 @@ from optuna_integration import PyTorchLightningPruningCallback
 
 from ablations.spaces import DEFAULT_PRUNER
 from ablations.storage import make_storage
-from grpo_lab.errors import UserError
+from grpo_lab.system.errors import UserError
 
 PRUNED_AT = "grpo_lab:pruned_at_step"
 

@@ -50,7 +50,8 @@ processes (DDP) run as their own ``python -m grpo_lab.cli fit`` process, and ``-
 that way. For several machines, start one runner per machine on a shared ``postgresql://`` storage.
 
 Every process a trial starts dies with the runner, the workers and a DDP trial's second rank included
-(``grpo_lab.processes``: each worker and fit, and each process it starts, is SIGKILLed by the kernel when its
+(``grpo_lab.system.processes``: each worker and fit, and each process it starts, is SIGKILLed by the kernel
+when its
 parent dies). DDP trials get the same ``OMP_NUM_THREADS`` per process, so run the ``strategies`` space with
 ``--n-jobs 1``.
 
@@ -108,8 +109,8 @@ from ablations.study_loop import (
 from ablations.summary import DEFAULT_MIN_EFFECT, add_wall_time, min_effects
 from ablations.timing import throughput
 from ablations.worker import WorkerPool
-from grpo_lab.entry import run_cli
-from grpo_lab.errors import UserError
+from grpo_lab.system.entry import run_cli
+from grpo_lab.system.errors import UserError
 
 
 # ---- command line --------------------------------------------------------------------------------------
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """``grpo-lab-ablate``: a bad flag, space or storage URL is one ``error:`` line and exit status 2
-    (``--debug`` for the traceback; see ``grpo_lab.errors``). Returns the exit status."""
+    (``--debug`` for the traceback; see ``grpo_lab.system.errors``). Returns the exit status."""
     return run_cli(_main, argv)
 
 

@@ -37,7 +37,7 @@ from optuna.trial import TrialState
 from ablations.spaces import Space
 from ablations.study_loop import run_grid
 from ablations.summary import build_summary, precision_seeds
-from grpo_lab.errors import UserError
+from grpo_lab.system.errors import UserError
 
 UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600}
 

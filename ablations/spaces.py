@@ -54,8 +54,8 @@ from typing import Any
 import optuna
 
 from grpo_lab.advantages import CLASSIC_ESTIMATORS
-from grpo_lab.errors import UserError
-from grpo_lab.registry import import_object, register
+from grpo_lab.system.errors import UserError
+from grpo_lab.system.registry import import_object, register
 
 DEFAULT_PRUNER: dict[str, Any] = {
     "class_path": "optuna.pruners.MedianPruner",
@@ -66,7 +66,8 @@ PROBE_CLASS = "grpo_lab.variance.GradientVarianceProbe"
 SEED_MAX = 2**31 - 1
 KINDS = ("comparison", "positive_control", "aa_control")
 POPULATIONS = ("networks", "one_network")
-WARM_START_SEED = 1234  # grpo_lab.warmstart.WarmStartConfig.seed's default: seed 0's network is the old one
+# grpo_lab.model.warmstart.WarmStartConfig.seed's default: seed 0's network is the old one
+WARM_START_SEED = 1234
 
 
 @dataclass(frozen=True)
@@ -331,7 +332,7 @@ SPACES: dict[str, Space] = {}
 def register_space(space: Space) -> Space:
     """Add ``space`` to the registry under ``space.name``. A name is taken once: another space under it raises
     ``ValueError``; the same space again (or an equal one, as a reloaded module re-creates it) replaces it
-    (``grpo_lab.registry.register``)."""
+    (``grpo_lab.system.registry.register``)."""
     return register(SPACES, space.name, space, "space")
 
 

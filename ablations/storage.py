@@ -29,7 +29,7 @@ import sqlalchemy.exc
 from optuna.storages import RDBStorage
 from sqlalchemy.engine import make_url
 
-from grpo_lab.errors import UserError
+from grpo_lab.system.errors import UserError
 
 STORAGE_ENV = "GRPO_LAB_STORAGE"
 """Environment variable the runner reads its storage URL from when ``--storage`` is not given."""

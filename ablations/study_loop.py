@@ -24,7 +24,7 @@ from ablations.pruning import make_pruner
 from ablations.spaces import Space
 from ablations.storage import fail_stale
 from ablations.worker import WorkerPool
-from grpo_lab.errors import UserError
+from grpo_lab.system.errors import UserError
 
 log = logging.getLogger("ablations")
 

@@ -8,7 +8,8 @@ compared within seed intervals (the ``trl_parity`` space; ``ablations/spaces.py`
 
 - **the same start**: the cached warm start that grpo_lab would load (``ensure_warm_start`` with the trial's
   policy, warm-start settings and dataset), loaded by TRL from that local directory in float32;
-- **the same data order**: grpo_lab's training order (``grpo_lab.data.EpochSampler``: a seeded permutation per
+- **the same data order**: grpo_lab's training order (``grpo_lab.data.datamodule.EpochSampler``: a seeded
+  permutation per
   epoch, ``data.seed``) written out as TRL's dataset, with TRL's own shuffling off, so step k of both sees
   the same P queries;
 - **the same hyperparameters**: G, P, max_new_tokens, temperature (top-k/top-p off), clip ε_low/ε_high, μ,
@@ -36,8 +37,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from grpo_lab.entry import run_cli
-from grpo_lab.errors import UserError
+from grpo_lab.system.entry import run_cli
+from grpo_lab.system.errors import UserError
 
 # grpo_lab's estimator -> TRL's scale_rewards (TRL always centres by the group mean), and aggregation ->
 # loss_type
@@ -90,7 +91,7 @@ def trl_settings(rl: dict[str, Any], optimizer: dict[str, Any] | None) -> dict[s
 
 def training_order(n: int, seed: int, prompts_per_step: int, steps: int) -> list[int]:
     """The indices of the first ``steps`` batches grpo_lab's data loader gives (drop_last per epoch)."""
-    from grpo_lab.data import EpochSampler
+    from grpo_lab.data.datamodule import EpochSampler
 
     order: list[int] = []
     epoch = 0
@@ -117,7 +118,7 @@ class RewardLog:
         self.__name__ = "grpo_lab_rewards"
 
     def __call__(self, completions: list[str], prompts: list[str] | None = None, **columns) -> list[float]:
-        from grpo_lab.rewards import score
+        from grpo_lab.rewards.scoring import score
 
         trl_only = ("completion_ids", "trainer_state", "log_extra", "log_metric")
         keep = {k: v for k, v in columns.items() if k not in trl_only}
@@ -148,7 +149,7 @@ def fit(argv: list[str]) -> RewardLog:
     from torch.utils.tensorboard import SummaryWriter
 
     from grpo_lab.cli import cli_main
-    from grpo_lab.warmstart import ensure_warm_start
+    from grpo_lab.model.warmstart import ensure_warm_start
 
     cli = cli_main(argv, run=False)
     module, dm, trainer = cli.model, cli.datamodule, cli.trainer

@@ -3,7 +3,7 @@ imported once per worker instead of once per trial (≈ 5.7 s of a 2-core Xeon's
 
 The runner side is :class:`WorkerPool`; the worker side is ``python -m ablations.worker`` (:func:`serve`).
 
-- A worker is started with ``grpo_lab.processes.child_env()`` and ``parent_death_preexec()``, from one
+- A worker is started with ``grpo_lab.system.processes.child_env()`` and ``parent_death_preexec()``, from one
   thread of the pool that lives as long as the pool (the kernel's parent-death signal follows the *thread*
   that forked, and Optuna's ``n_jobs`` threads end with each ``optimize`` call). So a SIGKILLed runner takes
   its workers down, and each worker calls ``die_with_parent()``, so whatever a worker starts dies with it.
@@ -48,8 +48,8 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from grpo_lab.environment import thread_env
-from grpo_lab.processes import child_env, parent_death_preexec
+from grpo_lab.system.process_env import thread_env
+from grpo_lab.system.processes import child_env, parent_death_preexec
 
 WORKER_MODULE = "ablations.worker"
 
@@ -139,7 +139,7 @@ def run_one(argv: list[str], log: str, env: dict[str, str], clean) -> int:
 
 def serve(threads: int) -> int:
     """The worker's loop: requests on stdin, replies on the original stdout, until stdin closes."""
-    from grpo_lab.processes import die_with_parent
+    from grpo_lab.system.processes import die_with_parent
 
     die_with_parent()
     # LightningCLI(args=...) warns about arguments on the command line: these are the worker's

@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from ablations.curves import moving_average
-from grpo_lab.tensorboard_scalars import learning_lift, read_scalars
+from grpo_lab.train.tensorboard_scalars import learning_lift, read_scalars
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,7 @@ failed or not, in this order (the later ones take what is left of the budget):
    matmul weights (hidden 768, 12 layers, 12 heads, MLP 3072, char vocabulary) on the arithmetic task, 50
    steps of P=16 x G=8 completions of up to 32 tokens, the device's default decode settings
    (``RLConfig.decode_settings``: on a GPU the compiled static-cache step): step time, completion tokens/s
-   (goal >= 3 x 7,013) and peak memory from ``grpo_lab.stepstats.StepStats``; it keeps ``last.ckpt``;
+   (goal >= 3 x 7,013) and peak memory from ``grpo_lab.train.stepstats.StepStats``; it keeps ``last.ckpt``;
 2. ``profile``: ``python -m bench.gpu_profile`` on the same shape: each decode path's rollout time (the path
    before issue 21, sliced, static eager, static compiled with prompts shared and not), and the whole training
    step with ``share_prompts`` on and off, each with a ``torch.profiler`` summary of one step (top kernels,
@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 from bench.machine import git_commit
-from grpo_lab.environment import child_env
+from grpo_lab.system.process_env import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = {"device": "cuda", "accelerator": "gpu", "precision": "bf16-mixed", "hidden_size": 768,
@@ -88,7 +88,7 @@ NO_CLIP = {"fsdp": "max_grad_norm null: Lightning's FSDPPrecision refuses gradie
 
 def fit_config(plan: dict, work: Path, name: str, strategy: str, steps: int, checkpoint: bool) -> dict:
     """The overlay on configs/base.yaml for one fit (written as JSON, which is YAML)."""
-    callbacks = [{"class_path": "grpo_lab.stepstats.StepStats",
+    callbacks = [{"class_path": "grpo_lab.train.stepstats.StepStats",
                   "init_args": {"out": str(work / f"{name}.stats.json"), "skip": 1}}]
     if checkpoint:
         callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",

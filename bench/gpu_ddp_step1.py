@@ -6,7 +6,7 @@ Six 2-step fits of the GPU check's 113M Llama (``bench.gpu_check``'s plan and ov
 bf16-mixed, each single-device, ``ddp`` and ``fsdp`` on the one GPU (``GPU_CHECK_DRY_RUN=1``: the CPU's
 tiny plan, without fsdp). A callback fingerprints, before each of the first
 two batches, the weights (sum), the CUDA and CPU generator states (md5) and the batch (md5); the results go
-to ``$OUT/gpu_ddp_step1.json`` (or ``runs/gpu_ddp_step1``). Before ``grpo_lab/rng.py`` the ddp runs had
+to ``$OUT/gpu_ddp_step1.json`` (or ``runs/gpu_ddp_step1``). Before ``grpo_lab/system/rng.py`` the ddp runs had
 the same weights, batch and CPU state as the single-device ones but another CUDA state (the policy's init
 re-seeded every CUDA generator; Lightning's ddp setup re-seeds them again), so step 1 sampled other
 completions; after it, step 1's loss, reward and gradient norm are equal (``bench/gpu_ddp_step1.json``).

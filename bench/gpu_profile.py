@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from grpo_lab.environment import configure_process
+from grpo_lab.system.process_env import configure_process
 
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     configure_process()
     import torch
 
-    from grpo_lab.policy import PolicyConfig, build_policy, save_policy
-    from grpo_lab.tasks import load_queries
+    from grpo_lab.data.tasks import load_queries
+    from grpo_lab.model.policy import PolicyConfig, build_policy, save_policy
 
     skip = set(args.skip.split(","))
     cfg = PolicyConfig(hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,

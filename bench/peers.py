@@ -34,7 +34,7 @@ import torch
 
 from bench.machine import cpu_snapshot, other_load
 from bench.work import grpo_module, grpo_trainer, query_data
-from grpo_lab.environment import configure_process
+from grpo_lab.system.process_env import configure_process
 
 RECORDING_REWARD = "bench_exact_match"  # grpo_lab's reward in the benchmark: exact_match, recording lengths
 
@@ -74,7 +74,7 @@ def _peak_rss_mb() -> float:
 
 
 def _queries(spec: dict) -> list[dict]:
-    from grpo_lab.tasks import load_queries
+    from grpo_lab.data.tasks import load_queries
 
     return load_queries(spec["dataset"], spec["num_train"], spec["seed"])
 
@@ -83,7 +83,7 @@ def run_grpo_lab(spec: dict) -> dict:
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
-    from grpo_lab.rewards import exact_match, register_reward
+    from grpo_lab.rewards.scoring import exact_match, register_reward
 
     lengths: list[list[int]] = []
     prompt_lens: list[int] = []
@@ -131,8 +131,8 @@ def run_trl(spec: dict) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from grpo_lab.rewards import exact_match
-    from grpo_lab.tokenizer import load_tokenizer
+    from grpo_lab.model.tokenizer import load_tokenizer
+    from grpo_lab.rewards.scoring import exact_match
 
     datasets.disable_progress_bars()
     lengths: list[list[int]] = []

@@ -24,7 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from bench.work import grpo_module, grpo_trainer, query_data, save_policy_for, shape_spec
-from grpo_lab.environment import configure_process
+from grpo_lab.system.process_env import configure_process
 
 FORWARD = {"decode": "model forward (decode, 1 token)", "prefill": "model forward (prefill / no-grad)",
            "train": "model forward (train, grad)"}

@@ -5,7 +5,8 @@ One run:
 1. measures the machine's matmul throughput (fp32 and bf16, square ``--matmul-size`` matrices, with the
    torch thread count the fits use): the fp32 peak is the FLOP limit results are expressed against;
 2. for each shape (``configs/bench.yaml``, ``configs/bench_tiny.yaml``) builds one random policy
-   (``grpo_lab.policy.build_policy(..., seed=0)``, saved as a local HF directory that both peers load) and
+   (``grpo_lab.model.policy.build_policy(..., seed=0)``, saved as a local HF directory that both peers
+   load) and
    times ``--warmup`` + ``--steps`` full training steps of each peer, each peer in its own process
    (``bench/peers.py``) so its peak RSS is its own; with ``--bf16`` also grpo_lab under
    ``precision=bf16-mixed``;
@@ -34,7 +35,7 @@ from pathlib import Path
 from bench.machine import busiest_others, git_commit, machine_info, matmul_gflops, versions, wait_for_quiet
 from bench.summary import flop_fraction, print_table, ratios, summarize, targets
 from bench.work import FLOP_FORMULA, ROOT, estimate_flops, save_policy_for, shape_spec
-from grpo_lab.environment import child_env, configure_process
+from grpo_lab.system.process_env import child_env, configure_process
 
 PEERS = ("grpo_lab", "trl")
 

@@ -81,7 +81,7 @@ def estimate_flops(spec: dict, prompt_len: float, vocab: int) -> dict:
 
 def save_policy_for(spec: dict, seed: int, out: Path) -> int:
     """Build the shape's random policy (``seed``) and save it as the HF directory ``out``; its vocab size."""
-    from grpo_lab.policy import PolicyConfig, build_policy, save_policy
+    from grpo_lab.model.policy import PolicyConfig, build_policy, save_policy
 
     cfg = PolicyConfig(hidden_size=spec["hidden_size"], num_layers=spec["num_layers"],
                        num_heads=spec["num_heads"], intermediate_size=spec["intermediate_size"],
@@ -96,9 +96,9 @@ def grpo_module(spec: dict, model_dir: str | Path, attn: str | None = None, **se
     attention kernel; ``settings``: further RL settings, e.g. ``rewards``)."""
     import torch
 
+    from grpo_lab.model.policy import PolicyConfig
+    from grpo_lab.model.warmstart import WarmStartConfig
     from grpo_lab.module import GRPOModule
-    from grpo_lab.policy import PolicyConfig
-    from grpo_lab.warmstart import WarmStartConfig
 
     lr = spec["lr"]
     return GRPOModule(
@@ -132,7 +132,7 @@ def grpo_trainer(steps: int, callbacks: list, bf16: bool, device: str = "cpu"):
 
 def query_data(spec: dict, num_train: int = 4096, seed: int = 0):
     """The shape's prompts: a ``QueryDataModule`` of P queries per step."""
-    from grpo_lab.data import QueryDataModule
+    from grpo_lab.data.datamodule import QueryDataModule
 
     return QueryDataModule(dataset=spec["dataset"], prompts_per_step=spec["prompts"], num_train=num_train,
                            num_val=16, seed=seed)

@@ -58,8 +58,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from grpo_lab.errors import UserError
-from grpo_lab.registry import lookup, register
+from grpo_lab.system.errors import UserError
+from grpo_lab.system.registry import lookup, register
 
 AdvantageFn = Callable[..., Tensor]  # fn(rewards[P, G], eps[, weights=[P, G]]) -> advantages[P, G]
 
@@ -94,7 +94,7 @@ def register_advantage(name: str, *, needs_group: bool = True) -> Callable[[Adva
 
     ``needs_group``: the estimator compares completions within a group, so it needs G >= 2, and a group
     with zero spread gets advantage exactly 0 (applied by :func:`compute_advantages`). A taken name raises
-    ``ValueError`` (``grpo_lab.registry.register``: the same function again replaces it).
+    ``ValueError`` (``grpo_lab.system.registry.register``: the same function again replaces it).
     """
 
     def decorator(fn: AdvantageFn) -> AdvantageFn:

@@ -18,12 +18,12 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from grpo_lab.data import QueryDataModule
-from grpo_lab.entry import run_cli
-from grpo_lab.errors import UserError, UserFileNotFoundError
+from grpo_lab.data.datamodule import QueryDataModule
+from grpo_lab.model.warmstart import ensure_warm_start
 from grpo_lab.module import GRPOModule
-from grpo_lab.rendezvous import choose_rendezvous_port
-from grpo_lab.warmstart import ensure_warm_start
+from grpo_lab.system.entry import run_cli
+from grpo_lab.system.errors import UserError, UserFileNotFoundError
+from grpo_lab.system.ports import choose_rendezvous_port
 
 BASE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "base.yaml"
 DEBUG_HELP = ("A mistake in the config or data prints one 'error: ...' line (exit status 2); --debug "
@@ -65,7 +65,7 @@ class GRPOCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """A multi-process fit on this machine gets its rendezvous port below the ephemeral range
-        (``grpo_lab/rendezvous.py``: Lightning's own pick can collide, EADDRINUSE)."""
+        (``grpo_lab/system/ports.py``: Lightning's own pick can collide, EADDRINUSE)."""
         choose_rendezvous_port(self.trainer)
 
     def instantiate_trainer(self, **kwargs):
@@ -142,7 +142,7 @@ def _main(argv: list[str] | None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """The ``grpo-lab`` command: a mistake in the config or data is one ``error:`` line and exit status 2
-    (``--debug`` for the traceback); see ``grpo_lab.errors``."""
+    (``--debug`` for the traceback); see ``grpo_lab.system.errors``."""
     run_cli(_main, argv)
 
 

@@ -15,10 +15,10 @@ import torch
 
 from grpo_lab.advantages import resolve_estimator
 from grpo_lab.decode import DecodeSettings
-from grpo_lab.errors import UserError
 from grpo_lab.losses import AGGREGATIONS, IMPORTANCE_LEVELS, KL_ESTIMATORS, OBJECTIVES, check_loss_settings
-from grpo_lab.registry import lookup
-from grpo_lab.rewards import REWARD_AGGREGATIONS
+from grpo_lab.rewards.scoring import REWARD_AGGREGATIONS
+from grpo_lab.system.errors import UserError
+from grpo_lab.system.registry import lookup
 
 
 @dataclass

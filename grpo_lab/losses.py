@@ -43,8 +43,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from grpo_lab.errors import UserError
-from grpo_lab.registry import lookup, registrar
+from grpo_lab.system.errors import UserError
+from grpo_lab.system.registry import lookup, registrar
 
 KLFn = Callable[[Tensor, Tensor], Tensor]
 AggregateFn = Callable[[Tensor, Tensor, "float | Tensor | None"], Tensor]

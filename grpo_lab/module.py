@@ -38,22 +38,22 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
 from grpo_lab.advantages import compute_advantages, logit_gradient_energy
-from grpo_lab.callbacks import ExactResume, NonFiniteGuard
 from grpo_lab.config import RLConfig
+from grpo_lab.data.dynamic_sampling import QueryStream, Sample, dynamic_sample
+from grpo_lab.data.tasks import Query
 from grpo_lab.decode import Decoder, enable_tf32
-from grpo_lab.distributed import min_over_processes, sum_over_processes, world_size
-from grpo_lab.errors import UserError, UserRuntimeError
 from grpo_lab.losses import aggregation_normalizer, policy_loss, sequence_kl
-from grpo_lab.metrics import step_metrics
-from grpo_lab.policy import PolicyConfig, build_policy
-from grpo_lab.rewards import check_reward_columns, load_reward, score_groups
+from grpo_lab.model.policy import PolicyConfig, build_policy
+from grpo_lab.model.warmstart import WarmStartConfig, load_weights, shared_warm_start
+from grpo_lab.rewards.scoring import check_reward_columns, load_reward, score_groups
 from grpo_lab.rollout import Rollout, generate, sequence_logprobs
-from grpo_lab.sampling import QueryStream, Sample, dynamic_sample
-from grpo_lab.tasks import Query
-from grpo_lab.timing import PhaseTimer
-from grpo_lab.updates import SeveralUpdates
-from grpo_lab.validation import SampledAccuracy
-from grpo_lab.warmstart import WarmStartConfig, load_weights, shared_warm_start
+from grpo_lab.system.errors import UserError, UserRuntimeError
+from grpo_lab.train.callbacks import ExactResume, NonFiniteGuard
+from grpo_lab.train.distributed import min_over_processes, sum_over_processes, world_size
+from grpo_lab.train.metrics import step_metrics
+from grpo_lab.train.phase_timer import PhaseTimer
+from grpo_lab.train.updates import SeveralUpdates
+from grpo_lab.train.validation import SampledAccuracy
 
 
 class GRPOModule(SampledAccuracy, SeveralUpdates, L.LightningModule):
@@ -205,7 +205,8 @@ class GRPOModule(SampledAccuracy, SeveralUpdates, L.LightningModule):
             return Sample(batch, rollout, rewards, batch, objective, sampled_tokens=rollout.num_tokens)
         if self.stream is None:
             raise UserRuntimeError("dynamic_sampling draws fresh queries from the training set: fit with a "
-                               "QueryDataModule, or set module.stream to a grpo_lab.sampling.QueryStream")
+                               "QueryDataModule, or set module.stream to a "
+                               "grpo_lab.data.dynamic_sampling.QueryStream")
         return dynamic_sample(batch, rollout, rewards, lambda q: self._rollout_and_reward(q)[:2],
                               self.stream.draw, self.rl.max_resample_rounds, self.tokenizer.pad_token_id,
                               lambda kept: min_over_processes(kept, self.device), seen_rewards=objective)

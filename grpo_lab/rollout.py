@@ -15,7 +15,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpo_lab.decode import Decoder, DecodeSettings, race_sample
-from grpo_lab.errors import UserError
+from grpo_lab.system.errors import UserError
 
 log = logging.getLogger(__name__)
 _UNSHARED: set[str] = set()  # model classes whose cache cannot be repeated (logged once each)

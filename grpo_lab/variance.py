@@ -25,8 +25,6 @@ from pathlib import Path
 
 import torch
 
-from grpo_lab.entry import run_cli
-from grpo_lab.errors import UserError, UserFileNotFoundError
 from grpo_lab.probe.cache import write_json as _write_json
 from grpo_lab.probe.callback import GradientVarianceProbe
 from grpo_lab.probe.core import (
@@ -37,7 +35,9 @@ from grpo_lab.probe.core import (
     probe,
 )
 from grpo_lab.probe.gradients import REFERENCE_AGGREGATION, batch_gradients, estimator_gradients
-from grpo_lab.probe.stats import gradient_statistics, gram_statistics
+from grpo_lab.probe.gram_stats import gradient_statistics, gram_statistics
+from grpo_lab.system.entry import run_cli
+from grpo_lab.system.errors import UserError, UserFileNotFoundError
 
 __all__ = ["DEFAULT_ESTIMATORS", "GradientVarianceProbe", "batch_gradients", "build_parser",
            "estimator_gradients", "gradient_statistics", "gram_statistics", "load_module", "main", "probe"]
@@ -130,9 +130,9 @@ def load_module(ckpt: str | Path, trust: bool = False):
     """``GRPOModule.load_from_checkpoint`` on CPU. By default with ``weights_only`` torch loading, the config
     dataclasses allow-listed; ``trust`` unpickles everything (a checkpoint whose hyperparameters hold other
     objects, such as an optimizer callable, needs it)."""
+    from grpo_lab.model.policy import PolicyConfig
+    from grpo_lab.model.warmstart import WarmStartConfig
     from grpo_lab.module import GRPOModule
-    from grpo_lab.policy import PolicyConfig
-    from grpo_lab.warmstart import WarmStartConfig
 
     if trust:
         return GRPOModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False)
@@ -148,13 +148,13 @@ def load_module(ckpt: str | Path, trust: bool = False):
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
     """``python -m grpo_lab.variance``: a bad checkpoint path or setting is one ``error:`` line and exit
-    status 2 (``--debug`` for the traceback; see ``grpo_lab.errors``). Returns the statistics."""
+    status 2 (``--debug`` for the traceback; see ``grpo_lab.system.errors``). Returns the statistics."""
     return run_cli(_main, argv)
 
 
 def _main(argv: list[str] | None) -> dict[str, dict[str, float | None]]:
     args = build_parser().parse_args(argv)
-    from grpo_lab.tasks import load_queries
+    from grpo_lab.data.tasks import load_queries
 
     if args.sketch_dim < 0:
         raise UserError(f"--sketch-dim must be >= 0 (0: the exact probe), got {args.sketch_dim}")

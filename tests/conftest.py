@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo_lab.environment import configure_process
+from grpo_lab.system.process_env import configure_process
 
 configure_process()  # the test suite is a program too: offline, transformers' logging at errors only
 ROOT = Path(__file__).resolve().parent.parent
@@ -14,7 +14,7 @@ CONFIGS = ROOT / "configs"
 
 def alive(pid: int) -> bool:
     """Alive and not a zombie (a killed child of a live parent stays a zombie until it is reaped), read from
-    /proc: the tests' own oracle, independent of ``grpo_lab.processes``."""
+    /proc: the tests' own oracle, independent of ``grpo_lab.system.processes``."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
@@ -99,6 +99,6 @@ def in_tmp(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_policy():
-    from grpo_lab.policy import PolicyConfig, build_policy
+    from grpo_lab.model.policy import PolicyConfig, build_policy
 
     return build_policy(PolicyConfig(hidden_size=32, num_layers=1, num_heads=2), seed=0)

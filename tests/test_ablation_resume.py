@@ -16,7 +16,7 @@ from ablations.duplicates import find_duplicate
 from ablations.spaces import SPACES, ProbeSettings, Space
 from ablations.storage import beat_for_silent_trials, fail_stale, make_storage
 from ablations.study_loop import open_study
-from grpo_lab.errors import UserError
+from grpo_lab.system.errors import UserError
 from tests.conftest import frozen_trial
 
 

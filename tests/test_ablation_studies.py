@@ -25,7 +25,7 @@ from ablations.spaces import SPACES, Space
 from ablations.storage import make_storage
 from ablations.study_loop import open_study, run_grid
 from ablations.tensorboard_runs import run_name
-from grpo_lab.tensorboard_scalars import read_scalars
+from grpo_lab.train.tensorboard_scalars import read_scalars
 from tests.conftest import ROOT, process_commands
 from tests.test_ablations import _fake_objective
 from tests.test_tensorboard import hparams_table

@@ -29,7 +29,7 @@ from ablations.spaces import SPACES, ProbeSettings, Space, get_space, register_s
 from ablations.storage import make_storage
 from ablations.study_loop import open_study, run_grid
 from grpo_lab.cli import cli_main
-from grpo_lab.errors import UserError
+from grpo_lab.system.errors import UserError
 from tests.conftest import CONFIGS, frozen_trial
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

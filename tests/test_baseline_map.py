@@ -17,7 +17,7 @@ from grpo_lab.probe.baseline_map import (
     point_map,
     quadratics,
 )
-from grpo_lab.probe.stats import gradient_statistics
+from grpo_lab.probe.gram_stats import gradient_statistics
 from tests.test_variance import _module, _queries
 
 COEF = 0.3

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from grpo_lab.build_model import ModelSpec, build_model, corpus_texts, main
-from grpo_lab.entry import run_cli
-from grpo_lab.policy import PolicyConfig, build_policy
-from grpo_lab.tokenizer import build_bpe_tokenizer, chat_prompt, load_tokenizer
+from grpo_lab.model.build_model import ModelSpec, build_model, corpus_texts, main
+from grpo_lab.model.policy import PolicyConfig, build_policy
+from grpo_lab.model.tokenizer import build_bpe_tokenizer, chat_prompt, load_tokenizer
+from grpo_lab.system.entry import run_cli
 from tests.conftest import ROOT
 
 SAMPLE = ROOT / "examples" / "math_sample.jsonl"

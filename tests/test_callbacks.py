@@ -12,7 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.plugins.precision import Precision
 
-from grpo_lab.callbacks import ExactResume, NonFiniteGuard
+from grpo_lab.train.callbacks import ExactResume, NonFiniteGuard
 
 
 def one_parameter(grad: list[float], precision: Precision | None = None):

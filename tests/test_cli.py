@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from grpo_lab.cli import cli_main
-from grpo_lab.tensorboard_scalars import learning_lift, read_scalars
+from grpo_lab.train.tensorboard_scalars import learning_lift, read_scalars
 from tests.conftest import CONFIGS, ROOT
 
 SHIPPED = sorted(p.name for p in CONFIGS.glob("*.yaml"))
@@ -15,7 +15,7 @@ def _local_model_args(name: str, tmp_path) -> list[str]:
     with the builder its comment names, from the config's dataset, so the test holds in a fresh clone."""
     import yaml
 
-    from grpo_lab.build_model import ModelSpec, build_model, corpus_texts
+    from grpo_lab.model.build_model import ModelSpec, build_model, corpus_texts
 
     cfg = yaml.safe_load((CONFIGS / name).read_text()) or {}
     pretrained = ((cfg.get("model") or {}).get("policy") or {}).get("pretrained")

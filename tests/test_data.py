@@ -3,7 +3,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from grpo_lab.data import QueryDataModule
+from grpo_lab.data.datamodule import QueryDataModule
 
 
 def test_seeded_splits_and_order():
@@ -42,7 +42,7 @@ def test_too_few_queries_and_bad_p():
 
 
 def _epoch_batches(n, p, world, rank, skip=0):
-    from grpo_lab.data import EpochSampler
+    from grpo_lab.data.datamodule import EpochSampler
 
     s = EpochSampler(n, seed=3, epoch_fn=lambda: 0, skip_fn=lambda e: skip, batch=p, rank=rank, world=world)
     order = list(s)
@@ -97,8 +97,8 @@ def test_lightning_keeps_the_sampler_under_ddp(tmp_path):
 
 
 def _chat_trainer(tmp_path, template=True, ws_chat=False, ws_steps=0):
-    from grpo_lab.tokenizer import build_bpe_tokenizer, load_tokenizer
-    from grpo_lab.warmstart import WarmStartConfig
+    from grpo_lab.model.tokenizer import build_bpe_tokenizer, load_tokenizer
+    from grpo_lab.model.warmstart import WarmStartConfig
 
     text = ("{% for m in messages %}<|im_start|>{{ m['role'] }}:{{ m['content'] }}<|im_end|>{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant:{% endif %}")

@@ -9,9 +9,9 @@ from transformers import LlamaForCausalLM
 
 from grpo_lab.config import RLConfig
 from grpo_lab.decode import Decoder, DecodeSettings, SlicedLayer, enable_tf32, race_sample, static_slots
-from grpo_lab.errors import UserError
-from grpo_lab.policy import PolicyConfig, build_policy
+from grpo_lab.model.policy import PolicyConfig, build_policy
 from grpo_lab.rollout import generate, sequence_logprobs
+from grpo_lab.system.errors import UserError
 
 PROMPTS = ["12+34=", "5+6=", "123+4=", "7"]
 

@@ -12,8 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from grpo_lab.advantages import compute_advantages
+from grpo_lab.model.policy import PolicyConfig
 from grpo_lab.module import GRPOModule
-from grpo_lab.policy import PolicyConfig
 from tests.conftest import CONFIGS, ROOT
 
 AGGREGATIONS = ("token_mean", "sequence_mean", "constant")

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from grpo_lab.environment import OFFLINE_ENV, child_env
+from grpo_lab.system.process_env import OFFLINE_ENV, child_env
 from tests.conftest import ROOT
 
 PROGRAM = """
@@ -15,7 +15,7 @@ before = dict(os.environ)
 import grpo_lab, grpo_lab.cli, grpo_lab.module, grpo_lab.variance
 from transformers.utils import logging
 on_import = {"environ_unchanged": dict(os.environ) == before, "verbosity": logging.get_verbosity()}
-from grpo_lab.environment import configure_process
+from grpo_lab.system.process_env import configure_process
 configure_process()
 after = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "HF_DATASETS_OFFLINE")}
 print(json.dumps({**on_import, "after": after, "verbosity_after": logging.get_verbosity()}))
@@ -44,11 +44,11 @@ def test_child_env_fills_in_what_is_unset_and_extra_wins():
 
 def test_trial_and_worker_environments_come_from_the_one_rule(tmp_path, monkeypatch):
     """A trial's fit (``objective.launch``) and a worker (``WorkerPool.env``) get the offline variables, the
-    thread count and the parent-death request from ``grpo_lab.environment`` and ``grpo_lab.processes``."""
+    thread count and the parent-death request from ``grpo_lab.system.process_env`` and
+    ``grpo_lab.system.processes``."""
     from ablations.launch import launch
     from ablations.worker import WorkerPool
-    from grpo_lab import processes
-
+    from grpo_lab.system import processes
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")  # the user's own value wins here too
     worker = WorkerPool(3, tmp_path / "workers.log").env()

@@ -15,9 +15,9 @@ import pytest
 from ablations.run import main as ablate_main
 from ablations.spaces import Space
 from grpo_lab import cli
-from grpo_lab.data import QueryDataModule
-from grpo_lab.entry import run_cli
-from grpo_lab.errors import DEBUG_ENV, UserError, UserFileNotFoundError, UserRuntimeError, error_line
+from grpo_lab.data.datamodule import QueryDataModule
+from grpo_lab.system.entry import run_cli
+from grpo_lab.system.errors import DEBUG_ENV, UserError, UserFileNotFoundError, UserRuntimeError, error_line
 from grpo_lab.variance import main as probe_main
 from tests.conftest import CONFIGS, ROOT
 
@@ -283,4 +283,4 @@ def test_grpo_lab_command_one_line_then_traceback_with_debug(tmp_path, ws):
     assert "Traceback" not in res.stderr
     res = _run([*cmd, "--debug"], tmp_path)  # taken out before LightningCLI parses: not an unknown option
     assert res.returncode == 1 and "Traceback" in res.stderr
-    assert "grpo_lab.errors.UserError: bad.jsonl:3" in res.stderr
+    assert "grpo_lab.system.errors.UserError: bad.jsonl:3" in res.stderr

@@ -19,10 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from grpo_lab.entry import run_cli
-from grpo_lab.policy import PolicyConfig, build_policy
-from grpo_lab.probe.cache import cached
-from grpo_lab.warmstart import (
+from grpo_lab.model.policy import PolicyConfig, build_policy
+from grpo_lab.model.warmstart import (
     MARKER,
     WarmStartConfig,
     check_entry,
@@ -30,6 +28,8 @@ from grpo_lab.warmstart import (
     load_weights,
     warm_start_dir,
 )
+from grpo_lab.probe.cache import cached
+from grpo_lab.system.entry import run_cli
 from tests.conftest import CONFIGS, ROOT
 
 SMALL = PolicyConfig(hidden_size=32, num_layers=1, num_heads=2)
@@ -79,7 +79,7 @@ def test_a_damaged_warm_start_is_moved_aside_and_built_again(tmp_path, caplog, d
     else:
         (path / MARKER).unlink()
     assert check_entry(path) is not None
-    with caplog.at_level(logging.WARNING, logger="grpo_lab.warmstart"):
+    with caplog.at_level(logging.WARNING, logger="grpo_lab.model.warmstart"):
         assert ensure_warm_start(SMALL, cfg, "arithmetic") == path
     (line,) = _warnings(caplog)
     assert str(path) in line and "moved to" in line and "\n" not in line
@@ -94,7 +94,8 @@ def test_a_warm_start_killed_during_its_save_is_never_loaded(tmp_path, caplog):
     entry's directory does not exist (the build was in a temporary directory), and the next call builds it,
     removing the dead builder's leftovers."""
     cfg = _cfg(tmp_path)
-    code = ("import os, signal\nimport grpo_lab.warmstart as w\nfrom grpo_lab.policy import PolicyConfig\n"
+    code = ("import os, signal\nimport grpo_lab.model.warmstart as w\n"
+            "from grpo_lab.model.policy import PolicyConfig\n"
             "real = w.save_policy\n"
             "def save_then_die(*a):\n    real(*a)\n    os.kill(os.getpid(), signal.SIGKILL)\n"
             "w.save_policy = save_then_die\n"
@@ -105,7 +106,7 @@ def test_a_warm_start_killed_during_its_save_is_never_loaded(tmp_path, caplog):
     path = warm_start_dir(SMALL, cfg, "arithmetic")
     leftovers = list(path.parent.glob(f".{path.name}.tmp*"))
     assert not path.exists() and leftovers and (leftovers[0] / path.name / "model.safetensors").is_file()
-    with caplog.at_level(logging.WARNING, logger="grpo_lab.warmstart"):
+    with caplog.at_level(logging.WARNING, logger="grpo_lab.model.warmstart"):
         assert ensure_warm_start(SMALL, cfg, "arithmetic") == path
     assert check_entry(path) is None and not list(path.parent.glob(f".{path.name}.tmp*"))
     assert not _warnings(caplog)  # nothing was at the entry's path: nothing to warn about
@@ -139,7 +140,7 @@ def test_concurrent_builders_of_one_warm_start_build_it_once(tmp_path, caplog):
     serializes): one builds, the other waits and loads the same complete entry."""
     cfg = _cfg(tmp_path)
     paths: list[Path] = []
-    with caplog.at_level(logging.INFO, logger="grpo_lab.warmstart"):
+    with caplog.at_level(logging.INFO, logger="grpo_lab.model.warmstart"):
         threads = [threading.Thread(target=lambda: paths.append(ensure_warm_start(SMALL, cfg, "arithmetic")))
                    for _ in range(2)]
         for t in threads:

@@ -17,7 +17,7 @@ import pytest
 from optuna.trial import TrialState
 
 from ablations.storage import STORAGE_ENV, make_storage
-from grpo_lab.errors import UserError
+from grpo_lab.system.errors import UserError
 from tests.conftest import ROOT, process_commands
 from tests.test_ablation_studies import _free_port, _postgres_server
 from tests.test_faults_study import TINY, ablate, complete_by_point

@@ -26,7 +26,7 @@ def test_fit_overlay_names_the_plan():
     assert (t["accelerator"], t["precision"]) == ("gpu", "bf16-mixed")
     assert (t["strategy"], t["max_steps"]) == ("fsdp", 10)
     assert not t["enable_checkpointing"]
-    assert [c["class_path"] for c in t["callbacks"]] == ["grpo_lab.stepstats.StepStats"]
+    assert [c["class_path"] for c in t["callbacks"]] == ["grpo_lab.train.stepstats.StepStats"]
     p = m["policy"]
     n = p["num_layers"] * (4 * p["hidden_size"] ** 2 + 3 * p["hidden_size"] * 4 * p["hidden_size"])
     assert 90e6 < n < 130e6  # ~100M matmul weights

@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import grad_norm
 
-from grpo_lab.callbacks import NonFiniteGuard
+from grpo_lab.train.callbacks import NonFiniteGuard
 
 
 def stub_module(seed: int, scale: float = 1.0):

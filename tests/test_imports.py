@@ -176,6 +176,7 @@ def test_no_import_cycle():
 
 
 def test_errors_is_a_leaf():
-    """Importing ``grpo_lab.errors`` (as every module that raises a ``UserError`` does) loads nothing else of
-    ours: the process control that entry points need lives in ``grpo_lab.entry``."""
-    assert import_graph(ROOT)["grpo_lab.errors"] == set()
+    """Importing ``grpo_lab.system.errors`` (as every module that raises a ``UserError`` does) loads
+    nothing else of
+    ours: the process control that entry points need lives in ``grpo_lab.system.entry``."""
+    assert import_graph(ROOT)["grpo_lab.system.errors"] == set()

@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from grpo_lab.math_rewards import final_answer_text, format_reward, gold_text, math_verify
-from grpo_lab.rewards import load_reward, score
+from grpo_lab.rewards.math_answers import final_answer_text, format_reward, gold_text, math_verify
+from grpo_lab.rewards.scoring import load_reward, score
 from tests.conftest import ROOT
 
 SAMPLE = ROOT / "examples" / "math_sample.jsonl"
@@ -117,7 +117,7 @@ def test_the_math_sample_is_gsm8k_layout_with_correct_arithmetic():
 
 def test_a_runaway_expression_is_cut_by_the_timeout(monkeypatch):
     """9^9^9^9 would keep sympy busy for ever: math-verify's alarm (shortened here) ends it with reward 0."""
-    import grpo_lab.math_rewards as mr
+    import grpo_lab.rewards.math_answers as mr
 
     monkeypatch.setattr(mr, "TIMEOUT_SECONDS", 1)
     assert math_verify(["#### 9^9^9^9"], answer=["7"]) == [0.0]

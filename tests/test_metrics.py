@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from grpo_lab.metrics import step_metrics
+from grpo_lab.data.dynamic_sampling import Sample
 from grpo_lab.rollout import Rollout
-from grpo_lab.sampling import Sample
+from grpo_lab.train.metrics import step_metrics
 
 
 def trained_rollout() -> Rollout:

@@ -3,12 +3,12 @@ import pytest
 import torch
 
 from grpo_lab.advantages import compute_advantages
-from grpo_lab.data import QueryDataModule
-from grpo_lab.errors import UserError
+from grpo_lab.data.datamodule import QueryDataModule
+from grpo_lab.model.policy import PolicyConfig
+from grpo_lab.model.warmstart import WarmStartConfig
 from grpo_lab.module import GRPOModule
-from grpo_lab.policy import PolicyConfig
 from grpo_lab.rollout import sequence_logprobs
-from grpo_lab.warmstart import WarmStartConfig
+from grpo_lab.system.errors import UserError
 
 SMALL = PolicyConfig(hidden_size=32, num_layers=1, num_heads=2)
 
@@ -284,7 +284,7 @@ def test_kl_in_reward_shapes_the_reward_before_the_advantage_and_leaves_the_loss
 
 
 def test_normalize_then_sum_feeds_the_advantage_and_the_metrics_keep_the_weighted_sum():
-    from grpo_lab.rewards import aggregate_rewards, exact_match
+    from grpo_lab.rewards.scoring import aggregate_rewards, exact_match
 
     torch.manual_seed(0)
     module = GRPOModule(policy=SMALL, rewards=["exact_match", "tests.test_module:length_reward"],

@@ -26,7 +26,7 @@ from ablations.run import main
 from ablations.spaces import get_space
 from ablations.study_loop import devices_per_trial
 from ablations.worker import WorkerDied, WorkerPool
-from grpo_lab.errors import UserError
+from grpo_lab.system.errors import UserError
 
 
 # ---- the command line's choices ------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from grpo_lab.policy import PolicyConfig, build_policy, save_policy
-from grpo_lab.tokenizer import build_char_tokenizer, load_tokenizer
+from grpo_lab.model.policy import PolicyConfig, build_policy, save_policy
+from grpo_lab.model.tokenizer import build_char_tokenizer, load_tokenizer
 
 
 def test_char_tokenizer_round_trips_and_saves(tmp_path):

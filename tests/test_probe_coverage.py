@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
+from grpo_lab.probe.gram_stats import snr_intervals
 from grpo_lab.probe.precision import replicate_calibration
-from grpo_lab.probe.stats import snr_intervals
 
 
 def first_char_reward(completions, **_):
@@ -73,11 +73,11 @@ def probe_replicates(n: int, num_batches: int, prompts_per_batch: int) -> list[d
     """``n`` independent probes (probe seeds 0..n−1) of one fixed tiny policy on one query pool."""
     import torch
 
+    from grpo_lab.data.tasks import load_queries
+    from grpo_lab.model.policy import PolicyConfig
+    from grpo_lab.model.warmstart import WarmStartConfig
     from grpo_lab.module import GRPOModule
-    from grpo_lab.policy import PolicyConfig
     from grpo_lab.probe.core import probe
-    from grpo_lab.tasks import load_queries
-    from grpo_lab.warmstart import WarmStartConfig
 
     torch.manual_seed(0)
     module = GRPOModule(policy=PolicyConfig(hidden_size=32, num_layers=1, num_heads=2),

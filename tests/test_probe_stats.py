@@ -1,4 +1,4 @@
-"""grpo_lab.probe.stats and .intervals: the Gram-matrix statistics against the direct computation and by
+"""grpo_lab.probe.gram_stats and .intervals: the Gram-matrix statistics against the direct computation and by
 hand; the U-statistic variance and the delta-method intervals by their parts (their coverage:
 test_probe_coverage.py)."""
 
@@ -12,8 +12,7 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from grpo_lab.probe.intervals import Linearized, jackknife_variance, u_mean, u_variance, u_variance_terms
-from grpo_lab.probe.stats import (
+from grpo_lab.probe.gram_stats import (
     GramAccumulator,
     gradient_statistics,
     gram_snr,
@@ -21,6 +20,7 @@ from grpo_lab.probe.stats import (
     snr_intervals,
     u_statistic,
 )
+from grpo_lab.probe.intervals import Linearized, jackknife_variance, u_mean, u_variance, u_variance_terms
 
 HAND = torch.tensor([[1.0, 2.0], [3.0, 2.0], [2.0, 5.0]])  # K = 3 estimates of a D = 2 gradient
 

@@ -1,4 +1,4 @@
-"""Every process a trial starts dies with the study runner (``grpo_lab.processes``), tested with real
+"""Every process a trial starts dies with the study runner (``grpo_lab.system.processes``), tested with real
 SIGKILLs."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ablations.spaces import Space
-from grpo_lab import processes
+from grpo_lab.system import processes
 from tests.conftest import ROOT, alive, process_commands
 
 pytestmark = pytest.mark.skipif(not processes.supported(), reason="PR_SET_PDEATHSIG is Linux only")
@@ -51,17 +51,18 @@ def test_die_with_parent_chains_through_grandchildren(tmp_path):
     """runner -> child -> grandchild, each started with ``child_env()`` and calling ``die_with_parent()``:
     SIGKILL of the runner takes both down, though the grandchild was not started by the runner."""
     pids, ready = tmp_path / "pids", tmp_path / "ready"
-    grandchild = ("import time\nfrom grpo_lab.processes import die_with_parent\nassert die_with_parent()\n"
+    grandchild = ("import time\nfrom grpo_lab.system.processes import die_with_parent\n"
+                  "assert die_with_parent()\n"
                   f"open({str(ready)!r}, 'w').close()\ntime.sleep(60)\n")
     child = (
-        "import subprocess, sys, time\nfrom grpo_lab.processes import die_with_parent\nassert "
+        "import subprocess, sys, time\nfrom grpo_lab.system.processes import die_with_parent\nassert "
         "die_with_parent()\n"
         # env inherited: the request passes on
         f"g = subprocess.Popen([sys.executable, '-c', {grandchild!r}])\n"
         f"open({str(pids)!r}, 'w').write(f'{{g.pid}}')\ntime.sleep(60)\n"
     )
     runner = (
-        "import subprocess, sys, time\nfrom grpo_lab.processes import child_env\n"
+        "import subprocess, sys, time\nfrom grpo_lab.system.processes import child_env\n"
         f"subprocess.Popen([sys.executable, '-c', {child!r}], env=child_env())\ntime.sleep(60)\n"
     )
     proc = _python(runner, start_new_session=True)
@@ -91,7 +92,7 @@ def test_a_child_whose_parent_is_already_gone_exits():
     dead.wait()
     env = {**os.environ, processes.PARENT_ENV: str(dead.pid)}
     res = subprocess.run([sys.executable, "-c",
-                          "from grpo_lab.processes import die_with_parent\ndie_with_parent()\n"
+                          "from grpo_lab.system.processes import die_with_parent\ndie_with_parent()\n"
                           "print('survived')"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and "survived" not in res.stdout
     assert f"parent process {dead.pid} is gone" in res.stderr
@@ -99,7 +100,7 @@ def test_a_child_whose_parent_is_already_gone_exits():
 
 def test_without_the_request_nothing_changes():
     env = {k: v for k, v in os.environ.items() if k != processes.PARENT_ENV}
-    res = subprocess.run([sys.executable, "-c", "from grpo_lab.processes import die_with_parent\n"
+    res = subprocess.run([sys.executable, "-c", "from grpo_lab.system.processes import die_with_parent\n"
                           "print(die_with_parent())"], env=env, cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "False"

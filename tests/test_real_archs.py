@@ -11,12 +11,12 @@ import sys
 import pytest
 import torch
 
-from grpo_lab.build_model import ModelSpec, build_model, corpus_texts
-from grpo_lab.policy import PolicyConfig, build_policy
+from grpo_lab.model.build_model import ModelSpec, build_model, corpus_texts
+from grpo_lab.model.policy import PolicyConfig, build_policy
+from grpo_lab.model.tokenizer import chat_prompt
+from grpo_lab.model.warmstart import WarmStartConfig, ensure_warm_start, sft_batch
 from grpo_lab.rollout import generate, sequence_logprobs, shared_prompt_forward
-from grpo_lab.tensorboard_scalars import read_scalars
-from grpo_lab.tokenizer import chat_prompt
-from grpo_lab.warmstart import WarmStartConfig, ensure_warm_start, sft_batch
+from grpo_lab.train.tensorboard_scalars import read_scalars
 from tests.conftest import CONFIGS, ROOT, full_sequence_logprobs
 
 SAMPLE = ROOT / "examples" / "math_sample.jsonl"
@@ -68,7 +68,7 @@ def test_warm_start_trains_the_directory_model_on_its_prompts(arch, model_dirs, 
     path = ensure_warm_start(policy, cfg, str(SAMPLE))
     before, tok = build_policy(policy)
     after, _ = build_policy(PolicyConfig(pretrained=str(path)))
-    from grpo_lab.tasks import load_jsonl
+    from grpo_lab.data.tasks import load_jsonl
 
     rows = load_jsonl(SAMPLE)[:8]
     if chat:

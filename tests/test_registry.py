@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from grpo_lab.advantages import ADVANTAGES, register_advantage
-from grpo_lab.registry import register, registrar
-from grpo_lab.rewards import REWARDS, exact_match, register_reward
+from grpo_lab.rewards.scoring import REWARDS, exact_match, register_reward
+from grpo_lab.system.registry import register, registrar
 
 
 def test_a_second_object_under_a_taken_name_raises_and_the_first_stays():
@@ -57,7 +57,7 @@ def test_two_lambdas_are_two_definitions():
 
 def test_reloading_the_module_that_registers_replaces_its_entries(tmp_path, monkeypatch):
     (tmp_path / "my_rewards_reload.py").write_text(
-        "from grpo_lab.rewards import register_reward\n"
+        "from grpo_lab.rewards.scoring import register_reward\n"
         "@register_reward('_test_reloaded')\n"
         "def score(completions, **_):\n"
         "    return [1.0] * len(completions)\n"
@@ -67,7 +67,7 @@ def test_reloading_the_module_that_registers_replaces_its_entries(tmp_path, monk
         module = importlib.import_module("my_rewards_reload")
         before = REWARDS["_test_reloaded"]
         (tmp_path / "my_rewards_reload.py").write_text(
-            "from grpo_lab.rewards import register_reward\n"
+            "from grpo_lab.rewards.scoring import register_reward\n"
             "@register_reward('_test_reloaded')\n"
             "def score(completions, **_):\n"
             "    return [2.0] * len(completions)\n"
@@ -86,7 +86,7 @@ def test_a_user_reward_cannot_take_a_builtin_name():
         return [0.0] * len(completions)
 
     with pytest.raises(ValueError, match=r"^reward 'exact_match' is already registered by "
-                                         r"grpo_lab\.rewards\.exact_match: "):
+                                         r"grpo_lab\.rewards\.scoring\.exact_match: "):
         register_reward("exact_match")(my_exact_match)
     assert REWARDS["exact_match"] is exact_match
 

@@ -1,4 +1,4 @@
-"""grpo_lab/rendezvous.py: the DDP rendezvous port comes from below the ephemeral range and avoids ports in
+"""grpo_lab/system/ports.py: the DDP rendezvous port comes from below the ephemeral range and avoids ports in
 use, and only Lightning's own one-machine multi-process environment gets one."""
 
 import random
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
 
-from grpo_lab.rendezvous import choose_rendezvous_port, pick_port, ports_in_use
+from grpo_lab.system.ports import choose_rendezvous_port, pick_port, ports_in_use
 
 
 def test_ports_in_use_reads_the_kernel_tables(tmp_path):

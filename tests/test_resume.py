@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from grpo_lab.tensorboard_scalars import read_scalars
+from grpo_lab.train.tensorboard_scalars import read_scalars
 from tests.conftest import CONFIGS, ROOT
 
 N = 4

@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 
-from grpo_lab.tensorboard_scalars import read_scalars
+from grpo_lab.train.tensorboard_scalars import read_scalars
 from tests.test_resume import _overlay, _run
 
 VARIANTS = ["--model.rewards", "[tests.test_resume_variants:half_flat]", "--model.dynamic_sampling", "true",

@@ -5,7 +5,14 @@ import types
 import pytest
 import torch
 
-from grpo_lab.rewards import exact_match, load_reward, numeric_match, required_columns, score, score_groups
+from grpo_lab.rewards.scoring import (
+    exact_match,
+    load_reward,
+    numeric_match,
+    required_columns,
+    score,
+    score_groups,
+)
 
 
 def test_exact_and_numeric_match():
@@ -77,7 +84,7 @@ def test_score_names_a_raising_function():
 
 
 def test_overlong_penalty_by_hand():
-    from grpo_lab.rewards import overlong_penalty
+    from grpo_lab.rewards.scoring import overlong_penalty
 
     # L = 8, C = 4: free up to 4 tokens, then (4 - n) / 4 down to -1 at n = 8
     lengths = [3, 4, 5, 6, 8]
@@ -88,7 +95,7 @@ def test_overlong_penalty_by_hand():
 
 
 def test_normalize_then_sum_by_hand():
-    from grpo_lab.rewards import aggregate_rewards
+    from grpo_lab.rewards.scoring import aggregate_rewards
 
     # one group of G = 3, two functions, weights [1, .5]
     # f1 = [1, 0, 0]: mean 1/3, Bessel std sqrt(1/3)
@@ -116,7 +123,7 @@ def test_normalize_then_sum_by_hand():
 
 
 def test_rollout_columns_and_invalid_fill():
-    from grpo_lab.rewards import (
+    from grpo_lab.rewards.scoring import (
         ROLLOUT_COLUMNS,
         check_reward_columns,
         fill_invalid,

@@ -1,4 +1,5 @@
-"""grpo_lab.rng.seeded: seeds and restores exactly the generators it names (the CPU's, and one CUDA device's).
+"""grpo_lab.system.rng.seeded: seeds and restores exactly the generators it names (the CPU's, and one CUDA
+device's).
 
 The bug it fixes showed on a GPU only (torch.manual_seed inside fork_rng(devices=[]) re-seeded every CUDA
 generator and left it so); on a CPU machine the tests check the mechanism: nothing seeds a CUDA generator
@@ -8,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from grpo_lab.policy import PolicyConfig, build_policy
-from grpo_lab.rng import seeded
+from grpo_lab.model.policy import PolicyConfig, build_policy
+from grpo_lab.system.rng import seeded
 
 
 def test_seeded_draws_from_the_seed_and_restores_the_cpu_state():

@@ -54,7 +54,7 @@ def test_min_new_tokens_and_greedy_are_deterministic(tiny_policy):
 
 
 def test_eager_and_sdpa_attention_give_the_same_logprobs():
-    from grpo_lab.policy import PolicyConfig, build_policy
+    from grpo_lab.model.policy import PolicyConfig, build_policy
 
     cfg = dict(hidden_size=32, num_layers=2, num_heads=2)
     sdpa, tok = build_policy(PolicyConfig(**cfg), seed=0)
@@ -73,7 +73,7 @@ def test_eager_and_sdpa_attention_give_the_same_logprobs():
 def test_shared_prompt_forward_gives_the_full_forwards_logprobs_and_gradient(attn, max_new_tokens):
     """The prompt forwarded once per group (KV cache repeated G times) == B full sequences, in value and in
     gradient; left-padded prompts of different lengths, EOS-terminated completions, T = 1 included."""
-    from grpo_lab.policy import PolicyConfig, build_policy
+    from grpo_lab.model.policy import PolicyConfig, build_policy
 
     cfg = PolicyConfig(hidden_size=32, num_layers=2, num_heads=2, attn_implementation=attn)
     model, tok = build_policy(cfg, seed=0)
@@ -122,7 +122,7 @@ def test_a_cache_that_cannot_be_repeated_falls_back_and_logs_once(caplog):
     from transformers import LlamaForCausalLM
 
     from grpo_lab import rollout as rollout_mod
-    from grpo_lab.policy import PolicyConfig, build_policy
+    from grpo_lab.model.policy import PolicyConfig, build_policy
 
     class OpaqueCacheLlama(LlamaForCausalLM):
         def forward(self, *args, **kwargs):

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from grpo_lab.advantages import compute_advantages, zero_spread
+from grpo_lab.data.dynamic_sampling import QueryStream, cat_rollouts, dynamic_sample, take_groups
+from grpo_lab.model.policy import PolicyConfig
+from grpo_lab.model.warmstart import WarmStartConfig
 from grpo_lab.module import GRPOModule
-from grpo_lab.policy import PolicyConfig
 from grpo_lab.rollout import Rollout, generate, sequence_logprobs
-from grpo_lab.sampling import QueryStream, cat_rollouts, dynamic_sample, take_groups
-from grpo_lab.warmstart import WarmStartConfig
 
 QUERIES = [{"prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(7)]
 

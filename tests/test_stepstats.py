@@ -3,10 +3,10 @@ import json
 import lightning as L
 import pytest
 
-from grpo_lab.data import QueryDataModule
+from grpo_lab.data.datamodule import QueryDataModule
+from grpo_lab.model.policy import PolicyConfig
 from grpo_lab.module import GRPOModule
-from grpo_lab.policy import PolicyConfig
-from grpo_lab.stepstats import StepStats, summarize
+from grpo_lab.train.stepstats import StepStats, summarize
 
 
 def test_summarize_leaves_out_warm_up_and_divides_totals():

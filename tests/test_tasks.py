@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from grpo_lab.tasks import arithmetic, arithmetic_mostly_easy, load_jsonl, load_queries
+from grpo_lab.data.tasks import arithmetic, arithmetic_mostly_easy, load_jsonl, load_queries
 
 
 def test_arithmetic_mixture_is_seeded_and_correct():

@@ -17,7 +17,7 @@ from werkzeug.wrappers import Response
 from ablations import tensorboard_runs as tb
 from ablations.objective import trial_overlay
 from ablations.spaces import SPACES, Space
-from grpo_lab.tensorboard_scalars import read_scalars
+from grpo_lab.train.tensorboard_scalars import read_scalars
 
 STATUSES = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]
 

@@ -4,10 +4,10 @@ import lightning as L
 import pytest
 import torch
 
-from grpo_lab.data import QueryDataModule
+from grpo_lab.data.datamodule import QueryDataModule
+from grpo_lab.model.policy import PolicyConfig
 from grpo_lab.module import GRPOModule
-from grpo_lab.policy import PolicyConfig
-from grpo_lab.timing import PhaseTimer
+from grpo_lab.train.phase_timer import PhaseTimer
 
 
 def test_timer_off_records_nothing_and_on_accumulates_nested_phases():

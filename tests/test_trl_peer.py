@@ -6,9 +6,9 @@ import pytest
 
 from ablations.trl_peer import training_order, trl_settings
 from grpo_lab.config import RLConfig
-from grpo_lab.data import QueryDataModule
-from grpo_lab.errors import UserError
-from grpo_lab.tensorboard_scalars import read_scalars
+from grpo_lab.data.datamodule import QueryDataModule
+from grpo_lab.system.errors import UserError
+from grpo_lab.train.tensorboard_scalars import read_scalars
 from tests.conftest import CONFIGS
 
 ADAMW = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3e-4, "weight_decay": 0.0}}

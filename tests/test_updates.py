@@ -9,10 +9,10 @@ import copy
 import pytest
 import torch
 
+from grpo_lab.model.policy import PolicyConfig
+from grpo_lab.model.warmstart import WarmStartConfig
 from grpo_lab.module import GRPOModule
-from grpo_lab.policy import PolicyConfig
 from grpo_lab.rollout import Rollout
-from grpo_lab.warmstart import WarmStartConfig
 from tests.conftest import full_sequence_logprobs
 
 SMALL = PolicyConfig(hidden_size=32, num_layers=1, num_heads=2)

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from grpo_lab.validation import SampledAccuracy
+from grpo_lab.train.validation import SampledAccuracy
 
 # completion per (mode, prompt): a hit when it is the query's answer
 COMPLETIONS = {

@@ -8,15 +8,16 @@ import pytest
 import torch
 
 from grpo_lab.advantages import compute_advantages
-from grpo_lab.data import QueryDataModule
-from grpo_lab.errors import UserError
+from grpo_lab.data.datamodule import QueryDataModule
+from grpo_lab.data.tasks import load_queries
 from grpo_lab.losses import policy_loss
+from grpo_lab.model.policy import PolicyConfig
+from grpo_lab.model.warmstart import WarmStartConfig
 from grpo_lab.module import GRPOModule
-from grpo_lab.policy import PolicyConfig
 from grpo_lab.probe.cache import cached
 from grpo_lab.probe.gradients import _basis, batch_gradients
 from grpo_lab.rollout import sequence_logprobs
-from grpo_lab.tasks import load_queries
+from grpo_lab.system.errors import UserError
 from grpo_lab.variance import (
     DEFAULT_ESTIMATORS,
     GradientVarianceProbe,
@@ -24,7 +25,6 @@ from grpo_lab.variance import (
     main,
     probe,
 )
-from grpo_lab.warmstart import WarmStartConfig
 
 SMALL = PolicyConfig(hidden_size=32, num_layers=1, num_heads=2)
 G = 4

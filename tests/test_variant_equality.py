@@ -12,11 +12,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from grpo_lab.data import QueryDataModule
+from grpo_lab.data.datamodule import QueryDataModule
+from grpo_lab.model.policy import PolicyConfig
+from grpo_lab.model.warmstart import WarmStartConfig
 from grpo_lab.module import GRPOModule
-from grpo_lab.policy import PolicyConfig
 from grpo_lab.rollout import sequence_logprobs
-from grpo_lab.warmstart import WarmStartConfig
 from tests.test_distributed import G, _batch
 
 SMALL = PolicyConfig(hidden_size=32, num_layers=1, num_heads=2)

@@ -1,8 +1,8 @@
 import json
 
-from grpo_lab.policy import PolicyConfig
-from grpo_lab.tokenizer import build_char_tokenizer
-from grpo_lab.warmstart import WarmStartConfig, ensure_warm_start, sft_batch, warm_start_dir
+from grpo_lab.model.policy import PolicyConfig
+from grpo_lab.model.tokenizer import build_char_tokenizer
+from grpo_lab.model.warmstart import WarmStartConfig, ensure_warm_start, sft_batch, warm_start_dir
 
 SMALL = PolicyConfig(hidden_size=32, num_layers=1, num_heads=2)
 

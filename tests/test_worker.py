@@ -19,8 +19,8 @@ from ablations import objective as obj
 from ablations.spaces import SPACES
 from ablations.timing import CLASS_PATH as TIMING
 from ablations.worker import WorkerDied, WorkerPool
-from grpo_lab import processes
-from grpo_lab.tensorboard_scalars import read_scalars
+from grpo_lab.system import processes
+from grpo_lab.train.tensorboard_scalars import read_scalars
 from tests.conftest import CONFIGS, ROOT, alive
 
 SMOKE = ["--config", str(CONFIGS / "smoke.yaml"), "--trainer.enable_progress_bar", "false",

@@ -9,7 +9,6 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 
-from grpo_lab.errors import UserError
 from grpo_lab.probe.cache import cache_key, cached, write_json
 from grpo_lab.probe.core import (
     DEFAULT_ESTIMATORS,
@@ -20,6 +19,7 @@ from grpo_lab.probe.core import (
     probe,
 )
 from grpo_lab.probe.gradients import REFERENCE_AGGREGATION
+from grpo_lab.system.errors import UserError
 
 LOGGED = ("snr", "cosine", "relative_variance", "snr_ratio", "hard_share")
 

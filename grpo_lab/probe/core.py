@@ -24,14 +24,14 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from grpo_lab.advantages import CLASSIC_ESTIMATORS
-from grpo_lab.errors import UserError
 from grpo_lab.probe.baseline_map import PAIR as BASELINE_PAIR
 from grpo_lab.probe.baseline_map import cross_gram, point_map
 from grpo_lab.probe.gradients import batch_gradients
+from grpo_lab.probe.gram_stats import GramAccumulator, snr_intervals
 from grpo_lab.probe.scores import completion_scores
 from grpo_lab.probe.sketch import CountSketch
-from grpo_lab.probe.stats import GramAccumulator, snr_intervals
-from grpo_lab.rng import seeded
+from grpo_lab.system.errors import UserError
+from grpo_lab.system.rng import seeded
 
 DEFAULT_ESTIMATORS: tuple[str, ...] = CLASSIC_ESTIMATORS
 REFERENCE_ESTIMATOR = "rloo"

@@ -29,10 +29,10 @@ import torch
 from torch import Tensor
 
 from grpo_lab.advantages import compute_advantages
-from grpo_lab.errors import UserError
 from grpo_lab.losses import aggregation_normalizer, policy_loss
 from grpo_lab.probe.sketch import CountSketch
 from grpo_lab.rollout import sequence_logprobs
+from grpo_lab.system.errors import UserError
 
 REFERENCE_AGGREGATION = "constant"
 

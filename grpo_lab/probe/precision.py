@@ -22,8 +22,8 @@ import time
 import numpy as np
 import torch
 
-from grpo_lab.environment import configure_process
 from grpo_lab.probe.core import DEFAULT_ESTIMATORS, NUM_BATCHES, PROMPTS_PER_BATCH, probe, relative_half_width
+from grpo_lab.system.process_env import configure_process
 
 RATIO_KEYS = ("snr_ratio", "snr_ratio_lo", "snr_ratio_hi")
 
@@ -31,7 +31,7 @@ RATIO_KEYS = ("snr_ratio", "snr_ratio_lo", "snr_ratio_hi")
 def load_warm_start(config: str, seed: int):
     """``(module, train queries)`` of ``grpo-lab fit --config <config>`` with ``seed`` at its first step."""
     from grpo_lab.cli import cli_main
-    from grpo_lab.warmstart import ensure_warm_start, load_weights
+    from grpo_lab.model.warmstart import ensure_warm_start, load_weights
 
     cli = cli_main(["--config", config, "--seed_everything", str(seed), "--data.seed", str(seed)], run=False)
     module, dm = cli.model, cli.datamodule

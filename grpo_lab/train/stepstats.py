@@ -3,7 +3,7 @@ to JSON when the fit ends (what ``bench/gpu_check.sh`` reads; also usable in any
 
     trainer:
       callbacks:
-        - class_path: grpo_lab.stepstats.StepStats
+        - class_path: grpo_lab.train.stepstats.StepStats
           init_args: {out: runs/stepstats.json}
 
 A step is ``on_train_batch_start`` -> ``on_train_batch_end`` (rollout, reward, loss, backward, optimizer

@@ -8,7 +8,8 @@ covered by its parent's flag. Hence two halves:
 - the parent starts a child with ``child_env()`` (``GRPO_LAB_PARENT_PID=<parent pid>`` in its environment)
   and, for a command that is not ours, ``preexec_fn=parent_death_preexec()``;
 - the child calls ``die_with_parent()`` first thing (every grpo_lab entry point does, in
-  ``grpo_lab.entry.run_cli``): it sets the flag on itself, exits at once if the parent already died while
+  ``grpo_lab.system.entry.run_cli``): it sets the flag on itself, exits at once if the parent already died
+  while
   it was starting, and puts its own pid in ``GRPO_LAB_PARENT_PID``, so the processes *it* starts inherit the
   request and tie themselves to it in turn.
 
@@ -26,7 +27,7 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from grpo_lab import environment
+from grpo_lab.system import process_env as environment
 
 PARENT_ENV = "GRPO_LAB_PARENT_PID"
 PR_SET_PDEATHSIG = 1
@@ -68,7 +69,8 @@ def _alive(pid: int) -> bool:
 
 
 def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """``grpo_lab.environment.child_env(env)`` (``env``, default this process's environment, with the offline
+    """``grpo_lab.system.process_env.child_env(env)`` (``env``, default this process's environment, with
+    the offline
     variables filled in where unset) plus the request that a child die with this process."""
     return environment.child_env(env, **{PARENT_ENV: str(os.getpid())})
 

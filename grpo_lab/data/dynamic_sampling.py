@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from grpo_lab.advantages import zero_spread
+from grpo_lab.data.tasks import Query
 from grpo_lab.rollout import Rollout
-from grpo_lab.tasks import Query
 
 
 class QueryStream:

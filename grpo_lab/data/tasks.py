@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypedDict
 
-from grpo_lab.errors import UserError, UserFileNotFoundError
-from grpo_lab.registry import registrar
+from grpo_lab.system.errors import UserError, UserFileNotFoundError
+from grpo_lab.system.registry import registrar
 
 
 class _Prompt(TypedDict):

@@ -38,13 +38,13 @@ import torch
 from safetensors import SafetensorError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from grpo_lab.errors import UserError, UserRuntimeError
-from grpo_lab.policy import PolicyConfig, build_policy, save_policy
-from grpo_lab.rewards import exact_match
-from grpo_lab.rng import seeded
+from grpo_lab.data.tasks import Query, load_queries
+from grpo_lab.model.policy import PolicyConfig, build_policy, save_policy
+from grpo_lab.model.tokenizer import chat_prompt
+from grpo_lab.rewards.scoring import exact_match
 from grpo_lab.rollout import generate
-from grpo_lab.tasks import Query, load_queries
-from grpo_lab.tokenizer import chat_prompt
+from grpo_lab.system.errors import UserError, UserRuntimeError
+from grpo_lab.system.rng import seeded
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from grpo_lab.errors import UserError
+from grpo_lab.system.errors import UserError
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
 CHARSET = "".join(ch for ch in string.printable if ch.isprintable())  # 95 printable ASCII characters

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torchmetrics import MeanMetric
 
-from grpo_lab.rng import seeded
-from grpo_lab.tasks import Query
+from grpo_lab.data.tasks import Query
+from grpo_lab.system.rng import seeded
 
 
 class SampledAccuracy:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from grpo_lab.advantages import zero_spread
-from grpo_lab.sampling import Sample
+from grpo_lab.data.dynamic_sampling import Sample
 
 
 def step_metrics(sample: Sample, advantages: Tensor, loss: Tensor, stats: dict, seconds: float,

@@ -15,9 +15,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from grpo_lab.errors import UserError
-from grpo_lab.tasks import TASKS, Query, load_queries
-from grpo_lab.tokenizer import PreTrainedTokenizerBase, chat_prompt
+from grpo_lab.data.tasks import TASKS, Query, load_queries
+from grpo_lab.model.tokenizer import PreTrainedTokenizerBase, chat_prompt
+from grpo_lab.system.errors import UserError
 
 
 def _as_list(batch: list[Query]) -> list[Query]:

@@ -1,7 +1,7 @@
 """Build a small causal LM of a real architecture with a BPE tokenizer trained locally, saved as a local HF
 directory that ``model.policy.pretrained`` can point at (nothing is downloaded):
 
-    python -m grpo_lab.build_model --arch qwen2 --out runs/models/qwen2-tiny \
+    python -m grpo_lab.model.build_model --arch qwen2 --out runs/models/qwen2-tiny \
         --corpus examples/math_sample.jsonl
 
 Architectures (``ARCHS``), each exercising what the tiny Llama of ``policy.py`` does not:
@@ -33,11 +33,11 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from grpo_lab.entry import run_cli
-from grpo_lab.errors import UserError, UserFileNotFoundError
-from grpo_lab.policy import save_policy
-from grpo_lab.rng import seeded
-from grpo_lab.tokenizer import CHATML_TEMPLATE, build_bpe_tokenizer
+from grpo_lab.model.policy import save_policy
+from grpo_lab.model.tokenizer import CHATML_TEMPLATE, build_bpe_tokenizer
+from grpo_lab.system.entry import run_cli
+from grpo_lab.system.errors import UserError, UserFileNotFoundError
+from grpo_lab.system.rng import seeded
 
 ARCHS = ("gpt2", "qwen2", "llama")
 
@@ -134,7 +134,8 @@ def build_model(spec: ModelSpec, texts: list[str], out: str | Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m grpo_lab.build_model", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m grpo_lab.model.build_model",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", choices=ARCHS, default="qwen2", help="architecture (default: %(default)s)")
     p.add_argument("--out", required=True,
                    help="the HF directory to write (skipped if it exists, unless --force)")

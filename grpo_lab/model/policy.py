@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from grpo_lab.errors import UserError, UserFileNotFoundError
-from grpo_lab.rng import seeded
-from grpo_lab.tokenizer import PreTrainedTokenizerBase, load_tokenizer
+from grpo_lab.model.tokenizer import PreTrainedTokenizerBase, load_tokenizer
+from grpo_lab.system.errors import UserError, UserFileNotFoundError
+from grpo_lab.system.rng import seeded
 
 
 @dataclass

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from lightning.pytorch.plugins.precision import Precision
 
-from grpo_lab.errors import UserError, UserRuntimeError
+from grpo_lab.system.errors import UserError, UserRuntimeError
 
 
 def _numpy_state() -> tuple:

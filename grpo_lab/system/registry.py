@@ -18,7 +18,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from grpo_lab.errors import UserError
+from grpo_lab.system.errors import UserError
 
 T = TypeVar("T")
 

@@ -2,7 +2,8 @@
 
 Code that validates what a user gave (a file, a name, a config value, the user's own reward function) raises
 ``UserError`` or one of its subclasses; every entry point (``grpo-lab``, ``grpo-lab-ablate``,
-``python -m grpo_lab.variance``) runs through ``grpo_lab.entry.run_cli``, which prints such an error as::
+``python -m grpo_lab.variance``) runs through ``grpo_lab.system.entry.run_cli``, which prints such an error
+as::
 
     error: reward function 'my_rewards:score' returned 15 values for 16 completions
 
@@ -20,7 +21,7 @@ trusted later: the caches check their entries, Lightning renames a checkpoint in
 calls keeps working.
 
 This module imports nothing of grpo_lab (every module that raises a ``UserError`` imports it): the process
-control of an entry point lives in ``grpo_lab.entry``.
+control of an entry point lives in ``grpo_lab.system.entry``.
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from grpo_lab.errors import UserError, UserRuntimeError
-from grpo_lab.math_rewards import format_reward, math_verify
-from grpo_lab.registry import lookup, registrar
+from grpo_lab.rewards.math_answers import format_reward, math_verify
+from grpo_lab.system.errors import UserError, UserRuntimeError
+from grpo_lab.system.registry import lookup, registrar
 
 RewardFn = Callable[..., list[float]]
 AggregateRewardsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -13,7 +13,7 @@ parsing and comparison with ``signal.alarm``, which works only in the main threa
 from a worker thread) the bound is switched off rather than failing. The package is the optional extra
 ``pip install -e .[math]``; it is imported on the first call, so importing this module never needs it.
 
-``grpo_lab.rewards`` registers both under these names; this module imports nothing of grpo_lab, so the
+``grpo_lab.rewards.scoring`` registers both under these names; this module imports nothing of grpo_lab, so the
 import runs one way.
 """
 

@@ -4,10 +4,11 @@
 model hub (models are built from a config, tokenizers locally; every load is ``local_files_only``), the
 tokenizers' own thread pool stays off (the machine's cores belong to torch, and it warns after a fork), and
 no hub progress bars. Every entry point calls :func:`configure_process` first thing: those that run
-through ``grpo_lab.entry.run_cli`` (``grpo-lab``, ``grpo-lab-ablate``, ``python -m grpo_lab.variance``,
-``python -m grpo_lab.build_model``) get it there; the probe's precision run, the bench scripts and the test
+through ``grpo_lab.system.entry.run_cli`` (``grpo-lab``, ``grpo-lab-ablate``, ``python -m grpo_lab.variance``,
+``python -m grpo_lab.model.build_model``) get it there; the probe's precision run, the bench scripts and
+the test
 suite call it themselves. Code that starts another process gives it :func:`child_env` (or
-``grpo_lab.processes.child_env``, which is that plus the request to die with its parent), and
+``grpo_lab.system.processes.child_env``, which is that plus the request to die with its parent), and
 :func:`thread_env` when the child should use a given number of cores.
 
 A value the user already set wins over ours. ``huggingface_hub`` reads ``HF_HUB_OFFLINE`` when it is first
