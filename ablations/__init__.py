@@ -1,12 +1,15 @@
-"""Ablation harness for grpo_lab: named search spaces -> resumable Optuna studies -> a report.
+"""Ablation harness for grpo_lab: named search spaces -> resumable Optuna studies -> a report with verdicts.
 
-- ``spaces.py``: the registry of named spaces (grids of grpo-lab config keys x seeds, or TPE distributions);
-- ``objective.py``: one trial = one ``grpo-lab fit`` subprocess; its scalars become the trial's user attrs;
-- ``run.py``: ``grpo-lab-ablate``: study creation on SQLite or any RDB URL, resume, parallel workers;
-- ``report.py``: ``report.md`` and PNG plots from the study's COMPLETE trials only.
+- ``spaces/``: the registry of named spaces (``space``) and the built-in ones (``builtin``, ``variants``,
+  ``controls``, ``regimes``);
+- ``runner/``: the study loop, storage, one trial as an Optuna objective, its process or worker, devices,
+  duplicates, pruning, progress, the sequential rounds;
+- ``report/``: trials as runs, statistics, the verdict rule, the family and controls, ``summary.json``, the
+  markdown report and its plots;
+- ``run.py``: ``grpo-lab-ablate``; ``calibration.py``: the verdicts' error rates by simulation.
 """
 
-# The built-in spaces (default, smoke, objectives, ...) register into ablations.spaces.SPACES: the package
-# imports them, so that the registry (spaces.py) never imports what registers into it, and any
-# ``from ablations.spaces import SPACES`` sees them.
-from ablations import builtin_spaces  # noqa: F401
+# The built-in spaces (default, smoke, objectives, ...) register into ablations.spaces.space.SPACES: the
+# package imports them, so that the registry (spaces/space.py) never imports what registers into it, and any
+# ``from ablations.spaces.space import SPACES`` sees them.
+from ablations.spaces import builtin  # noqa: F401

@@ -43,10 +43,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ablations.judge import DECIDING
-from ablations.sequential import should_stop
-from ablations.stats import ALPHA, differences, mde, stein
-from ablations.verdicts import equivalence_margin, family_verdicts, margin, planned_seeds, verdict
+from ablations.report.judge import DECIDING
+from ablations.report.stats import ALPHA, differences, mde, stein
+from ablations.report.verdicts import equivalence_margin, family_verdicts, margin, planned_seeds, verdict
+from ablations.runner.sequential import should_stop
 
 # SD of the per-seed paired differences in the default study (8 seeds; docs/results.md), and the
 # SESOI of each metric (summary.DEFAULT_MIN_EFFECT; the SNR ratio's relative).

@@ -16,7 +16,8 @@ Layout (``--root`` defaults to ``runs``)::
     runs/ablate/<study>/warmstart.log      the warm start built once before the trials
     runs/ablate/<study>/<params>/trial_N/  trial.yaml, fit.log, TensorBoard events, probe.json; <params> is
                                            e.g. advantage=rloo/seed=0 (the run's name in TensorBoard)
-    runs/ablate/<study>/report.md, *.png   the report and summary.json (ablations/report.py, summary.py)
+    runs/ablate/<study>/report.md, *.png   the report and summary.json (ablations/report/markdown.py,
+    summary.py)
     runs/probe_cache/                      probe points computed once per policy (the warm start, per seed)
 
 How a study runs:
@@ -40,10 +41,12 @@ How a study runs:
    only what is missing. ``--until-decisive`` then adds seeds in rounds (``sequential.py``).
 
 Parallelism: ``study.optimize(n_jobs=N)`` threads, each running one trial at a time in a long-lived worker
-process of the runner's ``WorkerPool`` (``ablations/worker.py``): a thread only waits on its worker, so the
+process of the runner's ``WorkerPool`` (``ablations/runner/worker.py``): a thread only waits on its worker,
+so the
 GIL costs nothing, and each worker has its own torch thread pool (``OMP_NUM_THREADS`` = threads per worker)
 and imports torch, Lightning and transformers once, not once per trial (≈ 6 s of CPU each time, 9% of a trial
-of the former default study and 60% of a smoke trial; ``ablations/timing.py`` measures every phase). A trial
+of the former default study and 60% of a smoke trial; ``ablations/runner/trial_timing.py`` measures every
+phase). A trial
 gives the same curves in a worker as in its own process (tested bit for bit); a crash inside a fit is the
 trial's failure, not the runner's; a dead worker fails its trial and is replaced. Trials of several
 processes (DDP) run as their own ``python -m grpo_lab.cli fit`` process, and ``--no-reuse`` runs every trial
@@ -75,18 +78,18 @@ import optuna
 import sqlalchemy.exc
 from optuna.trial import TrialState
 
-from ablations.launch import log_tail, runs_in_process
-from ablations.objective import Objective
-from ablations.placement import (
+from ablations.report.summary import DEFAULT_MIN_EFFECT, add_wall_time, min_effects
+from ablations.runner.launch import log_tail, runs_in_process
+from ablations.runner.objective import Objective
+from ablations.runner.placement import (
     DeviceSlots,
     check_fits,
     make_placement,
     visible_device_count,
 )
-from ablations.progress import console, point_status
-from ablations.sequential import check_arguments, parse_duration, run_until_decisive
-from ablations.spaces import SPACES, get_space
-from ablations.storage import (
+from ablations.runner.progress import console, point_status
+from ablations.runner.sequential import check_arguments, parse_duration, run_until_decisive
+from ablations.runner.storage import (
     ENV_URL,
     STORAGE_ENV,
     beat_for_silent_trials,
@@ -98,7 +101,7 @@ from ablations.storage import (
     storage_url,
     trial_storage_url,
 )
-from ablations.study_loop import (
+from ablations.runner.study_loop import (
     build_warm_start,
     devices_per_trial,
     open_study,
@@ -106,9 +109,9 @@ from ablations.study_loop import (
     run_grid,
     run_tuning,
 )
-from ablations.summary import DEFAULT_MIN_EFFECT, add_wall_time, min_effects
-from ablations.timing import throughput
-from ablations.worker import WorkerPool
+from ablations.runner.trial_timing import throughput
+from ablations.runner.worker import WorkerPool
+from ablations.spaces.space import SPACES, get_space
 from grpo_lab.system.entry import run_cli
 from grpo_lab.system.errors import UserError
 
@@ -151,14 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the trials without the gradient-variance probe")
     p.add_argument("--no-reuse", action="store_true",
                    help="start a fresh process for every trial instead of running them in long-lived workers "
-                        "(ablations/worker.py; multi-process trials always get their own)")
+                        "(ablations/runner/worker.py; multi-process trials always get their own)")
     p.add_argument("--no-report", action="store_true", help="run the trials but do not write the report")
     p.add_argument("--report-only", action="store_true",
                    help="only (re)write the report from the stored study")
     p.add_argument("--until-decisive", action="store_true",
                    help="add seeds in rounds until every comparison's interval is within ±half its "
                         "smallest effect of interest, or the budget is spent: a stopping rule on precision, "
-                        "not significance, so the verdicts keep their error rates (ablations/sequential.py)")
+                        "not significance, so the verdicts keep their error rates "
+                        "(ablations/runner/sequential.py)")
     p.add_argument("--budget", default="20m",
                    help="--until-decisive: wall-time budget of the study (20m, 90s, 1.5h)")
     p.add_argument("--min-effect", type=float, default=None,
@@ -202,7 +206,7 @@ def _main(argv: list[str] | None) -> int:
         raise UserError(f"--storage {public_url(url)!r} is not a database URL SQLAlchemy can open "
                         f"({public_url(str(err))})") from None
 
-    from ablations.report import write_report  # matplotlib only when needed
+    from ablations.report.markdown import write_report  # matplotlib only when needed
 
     if args.report_only:
         try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ablations.curves import moving_average
+from ablations.report.curves import moving_average
 from grpo_lab.train.tensorboard_scalars import learning_lift, read_scalars
 
 

@@ -12,9 +12,9 @@ import pytest
 from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from ablations.report import write_report
-from ablations.spaces import SPACES
-from ablations.stats import clip_stats
+from ablations.report.markdown import write_report
+from ablations.report.stats import clip_stats
+from ablations.spaces.space import SPACES
 
 ARMS = {"reward": 0.30, "group_norm": 0.33, "rloo": 0.34, "rloo (A/A)": 0.34}  # AUC per arm
 

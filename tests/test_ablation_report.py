@@ -13,10 +13,9 @@ from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 from scipy import stats as sps
 
-from ablations import summary as summ
-from ablations.report import write_report
-from ablations.spaces import SPACES
-from ablations.stats import (
+from ablations.report import summary as summ
+from ablations.report.markdown import write_report
+from ablations.report.stats import (
     differences,
     lift,
     mde,
@@ -26,7 +25,8 @@ from ablations.stats import (
     t_interval,
     t_test_power,
 )
-from ablations.verdicts import verdict
+from ablations.report.verdicts import verdict
+from ablations.spaces.space import SPACES
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -198,7 +198,7 @@ def test_snr_ratio_at_each_probe_point_alone(tmp_path):
 def test_probe_noise_share_by_hand(tmp_path):
     """Each synthetic point's interval is [0.8, 1.2] x its ratio: a standard error of log(1.5) / (2 z) on the
     log scale; a seed's mean over n independent points has that squared over n."""
-    from ablations.runs import load_runs, probe_variance_by_seed
+    from ablations.report.runs import load_runs, probe_variance_by_seed
 
     runs, _ = load_runs(_synthetic_study(f"sqlite:///{tmp_path / 's.db'}"))
     se2 = (math.log(1.5) / (2 * sps.norm.ppf(0.975))) ** 2
@@ -301,8 +301,8 @@ def test_the_readme_table_script(tmp_path, capsys):
 
 def test_snr_precision_by_hand(tmp_path):
     """The SNR ratios' relative half-widths, the widest of them, and --snr-precision's test on them."""
-    from ablations.report import precision_sentence
-    from ablations.sequential import open_comparisons
+    from ablations.report.markdown import precision_sentence
+    from ablations.runner.sequential import open_comparisons
 
     assert summ.relative_half_width({"mean": 2.0, "lo": 1.8, "hi": 2.2}) == pytest.approx(0.1)
     assert math.isnan(summ.relative_half_width({"mean": 2.0, "lo": None, "hi": None}))  # one seed

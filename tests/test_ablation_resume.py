@@ -11,11 +11,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from ablations import objective as obj
-from ablations.duplicates import find_duplicate
-from ablations.spaces import SPACES, ProbeSettings, Space
-from ablations.storage import beat_for_silent_trials, fail_stale, make_storage
-from ablations.study_loop import open_study
+from ablations.runner import objective as obj
+from ablations.runner.duplicates import find_duplicate
+from ablations.runner.storage import beat_for_silent_trials, fail_stale, make_storage
+from ablations.runner.study_loop import open_study
+from ablations.spaces.space import SPACES, ProbeSettings, Space
 from grpo_lab.system.errors import UserError
 from tests.conftest import frozen_trial
 

@@ -21,10 +21,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from ablations.spaces import SPACES, Space
-from ablations.storage import make_storage
-from ablations.study_loop import open_study, run_grid
-from ablations.tensorboard_runs import run_name
+from ablations.report.tensorboard_runs import run_name
+from ablations.runner.storage import make_storage
+from ablations.runner.study_loop import open_study, run_grid
+from ablations.spaces.space import SPACES, Space
 from grpo_lab.train.tensorboard_scalars import read_scalars
 from tests.conftest import ROOT, process_commands
 from tests.test_ablations import _fake_objective
@@ -88,9 +88,9 @@ def test_controls_end_to_end_at_small_shapes(tmp_path, monkeypatch):
     """``controls_smoke``: 3 arms x 3 seeds of real fits with the probe, in one long-lived worker (the
     runner's own path: one interpreter start-up, not 9). The report detects the reward shift and, for the A/A
     arms, counts false positives without claiming a difference."""
-    from ablations import objective as obj
-    from ablations.report import write_report
-    from ablations.worker import WorkerPool
+    from ablations.report.markdown import write_report
+    from ablations.runner import objective as obj
+    from ablations.runner.worker import WorkerPool
 
     monkeypatch.chdir(tmp_path)
     space = SPACES["controls_smoke"]
@@ -117,10 +117,11 @@ def _trial_log(root: Path, number: int) -> Path:
 
 def _fits_of(root: Path, sub: str = "") -> list[int]:
     """Pids of live processes whose command line mentions ``root``: the runner's fits in their own process
-    (``sub`` = "fit" leaves out the warm-start build) and its workers (``python -m ablations.worker --log
+    (``sub`` = "fit" leaves out the warm-start build) and its workers (``python -m ablations.runner.worker
+    --log
     <root>/...``), which run the trials in-process."""
     return [pid for pid, cmd in process_commands()
-            if str(root) in cmd and (f"grpo_lab.cli {sub}" in cmd or "ablations.worker" in cmd)]
+            if str(root) in cmd and (f"grpo_lab.cli {sub}" in cmd or "ablations.runner.worker" in cmd)]
 
 
 def _busy_worker(root: Path) -> int | None:

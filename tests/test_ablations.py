@@ -19,15 +19,16 @@ import torch
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
-from ablations import curves, duplicates
-from ablations import launch as fits
-from ablations import objective as obj
-from ablations.progress import point_status
-from ablations.pruning import DEFAULT_PRUNER, StudyPruning, make_pruner, pruned_at
+from ablations.report import curves
 from ablations.run import build_parser
-from ablations.spaces import SPACES, ProbeSettings, Space, get_space, register_space
-from ablations.storage import make_storage
-from ablations.study_loop import open_study, run_grid
+from ablations.runner import duplicates
+from ablations.runner import launch as fits
+from ablations.runner import objective as obj
+from ablations.runner.progress import point_status
+from ablations.runner.pruning import DEFAULT_PRUNER, StudyPruning, make_pruner, pruned_at
+from ablations.runner.storage import make_storage
+from ablations.runner.study_loop import open_study, run_grid
+from ablations.spaces.space import SPACES, ProbeSettings, Space, get_space, register_space
 from grpo_lab.cli import cli_main
 from grpo_lab.system.errors import UserError
 from tests.conftest import CONFIGS, frozen_trial
@@ -100,7 +101,8 @@ def test_controls_offset_the_seed_stream_of_the_aa_arm_and_the_probe_follows(tmp
     b = space.trial_overrides({"arm": "rloo+3 (seeds+1000)", "seed": 2})
     assert (a["seed_everything"], a["data.seed"], b["seed_everything"], b["data.seed"]) == (2, 2, 1002, 1002)
     assert a["model.advantage"] == b["model.advantage"] == "rloo" and "seed_offset" not in b
-    assert a["model.reward_weights"] == [1.0, 3.0] and a["model.rewards"][1] == "ablations.controls:constant"
+    assert a["model.reward_weights"] == [1.0, 3.0]
+    assert a["model.rewards"][1] == "ablations.spaces.controls:constant"
     cfg = obj.trial_overlay(space, {"arm": "rloo+3 (seeds+1000)", "seed": 2}, tmp_path / "t", tmp_path)
     (probe,) = cfg["trainer"]["callbacks"]
     assert probe["init_args"]["seed"] == 1002
@@ -137,7 +139,7 @@ def test_space_registry_errors_and_import_paths(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="have no preset"):
         Space(name="x", description="", grid={"v": ["a", "b"]}, presets={"v": {"a": {}}})
     (tmp_path / "my_spaces.py").write_text(
-        "from ablations.spaces import Space\n"
+        "from ablations.spaces.space import Space\n"
         "temp = Space(name='temp_test', description='t', "
         "grid={'model.temperature': [0.7, 1.0], 'seed': [0]})\n"
     )
@@ -234,7 +236,7 @@ def test_a_tuning_trial_overlay_carries_the_pruning_callback_and_a_grid_one_does
     tune, grid = SPACES["tune_lr"], SPACES["default"]
     overlay = obj.trial_overlay(tune, _sample_points(tune)[0], tmp_path, tmp_path, pruning=pruning)
     cbs = overlay["trainer"]["callbacks"]
-    (cb,) = [c for c in cbs if c["class_path"] == "ablations.pruning.StudyPruning"]
+    (cb,) = [c for c in cbs if c["class_path"] == "ablations.runner.pruning.StudyPruning"]
     assert cb["init_args"] == {**pruning, "monitor": "val/acc_sampled", "pruner": DEFAULT_PRUNER}
     overlay = obj.trial_overlay(grid, grid.points()[0], tmp_path, tmp_path, pruning=pruning)
     cbs = overlay["trainer"]["callbacks"]
@@ -318,8 +320,8 @@ def _effect_objective(space, effects, sd=0.02, wall=10.0):
 
 
 def test_until_decisive_runs_steins_planned_seeds_and_resumes(tmp_path):
-    from ablations.sequential import parse_duration, run_until_decisive
-    from ablations.summary import DEFAULT_MIN_EFFECT, build_summary
+    from ablations.report.summary import DEFAULT_MIN_EFFECT, build_summary
+    from ablations.runner.sequential import parse_duration, run_until_decisive
 
     durations = [parse_duration(text) for text in ("20m", "90s", "1.5h", "7")]
     assert durations == [1200, 90, 5400, 7]

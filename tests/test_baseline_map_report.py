@@ -1,4 +1,5 @@
-"""The baseline map in summary.json and the report (ablations/baseline_map.py), from hand-made probe rows."""
+"""The baseline map in summary.json and the report (ablations/report/baseline_map.py), from hand-made probe
+rows."""
 
 import math
 
@@ -6,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ablations.baseline_map import baseline_map_summary, pooled, report_lines
-from ablations.runs import Run
+from ablations.report.baseline_map import baseline_map_summary, pooled, report_lines
+from ablations.report.runs import Run
 from grpo_lab.probe.baseline_map import C_GRID, cross_gram, point_map
 
 
@@ -68,8 +69,7 @@ def test_no_rloo_rows_no_map(tmp_path):
 
 
 def test_regimes_table_and_phase_diagram(tmp_path):
-    from ablations import regimes
-
+    from ablations.spaces import regimes
     runs = []
     for i, (g, coding) in enumerate((g, c) for g in (4, 16) for c in ("r", "r+3")):
         for seed in (0, 1):

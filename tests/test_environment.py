@@ -46,8 +46,8 @@ def test_trial_and_worker_environments_come_from_the_one_rule(tmp_path, monkeypa
     """A trial's fit (``objective.launch``) and a worker (``WorkerPool.env``) get the offline variables, the
     thread count and the parent-death request from ``grpo_lab.system.process_env`` and
     ``grpo_lab.system.processes``."""
-    from ablations.launch import launch
-    from ablations.worker import WorkerPool
+    from ablations.runner.launch import launch
+    from ablations.runner.worker import WorkerPool
     from grpo_lab.system import processes
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")  # the user's own value wins here too

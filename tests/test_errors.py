@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from ablations.run import main as ablate_main
-from ablations.spaces import Space
+from ablations.spaces.space import Space
 from grpo_lab import cli
 from grpo_lab.data.datamodule import QueryDataModule
 from grpo_lab.system.entry import run_cli

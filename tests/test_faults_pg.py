@@ -16,7 +16,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from ablations.storage import STORAGE_ENV, make_storage
+from ablations.runner.storage import STORAGE_ENV, make_storage
 from grpo_lab.system.errors import UserError
 from tests.conftest import ROOT, process_commands
 from tests.test_ablation_studies import _free_port, _postgres_server

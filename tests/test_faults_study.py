@@ -17,8 +17,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from ablations.spaces import Space
-from ablations.storage import make_storage
+from ablations.runner.storage import make_storage
+from ablations.spaces.space import Space
 from tests.conftest import ROOT
 
 TINY = Space(

@@ -1,4 +1,5 @@
-"""ablations/placement.py on a fake device list: k-device trials, several trials per device, a dead worker's
+"""ablations/runner/placement.py on a fake device list: k-device trials, several trials per device, a dead
+worker's
 device freed, a refusal when a trial needs more devices than there are; and its wiring into the runner
 (the objective, the worker pool, grpo-lab-ablate's flags) without a GPU."""
 
@@ -11,8 +12,9 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from ablations import objective as obj
-from ablations.placement import (
+from ablations.run import main
+from ablations.runner import objective as obj
+from ablations.runner.placement import (
     DeviceSlots,
     Placement,
     check_fits,
@@ -22,10 +24,9 @@ from ablations.placement import (
     physical_ids,
     worker_devices,
 )
-from ablations.run import main
-from ablations.spaces import get_space
-from ablations.study_loop import devices_per_trial
-from ablations.worker import WorkerDied, WorkerPool
+from ablations.runner.study_loop import devices_per_trial
+from ablations.runner.worker import WorkerDied, WorkerPool
+from ablations.spaces.space import get_space
 from grpo_lab.system.errors import UserError
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from ablations.spaces import ProbeSettings, get_space
+from ablations.spaces.space import ProbeSettings, get_space
 from grpo_lab.probe.callback import GradientVarianceProbe
 from grpo_lab.probe.core import probe
 from grpo_lab.probe.gradients import batch_gradients

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ablations.spaces import Space
+from ablations.spaces.space import Space
 from grpo_lab.system import processes
 from tests.conftest import ROOT, alive, process_commands
 

@@ -9,7 +9,14 @@ from collections import Counter
 import optuna
 from optuna.trial import TrialState
 
-from ablations.storage import ENV_URL, STORAGE_ENV, make_storage, public_url, storage_url, trial_storage_url
+from ablations.runner.storage import (
+    ENV_URL,
+    STORAGE_ENV,
+    make_storage,
+    public_url,
+    storage_url,
+    trial_storage_url,
+)
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 

@@ -14,9 +14,9 @@ from tensorboard.plugins.hparams import hparams_plugin
 from werkzeug.test import Client
 from werkzeug.wrappers import Response
 
-from ablations import tensorboard_runs as tb
-from ablations.objective import trial_overlay
-from ablations.spaces import SPACES, Space
+from ablations.report import tensorboard_runs as tb
+from ablations.runner.objective import trial_overlay
+from ablations.spaces.space import SPACES, Space
 from grpo_lab.train.tensorboard_scalars import read_scalars
 
 STATUSES = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]

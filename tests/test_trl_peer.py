@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ablations.trl_peer import training_order, trl_settings
+from ablations.runner.trl_peer import training_order, trl_settings
 from grpo_lab.config import RLConfig
 from grpo_lab.data.datamodule import QueryDataModule
 from grpo_lab.system.errors import UserError
@@ -57,7 +57,7 @@ def test_training_order_is_the_data_loaders_order_across_epochs():
 
 @pytest.mark.slow
 def test_a_trl_trial_sees_grpo_labs_queries_in_order_and_logs_every_step(tmp_path):
-    from ablations.trl_peer import fit
+    from ablations.runner.trl_peer import fit
 
     overlay = tmp_path / "o.yaml"
     overlay.write_text(
@@ -77,19 +77,20 @@ def test_a_trl_trial_sees_grpo_labs_queries_in_order_and_logs_every_step(tmp_pat
 
 @pytest.mark.slow
 def test_a_parity_study_runs_trl_trials_through_the_objective_and_compares_them(tmp_path, monkeypatch):
-    """``trl_parity`` at smoke size: the objective runs the peer=trl trial as ``python -m ablations.trl_peer``
+    """``trl_parity`` at smoke size: the objective runs the peer=trl trial as ``python -m
+    ablations.runner.trl_peer``
     in its own process and the grpo_lab one in a worker; both COMPLETE with curves, and the report pairs them
     by seed."""
     import json
 
     from optuna.trial import TrialState
 
-    from ablations.objective import Objective
-    from ablations.report import write_report
-    from ablations.spaces import SPACES, Space
-    from ablations.storage import make_storage
-    from ablations.study_loop import open_study, run_grid
-    from ablations.worker import WorkerPool
+    from ablations.report.markdown import write_report
+    from ablations.runner.objective import Objective
+    from ablations.runner.storage import make_storage
+    from ablations.runner.study_loop import open_study, run_grid
+    from ablations.runner.worker import WorkerPool
+    from ablations.spaces.space import SPACES, Space
 
     base = SPACES["trl_parity"]
     space = Space(name="trl_parity_smoke", description="parity at smoke size",
@@ -103,7 +104,7 @@ def test_a_parity_study_runs_trl_trials_through_the_objective_and_compares_them(
     done = {t.params["peer"]: t for t in study.get_trials(states=(TrialState.COMPLETE,))}
     assert set(done) == {"grpo_lab", "trl"}
     trl, ours = done["trl"].user_attrs, done["grpo_lab"].user_attrs
-    assert "ablations.trl_peer fit" in trl["command"] and not trl["in_process"]
+    assert "ablations.runner.trl_peer fit" in trl["command"] and not trl["in_process"]
     assert "grpo_lab.cli fit" in ours["command"] and ours["in_process"]
     assert all(t.user_attrs["last_step"] == 2 for t in done.values())
     write_report(study, tmp_path / "report")
@@ -124,7 +125,7 @@ def test_from_one_rng_state_trl_and_grpo_lab_sample_the_same_batches_and_take_th
     import torch
     import trl
 
-    from ablations import trl_peer
+    from ablations.runner import trl_peer
     from grpo_lab.cli import cli_main
 
     def overlay(name: str) -> list[str]:
@@ -135,7 +136,7 @@ def test_from_one_rng_state_trl_and_grpo_lab_sample_the_same_batches_and_take_th
             "  logger:\n    class_path: lightning.pytorch.loggers.TensorBoardLogger\n"
             f"    init_args: {{save_dir: {tmp_path / name}, name: '', version: ''}}\n"
             f"model:\n  warm_start: {{cache_dir: {tmp_path / 'ws'}}}\n"
-            "  rewards: [ablations.controls:length]\n  max_grad_norm: 0.01\n")
+            "  rewards: [ablations.spaces.controls:length]\n  max_grad_norm: 0.01\n")
         return ["--config", str(CONFIGS / "ablate_smoke.yaml"), "--config", str(path)]
 
     def weights(model) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The verdict rule (ablations/verdicts.py): the tests against scipy.stats and by hand, Holm by hand, the
+"""The verdict rule (ablations/report/verdicts.py): the tests against scipy.stats and by hand, Holm by
+hand, the
 degenerate cases, the family, the stopping rule, strict JSON, and the calibration at small size."""
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ import pytest
 from scipy import stats as sps
 
 from ablations import calibration
-from ablations.judge import aa_control, judge, spike_in
-from ablations.sequential import should_stop
-from ablations.stats import differences, stein, stein_seeds
-from ablations.summary import strict, write_summary
-from ablations.verdicts import (
+from ablations.report.judge import aa_control, judge, spike_in
+from ablations.report.stats import differences, stein, stein_seeds
+from ablations.report.summary import strict, write_summary
+from ablations.report.verdicts import (
     equivalence_margin,
     family_verdicts,
     holm,
@@ -27,6 +27,7 @@ from ablations.verdicts import (
     tost_power,
     verdict,
 )
+from ablations.runner.sequential import should_stop
 
 
 def _p(values, log=False):

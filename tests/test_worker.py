@@ -1,4 +1,5 @@
-"""Trials in long-lived workers (``ablations/worker.py``): the same curves as a fresh process, exit statuses
+"""Trials in long-lived workers (``ablations/runner/worker.py``): the same curves as a fresh process, exit
+statuses
 as ``grpo-lab``'s, a dead worker fails its trial and is replaced, and no worker outlives a killed runner."""
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from ablations import launch as fits
-from ablations import objective as obj
-from ablations.spaces import SPACES
-from ablations.timing import CLASS_PATH as TIMING
-from ablations.worker import WorkerDied, WorkerPool
+from ablations.runner import launch as fits
+from ablations.runner import objective as obj
+from ablations.runner.trial_timing import CLASS_PATH as TIMING
+from ablations.runner.worker import WorkerDied, WorkerPool
+from ablations.spaces.space import SPACES
 from grpo_lab.system import processes
 from grpo_lab.train.tensorboard_scalars import read_scalars
 from tests.conftest import CONFIGS, ROOT, alive
@@ -155,7 +156,7 @@ def test_sigkill_of_the_runner_kills_its_workers_started_from_any_thread(tmp_pat
     threads do after each optimize call): the worker outlives that thread, and dies with the runner."""
     pids = tmp_path / "pids"
     runner = (
-        "import threading, time\nfrom pathlib import Path\nfrom ablations.worker import WorkerPool\n"
+        "import threading, time\nfrom pathlib import Path\nfrom ablations.runner.worker import WorkerPool\n"
         f"pool = WorkerPool(1, Path({str(tmp_path / 'w.log')!r}))\n"
         "t = threading.Thread(target=pool.prestart, args=(2,))\nt.start(); t.join()\n"
         f"Path({str(pids)!r}).write_text(' '.join(str(w.proc.pid) for w in pool._idle))\ntime.sleep(120)\n"

@@ -36,7 +36,8 @@ from grpo_lab.system.rng import seeded
 DEFAULT_ESTIMATORS: tuple[str, ...] = CLASSIC_ESTIMATORS
 REFERENCE_ESTIMATOR = "rloo"
 DEFAULT_SPLIT = ("difficulty", "hard")
-NUM_BATCHES = 64  # ablations.spaces.ProbeSettings says the same (docs/ablations.md, "The probe's precision")
+# ablations.spaces.space.ProbeSettings says the same (docs/ablations.md, "The probe's precision")
+NUM_BATCHES = 64
 PROMPTS_PER_BATCH = 8
 
 

@@ -16,14 +16,21 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from ablations.launch import FitFailed, execute, grpo_command, log_tail, runs_in_process, trainer_settings
-from ablations.objective import Objective, resolve_config, trial_overlay, write_overlay
-from ablations.placement import Placement, devices_needed, worker_devices
-from ablations.progress import StudyProgress, console, point_key, point_status
-from ablations.pruning import make_pruner
-from ablations.spaces import Space
-from ablations.storage import fail_stale
-from ablations.worker import WorkerPool
+from ablations.runner.launch import (
+    FitFailed,
+    execute,
+    grpo_command,
+    log_tail,
+    runs_in_process,
+    trainer_settings,
+)
+from ablations.runner.objective import Objective, resolve_config, trial_overlay, write_overlay
+from ablations.runner.placement import Placement, devices_needed, worker_devices
+from ablations.runner.progress import StudyProgress, console, point_key, point_status
+from ablations.runner.pruning import make_pruner
+from ablations.runner.storage import fail_stale
+from ablations.runner.worker import WorkerPool
+from ablations.spaces.space import Space
 from grpo_lab.system.errors import UserError
 
 log = logging.getLogger("ablations")

@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from ablations import regimes
-from ablations.regimes import success_rate
-from ablations.runs import Run, points
-from ablations.stats import fmt_ci, t_interval
+from ablations.report.runs import Run, points
+from ablations.report.stats import fmt_ci, t_interval
+from ablations.spaces import regimes
+from ablations.spaces.regimes import success_rate
 from grpo_lab.probe.baseline_map import C_GRID, PAIR, curve
 
 POINT_NAMES = {0.0: "warm start", 0.5: "middle", 1.0: "end"}

@@ -34,9 +34,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from ablations.spaces import Space
-from ablations.study_loop import run_grid
-from ablations.summary import build_summary, precision_seeds
+from ablations.report.summary import build_summary, precision_seeds
+from ablations.runner.study_loop import run_grid
+from ablations.spaces.space import Space
 from grpo_lab.system.errors import UserError
 
 UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600}

@@ -15,7 +15,7 @@ import optuna
 from optuna.trial import TrialState
 from scipy import stats as sps
 
-from ablations.stats import lift
+from ablations.report.stats import lift
 
 
 @dataclass

@@ -91,7 +91,7 @@ class Paired:
     (``log=True``) all are on the log scale and :meth:`as_dict` reports exp(mean) [exp(lo), exp(hi)] and the
     MDE as a factor exp(mde). ``df`` is the t-distribution's degrees of freedom: n − 1, or for Stein's
     two-stage comparison (:func:`stein`) the first stage's n₀ − 1 with ``sd`` the first stage's SD. The
-    verdict on it is ``ablations.verdicts.verdict``."""
+    verdict on it is ``ablations.report.verdicts.verdict``."""
 
     mean: float
     lo: float

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from ablations.worker import WorkerDied, WorkerPool
+from ablations.runner.worker import WorkerDied, WorkerPool
 from grpo_lab.system.process_env import thread_env
 from grpo_lab.system.processes import child_env, parent_death_preexec
 
@@ -23,9 +23,9 @@ class FitFailed(RuntimeError):
     """A trial's ``grpo-lab fit`` exited non-zero (the message carries the tail of its ``fit.log``)."""
 
 
-PEERS = {"grpo_lab": "grpo_lab.cli", "trl": "ablations.trl_peer"}
+PEERS = {"grpo_lab": "grpo_lab.cli", "trl": "ablations.runner.trl_peer"}
 """What trains a trial, by its ``peer`` param (the ``trl_parity`` space): grpo_lab, or TRL's GRPOTrainer on
-the same config (``ablations/trl_peer.py``, always in a process of its own)."""
+the same config (``ablations/runner/trl_peer.py``, always in a process of its own)."""
 
 
 def grpo_command(sub: str, base_config: str, overlay: Path, module: str = "grpo_lab.cli") -> list[str]:
@@ -85,7 +85,8 @@ def trainer_settings(base_config: str | Path, overrides: dict[str, Any]) -> dict
 
 
 def runs_in_process(base_config: str | Path, overrides: dict[str, Any]) -> bool:
-    """Whether a trial can run inside a worker (``ablations/worker.py``): one process, i.e. the Trainer's
+    """Whether a trial can run inside a worker (``ablations/runner/worker.py``): one process, i.e. the
+    Trainer's
     strategy is ``auto`` and it has one device and one node, after base.yaml, the space's base config and
     the trial's overrides. Several processes need their own: Lightning's DDP launcher starts the other
     ranks by running ``sys.argv`` again, and ``torch.distributed``'s state would outlive the trial."""

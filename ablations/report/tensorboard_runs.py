@@ -28,7 +28,7 @@ from typing import Any
 import optuna
 from tensorboard.plugins.hparams import summary_v2 as hp
 
-from ablations.spaces import Space
+from ablations.spaces.space import Space
 
 # (scalar tag, column title): the HParams table's metric columns, in this order.
 METRICS = (

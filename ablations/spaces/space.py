@@ -24,7 +24,7 @@ Each group is compared to ``baseline`` paired by seed, or the space lists its ``
 Adding a space, without touching the runner::
 
     # my_spaces.py (anywhere importable)
-    from ablations.spaces import Space, register_space
+    from ablations.spaces.space import Space, register_space
 
     temperature = register_space(Space(
         name="temperature",
@@ -36,7 +36,7 @@ Adding a space, without touching the runner::
 
     grpo-lab-ablate --space my_spaces:temperature     # "module:attribute" imports it (my_spaces on sys.path)
 
-or add the ``register_space(...)`` call to ``ablations/builtin_spaces.py`` and use ``--space temperature``.
+or add the ``register_space(...)`` call to ``ablations/spaces/builtin.py`` and use ``--space temperature``.
 
 A tuning space sets ``distributions`` (Optuna distributions) and ``n_trials`` instead of ``grid``: the
 runner then uses ``TPESampler`` and prunes unpromising trials on ``prune_monitor`` at each validation
@@ -343,7 +343,7 @@ def get_space(name: str) -> Space:
     if ":" in name:
         obj = import_object(name, "space")
         if not isinstance(obj, Space):
-            raise UserError(f"{name!r} is a {type(obj).__name__}, not an ablations.spaces.Space")
+            raise UserError(f"{name!r} is a {type(obj).__name__}, not an ablations.spaces.space.Space")
         return register_space(obj)
     raise UserError(f"unknown space {name!r}; known: {', '.join(sorted(SPACES))} "
                     "(or give 'module:attribute')")

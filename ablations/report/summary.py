@@ -1,6 +1,6 @@
 """``summary.json``: every number of an ablation report, machine-readable; the report's tables come from it.
 
-    python -m ablations.summary runs/ablate/default/summary.json     # the README's markdown table
+    python -m ablations.report.summary runs/ablate/default/summary.json     # the README's markdown table
 
 Schema (metrics are objects ``{"mean", "lo", "hi"}``, 95% Student-t intervals over seeds; comparisons add
 ``mde`` (a planning figure: 80% power, α = 0.05, two-sided paired t on the observed paired SD), ``n`` pairs
@@ -47,10 +47,9 @@ from typing import Any
 import numpy as np
 import optuna
 
-from ablations.baseline_map import baseline_map_summary
-from ablations.controls import SHIFT_INVARIANT, aa_line, positive_line, spike_line
-from ablations.judge import aa_control, family_metrics, judge, shift_detected, spike_in
-from ablations.runs import (
+from ablations.report.baseline_map import baseline_map_summary
+from ablations.report.judge import aa_control, family_metrics, judge, shift_detected, spike_in
+from ablations.report.runs import (
     ProbeView,
     Run,
     baseline_group,
@@ -64,7 +63,7 @@ from ablations.runs import (
     probe_view,
     snr_difference_by_seed,
 )
-from ablations.stats import (
+from ablations.report.stats import (
     Paired,
     differences,
     first_stage,
@@ -74,6 +73,7 @@ from ablations.stats import (
     stein_seeds,
     t_interval,
 )
+from ablations.spaces.controls import SHIFT_INVARIANT, aa_line, positive_line, spike_line
 
 # The smallest effect worth detecting, per comparison metric (reward units; snr_ratio relative: 0.10 = ×1.10).
 DEFAULT_MIN_EFFECT = {"auc_diff": 0.02, "lift_diff": 0.03, "hard_lift_diff": 0.03, "final_acc_diff": 0.05,
@@ -284,7 +284,7 @@ def build_summary(study: optuna.Study, min_effect: dict[str, float] | None = Non
                            "wall_s": wall_seconds(study), "min_effect": effects, "alpha": 0.05, "power": 0.8,
                            "probe": None if view is None else view.description,
                            "groups": {g: group_entry(rs, view, g) for g, rs in by_group.items()}}
-    out["baseline_map"] = baseline_map_summary(runs)  # ablations/baseline_map.py
+    out["baseline_map"] = baseline_map_summary(runs)  # ablations/report/baseline_map.py
     specs = space.get("comparisons") or [{"label": g, "group": None, "baseline": None, "kind": "comparison"}
                                          for g in groups if g != base]
     # the first stage: the grid's seeds; seeds beyond them were added by --until-decisive (Stein's rule)
@@ -372,7 +372,7 @@ def write_summary(summary: dict, path: Path) -> Path:
 # ---- the README table ------------------------------------------------------------------------------------
 def readme_table(summary: dict) -> str:
     """The markdown table the README quotes: one row per group, its comparison against the baseline."""
-    from ablations.stats import fmt_ci, fmt_diff
+    from ablations.report.stats import fmt_ci, fmt_diff
 
     by_group = {c["group"]: c for c in summary["comparisons"].values() if c["kind"] == "comparison"}
     probe = any("snr" in g for g in summary["groups"].values())
@@ -395,7 +395,7 @@ def readme_table(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ablations.summary",
+    p = argparse.ArgumentParser(prog="python -m ablations.report.summary",
                                 description="Print the README's markdown table "
                                 "(groups, comparisons, verdicts) from a study's summary.json.")
     p.add_argument("summary", help="path to runs/ablate/<study>/summary.json")

@@ -1,10 +1,11 @@
 """A grpo-lab trial trained by TRL's ``GRPOTrainer`` instead: the peer of the ``trl_parity`` space.
 
-    python -m ablations.trl_peer fit --config configs/ablate.yaml --config runs/ablate/<study>/.../trial.yaml
+    python -m ablations.runner.trl_peer fit --config configs/ablate.yaml --config
+    runs/ablate/<study>/.../trial.yaml
 
 takes exactly the config a ``grpo-lab fit`` of the same trial would take and trains the same policy with TRL
 (the ``[bench]`` extra: ``pip install -e .[bench]``) on the same terms, so that the two implementations can be
-compared within seed intervals (the ``trl_parity`` space; ``ablations/spaces.py``):
+compared within seed intervals (the ``trl_parity`` space; ``ablations/spaces/space.py``):
 
 - **the same start**: the cached warm start that grpo_lab would load (``ensure_warm_start`` with the trial's
   policy, warm-start settings and dataset), loaded by TRL from that local directory in float32;
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     sys.argv[1:] = []  # LightningCLI is given the arguments explicitly (cli_main(args)), not through sys.argv
     if not args or args[0] != "fit":
-        raise UserError("usage: python -m ablations.trl_peer fit --config BASE.yaml "
+        raise UserError("usage: python -m ablations.runner.trl_peer fit --config BASE.yaml "
                         "[--config OVERLAY.yaml ...]")
     fit(args[1:])
     return 0

@@ -28,8 +28,8 @@ import optuna
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
-from ablations.spaces import DEFAULT_PRUNER
-from ablations.storage import make_storage
+from ablations.runner.storage import make_storage
+from ablations.spaces.space import DEFAULT_PRUNER
 from grpo_lab.system.errors import UserError
 
 PRUNED_AT = "grpo_lab:pruned_at_step"

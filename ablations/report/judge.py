@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ablations.stats import Paired, differences
-from ablations.verdicts import (
+from ablations.report.stats import Paired, differences
+from ablations.report.verdicts import (
     PRIMARY,
     Verdict,
     family_verdicts,

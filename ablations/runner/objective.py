@@ -10,11 +10,14 @@ For trial N of study S the objective
    trials racing for one grid point exactly one goes on. The report therefore sees one COMPLETE trial per
    grid point, however often the study is resumed or however many workers share it;
 3. writes ``runs/ablate/S/<params>/trial_N/trial.yaml`` (``<params>`` = ``advantage=rloo/seed=0``, see
-   ``ablations/tensorboard_runs.py``): the space's overrides for these params, TensorBoard to that directory
+   ``ablations/report/tensorboard_runs.py``): the space's overrides for these params, TensorBoard to that
+   directory
    (without Lightning's constant ``hp_metric``), no progress bar or checkpoints, and as callbacks the
-   gradient-variance probe and, last, ``ablations.timing.TrialTiming`` (``timing.json``: where the time went);
+   gradient-variance probe and, last, ``ablations.runner.trial_timing.TrialTiming`` (``timing.json``: where
+   the time went);
 4. runs ``grpo-lab fit --config <space base config> --config .../trial_N/trial.yaml`` with its output in
-   ``fit.log``: in a worker of the runner's ``WorkerPool`` (``ablations/worker.py``: torch and Lightning are
+   ``fit.log``: in a worker of the runner's ``WorkerPool`` (``ablations/runner/worker.py``: torch and
+   Lightning are
    imported once per worker, not once per trial) when the trial is one process (``runs_in_process``), else
    as ``python -m grpo_lab.cli fit ...`` in a process of its own (a DDP trial, or ``--no-reuse``), with
    ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` set to the runner's threads per worker. Either way the command
@@ -37,9 +40,9 @@ User attrs of a COMPLETE trial (what ``report.py`` reads):
   a full window, reaches the space's threshold; None if never) and ``last_step``;
 - ``final``: the last value of every ``val/acc_*`` (``{"sampled": ..., "sampled_easy": ..., "greedy": ...}``);
 - ``wall_time_s``, ``overrides`` (the trial's dotted config overrides), ``command``, ``cwd``, ``logdir``,
-  ``in_process`` (run in a worker) and ``timing`` (seconds per phase, ``ablations/timing.py``).
+  ``in_process`` (run in a worker) and ``timing`` (seconds per phase, ``ablations/runner/trial_timing.py``).
 
-Pruning (tuning spaces only). The trial's overlay adds ``ablations.pruning.StudyPruning``
+Pruning (tuning spaces only). The trial's overlay adds ``ablations.runner.pruning.StudyPruning``
 (optuna-integration's ``PyTorchLightningPruningCallback``, re-opening the trial from the study's storage
 inside the fit process) with the space's pruner and monitor. When it stops a fit, the objective stores the
 curves as for a finished trial and raises ``TrialPruned``. Grid spaces are never pruned: every grid point is
@@ -60,14 +63,15 @@ from typing import Any
 import optuna
 import yaml
 
-from ablations import tensorboard_runs, timing
-from ablations.curves import trial_metrics
-from ablations.duplicates import check_duplicate
-from ablations.launch import PEERS, REPO_ROOT, execute, grpo_command, runs_in_process, trainer_settings
-from ablations.placement import DeviceSlots, devices_needed, trainer_overrides
-from ablations.pruning import pruned_at
-from ablations.spaces import Space
-from ablations.worker import WorkerPool
+from ablations.report import tensorboard_runs
+from ablations.report.curves import trial_metrics
+from ablations.runner import trial_timing as timing
+from ablations.runner.duplicates import check_duplicate
+from ablations.runner.launch import PEERS, REPO_ROOT, execute, grpo_command, runs_in_process, trainer_settings
+from ablations.runner.placement import DeviceSlots, devices_needed, trainer_overrides
+from ablations.runner.pruning import pruned_at
+from ablations.runner.worker import WorkerPool
+from ablations.spaces.space import Space
 from grpo_lab.system.errors import UserError, UserFileNotFoundError
 
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
@@ -115,7 +119,7 @@ def trial_overlay(space: Space, params: dict[str, Any], trial_dir: Path, root: P
         seed = int(dotted.get("seed_everything", params.get("seed", 0)))  # with the arm's seed_offset
         callbacks.append(space.probe.callback(dotted.get("model.advantage"), seed, str(root / "probe_cache")))
     if pruning is not None and not space.is_grid:
-        callbacks.append({"class_path": "ablations.pruning.StudyPruning", "init_args": {
+        callbacks.append({"class_path": "ablations.runner.pruning.StudyPruning", "init_args": {
             **pruning, "monitor": space.prune_monitor, "pruner": space.pruner}})
     trainer["callbacks"] = callbacks
     return cfg
@@ -123,7 +127,8 @@ def trial_overlay(space: Space, params: dict[str, Any], trial_dir: Path, root: P
 
 def write_overlay(cfg: dict, path: Path, note: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("# written by ablations/objective.py: one trial's overrides on its space's base config\n"
+    path.write_text("# written by ablations/runner/objective.py: one trial's overrides on its space's base "
+                    "config\n"
                     + (f"# {note}\n" if note else "") + yaml.safe_dump(cfg, sort_keys=False))
     return path
 
@@ -141,7 +146,8 @@ class Objective:
     storage_url: str | None = None
     """The study's RDB URL, for the pruning callback inside the fit (tuning spaces; None: no pruning)."""
     pool: WorkerPool | None = None
-    """Workers that run trials in-process (``ablations/worker.py``); None: every trial is its own process."""
+    """Workers that run trials in-process (``ablations/runner/worker.py``); None: every trial is its own
+    process."""
     slots: DeviceSlots | None = None
     """The study's GPUs (``placement.py``): each trial waits for the devices it needs and runs on them;
     None: trials run where their config says (the CPU)."""

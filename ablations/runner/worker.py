@@ -1,7 +1,8 @@
 """Long-lived worker processes that run a study's trials in-process: torch, Lightning and transformers are
 imported once per worker instead of once per trial (≈ 5.7 s of a 2-core Xeon's CPU each time).
 
-The runner side is :class:`WorkerPool`; the worker side is ``python -m ablations.worker`` (:func:`serve`).
+The runner side is :class:`WorkerPool`; the worker side is ``python -m ablations.runner.worker``
+(:func:`serve`).
 
 - A worker is started with ``grpo_lab.system.processes.child_env()`` and ``parent_death_preexec()``, from one
   thread of the pool that lives as long as the pool (the kernel's parent-death signal follows the *thread*
@@ -29,7 +30,7 @@ probe points on disk, imported user modules) hold values, not state: a hit gives
 ``tests/test_worker.py`` checks that every logged scalar of a trial run as the second trial of a worker
 equals that of the same trial in its own process. Trials that cannot run in-process (several processes:
 Lightning's DDP launcher starts the other ranks by running ``sys.argv`` again) keep their own process
-(``ablations.launch.runs_in_process``).
+(``ablations.runner.launch.runs_in_process``).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from pathlib import Path
 from grpo_lab.system.process_env import thread_env
 from grpo_lab.system.processes import child_env, parent_death_preexec
 
-WORKER_MODULE = "ablations.worker"
+WORKER_MODULE = "ablations.runner.worker"
 
 
 class WorkerDied(RuntimeError):
@@ -307,7 +308,8 @@ class WorkerPool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ablations.worker", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ablations.runner.worker",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1, help="torch threads of this worker")
     p.add_argument("--log", default=None, help="the worker's own log (only in its command line, to find it)")
     return serve(p.parse_args(argv).threads)

@@ -43,7 +43,7 @@ import numpy as np
 from scipy import integrate, optimize
 from scipy import stats as sps
 
-from ablations.stats import ALPHA, POWER, Paired, first_stage, mde, stein_seeds
+from ablations.report.stats import ALPHA, POWER, Paired, first_stage, mde, stein_seeds
 
 PRIMARY = ("snr_ratio", "hard_lift_diff", "auc_diff")  # the seed post's claims (i), (ii), (iii)
 CODES = ("holds", "opposite", "equivalent", "cannot tell")

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from ablations.launch import FitFailed
-from ablations.stats import clip_stats
+from ablations.report.stats import clip_stats
+from ablations.runner.launch import FitFailed
 from grpo_lab.train.tensorboard_scalars import read_scalars
 
 CURVE_PREFIXES = ("train/reward", "val/acc_sampled", "val/acc_greedy")

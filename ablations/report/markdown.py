@@ -1,6 +1,6 @@
 """The report of an ablation study: ``summary.json``, ``report.md`` and PNG plots, from the study alone.
 
-    python -m ablations.report --study default --storage sqlite:///runs/ablate/default.db
+    python -m ablations.report.markdown --study default --storage sqlite:///runs/ablate/default.db
     grpo-lab-ablate --space default --report-only          # the same, with the runner's defaults
 
 Everything comes from the Optuna study (trial params and the user attrs written by ``objective.py``), so a
@@ -20,11 +20,11 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from ablations.baseline_map import report_lines as baseline_map_lines
-from ablations.plots import POINT_NAMES, plot_easy_hard, plot_probe, plot_reward_curves
-from ablations.runs import ProbeView, Run, load_runs, ordered_groups, probe_fractions, probe_view
-from ablations.stats import fmt_ci, fmt_diff, t_interval
-from ablations.summary import build_summary, relative_half_width, write_summary
+from ablations.report.baseline_map import report_lines as baseline_map_lines
+from ablations.report.plots import POINT_NAMES, plot_easy_hard, plot_probe, plot_reward_curves
+from ablations.report.runs import ProbeView, Run, load_runs, ordered_groups, probe_fractions, probe_view
+from ablations.report.stats import fmt_ci, fmt_diff, t_interval
+from ablations.report.summary import build_summary, relative_half_width, write_summary
 
 NOTES = """\
 Caveats on what is compared:
@@ -48,7 +48,7 @@ says how many seeds would resolve an effect of the SESOI). A holds or opposite a
 than the SESOI* (the 95% interval lies beyond it), *negligible* (equivalence holds too) or *of unclear
 size*. The seed post's claims are declared up front as the family and Holm-adjusted together (difference and
 equivalence tests; p and Holm's p on each line); other metrics are *exploratory*. The MDE is a planning
-figure, never a verdict (`ablations/verdicts.py`; error rates by simulation:
+figure, never a verdict (`ablations/report/verdicts.py`; error rates by simulation:
 `python -m ablations.calibration`)."""
 
 
@@ -292,7 +292,7 @@ def write_report(study: optuna.Study, out_dir: str | Path,
         md += ["## Clipping", ""] + clipping_lines(summary["clipping"]) + [""]
     if fractions:
         md += ["## Probe points", ""] + probe_lines(by_group, view, fractions, summary)
-    md += baseline_map_lines(summary, out)  # ablations/baseline_map.py: [] without a map
+    md += baseline_map_lines(summary, out)  # ablations/report/baseline_map.py: [] without a map
     md += [NOTES, "", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     md += ["## Trials", "", "Rerun any trial by hand from its `cwd` with its `command` (Optuna user attrs).",
            "", "| trial | params | AUC | wall (s) | logdir |", "|---|---|---|---|---|"]

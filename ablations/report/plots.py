@@ -12,9 +12,9 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from ablations.curves import moving_average
-from ablations.runs import ProbeView, Run
-from ablations.stats import t_half_width, t_interval
+from ablations.report.curves import moving_average
+from ablations.report.runs import ProbeView, Run
+from ablations.report.stats import t_half_width, t_interval
 
 POINT_NAMES = {0.0: "warm start", 0.5: "middle", 1.0: "end"}
 

@@ -1,7 +1,7 @@
 """The `field` space's arms: the field's GRPO variants (docs/variants.md), one factor at a time around
 GRPO.
 
-Data only (ablations/spaces.py registers the space). The baseline arm `grpo` is group_norm, token-level
+Data only (ablations/spaces/space.py registers the space). The baseline arm `grpo` is group_norm, token-level
 clip 0.2, token_mean, beta 0. Two settings are common to every arm so that each variant can act at all:
 mu = 2 (at mu = 1 the ratio is exactly 1 and GSPO, CISPO and dual-clip have GRPO's gradient) and
 max_new_tokens = 6 (a 2-token overlong buffer then only reaches completions longer than any correct answer).

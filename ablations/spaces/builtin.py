@@ -1,17 +1,18 @@
-"""The spaces ``grpo-lab-ablate --space NAME`` knows by name (``ablations/spaces.py`` defines ``Space``; this
+"""The spaces ``grpo-lab-ablate --space NAME`` knows by name (``ablations/spaces/space.py`` defines
+``Space``; this
 file only registers instances). Each is data: a grid, its base config, the probe, the baseline."""
 
 from __future__ import annotations
 
 import optuna
 
-from ablations import controls, regimes, variants
-from ablations.spaces import Comparison, ProbeSettings, Space, register_space
+from ablations.spaces import controls, regimes, variants
+from ablations.spaces.space import Comparison, ProbeSettings, Space, register_space
 
 # The default study's arms: three estimators and an A/A arm. `mean_baseline` is not trained: it is exactly
 # (1 − 1/G) × `rloo` (the probe, which measures all four estimators on the same rollouts in every trial,
 # gives it rloo's SNR to 7 digits), so its arm repeated rloo's at a smaller step size; its 8 trials now buy
-# the A/A control (ablations/judge.py), which passes or fails in every report.
+# the A/A control (ablations/report/judge.py), which passes or fails in every report.
 DEFAULT_ARMS = {"reward": {"model.advantage": "reward"}, "group_norm": {"model.advantage": "group_norm"},
                 "rloo": {"model.advantage": "rloo"}, "rloo (A/A)": controls.AA_ARM}
 DEFAULT_COMPARISONS = (
@@ -117,7 +118,8 @@ register_space(Space(
     probe=None,
 ))
 
-# Controls (ablations/controls.py): a reward shift of +3 every centred estimator must see through, and rloo
+# Controls (ablations/spaces/controls.py): a reward shift of +3 every centred estimator must see through,
+# and rloo
 # against itself on seeds shifted by 1000 (A/A).
 CONTROL_COMPARISONS = tuple(Comparison(*c) for c in controls.COMPARISONS)
 
@@ -146,7 +148,7 @@ register_space(Space(
     comparisons=CONTROL_COMPARISONS,
 ))
 
-# The field's GRPO variants, one factor at a time around GRPO (data in ablations/variants.py).
+# The field's GRPO variants, one factor at a time around GRPO (data in ablations/spaces/variants.py).
 register_space(Space(
     name="field",
     description="the field's GRPO variants one at a time around GRPO (mu 2, 6 tokens): loss, advantage, "
@@ -159,7 +161,7 @@ register_space(Space(
 ))
 
 # Peer parity (issue 10): group_norm trained by grpo_lab and by TRL's GRPOTrainer (the [bench] extra,
-# ablations/trl_peer.py) from the same warm start, data order and hyperparameters, paired by seed.
+# ablations/runner/trl_peer.py) from the same warm start, data order and hyperparameters, paired by seed.
 register_space(Space(
     name="trl_parity",
     description="group_norm trained by grpo_lab and by TRL's GRPOTrainer from the same warm start, data "
@@ -171,7 +173,8 @@ register_space(Space(
     baseline={"peer": "grpo_lab"},
 ))
 
-# The baseline map's regimes (issue 20, item 3; ablations/regimes.py): probe-only cells, the warm start probed
+# The baseline map's regimes (issue 20, item 3; ablations/spaces/regimes.py): probe-only cells, the warm
+# start probed
 # before one optimizer step, over G, the task mix (success rate) and the reward's coding a·r + b.
 register_space(Space(
     name="regimes",

@@ -1,11 +1,12 @@
 """Where a trial's time goes: phase timestamps each trial writes, and their table over a study.
 
-    python -m ablations.timing runs/ablate/default          # mean seconds per phase over the study's trials
+    python -m ablations.runner.trial_timing runs/ablate/default          # mean seconds per phase over the
+    study's trials
 
 Every trial's overlay adds :class:`TrialTiming` as its last callback (after the probe, so the probe's own
 hooks run before this callback's and fall between its marks). It writes ``timing.json`` into the trial's
 TensorBoard directory at teardown, and the objective adds what happens outside the fit
-(``ablations/objective.py``).
+(``ablations/runner/objective.py``).
 The phases of one trial, in order (seconds):
 
 - ``start``: from the runner handing the trial over (``GRPO_LAB_TRIAL_START``, wall clock) to the CLI having
@@ -39,7 +40,7 @@ from lightning.pytorch.callbacks import Callback
 START_ENV = "GRPO_LAB_TRIAL_START"
 PHASES = ("start", "setup", "warm_start", "probe_start", "steps", "validation", "between_steps", "probe_end",
           "teardown", "exit", "read_scalars")
-CLASS_PATH = "ablations.timing.TrialTiming"
+CLASS_PATH = "ablations.runner.trial_timing.TrialTiming"
 
 
 class TrialTiming(Callback):
@@ -152,7 +153,8 @@ def table(study_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m ablations.timing", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ablations.runner.trial_timing",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("study_dir", type=Path, help="a study's directory, e.g. runs/ablate/default")
     print(table(p.parse_args(argv).study_dir))
 

@@ -1,6 +1,7 @@
 """The controls of an ablation study: the reward of the positive control, and what a report says about both.
 
-- Positive control: ``rewards: [exact_match, ablations.controls:constant]`` with ``reward_weights: [1, c]``
+- Positive control: ``rewards: [exact_match, ablations.spaces.controls:constant]`` with ``reward_weights:
+  [1, c]``
   shifts every reward by c. A baseline-free estimator (``reward``) then carries c·Σ∇log π of pure noise
   in every gradient; a centred one (``mean_baseline``, ``group_norm``, ``rloo``) is unchanged. Every such
   estimator must beat ``reward`` on gradient SNR: *passed* when every paired SNR difference (per seed,
@@ -18,9 +19,10 @@ SHIFT_INVARIANT = ("mean_baseline", "group_norm", "rloo", "batch_norm")
 # shift-invariant, so the rloo arms train as without the shift while the probe, which measures all four
 # estimators in every trial, sees `reward` under it. The A/A arm's seeds are shifted by 1000: other queries,
 # data order and samples, paired with the first arm by seed value.
-SHIFTED_REWARD = {"model.rewards": ["exact_match", "ablations.controls:constant"],
+SHIFTED_REWARD = {"model.rewards": ["exact_match", "ablations.spaces.controls:constant"],
                   "model.reward_weights": [1.0, 3.0]}
-SHIFTED_DENSE_REWARD = {"model.rewards": ["ablations.controls:length", "ablations.controls:constant"],
+SHIFTED_DENSE_REWARD = {"model.rewards": ["ablations.spaces.controls:length",
+                                          "ablations.spaces.controls:constant"],
                         "model.reward_weights": [1.0, 3.0]}
 # The default study's A/A arm: rloo again on seeds shifted by 1000, sharing each seed's warm start, trained
 # without the probe (its comparison is on training metrics).
@@ -30,7 +32,7 @@ ARMS = {
     "rloo+3": {"model.advantage": "rloo"},
     "rloo+3 (seeds+1000)": {"model.advantage": "rloo", "seed_offset": 1000},
 }
-COMPARISONS = (  # (label, group, baseline, kind) of ablations.spaces.Comparison
+COMPARISONS = (  # (label, group, baseline, kind) of ablations.spaces.space.Comparison
     ("positive control: rloo+3 vs reward+3", {"arm": "rloo+3"}, {"arm": "reward+3"}, "positive_control"),
     ("A/A control: rloo+3, independent seeds", {"arm": "rloo+3 (seeds+1000)"}, {"arm": "rloo+3"},
      "aa_control"),

@@ -4,7 +4,7 @@ Probe-only cells (one optimizer step, so the fit logs a reward; the probe runs a
 it) over the group size G, the task mix (the success rate) and the reward's coding. Every coding is
 ``exact_match`` plus a constant: r·a + b with ``reward_weights`` [a, b], so one seed's cells of one G and
 mix share their rollouts and differ only in the numbers the advantage sees. The map of each cell
-(``ablations/baseline_map.py``): c*, V(1)/V(0) measured, and V(1)/V(0) predicted from the mechanism's
+(``ablations/report/baseline_map.py``): c*, V(1)/V(0) measured, and V(1)/V(0) predicted from the mechanism's
 moments; the phase diagram colours each cell by the measured ratio and draws the predicted boundary
 (predicted V(1)/V(0) = 1).
 """
@@ -20,7 +20,7 @@ CODINGS = {"r": (1.0, 0.0), "2r-1": (2.0, -1.0), "r+1": (1.0, 1.0), "r+3": (1.0,
 MIXES = {"easy": "arithmetic_easy", "mixed": "arithmetic"}  # success ≈ 0.36 and ≈ 0.11 at the warm starts
 GROUP_SIZES = [4, 8, 16, 32]
 PRESETS = {
-    "coding": {name: {"model.rewards": ["exact_match", "ablations.controls:constant"],
+    "coding": {name: {"model.rewards": ["exact_match", "ablations.spaces.controls:constant"],
                       "model.reward_weights": [a, b]} for name, (a, b) in CODINGS.items()},
     "mix": {name: {"data.dataset": dataset} for name, dataset in MIXES.items()},
 }
