@@ -27,7 +27,7 @@ test-fast: install
 	$(BIN)/pytest -q -m "not slow"
 
 lint: install
-	$(BIN)/ruff check grpo_lab ablations tests bench
+	$(BIN)/ruff check grpo_lab ablations tests bench scripts
 
 smoke: install
 	$(BIN)/grpo-lab fit --config configs/smoke.yaml
@@ -55,13 +55,13 @@ bench: install
 	$(PYTHON) -m bench.run
 
 # The GPU machine of bench/gpu_check.sh has torch, lightning, transformers, tensorboard and torchmetrics and no
-# network: this downloads the rest (bench/gpu_requirements.txt and its dependencies, never torch or CUDA
+# network: this downloads the rest (scripts/gpu_requirements.txt and its dependencies, never torch or CUDA
 # libraries) as wheels for its Python and platform into bench/wheels/, which travels with the script.
 GPU_PY       ?= 3.11
 GPU_PLATFORM ?= manylinux_2_28_x86_64
 GPU_HAVE     ?=
 gpu-wheels: install ## wheels for bench/gpu_check.sh's offline GPU machine -> bench/wheels/ (GPU_HAVE="pyarrow pandas" if it has them)
-	$(PYTHON) -m bench.gpu_wheels --python-version $(GPU_PY) --platform $(GPU_PLATFORM) --out bench/wheels $(if $(GPU_HAVE),--have $(GPU_HAVE))
+	$(PYTHON) scripts/gpu_wheels.py --python-version $(GPU_PY) --platform $(GPU_PLATFORM) --out bench/wheels $(if $(GPU_HAVE),--have $(GPU_HAVE))
 
 gpu-check-dry: install ## bench/gpu_check.sh's steps on CPU at tiny sizes (JSON to a temp dir)
 	PYTHON=$(PYTHON) bash bench/gpu_check.sh --dry-run

@@ -1,6 +1,6 @@
 """grpo_lab against TRL's GRPOTrainer on identical work, and the GPU check; run from the repository root.
 
-    python -m bench.run            # make bench: both peers on the bench shapes -> bench/results.json
+    python -m bench.run            # make bench: both peers on the bench shapes -> results/bench.json
     python -m bench.profile_step   # where grpo_lab's step spends its time
     bash bench/gpu_check.sh        # the GPU check (python -m bench.gpu_check)
 

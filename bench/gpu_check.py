@@ -1,7 +1,7 @@
 """The steps of ``bench/gpu_check.sh`` (issue 21, item 4); each runs in its own process and is recorded,
 failed or not, in this order (the later ones take what is left of the budget):
 
-0. ``pip install --no-index --find-links bench/wheels -r bench/gpu_requirements.txt`` (real run, when the
+0. ``pip install --no-index --find-links bench/wheels -r scripts/gpu_requirements.txt`` (real run, when the
    folder exists), with the machine's torch pinned by a constraint so nothing replaces it;
 1. ``fit``: ``grpo-lab fit`` (``python -m grpo_lab.cli``) with ``precision=bf16-mixed`` for a Llama of ~113M
    matmul weights (hidden 768, 12 layers, 12 heads, MLP 3072, char vocabulary) on the arithmetic task, 50
@@ -30,7 +30,7 @@ check. (Completions are not forced to full length: with equal lengths and token_
 -mean(A) = 0 whatever the weights, and comparing it would check nothing.)
 
 ``--dry-run`` runs the same steps on CPU at tiny sizes and writes the JSON to a temporary path (or ``--out``);
-a real run writes ``bench/gpu_results.json``. Every step has a time limit cut to the budget that is left.
+a real run writes ``results/gpu.json``. Every step has a time limit cut to the budget that is left.
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def install_wheels(work: Path, env: dict, timeout: float) -> dict:
 
     constraints = work / "constraints.txt"
     constraints.write_text(f"torch=={metadata.version('torch')}\n")  # never replace the machine's torch
-    reqs = [line.strip() for line in (ROOT / "bench" / "gpu_requirements.txt").read_text().splitlines()
+    reqs = [line.strip() for line in (ROOT / "scripts" / "gpu_requirements.txt").read_text().splitlines()
             if line.strip() and not line.startswith("#")]
     core = [r for r in reqs if r.startswith("jsonargparse")]
     pip = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheels), "-c",
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true",
                    help="the same steps on CPU at tiny sizes (a test runs this)")
     p.add_argument("--out", type=Path, default=None,
-                   help="results JSON (default: bench/gpu_results.json; with --dry-run a temporary path)")
+                   help="results JSON (default: results/gpu.json; with --dry-run a temporary path)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="logs, stats and checkpoints (default: runs/gpu_check, or a temp dir with --dry-run)")
     p.add_argument("--skip", default="",
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir or (Path(tempfile.mkdtemp(prefix="gpu_check_")) if dry
                             else ROOT / "runs" / "gpu_check")
     work.mkdir(parents=True, exist_ok=True)
-    out = args.out or (work / "gpu_results.json" if dry else ROOT / "bench" / "gpu_results.json")
+    out = args.out or (work / "gpu_results.json" if dry else ROOT / "results" / "gpu.json")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env = child_env(PYTHONPATH=pythonpath, PYTHONWARNINGS="ignore")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (issue 12): grpo-lab fit on CUDA with bf16-mixed for a ~100M-parameter Llama (50 steps), the
 # same under the ddp and fsdp strategies on one GPU, the bench shapes scaled up against TRL's GRPOTrainer, and
-# the gradient-variance probe on the GPU; writes bench/gpu_results.json. Meant for <= 8 minutes on one H100.
+# the gradient-variance probe on the GPU; writes results/gpu.json. Meant for <= 8 minutes on one H100.
 #
 #   bash bench/gpu_check.sh              # on the GPU machine: installs bench/wheels (make gpu-wheels) first
 #   bash bench/gpu_check.sh --dry-run    # the same steps on CPU at tiny sizes; JSON to a temp path

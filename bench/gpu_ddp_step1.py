@@ -9,7 +9,7 @@ two batches, the weights (sum), the CUDA and CPU generator states (md5) and the 
 to ``$OUT/gpu_ddp_step1.json`` (or ``runs/gpu_ddp_step1``). Before ``grpo_lab/system/rng.py`` the ddp runs had
 the same weights, batch and CPU state as the single-device ones but another CUDA state (the policy's init
 re-seeded every CUDA generator; Lightning's ddp setup re-seeds them again), so step 1 sampled other
-completions; after it, step 1's loss, reward and gradient norm are equal (``bench/gpu_ddp_step1.json``).
+completions; after it, step 1's loss, reward and gradient norm are equal (``results/gpu_ddp_step1.json``).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ One run:
    (``bench/peers.py``) so its peak RSS is its own; with ``--bf16`` also grpo_lab under
    ``precision=bf16-mixed``;
 3. with ``--rss-fit`` measures the peak RSS of a ``configs/tiny.yaml`` fit (``/usr/bin/time -f %M``);
-4. writes ``--out`` (default ``bench/results.json``) and prints a table with the project's targets.
+4. writes ``--out`` (default ``results/bench.json``) and prints a table with the project's targets.
 
 Every number is measured; the machine has few cores and may be shared: the load of other processes
 during each timed step is measured and reported next to the times (``other_load_cores``).
@@ -138,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cores other processes may use for the machine to count as quiet")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the policy weights, the data and the sampling")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json",
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "bench.json",
                    help="where to write the results JSON")
     args = p.parse_args(argv)
     args.peers = [x.strip() for x in args.peers.split(",") if x.strip()]

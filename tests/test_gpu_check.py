@@ -58,7 +58,7 @@ def test_has_flag_reads_a_modules_help():
 
 @pytest.mark.slow
 def test_dry_run_runs_every_step_on_cpu(tmp_path):
-    results = ROOT / "bench" / "gpu_results.json"
+    results = ROOT / "results" / "gpu.json"
     before = results.stat().st_mtime_ns if results.exists() else None
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "r.json"

@@ -1,10 +1,12 @@
-"""``make gpu-wheels``: the wheels bench/gpu_check.sh installs on an offline GPU machine, into bench/wheels/.
+"""``make gpu-wheels``: the wheels bench/gpu_check.sh installs on an offline GPU machine, into bench/wheels/
+(run from the repository root: ``python scripts/gpu_wheels.py``).
 
 The machine has torch, lightning, transformers, tensorboard and torchmetrics (``HAVE``). pip resolves
-bench/gpu_requirements.txt for the machine's Python and platform (``pip install --dry-run --report``: metadata
-only) and, separately, ``HAVE``; what the first needs and the second does not bring, minus torch and the CUDA
+scripts/gpu_requirements.txt for the machine's Python and platform (``pip install --dry-run --report``:
+metadata only) and, separately, ``HAVE``; what the first needs and the second does not bring, minus torch
+and the CUDA
 libraries, is downloaded with ``pip download --no-deps``. If the machine's own copy of a shared dependency is
-too old, ``pip install --no-index`` there says so (recorded in gpu_results.json) rather than fetching one.
+too old, ``pip install --no-index`` there says so (recorded in results/gpu.json) rather than fetching one.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 HAVE = ["torch", "lightning", "transformers", "tensorboard", "torchmetrics"]
 NEVER = re.compile(r"^(torch|triton|nvidia-.*|pytorch-triton.*)$")
-CARRY_LIMIT_MIB = 64  # what the device tool carries with the working tree
 
 
 def _canon(name: str) -> str:
@@ -45,17 +46,19 @@ def resolve(requirements: list[str], plat: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench/gpu_wheels.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="scripts/gpu_wheels.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--python-version", default=f"{sys.version_info.major}.{sys.version_info.minor}",
                    help="the GPU machine's Python, e.g. 3.11 (default: this one's)")
     p.add_argument("--platform", default="manylinux_2_28_x86_64", help="the GPU machine's wheel platform tag")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "wheels")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "wheels", help="where the wheels go")
+    p.add_argument("--max-mib", type=float, default=None,
+                   help="warn when the wheels pass this size (a limit on what can travel with the tree)")
     p.add_argument("--have", nargs="*", default=[],
                    help="more packages the machine already has (e.g. pyarrow pandas: pyarrow alone is ~50 "
                         "MiB)")
     args = p.parse_args(argv)
     plat = _platform_args(args.python_version, args.platform)
-    reqs = [ln.strip() for ln in (ROOT / "bench" / "gpu_requirements.txt").read_text().splitlines()
+    reqs = [ln.strip() for ln in (ROOT / "scripts" / "gpu_requirements.txt").read_text().splitlines()
             if ln.strip() and not ln.startswith("#")]
     need, have = resolve(reqs, plat), resolve(HAVE + args.have, plat)
     fetch = {n: v for n, v in sorted(need.items()) if n not in have and not NEVER.match(n)}
@@ -69,9 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{size / 2**20:8.1f} MiB  {name}")
     print(f"{total:8.1f} MiB  in {args.out} ({len(sizes)} wheels; left to the machine: "
           f"{', '.join(sorted(set(need) & set(have)))})")
-    if total > CARRY_LIMIT_MIB:
-        print(f"note: more than {CARRY_LIMIT_MIB} MiB, what the device tool carries with a working tree",
-              file=sys.stderr)
+    if args.max_mib is not None and total > args.max_mib:
+        print(f"note: {total:.1f} MiB is more than --max-mib {args.max_mib:g}", file=sys.stderr)
     return 0
 
 
