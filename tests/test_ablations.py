@@ -65,7 +65,7 @@ def test_every_space_builds_overlays_that_grpo_lab_loads(name, tmp_path):
 def test_seed_sets_the_rl_seed_the_data_order_and_the_probe():
     space = SPACES["default"]
     over = space.trial_overrides({"model.advantage": "rloo", "seed": 2})
-    assert over == {"trainer.max_steps": 150, "model.advantage": "rloo", "seed_everything": 2, "data.seed": 2,
+    assert over == {"trainer.max_steps": 130, "model.advantage": "rloo", "seed_everything": 2, "data.seed": 2,
                     "model.warm_start.seed": 1236}  # population "networks": each seed its own warm start
     cb = ProbeSettings().callback("rloo", 2)
     assert cb["class_path"] == "grpo_lab.variance.GradientVarianceProbe" and cb["init_args"]["seed"] == 2
