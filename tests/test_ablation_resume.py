@@ -112,6 +112,6 @@ def test_a_study_whose_trials_ran_with_other_settings_is_not_resumed_by_a_change
         open_study(fewer_steps, "s", storage)
     open_study(old, "t", storage)  # a study without trials takes the new settings: nothing to mix
     stored = open_study(fewer_steps, "t", storage).user_attrs["space"]
-    assert stored["overrides"] == {"trainer.max_steps": 130}
+    assert stored["overrides"] == {"trainer.max_steps": 150}
     legacy = {k: v for k, v in old.describe().items() if k != "overrides"}  # stored before 'overrides' was
     assert space(steps=150).changed_settings(json.loads(json.dumps(legacy))) == []
