@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ablations.report.runs import log_ratio_by_seed, snr_difference_by_seed
 from ablations.report.stats import Paired, differences
 from ablations.report.verdicts import (
     PRIMARY,
@@ -32,6 +33,7 @@ from ablations.report.verdicts import (
     settled,
     verdict,
 )
+from ablations.spaces.controls import SHIFT_INVARIANT, aa_line, positive_line, spike_line
 
 DECIDING = ("auc_diff", "snr_ratio")  # what --until-decisive waits for
 SPIKED = ("auc_diff", "hard_lift_diff")  # the cheap positive control's metrics
@@ -103,3 +105,28 @@ def shift_detected(diffs: dict[str, Paired]) -> tuple[bool, dict[str, float]]:
     adjusted = holm([p_difference(diffs[e]) for e in names])
     ok = bool(names) and all(a < 0.05 and diffs[e].mean > 0 for e, a in zip(names, adjusted, strict=True))
     return ok, dict(zip(names, adjusted, strict=True))
+
+
+def controls(by_group: dict, entries: dict, sesoi: dict[str, float]) -> dict[str, Any]:
+    """The study's controls with their pass rules (``judge``): the A/A comparison, the full positive
+    control (a reward shift, ``--space controls``) or, beside an A/A arm, the cheap spike-in one."""
+    out: dict[str, Any] = {}
+    for c, tests in entries.values():
+        if c["kind"] == "positive_control":
+            pool = by_group[c["group"]] + by_group[c["baseline"]]
+            found = set.intersection(*(r.probe_estimators() for r in pool)) if pool else set()
+            ests = [e for e in SHIFT_INVARIANT if e in found and "reward" in found]
+            diffs = {e: differences(snr_difference_by_seed(pool, e, "reward")) for e in ests}
+            ratio = {e: differences(log_ratio_by_seed(pool, e, "reward"), log=True).as_dict() for e in ests}
+            passed, holm_p = shift_detected(diffs)
+            diff = {e: {**d.as_dict(), "p_holm": holm_p[e]} for e, d in diffs.items()}
+            out["positive"] = {"kind": "shift", "comparison": c["group"], "snr_diff_vs_reward": diff,
+                               "snr_ratio_vs_reward": ratio, "passed": passed,
+                               "auc_diff": c["auc_diff"], "line": positive_line(diff, ratio, passed)}
+        elif c["kind"] == "aa_control":
+            out["aa"] = aa_control(c)
+            out["aa"]["line"] = aa_line(out["aa"])
+            if "positive" not in out:
+                out["positive"] = spike_in(tests, sesoi)
+                out["positive"]["line"] = spike_line(out["positive"], c["group"])
+    return out

@@ -48,20 +48,18 @@ import numpy as np
 import optuna
 
 from ablations.report.baseline_map import baseline_map_summary
-from ablations.report.judge import aa_control, family_metrics, judge, shift_detected, spike_in
+from ablations.report.judge import controls, family_metrics, judge
 from ablations.report.runs import (
     ProbeView,
     Run,
     baseline_group,
     group_of,
     load_runs,
-    log_ratio_by_seed,
     ordered_groups,
     point_half_widths,
     probe_fractions,
     probe_variance_by_seed,
     probe_view,
-    snr_difference_by_seed,
 )
 from ablations.report.stats import (
     Paired,
@@ -73,7 +71,6 @@ from ablations.report.stats import (
     stein_seeds,
     t_interval,
 )
-from ablations.spaces.controls import SHIFT_INVARIANT, aa_line, positive_line, spike_line
 
 # The smallest effect worth detecting, per comparison metric (reward units; snr_ratio relative: 0.10 = ×1.10).
 DEFAULT_MIN_EFFECT = {"auc_diff": 0.02, "lift_diff": 0.03, "hard_lift_diff": 0.03, "final_acc_diff": 0.05,
@@ -241,31 +238,6 @@ def claims(comparisons: dict, groups: dict, base: str) -> dict[str, dict]:
     return out
 
 
-def controls(by_group: dict, entries: dict, sesoi: dict[str, float]) -> dict[str, Any]:
-    """The study's controls with their pass rules (``judge``): the A/A comparison, the full positive
-    control (a reward shift, ``--space controls``) or, beside an A/A arm, the cheap spike-in one."""
-    out: dict[str, Any] = {}
-    for c, tests in entries.values():
-        if c["kind"] == "positive_control":
-            pool = by_group[c["group"]] + by_group[c["baseline"]]
-            found = set.intersection(*(r.probe_estimators() for r in pool)) if pool else set()
-            ests = [e for e in SHIFT_INVARIANT if e in found and "reward" in found]
-            diffs = {e: differences(snr_difference_by_seed(pool, e, "reward")) for e in ests}
-            ratio = {e: differences(log_ratio_by_seed(pool, e, "reward"), log=True).as_dict() for e in ests}
-            passed, holm_p = shift_detected(diffs)
-            diff = {e: {**d.as_dict(), "p_holm": holm_p[e]} for e, d in diffs.items()}
-            out["positive"] = {"kind": "shift", "comparison": c["group"], "snr_diff_vs_reward": diff,
-                               "snr_ratio_vs_reward": ratio, "passed": passed,
-                               "auc_diff": c["auc_diff"], "line": positive_line(diff, ratio, passed)}
-        elif c["kind"] == "aa_control":
-            out["aa"] = aa_control(c)
-            out["aa"]["line"] = aa_line(out["aa"])
-            if "positive" not in out:
-                out["positive"] = spike_in(tests, sesoi)
-                out["positive"]["line"] = spike_line(out["positive"], c["group"])
-    return out
-
-
 def build_summary(study: optuna.Study, min_effect: dict[str, float] | None = None,
                   precision: float | None = None) -> dict[str, Any]:
     """The summary of a study's COMPLETE trials (see the module docstring); ``min_effect`` overrides the
@@ -370,6 +342,9 @@ def write_summary(summary: dict, path: Path) -> Path:
 
 
 # ---- the README table ------------------------------------------------------------------------------------
+NA = {"mean": None, "lo": None, "hi": None}
+
+
 def readme_table(summary: dict) -> str:
     """The markdown table the README quotes: one row per group, its comparison against the baseline."""
     from ablations.report.stats import fmt_ci, fmt_diff
@@ -384,9 +359,10 @@ def readme_table(summary: dict) -> str:
         c = by_group.get(label)
         row = [f"`{label}`", str(g["n_seeds"]), fmt_ci(g["lift"]), fmt_ci(g["auc"]), fmt_ci(g["final_acc"])]
         if probe:
-            row += [fmt_ci(g["snr"], ".3g"), fmt_ci(g["hard_share"])]
+            row += [fmt_ci(g.get("snr", NA), ".3g"), fmt_ci(g.get("hard_share", NA))]
         if c is None:
-            row += ["(baseline)"] + (["(baseline)"] if probe else []) + [""]
+            role = "(baseline)" if label == summary["baseline"] else "(A/A control)"
+            row += [role] + ([role] if probe else []) + [""]
         else:
             row += [fmt_diff(c["auc_diff"])] + ([fmt_diff(c["snr_ratio"], ratio=True)] if probe else [])
             row += ["; ".join(c["verdict"][m] for m in ("auc_diff", "snr_ratio") if m in c["verdict"])]
