@@ -16,7 +16,7 @@ from ablations.runner.worker import WorkerDied, WorkerPool
 from grpo_lab.system.process_env import thread_env
 from grpo_lab.system.processes import child_env, parent_death_preexec
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # ablations/runner/launch.py -> the repository
 
 
 class FitFailed(RuntimeError):
