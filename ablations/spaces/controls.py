@@ -5,7 +5,7 @@
   shifts every reward by c. A baseline-free estimator (``reward``) then carries c·Σ∇log π of pure noise
   in every gradient; a centred one (``mean_baseline``, ``group_norm``, ``rloo``) is unchanged. Every such
   estimator must beat ``reward`` on gradient SNR: *passed* when every paired SNR difference (per seed,
-  averaged over the probe points) is above 0 under Holm.
+  averaged over the probe points) is above 0, each at α (all must be found: no adjustment, ``judge``).
 - A/A control: two arms with identical settings and independent seed streams: *passed* when Holm finds no
   difference on any metric (``judge.py``; the default study carries one, ``rloo (A/A)``, with the cheap
   spike-in positive control on it).
@@ -53,7 +53,7 @@ def constant(completions: list[str], **_) -> list[float]:
 
 def positive_line(diffs: dict[str, dict], ratios: dict[str, dict], passed: bool) -> str:
     """One sentence from the centred estimators' paired SNR differences against ``reward`` under the shift
-    (``{estimator: {mean, lo, hi, n, p_holm}}``; passed when Holm finds each above 0, ``judge``) and their
+    (``{estimator: {mean, lo, hi, n, p}}``; passed when each is above 0 at α, ``judge``) and their
     SNR ratios (geometric means over seeds, where the SNRs were positive: under a large shift `reward`'s
     signal estimate is often ≤ 0 at a few batches, and its ratio undefined)."""
     if not diffs:
@@ -65,7 +65,7 @@ def positive_line(diffs: dict[str, dict], ratios: dict[str, dict], passed: bool)
         r = ratios.get(e, {})
         return f", ×{r['mean']:.3g} over {r['n']} seed(s)" if r.get("n") else ""
 
-    parts = [f"{e} {d['mean']:+.3g} [{d['lo']:+.3g}, {d['hi']:+.3g}] (Holm p = {d['p_holm']:.2g}){ratio(e)}"
+    parts = [f"{e} {d['mean']:+.3g} [{d['lo']:+.3g}, {d['hi']:+.3g}] (p = {d['p']:.2g}){ratio(e)}"
              for e, d in diffs.items()]
     return (f"positive control (reward shift +3) {'passed' if passed else 'FAILED'}: gradient SNR minus "
             f"`reward`'s under the shift ({n} seeds): " + "; ".join(parts))
@@ -88,5 +88,5 @@ def spike_line(spike: dict, arm: str) -> str:
     found = "; ".join(f"{m}: {t}" for m, t in spike["verdicts"].items())
     return (f"positive control (spike-in, the cheap one) {'passed' if spike['passed'] else 'FAILED'}: "
             f"effects of {spike['factor']:g}× the SESOI ({effects}) added to the A/A arm `{arm}` over its "
-            f"real seed-to-seed noise must be found under Holm: {found}. The full positive control (a "
+            f"real seed-to-seed noise must each be found: {found}. The full positive control (a "
             "reward shift) is `grpo-lab-ablate --space controls`.")
