@@ -23,14 +23,12 @@ ask for the same key at once):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,6 +42,7 @@ from grpo_lab.model.tokenizer import chat_prompt
 from grpo_lab.rewards.scoring import exact_match
 from grpo_lab.rollout import generate
 from grpo_lab.system.errors import UserError, UserRuntimeError
+from grpo_lab.system.locks import exclusive_lock
 from grpo_lab.system.rng import seeded
 
 log = logging.getLogger(__name__)
@@ -184,24 +183,6 @@ def check_entry(entry: Path) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def build_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``fcntl`` lock on ``path`` (where ``fcntl`` is missing: none, and concurrent
-    builders each build and the first rename wins)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def move_aside(entry: Path, reason: str) -> Path:
     """Move the bad entry to ``<key>.broken`` (replacing an older one), with one warning line."""
     aside = entry.with_name(entry.name + ".broken")
@@ -265,7 +246,7 @@ def ensure_warm_start(policy: PolicyConfig, cfg: WarmStartConfig, dataset: str) 
     path = warm_start_dir(policy, cfg, dataset)
     if check_entry(path) is None:
         return path
-    with build_lock(path.with_name(f"{path.name}.lock")):
+    with exclusive_lock(path.with_name(f"{path.name}.lock")):
         reason = check_entry(path)  # another process may have built it while we waited
         if reason is None:
             return path

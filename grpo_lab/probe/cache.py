@@ -15,15 +15,16 @@ computed again; a write that fails (a full disk) leaves no temporary file behind
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from grpo_lab.system.locks import exclusive_lock
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 4  # 4: per-point intervals by the delta method (intervals.py); 3: rows carry the baseline map
@@ -53,22 +54,6 @@ def cache_key(module, queries: list[dict], settings: dict) -> str:
     }
     h.update(json.dumps(ident, sort_keys=True, default=str).encode())
     return h.hexdigest()[:24]
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def write_json(path: Path, payload) -> None:
@@ -109,7 +94,7 @@ def cached(cache_dir: str | Path | None, key: str, compute: Callable[[], dict]) 
     if cache_dir is None:
         return compute(), False
     path = Path(cache_dir) / f"{key}.json"
-    with _locked(Path(cache_dir) / f"{key}.lock"):
+    with exclusive_lock(Path(cache_dir) / f"{key}.lock"):
         value = read_entry(path)
         if value is not None:
             return value, True
