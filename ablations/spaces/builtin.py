@@ -15,6 +15,8 @@ from ablations.spaces.space import Comparison, ProbeSettings, Space, register_sp
 # the A/A control (ablations/report/judge.py), which passes or fails in every report.
 DEFAULT_ARMS = {"reward": {"model.advantage": "reward"}, "group_norm": {"model.advantage": "group_norm"},
                 "rloo": {"model.advantage": "rloo"}, "rloo (A/A)": controls.AA_ARM}
+DEFAULT_SEEDS = [0, 1, 2, 3, 4, 5, 6, 7]
+DEFAULT_OVERRIDES = {"trainer.max_steps": 130}  # default_noclip takes the same, so the two stay comparable
 DEFAULT_COMPARISONS = (
     Comparison("group_norm", {"model.advantage": "group_norm"}, {"model.advantage": "reward"}),
     Comparison("rloo", {"model.advantage": "rloo"}, {"model.advantage": "reward"}),
@@ -27,7 +29,7 @@ register_space(Space(
     description="advantage estimator (reward, group_norm, rloo) and an A/A arm x 8 seeds on the "
                 "mostly-easy arithmetic mixture, each seed its own warm-start network, probe at the warm "
                 "start and the end",
-    grid={"model.advantage": list(DEFAULT_ARMS), "seed": [0, 1, 2, 3, 4, 5, 6, 7]},
+    grid={"model.advantage": list(DEFAULT_ARMS), "seed": DEFAULT_SEEDS},
     presets={"model.advantage": DEFAULT_ARMS},
     # Sized so that every SNR ratio, at each probe point and pooled, comes within ±10% in under 10 minutes
     # (issue 10; docs/results.md, "How precise the SNR ratios"). At the trials' ends most of the spread across
@@ -41,7 +43,7 @@ register_space(Space(
     # score_prompts: the baseline map's mechanism (issue 20) from 4 queries' per-completion scores at each
     # seed's warm start (about 1 s per seed).
     probe=ProbeSettings(num_batches=32, warm_start_batches=64, prompts_per_batch=16, score_prompts=4),
-    overrides={"trainer.max_steps": 130},
+    overrides=DEFAULT_OVERRIDES,
     baseline={"model.advantage": "reward"},
     comparisons=DEFAULT_COMPARISONS,
 ))
@@ -54,9 +56,9 @@ register_space(Space(
     name="default_noclip",
     description="the default study's estimators (reward, group_norm, rloo) x 8 seeds with gradient clipping "
                 "off: does claim (iii)'s AUC verdict depend on clipping?",
-    grid={"model.advantage": ["reward", "group_norm", "rloo"], "seed": [0, 1, 2, 3, 4, 5, 6, 7]},
+    grid={"model.advantage": [a for a in DEFAULT_ARMS if a != "rloo (A/A)"], "seed": DEFAULT_SEEDS},
     probe=None,
-    overrides={"trainer.max_steps": 130, "model.max_grad_norm": None},
+    overrides={**DEFAULT_OVERRIDES, "model.max_grad_norm": None},  # the default's steps, whatever they are
     baseline={"model.advantage": "reward"},
 ))
 
