@@ -16,12 +16,16 @@ The derivation (docs/derivation.md, "From reward to advantage"):
    equal carries no signal relative to itself: its std is 0 and its advantage is exactly 0, never NaN.
 
 Normalization is two independent choices, as in ROLL: A = (r − b) / s with a **center** b (``CENTERS``:
-none, group, leave_one_out, batch, james_stein, gradient_weighted) and a **scale** s (``SCALES``: none,
-group, batch). The named estimators are presets of the pair (``PRESETS``):
+none, group, leave_one_out, batch, james_stein, gradient_weighted, length_weighted, online_coef; the field's
+baselines are in ``baselines.py``) and a **scale** s (``SCALES``: none, group, batch, mean). The named
+estimators are presets of the pair (``PRESETS``):
 
     reward = (none, none)   mean_baseline = (group, none)   group_norm = (group, group)
     rloo = (leave_one_out, none)   batch_norm = (group, batch)   batch_whiten = (batch, batch)
     james_stein = (james_stein, none)   gradient_weighted = (gradient_weighted, none)
+    opo = (length_weighted, none)   maxrl = (group, mean)   online_coef = (online_coef, none)
+
+``batch_norm`` is REINFORCE++'s baseline variant (group mean, batch std), ``batch_whiten`` its global one.
 
 and ``compute_advantages(r, "group_norm")`` gives exactly the values it always gave (same operations).
 
@@ -55,9 +59,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
+from grpo_lab.baselines import (
+    gradient_weighted_baseline,
+    james_stein_baseline,
+    leave_one_out_mean,
+    length_weighted_baseline,
+    logit_gradient_energy,
+    online_coefficient,
+)
 from grpo_lab.system.errors import UserError
 from grpo_lab.system.registry import lookup, register
 
@@ -69,17 +80,23 @@ class Estimator:
     """A registered advantage estimator: the function and how it treats groups.
 
     ``needs_group``: it compares completions within a group (G >= 2). ``flat_is_zero``: a group whose G
-    rewards are equal gets exactly 0 (default: the same as ``needs_group``). ``needs_weights``: ``fn`` takes
-    ``weights=[P, G]`` (per-completion gradient-energy weights, see :func:`logit_gradient_energy`).
+    rewards are equal gets exactly 0 (default: the same as ``needs_group``). ``weights``: ``fn`` takes
+    ``weights=[P, G]``, per-completion weights of this kind (``WEIGHTS``: ``logit_energy``, a proxy of
+    ‖∇log π(o)‖², see :func:`logit_gradient_energy`; ``length``, the completion's token count), which
+    :func:`completion_weights` makes from the rollout's log-probabilities.
     ``center``/``scale``: the pair this estimator is a preset of (None for a free-form estimator).
     """
 
     fn: AdvantageFn
     needs_group: bool = True
     flat_is_zero: bool | None = None
-    needs_weights: bool = False
+    weights: str | None = None
     center: str | None = None
     scale: str | None = None
+
+    @property
+    def needs_weights(self) -> bool:
+        return self.weights is not None
 
     @property
     def zeroes_flat_groups(self) -> bool:
@@ -119,7 +136,8 @@ def compute_advantages(rewards: Tensor, estimator: str | Estimator, eps: float =
     """Advantages ``[P, G]`` for rewards ``[P, G]`` (P queries, G completions each).
 
     ``estimator``: a name (or import path), or an :class:`Estimator` (e.g. from :func:`resolve_estimator`).
-    ``weights`` ``[P, G]``: per-completion weights, needed by estimators with ``needs_weights``.
+    ``weights`` ``[P, G]``: per-completion weights, needed by estimators with ``weights``
+    (:func:`completion_weights`).
     """
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be [P, G] (queries x completions), got shape {tuple(rewards.shape)}")
@@ -158,7 +176,7 @@ class Center:
     fn: Callable[[Tensor, Tensor | None], Tensor | None]
     group_relative: bool
     needs_group: bool
-    needs_weights: bool = False
+    weights: str | None = None  # the kind of per-completion weights fn needs (``WEIGHTS``)
 
 
 def _no_center(rewards: Tensor, weights: Tensor | None) -> None:
@@ -171,75 +189,12 @@ def _group_mean(rewards: Tensor, weights: Tensor | None) -> Tensor:
 
 
 def _leave_one_out(rewards: Tensor, weights: Tensor | None) -> Tensor:
-    """b_i = mean_{j≠i} r_j = (Σ_j r_j − r_i) / (G−1) ``[P, G]``: RLOO's baseline, independent of o_i."""
-    g = rewards.shape[-1]
-    return (rewards.sum(dim=-1, keepdim=True) - rewards) / (g - 1)  # [P, G]
+    return leave_one_out_mean(rewards)
 
 
 def _batch_mean(rewards: Tensor, weights: Tensor | None) -> Tensor:
     """b = mean of all P·G rewards (a scalar): REINFORCE++'s global baseline."""
     return rewards.mean()
-
-
-def james_stein_baseline(rewards: Tensor, eps: float = 1e-6) -> Tensor:
-    """James–Stein shrinkage baseline ``[P, G]`` (Zeng et al., arXiv 2511.03710; their verl code ``jspo``).
-
-    The per-query mean from G samples is a noisy estimate of the query's success rate; Stein's paradox
-    says pooling it with the other queries' means lowers its total squared error. For completion i of query
-    p, with every statistic taken *without* query p (so b never depends on o_i: the gradient stays
-    unbiased, a "two-level leave-one-out"):
-
-        μ_q = mean_G(r_q),  v_q = var_G(r_q) / G (Bessel)              per query q ≠ p
-        m̄ = mean_{q≠p} μ_q,  v² = mean_{q≠p} v_q,  s² = mean_{q≠p} (μ_q − m̄)²
-        λ = v² / (v² + s² + eps)                                       shrinkage in [0, 1)
-        b_{p,i} = (1 − λ) · mean_{j≠i} r_{p,j} + λ · m̄
-
-    λ → 0 when queries differ much more than the noise of their means (b → RLOO), λ → 1 when they look
-    alike (b → the other queries' mean). With P = 1 there is nothing to shrink toward: λ = 0 (RLOO).
-    """
-    p, g = rewards.shape
-    loo = _leave_one_out(rewards, None)  # [P, G]
-    if p < 2:
-        return loo
-    mu = rewards.mean(dim=-1)  # [P]
-    v = rewards.var(dim=-1) / g  # [P]
-    others = ~torch.eye(p, dtype=torch.bool, device=rewards.device)  # [P, P]: row p marks the queries q ≠ p
-    m_bar = (mu.sum() - mu) / (p - 1)  # [P]
-    v2 = (v.sum() - v) / (p - 1)  # [P]
-    s2 = ((mu.unsqueeze(0) - m_bar.unsqueeze(1)) ** 2 * others).sum(-1) / (p - 1)  # [P]
-    lam = (v2 / (v2 + s2 + eps)).unsqueeze(-1)  # [P, 1]
-    return (1 - lam) * loo + lam * m_bar.unsqueeze(-1)
-
-
-def gradient_weighted_baseline(rewards: Tensor, weights: Tensor) -> Tensor:
-    """Leave-one-out weighted mean ``[P, G]``: b_i = Σ_{j≠i} w_j r_j / Σ_{j≠i} w_j.
-
-    In the spirit of the Optimal Token Baseline (Li et al., arXiv 2602.07078; verl
-    ``optimal_token_baseline``): the variance-minimising constant baseline of REINFORCE is b* = E[‖∇log π(o)‖²
-    R] / E[‖∇log π(o)‖²], the reward averaged with weight ‖∇log π‖², not the plain mean. ``weights`` are a
-    per-completion proxy of ‖∇log π(o)‖² (:func:`logit_gradient_energy`); we use one baseline per completion,
-    not OTB's one per token position, because our advantages are per sequence. Leaving o_i out keeps b_i
-    independent of o_i (unbiased). Equal weights give exactly RLOO's baseline; a group whose other weights are
-    all 0 falls back to the unweighted leave-one-out mean.
-    """
-    wr = weights * rewards
-    num = wr.sum(dim=-1, keepdim=True) - wr  # [P, G]
-    den = weights.sum(dim=-1, keepdim=True) - weights  # [P, G]
-    return torch.where(den > 0, num / den.clamp(min=1e-12), _leave_one_out(rewards, None))
-
-
-def logit_gradient_energy(logprobs: Tensor, mask: Tensor) -> Tensor:
-    """Per-completion weight ``[B]``: W = Σ_t mask·(1 − π(o_t))², from the sampled tokens' log-probabilities
-    ``logprobs`` ``[B, T]`` (the rollout's, so no extra forward pass).
-
-    Why this weight: the gradient of log π(o_t) with respect to the logits is e_{o_t} − π, whose squared
-    norm is 1 − 2π(o_t) + Σ_v π_v² (OTB's "logit-gradient proxy"). Without the full distribution we use
-    (1 − π(o_t))²: since Σ_{v≠o_t} π_v² lies in [0, (1 − π(o_t))²], the exact value is between 1× and 2× of
-    it. Summing over tokens ignores the correlation between tokens (OTB's cumulative W_T does the same).
-    Confident completions (π ≈ 1 per token) get weight ≈ 0, uncertain and long ones a large weight.
-    """
-    mask = mask.to(logprobs.dtype)
-    return ((1.0 - logprobs.exp()) ** 2 * mask).sum(dim=-1)
 
 
 def _james_stein(rewards: Tensor, weights: Tensor | None) -> Tensor:
@@ -250,6 +205,30 @@ def _gradient_weighted(rewards: Tensor, weights: Tensor | None) -> Tensor:
     return gradient_weighted_baseline(rewards, weights)
 
 
+def _length_weighted(rewards: Tensor, weights: Tensor | None) -> Tensor:
+    return length_weighted_baseline(rewards, weights)
+
+
+def _online_coef(rewards: Tensor, weights: Tensor | None) -> Tensor:
+    return online_coefficient(rewards, weights) * leave_one_out_mean(rewards)
+
+
+def completion_weights(estimator: Estimator, logprobs: Tensor, mask: Tensor) -> Tensor | None:
+    """The per-completion weights ``[B]`` an estimator needs (None when it needs none), from a rollout's
+    sampled-token log-probabilities ``logprobs`` and ``mask`` ``[B, T]``: ``logit_energy`` (a proxy of
+    ‖∇log π(o)‖², :func:`logit_gradient_energy`) or ``length`` (the completion's token count)."""
+    if estimator.weights is None:
+        return None
+    if estimator.weights == "length":
+        return mask.to(logprobs.dtype).sum(dim=-1)
+    if estimator.weights == "logit_energy":
+        return logit_gradient_energy(logprobs, mask)
+    raise ValueError(f"unknown weights {estimator.weights!r}: one of {WEIGHTS}")
+
+
+WEIGHTS = ("logit_energy", "length")
+
+
 CENTERS: dict[str, Center] = {
     "none": Center(_no_center, group_relative=False, needs_group=False),
     "group": Center(_group_mean, group_relative=True, needs_group=True),
@@ -257,7 +236,9 @@ CENTERS: dict[str, Center] = {
     "batch": Center(_batch_mean, group_relative=False, needs_group=False),
     "james_stein": Center(_james_stein, group_relative=False, needs_group=True),
     "gradient_weighted": Center(_gradient_weighted, group_relative=True, needs_group=True,
-                                needs_weights=True),
+                                weights="logit_energy"),
+    "length_weighted": Center(_length_weighted, group_relative=True, needs_group=True, weights="length"),
+    "online_coef": Center(_online_coef, group_relative=False, needs_group=True, weights="logit_energy"),
 }
 
 
@@ -279,6 +260,14 @@ def _group_std(centred: Tensor, rewards: Tensor, eps: float) -> Tensor:
     return centred / (rewards.std(dim=-1, keepdim=True) + eps)  # [P, 1] broadcast
 
 
+def _group_mean_scale(centred: Tensor, rewards: Tensor, eps: float) -> Tensor:
+    """÷ (mean_G(r) + eps): MaxRL's scale (Tajwar et al. 2026, "Maximum likelihood RL"; the issue names
+    it TRL's ``scale_rewards="mean"``). With 0/1 rewards Σ_i r_i ∇log π(o_i) / (G·p̂) estimates
+    ∇p / p = ∇log p, the gradient of the log-likelihood of success, so a hard query (small p) gets a
+    large step. A group of failures is flat (0, never NaN)."""
+    return centred / (rewards.mean(dim=-1, keepdim=True) + eps)  # [P, 1] broadcast
+
+
 def _batch_std(centred: Tensor, rewards: Tensor, eps: float) -> Tensor:
     """÷ (std over all P·G rewards + eps): REINFORCE++'s scale, keeps easy and hard groups' relative size."""
     std = rewards.std() if rewards.numel() > 1 else rewards.new_zeros(())
@@ -289,6 +278,7 @@ SCALES: dict[str, Scale] = {
     "none": Scale(_no_scale, per_group=False),
     "group": Scale(_group_std, per_group=True),
     "batch": Scale(_batch_std, per_group=False),
+    "mean": Scale(_group_mean_scale, per_group=True),
 }
 
 
@@ -302,7 +292,7 @@ def normalized(center: str, scale: str) -> Estimator:
 
     fn.__name__ = f"{center}_{scale}"
     return Estimator(fn, needs_group=c.needs_group or s.per_group,
-                     flat_is_zero=c.group_relative or s.per_group, needs_weights=c.needs_weights,
+                     flat_is_zero=c.group_relative or s.per_group, weights=c.weights,
                      center=center, scale=scale)
 
 
@@ -314,7 +304,10 @@ PRESETS: dict[str, tuple[str, str]] = {
     "batch_norm": ("group", "batch"),
     "batch_whiten": ("batch", "batch"),  # REINFORCE++
     "james_stein": ("james_stein", "none"),
-    "gradient_weighted": ("gradient_weighted", "none"),
+    "gradient_weighted": ("gradient_weighted", "none"),  # optimal-token baseline, per sequence
+    "opo": ("length_weighted", "none"),  # OPO
+    "maxrl": ("group", "mean"),  # MaxRL
+    "online_coef": ("online_coef", "none"),  # r − ĉ·b̄₋ᵢ, ĉ the batch's variance-optimal c
 }
 ADVANTAGES.update({name: normalized(*pair) for name, pair in PRESETS.items()})
 

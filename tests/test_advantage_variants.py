@@ -80,7 +80,7 @@ def test_center_scale_errors():
     with pytest.raises(ValueError,
                        match="unknown advantage center 'median'; known: batch, gradient_weighted, group, "):
         resolve_estimator("group_norm", center="median")
-    with pytest.raises(ValueError, match="unknown advantage scale 'mad'; known: batch, group, none"):
+    with pytest.raises(ValueError, match="unknown advantage scale 'mad'; known: batch, group, mean, none"):
         resolve_estimator("group_norm", scale="mad")
     name = "_test_free_form"
     register_advantage(name)(lambda r, eps: r)

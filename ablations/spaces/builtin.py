@@ -212,3 +212,21 @@ register_space(Space(
     probe=None,
     baseline={"model.baseline_coef": 0.0},
 ))
+
+# The field's variance-motivated baselines as arms of the learning study (issue 20, item 4), beside b = 0
+# (`reward`) and the leave-one-out mean (`rloo`): the batch's own variance-optimal c (`online_coef`), OPO's
+# length-weighted mean, the optimal-token (gradient-weighted) mean, REINFORCE++'s baseline (group mean,
+# batch std: `batch_norm`) and MaxRL's mean scale. 150 steps and seeds 0-7 as `baseline_coef`, so `reward`
+# and `rloo` repeat its c = 0 and c = 1 trajectories. Every estimator is probed on the same rollouts at each
+# seed's warm start (K = 64 x 16 prompts, once per seed): paired SNR rows at 8 networks, not at the trained
+# policies (probing 7 estimators at each of 56 ends would cost more than the training).
+BASELINE_ARMS = ("reward", "rloo", "online_coef", "opo", "gradient_weighted", "batch_norm", "maxrl")
+register_space(Space(
+    name="field_baselines",
+    description="the field's variance-motivated baselines (online c*, OPO, optimal-token, REINFORCE++, MaxRL) "
+                "against reward and rloo: lower variance, faster learning?",
+    grid={"model.advantage": list(BASELINE_ARMS), "seed": DEFAULT_SEEDS},
+    overrides={"trainer.max_steps": 150},
+    probe=ProbeSettings(estimators=BASELINE_ARMS, num_batches=64, prompts_per_batch=16, at_fractions=(0.0,)),
+    baseline={"model.advantage": "reward"},
+))

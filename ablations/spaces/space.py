@@ -93,13 +93,20 @@ SETTINGS_KEYS = ("base_config", "overrides", "presets", "threshold", "baseline",
 """What a trial runs with and the report compares by, in a space's :meth:`Space.describe`."""
 
 
+PARAMETERIZED = ("baseline_coef",)
+"""Estimators whose registry entry is one member of a family set by another key: never auto-probed."""
+
+
 @dataclass(frozen=True)
 class ProbeSettings:
     """Settings of ``grpo_lab.variance.GradientVarianceProbe`` for every trial of a space.
 
     By default all four estimators are probed on the same rollouts (paired, at the trial's parameters): the
     backward passes dominate the cost and four estimators need few more than one (``grpo_lab/probe``).
-    ``estimators="own"`` probes only the trial's own ``model.advantage``. K = 64 batches of 8 prompts give
+    The trial's own ``model.advantage`` is always added, a user's ``module:fn`` estimator too (except
+    ``baseline_coef``, whose registry name means c = 1 while the arm's c is ``model.baseline_coef``: the
+    baseline map measures the whole family from ``reward`` and ``rloo``). ``estimators="own"`` probes only
+    the trial's own ``model.advantage``. K = 64 batches of 8 prompts give
     a paired SNR-ratio interval of about ±21% at one point of the default study, K = 128 about ±14%
     (docs/ablations.md, "The probe's precision"); the report pools the points and seeds. The warm-start
     point is the same policy for every trial of a seed and is computed once per seed (the probe's cache
@@ -127,6 +134,8 @@ class ProbeSettings:
             estimators = [advantage or "group_norm"]
         else:
             estimators = list(self.estimators)
+            if advantage and advantage not in estimators and advantage not in PARAMETERIZED:
+                estimators.append(advantage)  # the arm's own estimator (a `module:fn` too) always gets a row
         return {
             "class_path": PROBE_CLASS,
             "init_args": {

@@ -5,8 +5,8 @@ Data only (ablations/spaces/space.py registers the space). The baseline arm `grp
 clip 0.2, token_mean, beta 0. Two settings are common to every arm so that each variant can act at all:
 mu = 2 (at mu = 1 the ratio is exactly 1 and GSPO, CISPO and dual-clip have GRPO's gradient) and
 max_new_tokens = 6 (a 2-token overlong buffer then only reaches completions longer than any correct answer).
-The probe measures the advantage estimators on the same rollouts (gradient_weighted needs the rollout's
-log-probabilities, which the probe does not pass, so it is left out of the probe's list).
+The probe measures the advantage estimators on the same rollouts (the weighted baselines get the rollout's
+log-probabilities, as in training).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 PROBE_ESTIMATORS = ("reward", "mean_baseline", "group_norm", "rloo", "batch_norm", "batch_whiten",
-                    "james_stein")
+                    "james_stein", "gradient_weighted")
 OVERLONG = {"model.rewards": ["exact_match", "overlong_penalty"], "model.overlong_buffer": 2}
 VARIANTS: dict[str, dict[str, Any]] = {
     "grpo": {},

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from grpo_lab.advantages import compute_advantages
+from grpo_lab.advantages import completion_weights, compute_advantages, get_estimator
 from grpo_lab.losses import aggregation_normalizer, policy_loss
 from grpo_lab.probe.sketch import CountSketch
 from grpo_lab.rollout import sequence_logprobs
@@ -101,6 +101,15 @@ def _backward(logprobs: Tensor, cotangents: Tensor, params: list[Tensor],
     return coefs.to(device=stacked.device, dtype=stacked.dtype) @ stacked
 
 
+def _advantages(rewards: Tensor, name: str, rollout) -> Tensor:
+    """``name``'s advantages ``[B]``; a weighted baseline (``gradient_weighted``, ``opo``, ``online_coef``)
+    gets its weights from the rollout's own log-probabilities and mask, as in training."""
+    est = get_estimator(name)
+    weights = completion_weights(est, rollout.logprobs, rollout.completion_mask)
+    return compute_advantages(rewards, name, weights=None if weights is None else weights.view_as(rewards),
+                              ).flatten()
+
+
 def batch_gradients(module, batch: list[dict], estimators: Sequence[str], reference: str | None = None,
                     split: tuple[str, object] | None = None,
                     aggregation: str | None = None, sketch: CountSketch | None = None) -> BatchGradients:
@@ -126,9 +135,9 @@ def batch_gradients(module, batch: list[dict], estimators: Sequence[str], refere
     rollout = rollout.without(invalid.flatten())  # an invalid reward leaves the loss
     mask = rollout.completion_mask  # [B, T]
     b, g = mask.shape[0], rewards.shape[1]
-    vectors = [(compute_advantages(rewards, name).flatten(), agg) for name in names]  # [B] each
+    vectors = [(_advantages(rewards, name, rollout), agg) for name in names]  # [B] each
     if reference is not None:
-        vectors.append((compute_advantages(rewards, reference).flatten(), REFERENCE_AGGREGATION))
+        vectors.append((_advantages(rewards, reference, rollout), REFERENCE_AGGREGATION))
     cut = n_in * g  # rows [0, cut) are the split's queries
     parts = [slice(0, cut), slice(cut, b)] if split is not None else [slice(0, b)]
     parts = [p for p in parts if p.stop > p.start]
