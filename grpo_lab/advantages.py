@@ -209,6 +209,10 @@ def _length_weighted(rewards: Tensor, weights: Tensor | None) -> Tensor:
     return length_weighted_baseline(rewards, weights)
 
 
+def _given(rewards: Tensor, weights: Tensor | None) -> Tensor:
+    return weights
+
+
 def _online_coef(rewards: Tensor, weights: Tensor | None) -> Tensor:
     return online_coefficient(rewards, weights) * leave_one_out_mean(rewards)
 
@@ -223,10 +227,13 @@ def completion_weights(estimator: Estimator, logprobs: Tensor, mask: Tensor) -> 
         return mask.to(logprobs.dtype).sum(dim=-1)
     if estimator.weights == "logit_energy":
         return logit_gradient_energy(logprobs, mask)
+    if estimator.weights == "success_rate":
+        raise UserError("the oracle baseline (oracle_p) needs each query's success rate from extra samples: "
+                        "it is a reference arm of the gradient probe, not a trainable estimator")
     raise ValueError(f"unknown weights {estimator.weights!r}: one of {WEIGHTS}")
 
 
-WEIGHTS = ("logit_energy", "length")
+WEIGHTS = ("logit_energy", "length", "success_rate")
 
 
 CENTERS: dict[str, Center] = {
@@ -239,6 +246,9 @@ CENTERS: dict[str, Center] = {
                                 weights="logit_energy"),
     "length_weighted": Center(_length_weighted, group_relative=True, needs_group=True, weights="length"),
     "online_coef": Center(_online_coef, group_relative=False, needs_group=True, weights="logit_energy"),
+    # b = p̂_q, each query's success rate from samples other than the group's (the probe draws them):
+    # the oracle reference arm of the baseline map, unbiased, not trainable
+    "oracle": Center(_given, group_relative=False, needs_group=False, weights="success_rate"),
 }
 
 
@@ -308,6 +318,7 @@ PRESETS: dict[str, tuple[str, str]] = {
     "opo": ("length_weighted", "none"),  # OPO
     "maxrl": ("group", "mean"),  # MaxRL
     "online_coef": ("online_coef", "none"),  # r − ĉ·b̄₋ᵢ, ĉ the batch's variance-optimal c
+    "oracle_p": ("oracle", "none"),  # r − p̂_q: the probe's oracle reference arm
 }
 ADVANTAGES.update({name: normalized(*pair) for name, pair in PRESETS.items()})
 

@@ -82,3 +82,20 @@ def test_every_arms_own_estimator_is_probed_by_default():
     # baseline_coef's registry name is c = 1; the arm's c lives in model.baseline_coef: not auto-probed
     assert "baseline_coef" not in ProbeSettings().callback("baseline_coef", 0)["init_args"]["estimators"]
     assert ProbeSettings(estimators="own").callback("opo", 0)["init_args"]["estimators"] == ["opo"]
+
+
+def test_the_oracle_baseline_subtracts_each_querys_success_rate_from_extra_samples(monkeypatch):
+    from grpo_lab.probe.gradients import ORACLE_DRAWS, batch_gradients
+    from tests.test_variance import _module, _queries, _recording_rollouts
+
+    r, p = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]]), torch.tensor([[0.25], [0.9]])
+    # no flat-group rule: a flat group keeps r − p̂
+    torch.testing.assert_close(compute_advantages(r, "oracle_p", weights=p.expand_as(r)), r - p)
+    # a reward that depends on the query only: p̂_q is that reward exactly, so r − p̂ = 0 and so is the gradient
+    module = _module(reward="constant_reward")
+    calls = _recording_rollouts(module, monkeypatch)
+    grads = batch_gradients(module, _queries(3), ["reward", "oracle_p"]).full
+    assert len(calls) == 1 + ORACLE_DRAWS  # the group's rollout, then the draws for p̂
+    assert grads["reward"].norm() > 0 and grads["oracle_p"].abs().max() == 0
+    with pytest.raises(UserError, match="reference arm of the gradient probe"):
+        completion_weights(get_estimator("oracle_p"), torch.zeros(2, 3), torch.ones(2, 3))

@@ -11,7 +11,10 @@ jackknife over batches (``interval: "jackknife"``).
 
     {"c": [...], "v_ratio": [{mean, lo, hi, n}, ...], "c_star": {...}, "v1_ratio": {...},
      "v_star_ratio": {...}, "score_norm_ratio": {...}, "c_star_pred": {...}, "v_ratio_pred": [...],
-     "oracle_ratio_pred": {...}, "interval": "seeds" | "jackknife", "by_point": {"0": {same keys}, ...}}
+     "oracle_ratio_pred": {...}, "oracle_ratio": {...}, "interval": "seeds" | "jackknife",
+     "by_point": {"0": {same keys}, ...}}
+
+(``oracle_ratio``: V(oracle)/V(reward) measured, where the probe ran ``oracle_p``.)
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ def pooled(maps: dict[Any, list[dict]], grid=C_GRID) -> dict[str, Any] | None:
     out["score_norm_ratio"] = _pool(_per_seed(maps, _mech("score_norm_ratio"), True), True)
     out["c_star_pred"] = _pool(_per_seed(maps, _mech("c_star_pred"), False), False)
     out["oracle_ratio_pred"] = _pool(_per_seed(maps, _mech("oracle_ratio_pred"), True), True)
+    out["oracle_ratio"] = _pool(_per_seed(maps, lambda m: m.get("oracle_ratio", math.nan), True), True)
     out["v_ratio_pred"] = [_pool(_per_seed(maps, lambda m, c=c: _predicted_ratio(m, c), True), True)
                            for c in grid]
     out["interval"] = "seeds"
@@ -172,7 +176,8 @@ def report_lines(summary: dict, out_dir: Path) -> list[str]:
           "the score-norm ratio) through the closed form V(c) = V(0) − 2c·E[p·C] + c²·E[p²Q + (σ²Q + "
           "‖μ‖²)/(G − 1)].", "",
           "| probe point | seeds | c* | V(1)/V(0) | V(c*)/V(0) | score-norm ratio (fail/success) "
-          "| c* predicted | V(1)/V(0) predicted | oracle b = p: V/V(0) predicted |", "|" + "---|" * 9]
+          "| c* predicted | V(1)/V(0) predicted | oracle b = p: V/V(0) predicted | measured |",
+          "|" + "---|" * 10]
     one = C_GRID.index(1.0)
     for name, d in rows:
         if d is None:
@@ -181,7 +186,7 @@ def report_lines(summary: dict, out_dir: Path) -> list[str]:
                   f"{_fmt(d['v1_ratio'], ratio=True)} | {_fmt(d['v_star_ratio'], ratio=True)} | "
                   f"{_fmt(d['score_norm_ratio'], ratio=True)} | "
                   f"{_fmt(d['c_star_pred'])} | {_fmt(d['v_ratio_pred'][one], ratio=True)} | "
-                  f"{_fmt(d['oracle_ratio_pred'], ratio=True)} |")
+                  f"{_fmt(d['oracle_ratio_pred'], ratio=True)} | {_fmt(d.get('oracle_ratio'), ratio=True)} |")
     return md + ["", f"![baseline map]({path.name})", ""]
 
 

@@ -223,10 +223,24 @@ register_space(Space(
 BASELINE_ARMS = ("reward", "rloo", "online_coef", "opo", "gradient_weighted", "batch_norm", "maxrl")
 register_space(Space(
     name="field_baselines",
-    description="the field's variance-motivated baselines (online c*, OPO, optimal-token, REINFORCE++, MaxRL) "
-                "against reward and rloo: lower variance, faster learning?",
+    description="the field's variance-motivated baselines (online c*, OPO, optimal-token, REINFORCE++, "
+                "MaxRL) against reward and rloo: lower variance, faster learning?",
     grid={"model.advantage": list(BASELINE_ARMS), "seed": DEFAULT_SEEDS},
     overrides={"trainer.max_steps": 150},
     probe=ProbeSettings(estimators=BASELINE_ARMS, num_batches=64, prompts_per_batch=16, at_fractions=(0.0,)),
     baseline={"model.advantage": "reward"},
+))
+
+# The oracle baseline b = p_q, measured (issue 20, item 2): at each seed's warm start of the default study,
+# the probe draws 4·G more completions per query for p̂_q (grpo_lab/probe/gradients.py, `success_rate`), so
+# r − p̂_q is unbiased, and measures its variance beside b = 0 (`reward`) and the leave-one-out mean (`rloo`)
+# on the same rollouts. Probe-only: one optimizer step after the probe, as the regimes cells.
+register_space(Space(
+    name="oracle",
+    description="the oracle baseline b = p (from 4G extra samples per query) measured beside reward and rloo "
+                "at the default study's warm starts (probe-only)",
+    grid={"seed": DEFAULT_SEEDS},
+    overrides={**DEFAULT_OVERRIDES, **regimes.OVERRIDES},
+    probe=ProbeSettings(estimators=("reward", "rloo", "oracle_p"), num_batches=32, prompts_per_batch=16,
+                        at_fractions=(0.0,), score_prompts=4),
 ))

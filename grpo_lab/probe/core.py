@@ -35,6 +35,7 @@ from grpo_lab.system.rng import seeded
 
 DEFAULT_ESTIMATORS: tuple[str, ...] = CLASSIC_ESTIMATORS
 REFERENCE_ESTIMATOR = "rloo"
+ORACLE = "oracle_p"  # the oracle baseline b = p̂_q (``gradients.success_rate``): a reference arm of the map
 DEFAULT_SPLIT = ("difficulty", "hard")
 # ablations.spaces.space.ProbeSettings says the same (docs/ablations.md, "The probe's precision")
 NUM_BATCHES = 64
@@ -101,7 +102,9 @@ def probe(
     ``num_batches``, ``cosine`` and ``reference_snr`` (None without ``reference_estimator``), and
     ``hard_share``/``hard_signal_share`` (None without ``split``, or for queries without the column).
     With ``reward`` and ``rloo`` among the estimators, ``rloo``'s row also carries ``baseline_map``: the
-    quadratics V(c), S(c) of the family r_i − c·b̄₋ᵢ with c* and V(1)/V(0) (``baseline_map.point_map``).
+    quadratics V(c), S(c) of the family r_i − c·b̄₋ᵢ with c* and V(1)/V(0) (``baseline_map.point_map``),
+    and with ``oracle_p`` too (b = p̂_q from extra samples, ``gradients.success_rate``) its measured
+    ``oracle_ratio`` V(oracle)/V(reward).
 
     ``reference_batches`` R adds R batches on which only the reference is computed (0: the K batches
     serve as the reference too). No optimizer step is taken (checked), ``.grad`` is untouched, the model
@@ -161,6 +164,9 @@ def probe(
         grams = acc.grams()
         out[BASELINE_PAIR[1]]["baseline_map"] = point_map(grams[BASELINE_PAIR[0]], cross,
                                                           grams[BASELINE_PAIR[1]])
+        if ORACLE in out and out[BASELINE_PAIR[0]]["variance"]:  # the oracle b = p̂_q, measured
+            out[BASELINE_PAIR[1]]["baseline_map"]["oracle_ratio"] = (out[ORACLE]["variance"]
+                                                                     / out[BASELINE_PAIR[0]]["variance"])
         if scores is not None:  # the mechanism, from per-completion scores (mechanism.py)
             bmap = out[BASELINE_PAIR[1]]["baseline_map"]
             bmap["mechanism"] = scores.mechanism(prompts_per_batch, bmap["v"][0])

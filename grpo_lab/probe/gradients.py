@@ -101,10 +101,28 @@ def _backward(logprobs: Tensor, cotangents: Tensor, params: list[Tensor],
     return coefs.to(device=stacked.device, dtype=stacked.dtype) @ stacked
 
 
-def _advantages(rewards: Tensor, name: str, rollout) -> Tensor:
+ORACLE_DRAWS = 4
+"""Extra rollouts per batch for the oracle baseline ``oracle_p``: p̂_q from ORACLE_DRAWS·G more samples."""
+
+
+def success_rate(module, batch: list[dict], draws: int = ORACLE_DRAWS) -> Tensor:
+    """Each query's success rate ``[P, 1]``: the mean reward of ``draws``·G fresh completions per query,
+    drawn apart from the group whose gradient is measured, so b = p̂_q never depends on o_i (unbiased).
+    With a 0/1 reward it is the oracle baseline b = p_q of the baseline map, estimated."""
+    with torch.no_grad():
+        means = [module.score(module.rollout(batch), batch)[0].mean(dim=-1, keepdim=True)
+                 for _ in range(draws)]
+    return torch.stack(means).mean(0)  # [P, 1]
+
+
+def _advantages(rewards: Tensor, name: str, rollout, oracle: Tensor | None = None) -> Tensor:
     """``name``'s advantages ``[B]``; a weighted baseline (``gradient_weighted``, ``opo``, ``online_coef``)
-    gets its weights from the rollout's own log-probabilities and mask, as in training."""
+    gets its weights from the rollout's own log-probabilities and mask, as in training; ``oracle_p`` gets
+    the success rates ``oracle`` ``[P, 1]``."""
     est = get_estimator(name)
+    if est.weights == "success_rate":
+        weights = oracle.expand_as(rewards)
+        return compute_advantages(rewards, name, weights=weights).flatten()
     weights = completion_weights(est, rollout.logprobs, rollout.completion_mask)
     return compute_advantages(rewards, name, weights=None if weights is None else weights.view_as(rewards),
                               ).flatten()
@@ -135,7 +153,9 @@ def batch_gradients(module, batch: list[dict], estimators: Sequence[str], refere
     rollout = rollout.without(invalid.flatten())  # an invalid reward leaves the loss
     mask = rollout.completion_mask  # [B, T]
     b, g = mask.shape[0], rewards.shape[1]
-    vectors = [(_advantages(rewards, name, rollout), agg) for name in names]  # [B] each
+    oracle = success_rate(module, batch) if any(get_estimator(n).weights == "success_rate" for n in names) \
+        else None
+    vectors = [(_advantages(rewards, name, rollout, oracle), agg) for name in names]  # [B] each
     if reference is not None:
         vectors.append((_advantages(rewards, reference, rollout), REFERENCE_AGGREGATION))
     cut = n_in * g  # rows [0, cut) are the split's queries
