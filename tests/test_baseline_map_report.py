@@ -93,3 +93,23 @@ def test_regimes_table_and_phase_diagram(tmp_path):
     assert not any(line.startswith("| all points") for line in lines)  # cells differ: no pooled row
     assert sum(line.startswith("| 4 | mixed |") for line in lines) == 2
     assert (tmp_path / "baseline_regimes.png").is_file()
+
+
+def test_a_trained_regimes_cell_gets_a_row_per_point_and_the_measured_oracle_is_pooled(tmp_path):
+    runs = []
+    for coding in ("r", "r+1"):
+        for seed in (0, 1):
+            run = _run(seed, seed)  # probed at the warm start and after training
+            run.params = {"model.num_generations": 16, "mix": "easy", "coding": coding, "seed": seed}
+            run.group = f"coding={coding}"
+            for row in run.attrs["probe"]:
+                if "baseline_map" in row:
+                    row["baseline_map"]["oracle_ratio"] = 1.05 if seed == 0 else 1.1
+            runs.append(run)
+    out = baseline_map_summary(runs)
+    cell = out["by_group"]["coding=r+1"]
+    assert set(cell["by_point"]) == {"0", "1"}
+    lines = report_lines({"baseline_map": out}, tmp_path)
+    assert sum(line.startswith("| 16 | easy | r+1 | warm start |") for line in lines) == 1
+    assert sum(line.startswith("| 16 | easy | r+1 | trained |") for line in lines) == 1
+    assert out["oracle_ratio"]["mean"] == pytest.approx(math.sqrt(1.05 * 1.1))  # geometric over seeds

@@ -135,6 +135,8 @@ def baseline_map_summary(runs: list[Run]) -> dict[str, Any] | None:
                 rates = [x for x in (success_rate(r) for r in rs) if np.isfinite(x)]
                 entry.update(params={k: v for k, v in rs[0].params.items() if k != "seed"},
                              success_rate=float(np.mean(rates)) if rates else math.nan)
+                if len(fractions) > 1:  # a cell probed at its warm start and after training: each apart
+                    entry["by_point"] = {f"{f:g}": pooled(point_maps(rs, f)) for f in fractions}
             out["by_group"][label] = entry
     return out
 

@@ -201,6 +201,21 @@ register_space(Space(
                             {"coding": "r", "mix": "mixed", "model.num_generations": 16}),),
 ))
 
+# The regimes after a short training (issue 20, item 3): the G = 16 cells, probed at the warm start and
+# after 60 rloo steps (the trained policy: a higher success rate, its own score norms).
+register_space(Space(
+    name="regimes_trained",
+    description="baseline regimes at G = 16 at the warm start and after 60 rloo steps (both mixes, 4 "
+                "codings)",
+    grid={"model.num_generations": [16], "mix": list(regimes.MIXES), "coding": list(regimes.CODINGS),
+          "seed": [0, 1, 2]},
+    presets=regimes.PRESETS,
+    overrides={**regimes.OVERRIDES, "trainer.max_steps": regimes.TRAINED_STEPS},
+    probe=ProbeSettings(estimators=("reward", "rloo"), num_batches=24, prompts_per_batch=8,
+                        at_fractions=(0.0, 1.0), score_prompts=4),
+    baseline={"coding": "r", "mix": "mixed", "model.num_generations": 16},
+))
+
 # Does lower variance buy faster learning? (issue 20, item 4): A_i = r_i − c·b̄₋ᵢ trained at c = 0 (reward),
 # at the warm start's measured c* (0.18, the baseline map of configs/ablate.yaml's warm start, 3 seeds) and at
 # c = 1 (rloo), paired by seed, on the default study's task and length.

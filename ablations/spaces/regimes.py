@@ -25,6 +25,10 @@ PRESETS = {
     "mix": {name: {"data.dataset": dataset} for name, dataset in MIXES.items()},
 }
 OVERRIDES = {"model.advantage": "rloo", "trainer.max_steps": 1, "trainer.limit_val_batches": 0}
+TRAINED_STEPS = 60
+"""``regimes_trained``: each G = 16 cell trained this many rloo steps (the offset does not change rloo's
+advantages, so a seed's codings train alike up to scale) and probed again at the end."""
+POINTS = {"0": "warm start", "1": "trained"}
 
 
 def success_rate(run) -> float:
@@ -53,17 +57,24 @@ def table_lines(by_group: dict, fmt) -> list[str]:
     if not cells:
         return []
     one = None
-    md = ["| G | mix | coding | success rate | seeds | c* | V(1)/V(0) | V(1)/V(0) predicted | c* predicted |"
-          " score-norm ratio |", "|" + "---|" * 10]
+    md = ["| G | mix | coding | point | success rate | seeds | c* | V(1)/V(0) | V(1)/V(0) predicted | "
+          "c* predicted | score-norm ratio |", "|" + "---|" * 11]
     order = {k: i for i, k in enumerate(CODINGS)}
-    for _, d in sorted(cells, key=lambda x: (x[1]["params"]["mix"], x[1]["params"]["model.num_generations"],
-                                             order.get(x[1]["params"]["coding"], 9))):
-        p = d["params"]
-        one = d["c"].index(1.0) if one is None else one
-        md.append(f"| {p['model.num_generations']} | {p['mix']} | {p['coding']} | "
-                  f"{d.get('success_rate', math.nan):.2f} | {d['c_star']['n']} | {fmt(d['c_star'])} | "
-                  f"{fmt(d['v1_ratio'], ratio=True)} | {fmt(d['v_ratio_pred'][one], ratio=True)} | "
-                  f"{fmt(d['c_star_pred'])} | {fmt(d['score_norm_ratio'], ratio=True)} |")
+    key = lambda x: (x[1]["params"]["mix"], x[1]["params"]["model.num_generations"],  # noqa: E731
+                     order.get(x[1]["params"]["coding"], 9))
+    for _, cell in sorted(cells, key=key):
+        p = cell["params"]
+        one = cell["c"].index(1.0) if one is None else one
+        # a cell probed at its warm start and after a short training: a row per point
+        rows = [(POINTS.get(k, k), d) for k, d in cell["by_point"].items()] if "by_point" in cell \
+            else [("warm start", cell)]
+        for point, d in rows:
+            if d is None:
+                continue
+            md.append(f"| {p['model.num_generations']} | {p['mix']} | {p['coding']} | {point} | "
+                      f"{cell.get('success_rate', math.nan):.2f} | {d['c_star']['n']} | {fmt(d['c_star'])} | "
+                      f"{fmt(d['v1_ratio'], ratio=True)} | {fmt(d['v_ratio_pred'][one], ratio=True)} | "
+                      f"{fmt(d['c_star_pred'])} | {fmt(d['score_norm_ratio'], ratio=True)} |")
     return md
 
 
