@@ -50,13 +50,14 @@ class RLConfig:
         max_resample_rounds: most refill rounds per step with ``dynamic_sampling`` (each samples as many
             fresh queries as groups are missing).
         advantage: advantage estimator: reward, mean_baseline, group_norm, rloo, batch_norm, batch_whiten,
-            james_stein, gradient_weighted, any registered with ``@register_advantage``, or an import path
-            ``package.module:function``.
+            james_stein, gradient_weighted, opo, maxrl, online_coef, baseline_coef, any registered with
+            ``@register_advantage``, or an import path ``package.module:function``.
         advantage_center: replace the baseline of the ``advantage`` preset: none, group, leave_one_out,
             batch, james_stein (shrunk toward the other queries), gradient_weighted (weighted by a
-            gradient-norm proxy). Default: the preset's.
+            gradient-norm proxy), length_weighted (OPO), online_coef (the batch's variance-optimal c).
+            Default: the preset's.
         advantage_scale: replace the divisor of the ``advantage`` preset: none, group (std of the group),
-            batch (std of the batch). Default: the preset's.
+            batch (std of the batch), mean (the group's mean reward: MaxRL). Default: the preset's.
         baseline_coef: c of the ``baseline_coef`` advantage, A_i = r_i − c·(leave-one-out mean): 0 is
             ``reward``, 1 is ``rloo``, unbiased for every c (the probe's baseline map measures c*).
         objective: per-token policy objective: ``clip`` (PPO/GRPO) or ``cispo`` (clipped, stop-gradient
