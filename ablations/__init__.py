@@ -2,8 +2,8 @@
 
 - ``spaces/``: the registry of named spaces (``space``) and the built-in ones (``builtin``, ``variants``,
   ``controls``, ``regimes``);
-- ``runner/``: the study loop, storage, one trial as an Optuna objective, its process or worker, devices,
-  duplicates, pruning, progress, the sequential rounds;
+- ``runner/``: the study loop, storage, one trial (``trial``: what ``study.optimize`` calls), its process or
+  worker, devices, duplicates, pruning, progress, the sequential rounds;
 - ``report/``: trials as runs, statistics, the verdict rule, the family and controls, ``summary.json``, the
   markdown report and its plots;
 - ``run.py``: ``grpo-lab-ablate``; ``calibration.py``: the verdicts' error rates by simulation.

@@ -36,7 +36,7 @@ How a study runs:
    therefore enqueue every point that still has no COMPLETE trial (and no WAITING or RUNNING one) and
    optimize exactly those, until every point is COMPLETE or has failed ``--max-failures`` times. Points
    held by a RUNNING trial of another runner (or of a killed one, until its heartbeat goes stale) are
-   waited for, not duplicated; the objective's duplicate check makes sure of it (``objective.py``).
+   waited for, not duplicated; the trial runner's duplicate check makes sure of it (``runner/trial.py``).
    Rerunning the same command after an interruption, even a SIGKILL, keeps every finished trial and runs
    only what is missing. ``--until-decisive`` then adds seeds in rounds (``sequential.py``).
 
@@ -80,7 +80,6 @@ from optuna.trial import TrialState
 
 from ablations.report.summary import DEFAULT_MIN_EFFECT, add_wall_time, min_effects
 from ablations.runner.launch import log_tail, runs_in_process
-from ablations.runner.objective import Objective
 from ablations.runner.placement import (
     DeviceSlots,
     check_fits,
@@ -109,6 +108,7 @@ from ablations.runner.study_loop import (
     run_grid,
     run_tuning,
 )
+from ablations.runner.trial import TrialRunner
 from ablations.runner.trial_timing import throughput
 from ablations.runner.worker import WorkerPool
 from ablations.spaces.space import SPACES, get_space
@@ -232,9 +232,9 @@ def _main(argv: list[str] | None) -> int:
     pool = None if args.no_reuse else WorkerPool(threads, study_dir / "workers.log")
     if trial_storage_url(url) == ENV_URL:  # trials (their pruning callback) read the password from here
         os.environ[STORAGE_ENV] = url
-    objective = Objective(space, study_dir, root, threads=threads, probe=not args.no_probe,
-                          storage_url=trial_storage_url(url), pool=pool,
-                          slots=DeviceSlots(placement) if placement else None)
+    trial_runner = TrialRunner(space, study_dir, root, threads=threads, probe=not args.no_probe,
+                               storage_url=trial_storage_url(url), pool=pool,
+                               slots=DeviceSlots(placement) if placement else None)
     console.print(f"study {name!r} ({space.description}) on {public_url(url)}: {size} trials, {n_jobs} "
                   f"workers x {threads} threads" + ("" if pool else ", a fresh process per trial"))
     if placement is not None:
@@ -245,21 +245,21 @@ def _main(argv: list[str] | None) -> int:
     complete = point_status(study.get_trials(deepcopy=False), space.points()) if space.is_grid else {}
     try:
         if not space.is_grid or args.until_decisive or any(not c["COMPLETE"] for c in complete.values()):
-            if pool is not None and any(runs_in_process(objective.base_config, space.trial_overrides(p))
+            if pool is not None and any(runs_in_process(trial_runner.base_config, space.trial_overrides(p))
                                         for p in (space.points() or [{}])):
                 prestart(pool, n_jobs, placement)  # the second worker imports while the first builds the warm
                 # start
             # One thread per worker here too: two threads on two busy cores measured 20x slower than one.
-            build_warm_start(space, objective, study_dir, threads)
+            build_warm_start(space, trial_runner, study_dir, threads)
             if args.until_decisive:
-                gave_up = run_until_decisive(study, space, objective, n_jobs, parse_duration(args.budget),
+                gave_up = run_until_decisive(study, space, trial_runner, n_jobs, parse_duration(args.budget),
                                              {**DEFAULT_MIN_EFFECT, **min_effects(args)}, args.round_seeds,
                                              args.max_seeds, args.max_failures, say=console.print,
                                              storage=storage, precision=args.snr_precision)["gave_up"]
             elif space.is_grid:
-                gave_up = run_grid(study, space, objective, n_jobs, args.max_failures)["gave_up"]
+                gave_up = run_grid(study, space, trial_runner, n_jobs, args.max_failures)["gave_up"]
             else:
-                run_tuning(study, space, objective, n_jobs)
+                run_tuning(study, space, trial_runner, n_jobs)
     except Exception as err:
         if is_connection_loss(err):  # the server went away mid-study: one line, the finished trials are kept
             raise lost_connection(url, err) from None

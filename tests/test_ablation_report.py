@@ -126,7 +126,8 @@ def _probe(snrs: dict, seed: int, fractions=(0.0, 0.5, 1.0), spread=0.1):
 
 
 def _synthetic_study(storage: str, seeds=(0, 1, 2)) -> optuna.Study:
-    """COMPLETE trials as the objective writes them: rloo learns faster and has a higher SNR than reward."""
+    """COMPLETE trials as the trial runner writes them: rloo learns faster and has a higher SNR than
+    reward."""
     space = SPACES["default"]
     study = optuna.create_study(study_name="synthetic", storage=storage, direction="maximize")
     study.set_user_attr("space", space.describe())
@@ -259,7 +260,7 @@ def test_report_of_an_empty_study(tmp_path):
 
 
 def _controls_study(storage: str, seeds=(0, 1, 2, 3)) -> optuna.Study:
-    """The controls as the objective writes them: under the shift `reward` has a far lower SNR than the
+    """The controls as the trial runner writes them: under the shift `reward` has a far lower SNR than the
     centred estimators; the two rloo arms are draws of one distribution."""
     space = SPACES["controls"]
     study = optuna.create_study(study_name="controls", storage=storage, direction="maximize")

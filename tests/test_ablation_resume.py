@@ -11,10 +11,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from ablations.runner import objective as obj
 from ablations.runner.duplicates import find_duplicate
 from ablations.runner.storage import beat_for_silent_trials, fail_stale, make_storage
 from ablations.runner.study_loop import open_study
+from ablations.runner.trial import TrialRunner
 from ablations.spaces.space import SPACES, ProbeSettings, Space
 from grpo_lab.system.errors import UserError
 from tests.conftest import frozen_trial
@@ -83,8 +83,8 @@ def test_a_duplicate_trial_is_pruned_before_any_fit(tmp_path):
     params = {"model.advantage": "reward", "seed": 0}
     study.add_trial(frozen_trial(TrialState.COMPLETE, params, 0, 0.5, grid=space.grid))
     study.enqueue_trial(params)
-    objective = obj.Objective(space, tmp_path / "study", tmp_path)
-    study.optimize(objective, n_trials=1)
+    trial_runner = TrialRunner(space, tmp_path / "study", tmp_path)
+    study.optimize(trial_runner, n_trials=1)
     t = study.trials[-1]
     assert t.state == TrialState.PRUNED and t.user_attrs["duplicate_of"] == 0
     assert not (tmp_path / "study").exists()  # no fit was started

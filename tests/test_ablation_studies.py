@@ -27,7 +27,7 @@ from ablations.runner.study_loop import open_study, run_grid
 from ablations.spaces.space import SPACES, Space
 from grpo_lab.train.tensorboard_scalars import read_scalars
 from tests.conftest import ROOT, process_commands
-from tests.test_ablations import _fake_objective
+from tests.test_ablations import _fake_trial_runner
 from tests.test_tensorboard import hparams_table
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -89,14 +89,14 @@ def test_controls_end_to_end_at_small_shapes(tmp_path, monkeypatch):
     runner's own path: one interpreter start-up, not 9). The report detects the reward shift and, for the A/A
     arms, counts false positives without claiming a difference."""
     from ablations.report.markdown import write_report
-    from ablations.runner import objective as obj
+    from ablations.runner.trial import TrialRunner
     from ablations.runner.worker import WorkerPool
 
     monkeypatch.chdir(tmp_path)
     space = SPACES["controls_smoke"]
     study = open_study(space, "controls_smoke", make_storage(f"sqlite:///{tmp_path / 'c.db'}"))
     with WorkerPool(1, tmp_path / "workers.log") as pool:
-        run_grid(study, space, obj.Objective(space, tmp_path / "study", tmp_path / "runs", pool=pool),
+        run_grid(study, space, TrialRunner(space, tmp_path / "study", tmp_path / "runs", pool=pool),
                  n_jobs=1)
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 9
     text = write_report(study, tmp_path / "report").read_text()
@@ -222,7 +222,7 @@ def _pg_worker(url: str, study_name: str) -> None:
     space = Space(name="pg", description="pg",
                   grid={"model.advantage": ["reward", "rloo"], "seed": [0, 1, 2]}, probe=None)
     study = open_study(space, study_name, make_storage(url, grace_period=10))
-    run_grid(study, space, _fake_objective(space, sleep=2.0), n_jobs=1)
+    run_grid(study, space, _fake_trial_runner(space, sleep=2.0), n_jobs=1)
 
 
 def _free_port() -> int:

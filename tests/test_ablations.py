@@ -1,4 +1,4 @@
-"""The ablation harness: spaces, objective helpers, pruning and the grid loop (resuming, duplicates and a
+"""The ablation harness: spaces, the trial's config, pruning and the grid loop (resuming, duplicates and a
 changed space: test_ablation_resume.py; the report: test_ablation_report.py; whole studies:
 test_ablation_studies.py)."""
 
@@ -23,11 +23,11 @@ from ablations.report import curves
 from ablations.run import build_parser
 from ablations.runner import duplicates
 from ablations.runner import launch as fits
-from ablations.runner import objective as obj
 from ablations.runner.progress import point_status
 from ablations.runner.pruning import DEFAULT_PRUNER, StudyPruning, make_pruner, pruned_at
 from ablations.runner.storage import make_storage
 from ablations.runner.study_loop import open_study, run_grid
+from ablations.runner.trial import TrialRunner, nest, resolve_config, trial_overlay, write_overlay
 from ablations.spaces.space import SPACES, ProbeSettings, Space, get_space, register_space
 from grpo_lab.cli import cli_main
 from grpo_lab.system.errors import UserError
@@ -50,9 +50,9 @@ def test_every_space_builds_overlays_that_grpo_lab_loads(name, tmp_path):
     space = SPACES[name]
     for i, params in enumerate(_sample_points(space)):
         trial_dir = tmp_path / str(i)
-        overlay = obj.write_overlay(obj.trial_overlay(space, params, trial_dir, tmp_path),
+        overlay = write_overlay(trial_overlay(space, params, trial_dir, tmp_path),
                                     trial_dir / "trial.yaml")
-        cli = cli_main(["--config", obj.resolve_config(space.base_config), "--config", str(overlay)],
+        cli = cli_main(["--config", resolve_config(space.base_config), "--config", str(overlay)],
                        run=False)
         for key, value in space.trial_overrides(params).items():  # every key is a real config key, and set
             assert cli.config[key] == value, (name, params, key)
@@ -86,7 +86,7 @@ def test_the_default_aa_arm_shares_the_seeds_network_and_trains_without_the_prob
     assert "probe" not in b and "seed_offset" not in b
     assert space.probes({"model.advantage": "rloo", "seed": 3})
     assert not space.probes({"model.advantage": "rloo (A/A)", "seed": 3})
-    cfg = obj.trial_overlay(space, {"model.advantage": "rloo (A/A)", "seed": 3}, tmp_path / "t", tmp_path)
+    cfg = trial_overlay(space, {"model.advantage": "rloo (A/A)", "seed": 3}, tmp_path / "t", tmp_path)
     assert cfg["trainer"]["callbacks"] == []
     one = Space(name="one", description="one", grid={"model.advantage": ["rloo"], "seed": [0, 1]},
                 population="one_network")
@@ -103,7 +103,7 @@ def test_controls_offset_the_seed_stream_of_the_aa_arm_and_the_probe_follows(tmp
     assert a["model.advantage"] == b["model.advantage"] == "rloo" and "seed_offset" not in b
     assert a["model.reward_weights"] == [1.0, 3.0]
     assert a["model.rewards"][1] == "ablations.spaces.controls:constant"
-    cfg = obj.trial_overlay(space, {"arm": "rloo+3 (seeds+1000)", "seed": 2}, tmp_path / "t", tmp_path)
+    cfg = trial_overlay(space, {"arm": "rloo+3 (seeds+1000)", "seed": 2}, tmp_path / "t", tmp_path)
     (probe,) = cfg["trainer"]["callbacks"]
     assert probe["init_args"]["seed"] == 1002
     assert probe["init_args"]["cache_dir"] == str(tmp_path / "probe_cache")
@@ -170,7 +170,7 @@ def test_every_runner_flag_has_help():
     assert all(a.help and len(a.help) > 10 for a in flags)
 
 
-# ---- objective helpers -------------------------------------------------------------------------------
+# ---- the trial's config ------------------------------------------------------------------------------
 def test_curve_metrics_by_hand():
     line = [(s, s / 10) for s in range(11)]  # 0 -> 1 over 10 steps
     assert curves.auc(line) == pytest.approx(0.5) and curves.auc([(3, 0.2)]) == 0.2
@@ -180,7 +180,7 @@ def test_curve_metrics_by_hand():
     long = [(s, float(s % 2)) for s in range(1000)]
     small = curves.downsample(long)
     assert len(small) == 200 and np.mean([v for _, v in small]) == pytest.approx(0.5)
-    assert obj.nest({"model.advantage": "rloo", "model.policy.hidden_size": 8}) == {
+    assert nest({"model.advantage": "rloo", "model.policy.hidden_size": 8}) == {
         "model": {"advantage": "rloo", "policy": {"hidden_size": 8}}}
 
 
@@ -234,11 +234,11 @@ def test_study_pruning_is_inert_on_a_finished_trial_and_checks_the_pruner(tmp_pa
 def test_a_tuning_trial_overlay_carries_the_pruning_callback_and_a_grid_one_does_not(tmp_path):
     pruning = {"storage": "sqlite:///x.db", "study_name": "s", "trial_number": 3}
     tune, grid = SPACES["tune_lr"], SPACES["default"]
-    overlay = obj.trial_overlay(tune, _sample_points(tune)[0], tmp_path, tmp_path, pruning=pruning)
+    overlay = trial_overlay(tune, _sample_points(tune)[0], tmp_path, tmp_path, pruning=pruning)
     cbs = overlay["trainer"]["callbacks"]
     (cb,) = [c for c in cbs if c["class_path"] == "ablations.runner.pruning.StudyPruning"]
     assert cb["init_args"] == {**pruning, "monitor": "val/acc_sampled", "pruner": DEFAULT_PRUNER}
-    overlay = obj.trial_overlay(grid, grid.points()[0], tmp_path, tmp_path, pruning=pruning)
+    overlay = trial_overlay(grid, grid.points()[0], tmp_path, tmp_path, pruning=pruning)
     cbs = overlay["trainer"]["callbacks"]
     assert not [c for c in cbs if "pruning" in c["class_path"]]
 
@@ -246,7 +246,7 @@ def test_a_tuning_trial_overlay_carries_the_pruning_callback_and_a_grid_one_does
 @pytest.mark.slow
 def test_a_pruned_trial_stops_its_fit_early_and_keeps_its_curves(tmp_path, monkeypatch):
     """A real fit with the callback from the overlay: a pruner that prunes everything stops it at the first
-    validation (step 8 of 16), and the objective records the curves and raises TrialPruned."""
+    validation (step 8 of 16), and the trial runner records the curves and raises TrialPruned."""
     monkeypatch.chdir(tmp_path)
     space = Space(name="prune", description="prune", base_config="configs/ablate_smoke.yaml", probe=None,
                   n_trials=1,
@@ -255,8 +255,8 @@ def test_a_pruned_trial_stops_its_fit_early_and_keeps_its_curves(tmp_path, monke
     url = f"sqlite:///{tmp_path / 'prune.db'}"
     study = optuna.create_study(study_name="prune", storage=make_storage(url), direction="maximize",
                                 pruner=make_pruner(space.pruner))
-    objective = obj.Objective(space, tmp_path / "study", tmp_path, probe=False, storage_url=url)
-    study.optimize(objective, n_trials=1)
+    trial_runner = TrialRunner(space, tmp_path / "study", tmp_path, probe=False, storage_url=url)
+    study.optimize(trial_runner, n_trials=1)
     (t,) = study.get_trials()
     assert t.state == TrialState.PRUNED, (tmp_path / "study" / "0" / "fit.log").read_text()[-2000:]
     # 8 optimizer steps (logged 0..7)
@@ -265,11 +265,11 @@ def test_a_pruned_trial_stops_its_fit_early_and_keeps_its_curves(tmp_path, monke
 
 
 # ---- the study loop ---------------------------------------------------------------------------------
-def _fake_objective(space, fail_first=(), always_fail=(), sleep=0.0):
-    """An objective without a fit: checks duplicates like the real one; fails some points on purpose."""
+def _fake_trial_runner(space, fail_first=(), always_fail=(), sleep=0.0):
+    """A trial runner without a fit: checks duplicates like the real one; fails some points on purpose."""
     seen: dict[tuple, int] = {}
 
-    def objective(trial):
+    def run_trial(trial):
         params = space.suggest(trial)
         duplicates.check_duplicate(trial, params)
         key = tuple(sorted(params.items()))
@@ -280,7 +280,7 @@ def _fake_objective(space, fail_first=(), always_fail=(), sleep=0.0):
         trial.set_user_attr("pid", os.getpid())
         return 1.0
 
-    return objective
+    return run_trial
 
 
 def _key(**params):
@@ -293,8 +293,8 @@ def test_run_grid_retries_failed_points_and_counts_each_point_once(tmp_path):
     study = open_study(space, "t", make_storage(f"sqlite:///{tmp_path / 't.db'}"))
     flaky = _key(**{"model.advantage": "rloo", "seed": 0})
     broken = _key(**{"model.advantage": "reward", "seed": 1})
-    out = run_grid(study, space, _fake_objective(space, fail_first=[flaky], always_fail=[broken]), n_jobs=1,
-                   max_failures=2)
+    out = run_grid(study, space, _fake_trial_runner(space, fail_first=[flaky], always_fail=[broken]),
+                   n_jobs=1, max_failures=2)
     status = point_status(study.get_trials(), space.points())
     assert status[flaky]["COMPLETE"] == 1 and status[flaky]["FAIL"] == 1  # failed once, retried, done
     assert status[broken]["COMPLETE"] == 0 and status[broken]["FAIL"] == 2  # bounded: gave up after 2
@@ -302,13 +302,13 @@ def test_run_grid_retries_failed_points_and_counts_each_point_once(tmp_path):
     assert all(c["COMPLETE"] == 1 for k, c in status.items() if k != broken)
     # Resuming runs nothing new: every point is COMPLETE or has used up its failures.
     n = len(study.get_trials())
-    run_grid(study, space, _fake_objective(space), n_jobs=1, max_failures=2)
+    run_grid(study, space, _fake_trial_runner(space), n_jobs=1, max_failures=2)
     assert len(study.get_trials()) == n
 
 
-def _effect_objective(space, effects, sd=0.02, wall=10.0):
-    """A fit-free objective whose AUC is 0.5 + effects[advantage] + a seeded N(0, sd) per (group, seed)."""
-    def objective(trial):
+def _effect_trial_runner(space, effects, sd=0.02, wall=10.0):
+    """A fit-free trial runner whose AUC is 0.5 + effects[advantage] + a seeded N(0, sd) per (group, seed)."""
+    def run_trial(trial):
         params = space.suggest(trial)
         duplicates.check_duplicate(trial, params)
         rng = np.random.default_rng([params["seed"], sorted(effects).index(params["model.advantage"])])
@@ -316,7 +316,7 @@ def _effect_objective(space, effects, sd=0.02, wall=10.0):
         trial.set_user_attr("wall_time_s", wall)
         return 0.0
 
-    return objective
+    return run_trial
 
 
 def test_until_decisive_runs_steins_planned_seeds_and_resumes(tmp_path):
@@ -331,8 +331,8 @@ def test_until_decisive_runs_steins_planned_seeds_and_resumes(tmp_path):
                   grid={"model.advantage": ["reward", "rloo"], "seed": [2, 3, 4, 5]})
     storage = make_storage(f"sqlite:///{tmp_path / 'd.db'}")
     study = open_study(space, "d", storage)
-    objective = _effect_objective(space, {"reward": 0.0, "rloo": 0.05}, sd=0.008)
-    out = run_until_decisive(study, space, objective, 1, 3600, DEFAULT_MIN_EFFECT, round_seeds=2,
+    trial_runner = _effect_trial_runner(space, {"reward": 0.0, "rloo": 0.05}, sd=0.008)
+    out = run_until_decisive(study, space, trial_runner, 1, 3600, DEFAULT_MIN_EFFECT, round_seeds=2,
                              say=lambda m: None, storage=storage)
     assert out["reason"] == "every comparison has its planned seeds" and out["open"] == []
     # Stein: seeds 2-5 (the grid: t with 3 df) plan the rest from their spread; the report tests with their SD
@@ -343,14 +343,14 @@ def test_until_decisive_runs_steins_planned_seeds_and_resumes(tmp_path):
     status = point_status(study.get_trials(), space.points_for(out["seeds"]))
     assert all(c["COMPLETE"] == 1 for c in status.values())
     n = len(study.get_trials())
-    again = run_until_decisive(study, space, objective, 1, 3600, DEFAULT_MIN_EFFECT, say=lambda m: None,
+    again = run_until_decisive(study, space, trial_runner, 1, 3600, DEFAULT_MIN_EFFECT, say=lambda m: None,
                                storage=storage)
     assert again["seeds"] == out["seeds"] and len(study.get_trials()) == n  # resumed: nothing new to run
     # No effect, large noise, 2 threads (enqueued trials claimed at once: SerialPopRDBStorage), and a budget
     # below the next round's cost (2 groups x 2 seeds x 60 s / 2 workers): stops for the budget, says so.
     null = open_study(space, "null", storage)
     out = run_until_decisive(null, space,
-                             _effect_objective(space, {"reward": 0.0, "rloo": 0.0}, sd=0.2, wall=60.0),
+                             _effect_trial_runner(space, {"reward": 0.0, "rloo": 0.0}, sd=0.2, wall=60.0),
                              2, 100, DEFAULT_MIN_EFFECT, say=lambda m: None, storage=storage)
     assert out["reason"].startswith("budget") and out["open"] == ["rloo"] and out["seeds"] == [2, 3, 4, 5]
 

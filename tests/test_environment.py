@@ -43,7 +43,7 @@ def test_child_env_fills_in_what_is_unset_and_extra_wins():
 
 
 def test_trial_and_worker_environments_come_from_the_one_rule(tmp_path, monkeypatch):
-    """A trial's fit (``objective.launch``) and a worker (``WorkerPool.env``) get the offline variables, the
+    """A trial's fit (``launch.launch``) and a worker (``WorkerPool.env``) get the offline variables, the
     thread count and the parent-death request from ``grpo_lab.system.process_env`` and
     ``grpo_lab.system.processes``."""
     from ablations.runner.launch import launch

@@ -1,7 +1,7 @@
 """ablations/runner/placement.py on a fake device list: k-device trials, several trials per device, a dead
 worker's
 device freed, a refusal when a trial needs more devices than there are; and its wiring into the runner
-(the objective, the worker pool, grpo-lab-ablate's flags) without a GPU."""
+(the trial runner, the worker pool, grpo-lab-ablate's flags) without a GPU."""
 
 import random
 import threading
@@ -13,7 +13,6 @@ import yaml
 from optuna.trial import TrialState
 
 from ablations.run import main
-from ablations.runner import objective as obj
 from ablations.runner.placement import (
     DeviceSlots,
     Placement,
@@ -25,6 +24,7 @@ from ablations.runner.placement import (
     worker_devices,
 )
 from ablations.runner.study_loop import devices_per_trial
+from ablations.runner.trial import TrialRunner
 from ablations.runner.worker import WorkerDied, WorkerPool
 from ablations.spaces.space import get_space
 from grpo_lab.system.errors import UserError
@@ -183,9 +183,9 @@ def test_a_placed_trial_runs_on_its_gpu_records_it_and_frees_it(tmp_path, die):
     space = get_space("smoke")
     slots = DeviceSlots(Placement(("3", "5")))
     pool = FakePool(die)
-    objective = obj.Objective(space, tmp_path / "study", tmp_path, probe=False, pool=pool, slots=slots)
+    trial_runner = TrialRunner(space, tmp_path / "study", tmp_path, probe=False, pool=pool, slots=slots)
     study = optuna.create_study(direction="maximize", sampler=space.sampler())
-    study.optimize(objective, n_trials=1, catch=(Exception,))  # a fake fit logs nothing: FitFailed either way
+    study.optimize(trial_runner, n_trials=1, catch=(Exception,))  # a fake fit logs nothing: FitFailed anyway
     (t,) = study.get_trials()
     assert t.state == TrialState.FAIL
     assert t.user_attrs["devices"] == ["3"] and t.user_attrs["accelerator"] == "gpu"

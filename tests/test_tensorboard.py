@@ -15,7 +15,7 @@ from werkzeug.test import Client
 from werkzeug.wrappers import Response
 
 from ablations.report import tensorboard_runs as tb
-from ablations.runner.objective import trial_overlay
+from ablations.runner.trial import trial_overlay
 from ablations.spaces.space import SPACES, Space
 from grpo_lab.train.tensorboard_scalars import read_scalars
 

@@ -76,8 +76,8 @@ def test_a_trl_trial_sees_grpo_labs_queries_in_order_and_logs_every_step(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_parity_study_runs_trl_trials_through_the_objective_and_compares_them(tmp_path, monkeypatch):
-    """``trl_parity`` at smoke size: the objective runs the peer=trl trial as ``python -m
+def test_a_parity_study_runs_trl_trials_through_the_trial_runner_and_compares_them(tmp_path, monkeypatch):
+    """``trl_parity`` at smoke size: the trial runner runs the peer=trl trial as ``python -m
     ablations.runner.trl_peer``
     in its own process and the grpo_lab one in a worker; both COMPLETE with curves, and the report pairs them
     by seed."""
@@ -86,9 +86,9 @@ def test_a_parity_study_runs_trl_trials_through_the_objective_and_compares_them(
     from optuna.trial import TrialState
 
     from ablations.report.markdown import write_report
-    from ablations.runner.objective import Objective
     from ablations.runner.storage import make_storage
     from ablations.runner.study_loop import open_study, run_grid
+    from ablations.runner.trial import TrialRunner
     from ablations.runner.worker import WorkerPool
     from ablations.spaces.space import SPACES, Space
 
@@ -100,7 +100,7 @@ def test_a_parity_study_runs_trl_trials_through_the_objective_and_compares_them(
     monkeypatch.chdir(tmp_path)
     study = open_study(space, "p", make_storage(f"sqlite:///{tmp_path / 'p.db'}"))
     with WorkerPool(1, tmp_path / "workers.log") as pool:
-        run_grid(study, space, Objective(space, tmp_path / "study", tmp_path / "runs", pool=pool), n_jobs=1)
+        run_grid(study, space, TrialRunner(space, tmp_path / "study", tmp_path / "runs", pool=pool), n_jobs=1)
     done = {t.params["peer"]: t for t in study.get_trials(states=(TrialState.COMPLETE,))}
     assert set(done) == {"grpo_lab", "trl"}
     trl, ours = done["trl"].user_attrs, done["grpo_lab"].user_attrs

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ablations.runner import launch as fits
-from ablations.runner import objective as obj
+from ablations.runner.trial import resolve_config, trial_overlay, write_overlay
 from ablations.runner.trial_timing import CLASS_PATH as TIMING
 from ablations.runner.worker import WorkerDied, WorkerPool
 from ablations.spaces.space import SPACES
@@ -34,15 +34,15 @@ def _smoke_argv(tmp: Path, name: str, *extra: str) -> list[str]:
 
 
 def _trial_cmd(tmp: Path, params: dict, name: str) -> tuple[list[str], Path]:
-    """A smoke-space trial's command as the objective writes it (probe at the start and the end, no probe
+    """A smoke-space trial's command as the trial runner writes it (probe at the start and the end, no probe
     cache so each run computes its own points, the timing callback), logging to ``tmp/name``."""
     space = SPACES["smoke"]
-    cfg = obj.trial_overlay(space, params, tmp / name, tmp)
+    cfg = trial_overlay(space, params, tmp / name, tmp)
     for cb in cfg["trainer"]["callbacks"]:
         cb["init_args"]["cache_dir"] = None
     cfg["trainer"]["callbacks"].append({"class_path": TIMING})
-    overlay = obj.write_overlay(cfg, tmp / f"{name}.yaml")
-    return fits.grpo_command("fit", obj.resolve_config(space.base_config), overlay), tmp / name
+    overlay = write_overlay(cfg, tmp / f"{name}.yaml")
+    return fits.grpo_command("fit", resolve_config(space.base_config), overlay), tmp / name
 
 
 def _probe_rows(logdir: Path) -> list[dict]:
@@ -139,7 +139,7 @@ def test_a_killed_worker_fails_its_trial_and_the_next_trial_gets_a_fresh_one(tmp
 
 
 def test_only_single_process_trials_run_in_a_worker():
-    base = obj.resolve_config("configs/ablate.yaml")
+    base = resolve_config("configs/ablate.yaml")
     assert fits.runs_in_process(base, {"model.advantage": "rloo"})
     space = SPACES["strategies"]
     assert fits.runs_in_process(base, space.trial_overrides({"strategy": "single", "seed": 0}))

@@ -1,6 +1,6 @@
 """A finished trial's numbers from its TensorBoard scalars and ``probe.json``: the reward curve's AUC, the
 steps to the threshold, downsampled curves, the gradient clipping, as the study stores them (user attrs,
-``objective.py``'s docstring). Pure but for reading the trial's files. Split from ``objective.py``."""
+``runner/trial.py``'s docstring). Pure but for reading the trial's files. Split from ``trial.py``."""
 
 from __future__ import annotations
 

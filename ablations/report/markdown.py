@@ -3,7 +3,7 @@
     python -m ablations.report.markdown --study default --storage sqlite:///runs/ablate/default.db
     grpo-lab-ablate --space default --report-only          # the same, with the runner's defaults
 
-Everything comes from the Optuna study (trial params and the user attrs written by ``objective.py``), so a
+Everything comes from the Optuna study (trial params and the user attrs written by ``runner/trial.py``), so a
 report can be rebuilt anywhere the database is reachable, without the run directories. The numbers are
 computed once, in ``summary.py`` (statistics in ``stats.py``: Student-t intervals over seeds, paired
 comparisons with their minimum detectable effect, verdicts), written to ``summary.json``, and every table

@@ -1,4 +1,5 @@
-"""Running a study: the study loop and its storage (``study_loop``, ``storage``), one trial as an Optuna
-objective (``objective``: its overlay; ``launch``: its process or worker; ``worker``: the long-lived
-workers; ``placement``: its devices), what a finished trial yields (``curves`` lives in ``report``),
-duplicates, pruning, progress, per-trial timing, the sequential rounds (``sequential``) and the TRL peer."""
+"""Running a study: the study loop and its storage (``study_loop``, ``storage``), one trial (``trial``: its
+overlay and the callable ``study.optimize`` calls; ``launch``: its process or worker; ``worker``: the
+long-lived workers; ``placement``: its devices), what a finished trial yields (``curves`` lives in
+``report``), duplicates, pruning, progress, per-trial timing, the sequential rounds (``sequential``) and the
+TRL peer."""

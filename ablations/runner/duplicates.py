@@ -1,5 +1,5 @@
 """Duplicate trials: which trial owns a grid point, so that a second runner (or a GridSampler that hands a
-running point out again) prunes itself instead of running it twice. Split from ``objective.py``."""
+running point out again) prunes itself instead of running it twice. Split from ``trial.py``."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """How a trial's fit runs: the ``grpo-lab fit`` command, a process of its own tied to the runner's life, or
 a long-lived worker (``worker.py``) when the trial is one process; ``FitFailed`` with the log's tail when
-it fails. Split from ``objective.py`` (issue 22: one job per file)."""
+it fails. Split from ``trial.py`` (issue 22: one job per file)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Optuna pruning from inside a trial's fit: optuna-integration's Lightning callback, across a process
 boundary.
 
-A trial's fit runs in its own ``grpo-lab fit`` process (see ``objective.py``), so the runner's
+A trial's fit runs in its own ``grpo-lab fit`` process (see ``trial.py``), so the runner's
 ``optuna.Trial`` cannot be handed to ``PyTorchLightningPruningCallback`` directly. ``StudyPruning`` is that
 callback built from what a YAML config can carry: the storage URL, the study name and the trial number. It
 re-opens the trial from the RDB storage (SQLite or PostgreSQL), and at every validation it

@@ -104,7 +104,7 @@ def check_arguments(round_seeds: int, max_seeds: int, precision: float | None,
         raise UserError(f"--round-seeds must be >= 1 and --max-seeds >= 2, got {round_seeds} and {max_seeds}")
 
 
-def run_until_decisive(study: optuna.Study, space: Space, objective, n_jobs: int, budget_s: float,
+def run_until_decisive(study: optuna.Study, space: Space, trial_runner, n_jobs: int, budget_s: float,
                        min_effect: dict[str, float], round_seeds: int = 2, max_seeds: int = 64,
                        max_failures: int = 3, say: Callable[[str], Any] = print,
                        evaluate: Callable[[optuna.Study, dict, float | None, int], list[str]]
@@ -134,7 +134,7 @@ def run_until_decisive(study: optuna.Study, space: Space, objective, n_jobs: int
     gave_up: list[dict] = []
     while True:
         t0 = time.perf_counter()
-        gave_up = run_grid(rounds, space, objective, n_jobs, max_failures,
+        gave_up = run_grid(rounds, space, trial_runner, n_jobs, max_failures,
                            points=space.points_for(seeds))["gave_up"]
         spent += time.perf_counter() - t0
         study.set_user_attr("until_decisive", {"spent_s": spent, "seeds": seeds, "budget_s": budget_s})

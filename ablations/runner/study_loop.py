@@ -24,11 +24,11 @@ from ablations.runner.launch import (
     runs_in_process,
     trainer_settings,
 )
-from ablations.runner.objective import Objective, resolve_config, trial_overlay, write_overlay
 from ablations.runner.placement import Placement, devices_needed, worker_devices
 from ablations.runner.progress import StudyProgress, console, point_key, point_status
 from ablations.runner.pruning import make_pruner
 from ablations.runner.storage import fail_stale
+from ablations.runner.trial import TrialRunner, resolve_config, trial_overlay, write_overlay
 from ablations.runner.worker import WorkerPool
 from ablations.spaces.space import Space
 from grpo_lab.system.errors import UserError
@@ -51,18 +51,19 @@ def open_study(space: Space, name: str, storage: RDBStorage) -> optuna.Study:
 
 
 # ---- the study loop ------------------------------------------------------------------------------------
-def build_warm_start(space: Space, objective: Objective, study_dir: Path, threads: int) -> None:
+def build_warm_start(space: Space, trial_runner: TrialRunner, study_dir: Path, threads: int) -> None:
     """``grpo-lab warmstart`` with the first point's config, so parallel trials only load the cache (in a
-    worker of the objective's pool when it has one: that worker then runs trials)."""
+    worker of the trial runner's pool when it has one: that worker then runs trials)."""
     params = space.points()[0] if space.is_grid else {}
-    overlay = trial_overlay(space, params, study_dir / "warmstart", objective.root, probe=False)
+    overlay = trial_overlay(space, params, study_dir / "warmstart", trial_runner.root, probe=False)
     overlay = write_overlay(overlay, study_dir / "warmstart.yaml")
     t0 = time.perf_counter()
     try:
-        in_process = runs_in_process(objective.base_config, space.trial_overrides(params))
-        first = list(objective.slots.placement.devices[:1]) if objective.slots else None  # trains on the CPU
-        execute(grpo_command("warmstart", objective.base_config, overlay), study_dir / "warmstart.log",
-                threads, objective.pool if in_process else None, devices=first)
+        in_process = runs_in_process(trial_runner.base_config, space.trial_overrides(params))
+        slots = trial_runner.slots
+        first = list(slots.placement.devices[:1]) if slots else None  # None: trains on the CPU
+        execute(grpo_command("warmstart", trial_runner.base_config, overlay), study_dir / "warmstart.log",
+                threads, trial_runner.pool if in_process else None, devices=first)
     except FitFailed as err:
         last = log_tail(study_dir / "warmstart.log", 1).strip()
         if last.startswith("error: "):  # the space's config is wrong: the fit said why in one line
@@ -72,7 +73,7 @@ def build_warm_start(space: Space, objective: Objective, study_dir: Path, thread
     console.print(f"warm start ready ({time.perf_counter() - t0:.0f} s; {study_dir / 'warmstart.log'})")
 
 
-def run_grid(study: optuna.Study, space: Space, objective: Objective, n_jobs: int, max_failures: int = 3,
+def run_grid(study: optuna.Study, space: Space, trial_runner: TrialRunner, n_jobs: int, max_failures: int = 3,
              wait: float = 5.0, max_rounds: int | None = None,
              points: list[dict] | None = None) -> dict[str, list[dict]]:
     """Optimize until every grid point (or every one of ``points``, all enqueued) has a COMPLETE trial (or
@@ -108,17 +109,17 @@ def run_grid(study: optuna.Study, space: Space, objective: Objective, n_jobs: in
             # Optuna logs its traceback and the point is retried up to max_failures times.
             kw = dict(n_jobs=min(n_jobs, len(free)), catch=(Exception,), callbacks=[progress.on_trial_end])
             if rounds == 0 and use_grid and not space.sampler().is_exhausted(study):
-                study.optimize(objective, **kw)  # GridSampler hands out the points, then stops the study
+                study.optimize(trial_runner, **kw)  # GridSampler hands out the points, then stops the study
             else:
                 for p in free:
                     if not status[point_key(p)]["WAITING"]:
                         study.enqueue_trial(p)
-                study.optimize(objective, n_trials=len(free), **kw)
+                study.optimize(trial_runner, n_trials=len(free), **kw)
             rounds += 1
     return {"gave_up": gave_up}
 
 
-def run_tuning(study: optuna.Study, space: Space, objective: Objective, n_jobs: int) -> None:
+def run_tuning(study: optuna.Study, space: Space, trial_runner: TrialRunner, n_jobs: int) -> None:
     """A distributions space: TPE until ``n_trials`` trials are finished (COMPLETE or PRUNED)."""
     finished = [t for t in study.get_trials(deepcopy=False)
                 if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
@@ -126,7 +127,7 @@ def run_tuning(study: optuna.Study, space: Space, objective: Objective, n_jobs: 
     with StudyProgress(study, [], n_jobs) as progress:
         progress.progress.update(progress.task, total=space.n_trials)
         if left:
-            study.optimize(objective, n_trials=left, n_jobs=n_jobs, catch=(Exception,),
+            study.optimize(trial_runner, n_trials=left, n_jobs=n_jobs, catch=(Exception,),
                            callbacks=[progress.on_trial_end])
 
 

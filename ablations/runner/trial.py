@@ -1,7 +1,8 @@
 """One Optuna trial = one ``grpo-lab fit`` (in a long-lived worker, or its own process); its TensorBoard
 scalars become the trial's metrics.
 
-For trial N of study S the objective
+``TrialRunner`` is the callable ``study.optimize`` calls (Optuna names that callable its objective; here
+"objective" means only the policy objective, ``model.objective``). For trial N of study S it
 
 1. takes its params from the space (``GridSampler`` values, an enqueued point, or TPE samples);
 2. gives up at once (``TrialPruned("duplicate of trial M")``) if another trial of the study already holds
@@ -30,7 +31,7 @@ For trial N of study S the objective
    training: the normalised area under the curve, which rewards learning early as well as learning much);
    a COMPLETE trial also writes its params and final metrics as an HParams row into its TensorBoard run.
 
-User attrs of a COMPLETE trial (what ``report.py`` reads):
+User attrs of a COMPLETE trial (what ``ablations/report/runs.py`` reads):
 
 - ``curves``: ``{tag: [[step, value], ...]}`` for ``train/reward``, ``train/reward_easy``,
   ``train/reward_hard``, ``val/acc_sampled*`` and ``val/acc_greedy*``, at most 200 points each (bin means);
@@ -44,7 +45,7 @@ User attrs of a COMPLETE trial (what ``report.py`` reads):
 
 Pruning (tuning spaces only). The trial's overlay adds ``ablations.runner.pruning.StudyPruning``
 (optuna-integration's ``PyTorchLightningPruningCallback``, re-opening the trial from the study's storage
-inside the fit process) with the space's pruner and monitor. When it stops a fit, the objective stores the
+inside the fit process) with the space's pruner and monitor. When it stops a fit, the runner stores the
 curves as for a finished trial and raises ``TrialPruned``. Grid spaces are never pruned: every grid point is
 a measurement the report needs.
 """
@@ -127,16 +128,16 @@ def trial_overlay(space: Space, params: dict[str, Any], trial_dir: Path, root: P
 
 def write_overlay(cfg: dict, path: Path, note: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("# written by ablations/runner/objective.py: one trial's overrides on its space's base "
+    path.write_text("# written by ablations/runner/trial.py: one trial's overrides on its space's base "
                     "config\n"
                     + (f"# {note}\n" if note else "") + yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
-# ---- the objective -------------------------------------------------------------------------------------
+# ---- the trial runner ----------------------------------------------------------------------------------
 @dataclass
-class Objective:
-    """Callable objective for ``study.optimize``: see the module docstring."""
+class TrialRunner:
+    """Runs one trial when ``study.optimize`` calls it: see the module docstring."""
 
     space: Space
     study_dir: Path

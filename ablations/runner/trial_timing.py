@@ -5,8 +5,8 @@
 
 Every trial's overlay adds :class:`TrialTiming` as its last callback (after the probe, so the probe's own
 hooks run before this callback's and fall between its marks). It writes ``timing.json`` into the trial's
-TensorBoard directory at teardown, and the objective adds what happens outside the fit
-(``ablations/runner/objective.py``).
+TensorBoard directory at teardown, and the trial runner adds what happens outside the fit
+(``ablations/runner/trial.py``).
 The phases of one trial, in order (seconds):
 
 - ``start``: from the runner handing the trial over (``GRPO_LAB_TRIAL_START``, wall clock) to the CLI having
@@ -21,7 +21,7 @@ The phases of one trial, in order (seconds):
 - ``between_steps``: the rest of the training loop: logging, and the probe's middle points;
 - ``probe_end``: the last step or validation to ``on_train_end``: the probe at the end;
 - ``teardown``: ``on_train_end`` to this callback's ``teardown``;
-- added by the objective: ``exit`` (teardown to the fit returning: the process's exit, or the in-process
+- added by the trial runner: ``exit`` (teardown to the fit returning: the process's exit, or the in-process
   clean-up) and ``read_scalars`` (reading the TensorBoard events back).
 """
 
@@ -109,8 +109,8 @@ class TrialTiming(Callback):
 
 
 def finish(logdir: Path, fit_returned: float, read_done: float, in_process: bool) -> dict:
-    """The trial's ``timing.json`` with the objective's phases added (``exit``, ``read_scalars``); {} if the
-    fit wrote none."""
+    """The trial's ``timing.json`` with the trial runner's phases added (``exit``, ``read_scalars``); {} if
+    the fit wrote none."""
     path = Path(logdir) / "timing.json"
     if not path.is_file():
         return {}

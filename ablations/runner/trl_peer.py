@@ -18,8 +18,8 @@ compared within seed intervals (the ``trl_parity`` space; ``ablations/spaces/spa
   mapped to TRL's knobs (:func:`trl_settings`: ``group_norm`` is ``scale_rewards="group"``, ``token_mean`` is
   ``loss_type="dapo"`` ...). A setting TRL cannot express is a one-line error, not a silent difference;
 - **the same metrics**: ``train/reward`` (and ``train/reward_<difficulty>``) of every rollout batch, written
-  to TensorBoard in the trial's log directory at the optimizer step grpo_lab would log it, so the objective,
-  the summary and the report read a TRL trial like any other.
+  to TensorBoard in the trial's log directory at the optimizer step grpo_lab would log it, so the trial
+  runner, the summary and the report read a TRL trial like any other.
 
 What is not the same, by construction: the random numbers (TRL samples its completions with its own
 generator calls), so the two peers' curves agree only in distribution: the report compares them by paired

@@ -2,7 +2,7 @@
 
 A space is data, not code: a grid of values per key (or Optuna distributions for a tuning study), the YAML
 overlay every trial starts from, the gradient-variance probe's settings and the reward level that counts as
-"learned". The runner (``run.py``) and the objective (``objective.py``) only read it.
+"learned". The runner (``run.py``) and the trial runner (``runner/trial.py``) only read it.
 
 Keys are grpo-lab config keys in dotted form, exactly as on the ``grpo-lab fit`` command line without the
 dashes: ``model.advantage``, ``model.aggregation``, ``model.clip_high``, ``model.beta``,
