@@ -4,10 +4,10 @@ What this implements, top to bottom (docs/derivation.md has the why):
 
 1. Rollout: for each of the P queries of the batch sample G completions from the current policy
    (temperature, ``max_new_tokens``, stop at EOS) -> B = P·G sequences.
-2. Reward: the configured reward functions score each completion -> rewards ``[P, G]`` (``rewards.py``);
-   their mean is the Monte-Carlo estimate of the surrogate J(θ) (``train/reward``). With dynamic sampling
-   the groups without spread are replaced by fresh queries (``sampling.py``); with ``kl_in="reward"``
-   β·KL of each completion is subtracted here.
+2. Reward: the configured reward functions score each completion -> rewards ``[P, G]``
+   (``rewards/scoring.py``); their mean is the Monte-Carlo estimate of J(θ) (``train/reward``). With dynamic
+   sampling the groups without spread are replaced by fresh queries (``data/dynamic_sampling.py``); with
+   ``kl_in="reward"`` β·KL of each completion is subtracted here.
 3. Advantage: a registered estimator (a center and a scale) turns rewards into advantages ``[P, G]``
    (``advantages.py``).
 4. Loss: the policy loss and its variants with optional KL to a frozen reference (``losses.py``), then
@@ -180,8 +180,8 @@ class GRPOModule(SampledAccuracy, SeveralUpdates, L.LightningModule):
 
     def score(self, rollout: Rollout, batch: list[Query],
               aggregation: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """``(rewards, objective, invalid)`` ``[P, G]`` (``rewards.score_groups``): the reward functions
-        combined by ``reward_aggregation`` (what the advantage sees) and by their weighted sum (J's estimate),
+        """``(rewards, j_rewards, invalid)`` ``[P, G]`` (``rewards.score_groups``): the reward functions
+        combined by ``reward_aggregation`` (what the advantage sees) and by their weighted sum (J's rewards),
         and where a value was invalid. Reward functions see the query columns and the rollout's
         (``rewards.ROLLOUT_COLUMNS``). With ``invalid_rewards="drop"`` an invalid value gets its group's mean;
         ``rollout.without(invalid)`` leaves it out of the loss."""
@@ -200,16 +200,16 @@ class GRPOModule(SampledAccuracy, SeveralUpdates, L.LightningModule):
         """rollout -> reward for the data loader's batch; with ``dynamic_sampling`` its zero-spread groups are
         replaced by groups of fresh queries (``sampling.dynamic_sample``)."""
         self._invalid_rewards = 0
-        rollout, rewards, objective = self._rollout_and_reward(batch)
+        rollout, rewards, j_rewards = self._rollout_and_reward(batch)
         if not self.rl.dynamic_sampling:
-            return Sample(batch, rollout, rewards, batch, objective, sampled_tokens=rollout.num_tokens)
+            return Sample(batch, rollout, rewards, batch, j_rewards, sampled_tokens=rollout.num_tokens)
         if self.stream is None:
             raise UserRuntimeError("dynamic_sampling draws fresh queries from the training set: fit with a "
                                "QueryDataModule, or set module.stream to a "
                                "grpo_lab.data.dynamic_sampling.QueryStream")
         return dynamic_sample(batch, rollout, rewards, lambda q: self._rollout_and_reward(q)[:2],
                               self.stream.draw, self.rl.max_resample_rounds, self.tokenizer.pad_token_id,
-                              lambda kept: min_over_processes(kept, self.device), seen_rewards=objective)
+                              lambda kept: min_over_processes(kept, self.device), seen_rewards=j_rewards)
 
     def _rollout_and_reward(self, batch: list[Query]) -> tuple[Rollout, Tensor, Tensor]:
         with self.timer("rollout"):
@@ -217,8 +217,8 @@ class GRPOModule(SampledAccuracy, SeveralUpdates, L.LightningModule):
         if self.rl.mask_truncated:
             rollout = rollout.without(rollout.truncated)
         with self.timer("reward"):
-            rewards, objective, invalid = self.score(rollout, batch)  # [P, G]
-        return rollout.without(invalid.flatten()), rewards, objective
+            rewards, j_rewards, invalid = self.score(rollout, batch)  # [P, G]
+        return rollout.without(invalid.flatten()), rewards, j_rewards
 
     def sequence_kl(self, rollout: Rollout) -> Tensor:
         """k1 of each completion to the reference ``[B]``: Σ_t log π_old(o_t) − log π_ref(o_t) (for

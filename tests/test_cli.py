@@ -71,8 +71,8 @@ def test_smoke_fit_with_kl_and_several_updates(tmp_path):
 
 @pytest.mark.slow
 def test_grpo_from_the_warm_start_raises_the_reward(tmp_path):
-    """Small but real: the group-normalized objective lifts the train reward, by a margin that holds on any
-    x86 CPU.
+    """Small but real: GRPO with group-normalized advantages lifts the train reward, by a margin that holds
+    on any x86 CPU.
 
     A GRPO trajectory depends on the floating-point paths (AVX-512, AVX2 or none), so the regime is chosen to
     learn by a wide margin rather than to sit near the threshold: one-digit sums from a weak warm start (60

@@ -149,7 +149,7 @@ def test_an_invalid_reward_leaves_the_loss_through_a_new_mask_not_an_edit_of_the
     batch = [{"prompt": "1+2=", "answer": "3"}, {"prompt": "4+4=", "answer": "8"}]
     rollout = module.rollout(batch)
     before = rollout.completion_mask.clone()
-    rewards, objective, invalid = module.score(rollout, batch)
+    rewards, _, invalid = module.score(rollout, batch)
     assert invalid.flatten().tolist() == [True, False, False, True, False, False]  # completions 0 and 3
     assert torch.equal(rollout.completion_mask, before)  # scoring changes nothing in place
     kept = rollout.without(invalid.flatten())

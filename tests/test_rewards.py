@@ -52,7 +52,7 @@ def test_score_groups_by_hand():
     # group 0: exact (1, 0) -> (+0.707, -0.707), length (1, 3) -> (-0.707, +0.707): sums 0;
     # group 1: exact only
     torch.testing.assert_close(r, torch.tensor([[0.0, 0.0], [-0.7071, 0.7071]]), atol=1e-3, rtol=0)
-    assert j.tolist() == [[2.0, 3.0], [2.0, 3.0]]  # the objective stays the weighted sum
+    assert j.tolist() == [[2.0, 3.0], [2.0, 3.0]]  # J's rewards stay the weighted sum
 
 
 def test_score_weights_and_columns():

@@ -106,8 +106,8 @@ def test_constant_aggregation_sign_and_normalizer(monkeypatch):
     const = estimator_gradients(module, batch, ["reward"], aggregation="constant")["reward"]
     rollout = calls[0]
     logprobs, _ = sequence_logprobs(module.model, rollout, module.hparams.temperature)
-    objective = (logprobs * rollout.completion_mask).sum() / (len(batch) * 3)
-    expected = torch.cat([g.flatten() for g in torch.autograd.grad(objective,
+    surrogate = (logprobs * rollout.completion_mask).sum() / (len(batch) * 3)
+    expected = torch.cat([g.flatten() for g in torch.autograd.grad(surrogate,
                                                                    list(module.model.parameters()))])
     torch.testing.assert_close(const, expected)
     # Group estimators need G >= 2: compute_advantages says so.

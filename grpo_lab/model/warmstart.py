@@ -3,7 +3,7 @@
 From random weights a policy almost never samples a correct answer, every group has zero spread and GRPO
 has nothing to learn from (measured: reward 0.00 over 200 steps). A minute of teacher-forced training on
 ``prompt -> answer<eos>`` gives a policy that gets some easy queries right and most hard ones wrong,
-which is where the comparison of objectives is interesting. The result is a local HF directory keyed by
+which is where comparing the variants is interesting. The result is a local HF directory keyed by
 everything that determines it (policy config, task, steps, seed ...), so every later fit and every
 ablation trial with the same settings loads the identical weights instead of training again.
 

@@ -193,9 +193,10 @@ def score_groups(fns: Sequence[RewardFn], batch: list[dict], completions: list[s
                  weights: Sequence[float] | None = None, aggregation: str = "weighted_sum",
                  allow_invalid: bool = False, device: torch.device | str | None = None,
                  **rollout_columns: list | int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(rewards, objective, invalid)`` ``[P, G]`` for the G completions of each query of ``batch`` (rows
+    """``(rewards, j_rewards, invalid)`` ``[P, G]`` for the G completions of each query of ``batch`` (rows
     b·G .. b·G+G−1 belong to query b): the functions combined by ``aggregation`` (what the advantage sees)
-    and by their weighted sum (J's estimate, for the metrics), an invalid value replaced by its group's mean
+    and by their weighted sum (the reward R(o) of J(θ) = E[R(o)]: their mean, ``train/reward``, is J's
+    estimate), an invalid value replaced by its group's mean
     (:func:`fill_invalid`), and where that happened. ``rollout_columns``: the rollout's own
     (``ROLLOUT_COLUMNS``)."""
     columns = reward_columns(batch, g, **rollout_columns)
@@ -204,8 +205,8 @@ def score_groups(fns: Sequence[RewardFn], batch: list[dict], completions: list[s
     rewards, invalid = fill_invalid(aggregate_rewards(values, weights, aggregation))
     if aggregation == "weighted_sum":
         return rewards, rewards, invalid
-    objective = fill_invalid(aggregate_rewards(values, weights))[0]
-    return rewards, objective, invalid
+    j_rewards = fill_invalid(aggregate_rewards(values, weights))[0]
+    return rewards, j_rewards, invalid
 
 
 def fill_invalid(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
