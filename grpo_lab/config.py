@@ -9,13 +9,13 @@ with the text below. Validation happens here, once, when the module is built: a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from grpo_lab.advantages import resolve_estimator
 from grpo_lab.decode import DecodeSettings
-from grpo_lab.losses import AGGREGATIONS, IMPORTANCE_LEVELS, KL_ESTIMATORS, OBJECTIVES, check_loss_settings
+from grpo_lab.losses import AGGREGATIONS, IMPORTANCE_LEVELS, KL_ESTIMATORS, OBJECTIVES, LossSettings
 from grpo_lab.rewards.scoring import REWARD_AGGREGATIONS
 from grpo_lab.system.errors import UserError
 from grpo_lab.system.registry import lookup
@@ -157,8 +157,7 @@ class RLConfig:
             )
         if min(self.num_generations, self.num_iterations, self.max_new_tokens, self.micro_batches) < 1:
             raise UserError("num_generations, num_iterations, micro_batches and max_new_tokens must be >= 1")
-        check_loss_settings(self.clip_low, self.clip_high, self.beta, self.dual_clip, self.entropy_coef,
-                            self.top_entropy_quantile, self.objective)
+        self.loss_settings()  # checks the loss's values
         if self.temperature <= 0.0:
             raise UserError(f"temperature must be > 0, got {self.temperature}")
         if self.invalid_rewards not in ("error", "drop"):
@@ -178,6 +177,11 @@ class RLConfig:
             self.decode_settings("cpu")
         except ValueError as err:
             raise UserError(str(err)) from None
+
+    def loss_settings(self) -> LossSettings:
+        """The policy loss's settings: this config's fields of the names ``LossSettings`` declares (the
+        same names, so a loss setting added there is read from here without a second list)."""
+        return LossSettings(**{f.name: getattr(self, f.name) for f in fields(LossSettings)})
 
     def decode_settings(self, device: torch.device | str) -> DecodeSettings:
         """How the rollout decodes on ``device``: the decode fields, each unset one following the device."""

@@ -18,7 +18,7 @@ From REINFORCE to GRPO (docs/derivation.md):
   (Dr. GRPO) divides by a fixed B·T so the loss scale does not depend on the lengths sampled. Each one's
   denominator (the normalizer) is :func:`aggregation_normalizer`, the one rule the module and the probe use.
 
-The field's variants, each an option of :func:`policy_loss` (the default is textbook token-level GRPO):
+The field's variants, each a field of :class:`LossSettings` (the default is textbook token-level GRPO):
 
 - ``importance_level="sequence"`` (GSPO, arXiv 2507.18071): one ratio per completion, the geometric mean
   of its token ratios, s_i = exp(Σ_t m·(log π − log π_old) / Σ_t m), clipped and broadcast to its tokens.
@@ -39,6 +39,7 @@ so the per-token form is the token-level factorisation of the sequence objective
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -200,31 +201,58 @@ def high_entropy_mask(entropy: Tensor, mask: Tensor, quantile: float) -> Tensor:
     return (entropy.detach() >= threshold.to(entropy.dtype)) & real
 
 
+@dataclass(frozen=True)
+class LossSettings:
+    """What :func:`policy_loss` is configured with, apart from the batch it is given: the ``RLConfig`` fields
+    of the same names (``RLConfig.loss_settings()``). The defaults are textbook token-level GRPO. Checked
+    when built, so a bad value fails once, where the settings are made, not at every step; frozen, so what
+    was checked is what the loss reads. The registry names (``objective``, ``importance_level``,
+    ``kl_estimator``, ``aggregation``) are looked up by the loss, which raises on an unknown one."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    objective: str = "clip"
+    importance_level: str = "token"
+    dual_clip: float | None = None
+    beta: float = 0.0
+    kl_estimator: str = "k3"
+    aggregation: str = "token_mean"
+    entropy_coef: float = 0.0
+    top_entropy_quantile: float = 1.0
+
+    def __post_init__(self) -> None:
+        """``UserError`` (a ``ValueError``) naming the first bad value."""
+        if not 0.0 <= self.clip_low < 1.0 or self.clip_high < 0.0:
+            raise UserError(f"need 0 <= clip_low < 1 and clip_high >= 0, got clip_low={self.clip_low}, "
+                            f"clip_high={self.clip_high}")
+        if self.beta < 0.0:
+            raise UserError(f"beta must be >= 0 (KL coefficient), got {self.beta}")
+        if self.dual_clip is not None and (self.dual_clip <= 1.0 or self.objective != "clip"):
+            raise UserError(f"dual_clip must be > 1 and needs objective='clip', got {self.dual_clip} with "
+                            f"{self.objective!r}")
+        if self.entropy_coef < 0.0:
+            raise UserError(f"entropy_coef must be >= 0 (an entropy bonus), got {self.entropy_coef}")
+        if not 0.0 < self.top_entropy_quantile <= 1.0:
+            raise UserError(f"top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile}")
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
     advantages: Tensor,
     mask: Tensor,
+    settings: LossSettings = LossSettings(),
     *,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
     ref_logprobs: Tensor | None = None,
-    beta: float = 0.0,
-    kl_estimator: str = "k3",
-    aggregation: str = "token_mean",
     normalizer: float | Tensor | None = None,
-    importance_level: str = "token",
-    objective: str = "clip",
-    dual_clip: float | None = None,
     entropy: Tensor | None = None,
-    entropy_coef: float = 0.0,
-    top_entropy_quantile: float = 1.0,
     entropy_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The GRPO loss (or a variant, see the module docstring) and its diagnostics.
+    """The GRPO loss (or a variant chosen by ``settings``, see the module docstring) and its diagnostics.
 
     Shapes: ``logprobs``, ``old_logprobs``, ``ref_logprobs``, ``mask``, ``entropy`` are ``[B, T]`` (B = P·G
     completions, T completion tokens; mask 1 on real tokens including EOS); ``advantages`` is ``[B]``.
+    ``normalizer``: the aggregation's denominator (default: this batch's, :func:`aggregation_normalizer`).
     ``entropy`` (per-token entropy of π_θ, with its graph) is needed for ``entropy_coef`` > 0 and for
     ``top_entropy_quantile`` < 1 unless ``entropy_mask`` (the kept tokens, e.g. chosen once for a whole batch
     split in micro-batches) is given. Returns ``(loss, stats)`` with stats ``clip_fraction``, ``ratio_mean``,
@@ -237,16 +265,16 @@ def policy_loss(
         )
     if advantages.shape != logprobs.shape[:1]:
         raise ValueError(f"advantages must be [B]={logprobs.shape[0]}, got shape {tuple(advantages.shape)}")
-    check_loss_settings(clip_low, clip_high, beta, dual_clip, entropy_coef, top_entropy_quantile, objective)
-    aggregate = get_aggregation(aggregation)
-    ratio_fn = lookup(IMPORTANCE_LEVELS, importance_level, "importance level")
-    objective_fn = lookup(OBJECTIVES, objective, "objective")
+    s = settings
+    aggregate = get_aggregation(s.aggregation)
+    ratio_fn = lookup(IMPORTANCE_LEVELS, s.importance_level, "importance level")
+    objective_fn = lookup(OBJECTIVES, s.objective, "objective")
     mask = mask.to(logprobs.dtype)
     adv = advantages.to(logprobs.dtype).unsqueeze(-1)  # [B, 1]
 
     ratio = ratio_fn(logprobs, old_logprobs, mask)  # [B, T] (token) or [B, 1] (sequence)
-    per_token, active = objective_fn(ratio, logprobs, adv, clip_low=clip_low, clip_high=clip_high,
-                                     dual_clip=dual_clip)
+    per_token, active = objective_fn(ratio, logprobs, adv, clip_low=s.clip_low, clip_high=s.clip_high,
+                                     dual_clip=s.dual_clip)
     per_token = per_token.expand_as(logprobs)  # [B, T]
 
     n_tokens = mask.sum().clamp(min=1.0)
@@ -255,42 +283,25 @@ def policy_loss(
             "clip_fraction": (active.expand_as(mask).to(mask.dtype) * mask).sum() / n_tokens,
             "ratio_mean": (ratio.expand_as(mask) * mask).sum() / n_tokens,
         }
-    if top_entropy_quantile < 1.0:
+    if s.top_entropy_quantile < 1.0:
         if entropy_mask is None:
             if entropy is None:
                 raise ValueError("top_entropy_quantile < 1 needs the per-token entropy (or an entropy_mask)")
-            entropy_mask = high_entropy_mask(entropy, mask, top_entropy_quantile)
+            entropy_mask = high_entropy_mask(entropy, mask, s.top_entropy_quantile)
         per_token = per_token * entropy_mask.to(per_token.dtype)  # only high-entropy tokens push the policy
         stats["entropy_kept_fraction"] = (entropy_mask.to(mask.dtype) * mask).sum() / n_tokens
-    if entropy_coef > 0.0:
+    if s.entropy_coef > 0.0:
         if entropy is None:
             raise ValueError("entropy_coef > 0 needs the per-token entropy")
-        per_token = per_token - entropy_coef * entropy  # maximise entropy: a bonus, aggregated like the rest
+        per_token = per_token - s.entropy_coef * entropy  # maximise entropy: a bonus, aggregated as the rest
     if ref_logprobs is not None:
         if ref_logprobs.shape != logprobs.shape:
             raise ValueError(f"ref_logprobs must be {tuple(logprobs.shape)}, got {tuple(ref_logprobs.shape)}")
-        kl = kl_penalty(logprobs, ref_logprobs, kl_estimator)  # [B, T]
+        kl = kl_penalty(logprobs, ref_logprobs, s.kl_estimator)  # [B, T]
         stats["kl"] = ((kl * mask).sum() / n_tokens).detach()
-        if beta > 0.0:
-            per_token = per_token + beta * kl
+        if s.beta > 0.0:
+            per_token = per_token + s.beta * kl
     else:
-        lookup(KL_ESTIMATORS, kl_estimator, "KL estimator")  # a bad name fails even when unused
+        lookup(KL_ESTIMATORS, s.kl_estimator, "KL estimator")  # a bad name fails even when unused
     return aggregate(per_token, mask, normalizer), stats
 
-
-def check_loss_settings(clip_low: float, clip_high: float, beta: float, dual_clip: float | None = None,
-                        entropy_coef: float = 0.0, top_entropy_quantile: float = 1.0,
-                        objective: str = "clip") -> None:
-    """``ValueError`` naming the first bad loss setting (shared by :func:`policy_loss` and the config)."""
-    if not 0.0 <= clip_low < 1.0 or clip_high < 0.0:
-        raise UserError(f"need 0 <= clip_low < 1 and clip_high >= 0, got clip_low={clip_low}, "
-                        f"clip_high={clip_high}")
-    if beta < 0.0:
-        raise UserError(f"beta must be >= 0 (KL coefficient), got {beta}")
-    if dual_clip is not None and (dual_clip <= 1.0 or objective != "clip"):
-        raise UserError(f"dual_clip must be > 1 and needs objective='clip', got {dual_clip} with "
-                        f"{objective!r}")
-    if entropy_coef < 0.0:
-        raise UserError(f"entropy_coef must be >= 0 (an entropy bonus), got {entropy_coef}")
-    if not 0.0 < top_entropy_quantile <= 1.0:
-        raise UserError(f"top_entropy_quantile must be in (0, 1], got {top_entropy_quantile}")

@@ -252,12 +252,9 @@ class GRPOModule(SampledAccuracy, SeveralUpdates, L.LightningModule):
         with self.timer("policy_loss"):
             loss, stats = policy_loss(
                 logprobs, logprobs.detach() if old_logprobs is None else old_logprobs, advantages,
-                rollout.completion_mask, clip_low=rl.clip_low, clip_high=rl.clip_high, ref_logprobs=ref,
-                beta=rl.beta, kl_estimator=rl.kl_estimator, aggregation=rl.aggregation,
+                rollout.completion_mask, rl.loss_settings(), ref_logprobs=ref,
                 normalizer=self.normalizer(rollout.completion_mask) if normalizer is None else normalizer,
-                importance_level=rl.importance_level, objective=rl.objective, dual_clip=rl.dual_clip,
-                entropy=entropy if per_token else None, entropy_coef=rl.entropy_coef,
-                top_entropy_quantile=rl.top_entropy_quantile, entropy_mask=entropy_mask,
+                entropy=entropy if per_token else None, entropy_mask=entropy_mask,
             )
         m = rollout.completion_mask.float()
         stats["entropy"] = (entropy.detach() * m).sum() / m.sum().clamp(min=1) if per_token else entropy

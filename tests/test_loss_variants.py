@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from grpo_lab.losses import policy_loss
+from grpo_lab.losses import LossSettings, policy_loss
 from tests.test_losses import AGGS, F64, _gathered_logprobs, _single_token, example, scalar
 
 # ------------------------------------------------------------- GSPO (importance_level="sequence")
@@ -28,7 +28,7 @@ def _gspo_example():
 def test_gspo_value_and_gradient_by_hand():
     logp, old, adv, mask = _gspo_example()
     s1 = math.exp(-0.1)
-    loss, info = policy_loss(logp, old, adv, mask, importance_level="sequence")
+    loss, info = policy_loss(logp, old, adv, mask, LossSettings(importance_level="sequence"))
     # token_mean over 4 tokens: (2 * -1.2 + 2 * 2 s1) / 4
     assert scalar(loss) == pytest.approx((2 * -1.2 + 2 * 2 * s1) / 4, abs=1e-12)
     assert scalar(info["clip_fraction"]) == pytest.approx(0.5, abs=1e-12)  # seq 0's 2 tokens of 4
@@ -50,7 +50,8 @@ def _on_policy_grads(aggregation: str, *variants: dict) -> list[torch.Tensor]:
     grads = []
     for kwargs in variants:
         logprobs = _gathered_logprobs(theta, ids)
-        loss, _ = policy_loss(logprobs, logprobs.detach(), adv, mask, aggregation=aggregation, **kwargs)
+        settings = LossSettings(aggregation=aggregation, **kwargs)
+        loss, _ = policy_loss(logprobs, logprobs.detach(), adv, mask, settings)
         grads.append(torch.autograd.grad(loss, theta)[0])
     return grads
 
@@ -112,17 +113,16 @@ def test_dual_clip_by_hand(ratio, adv, loss, grad, clipped):
                                     {"entropy_coef": -0.1}, {"top_entropy_quantile": 0.0},
                                     {"top_entropy_quantile": 1.5}])
 def test_bad_variant_settings_rejected(kwargs):
-    logprobs, old, adv, mask = example()
     with pytest.raises(ValueError):
-        policy_loss(logprobs, old, adv, mask, entropy=torch.ones_like(mask), **kwargs)
+        LossSettings(**kwargs)
 
 
 def test_unknown_objective_and_importance_level_list_names():
     logprobs, old, adv, mask = example()
     with pytest.raises(ValueError, match="unknown objective 'ppo'; known: cispo, clip"):
-        policy_loss(logprobs, old, adv, mask, objective="ppo")
+        policy_loss(logprobs, old, adv, mask, LossSettings(objective="ppo"))
     with pytest.raises(ValueError, match="unknown importance level 'tok'; known: sequence, token"):
-        policy_loss(logprobs, old, adv, mask, importance_level="tok")
+        policy_loss(logprobs, old, adv, mask, LossSettings(importance_level="tok"))
 
 
 # ----------------------------------------------------------------------------- entropy bonus and 80/20
@@ -133,13 +133,13 @@ ENTROPY = [[0.1, 0.5, 0.9], [0.3, 0.7, 9.0]]  # (1, 2) is masked: its 9.0 must n
 def test_entropy_bonus_value_and_gradient():
     logprobs, old, adv, mask = example()
     ent = torch.tensor(ENTROPY, dtype=F64, requires_grad=True)
-    loss, _ = policy_loss(logprobs, old, adv, mask, entropy=ent, entropy_coef=0.1)
+    loss, _ = policy_loss(logprobs, old, adv, mask, LossSettings(entropy_coef=0.1), entropy=ent)
     # token_mean: 0.3 (the example) - 0.1 * (0.1 + 0.5 + 0.9 + 0.3 + 0.7) / 5 = 0.3 - 0.05
     assert scalar(loss) == pytest.approx(0.25, abs=1e-12)
     (g,) = torch.autograd.grad(loss, ent)
     torch.testing.assert_close(g, -0.1 * mask / 5)
     with pytest.raises(ValueError, match="needs the per-token entropy"):
-        policy_loss(logprobs, old, adv, mask, entropy_coef=0.1)
+        policy_loss(logprobs, old, adv, mask, LossSettings(entropy_coef=0.1))
 
 
 def test_top_entropy_quantile_by_hand():
@@ -152,7 +152,7 @@ def test_top_entropy_quantile_by_hand():
     # -> tokens (0, 2) = .9 and (1, 1) = .7 are kept; per-token losses there: -1.0 and 1.6 (the example)
     kept = torch.tensor([[False, False, True], [False, True, False]])
     assert torch.equal(high_entropy_mask(ent, mask, 0.4), kept)
-    loss, info = policy_loss(logprobs, old, adv, mask, entropy=ent, top_entropy_quantile=0.4)
+    loss, info = policy_loss(logprobs, old, adv, mask, LossSettings(top_entropy_quantile=0.4), entropy=ent)
     assert scalar(loss) == pytest.approx((-1.0 + 1.6) / 5, abs=1e-12)  # the normalizer still counts 5 tokens
     assert scalar(info["entropy_kept_fraction"]) == pytest.approx(0.4, abs=1e-12)
     (g,) = torch.autograd.grad(loss, logprobs)
@@ -161,7 +161,8 @@ def test_top_entropy_quantile_by_hand():
     torch.testing.assert_close(g, torch.tensor([[0.0, 0.0, -0.2], [0.0, 0.0, 0.0]], dtype=F64))
     # a given entropy_mask (chosen for a whole batch) wins over the entropies at hand
     other = torch.tensor([[True, False, False], [False, False, False]])
-    loss2, _ = policy_loss(logprobs, old, adv, mask, top_entropy_quantile=0.4, entropy_mask=other)
+    loss2, _ = policy_loss(logprobs, old, adv, mask, LossSettings(top_entropy_quantile=0.4),
+                           entropy_mask=other)
     assert scalar(loss2) == pytest.approx(-1.2 / 5, abs=1e-12)
 
 

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from grpo_lab.losses import AGGREGATIONS, KL_ESTIMATORS, aggregation_normalizer, kl_penalty, policy_loss
+from grpo_lab.losses import (
+    AGGREGATIONS,
+    KL_ESTIMATORS,
+    LossSettings,
+    aggregation_normalizer,
+    kl_penalty,
+    policy_loss,
+)
 
 F64 = torch.float64
 AGGS = ["token_mean", "sequence_mean", "constant"]
@@ -62,7 +70,7 @@ def test_aggregations_by_hand():
     # constant      = 1.5 / (B*T = 6)       = 0.25
     expected = {"token_mean": 0.3, "sequence_mean": 0.6, "constant": 0.25}
     for agg, value in expected.items():
-        loss, _ = policy_loss(logprobs, old, adv, mask, aggregation=agg)
+        loss, _ = policy_loss(logprobs, old, adv, mask, LossSettings(aggregation=agg))
         assert loss.dim() == 0
         assert scalar(loss) == pytest.approx(value, abs=1e-12), agg
 
@@ -76,8 +84,8 @@ def test_default_aggregation_is_token_mean():
 def test_bool_mask_equals_float_mask():
     logprobs, old, adv, mask = example()
     for agg in AGGS:
-        a, _ = policy_loss(logprobs, old, adv, mask, aggregation=agg)
-        b, _ = policy_loss(logprobs, old, adv, mask.bool(), aggregation=agg)
+        a, _ = policy_loss(logprobs, old, adv, mask, LossSettings(aggregation=agg))
+        b, _ = policy_loss(logprobs, old, adv, mask.bool(), LossSettings(aggregation=agg))
         torch.testing.assert_close(a, b)
 
 
@@ -97,25 +105,25 @@ def test_aggregation_normalizer_by_hand_and_as_each_aggregations_default():
     assert float(got) == 32.0
     logprobs, old, adv, m = example()
     for agg in AGGS:
-        explicit, _ = policy_loss(logprobs, old, adv, m, aggregation=agg,
+        explicit, _ = policy_loss(logprobs, old, adv, m, LossSettings(aggregation=agg),
                                   normalizer=aggregation_normalizer(agg, m))
-        default, _ = policy_loss(logprobs, old, adv, m, aggregation=agg)
+        default, _ = policy_loss(logprobs, old, adv, m, LossSettings(aggregation=agg))
         torch.testing.assert_close(explicit, default)
 
 
 def test_normalizer_replaces_denominator():
     logprobs, old, adv, mask = example()
     n = float(mask.sum())  # 5
-    default, _ = policy_loss(logprobs, old, adv, mask, aggregation="token_mean")
-    same, _ = policy_loss(logprobs, old, adv, mask, aggregation="token_mean", normalizer=n)
-    half, _ = policy_loss(logprobs, old, adv, mask, aggregation="token_mean", normalizer=2 * n)
+    default, _ = policy_loss(logprobs, old, adv, mask, LossSettings(aggregation="token_mean"))
+    same, _ = policy_loss(logprobs, old, adv, mask, LossSettings(aggregation="token_mean"), normalizer=n)
+    half, _ = policy_loss(logprobs, old, adv, mask, LossSettings(aggregation="token_mean"), normalizer=2 * n)
     torch.testing.assert_close(same, default)
     torch.testing.assert_close(half, default / 2)  # 1.5 / 10 = 0.15
     assert scalar(half) == pytest.approx(0.15, abs=1e-12)
     # constant: default denominator is B*T = 6; normalizer=6 is the same, normalizer=3 doubles it
-    const, _ = policy_loss(logprobs, old, adv, mask, aggregation="constant")
-    const6, _ = policy_loss(logprobs, old, adv, mask, aggregation="constant", normalizer=6.0)
-    const3, _ = policy_loss(logprobs, old, adv, mask, aggregation="constant", normalizer=3.0)
+    const, _ = policy_loss(logprobs, old, adv, mask, LossSettings(aggregation="constant"))
+    const6, _ = policy_loss(logprobs, old, adv, mask, LossSettings(aggregation="constant"), normalizer=6.0)
+    const3, _ = policy_loss(logprobs, old, adv, mask, LossSettings(aggregation="constant"), normalizer=3.0)
     torch.testing.assert_close(const6, const)
     assert scalar(const3) == pytest.approx(0.5, abs=1e-12)  # 1.5 / 3
 
@@ -172,16 +180,9 @@ def test_beta_adds_beta_times_kl(kl_estimator, aggregation):
     logprobs, old, adv, mask = example()
     ref = torch.tensor(REF, dtype=F64)
     beta = 0.1
-    loss, info = policy_loss(
-        logprobs,
-        old,
-        adv,
-        mask,
-        ref_logprobs=ref,
-        beta=beta,
-        kl_estimator=kl_estimator,
-        aggregation=aggregation,
-    )
+    loss, info = policy_loss(logprobs, old, adv, mask,
+                             LossSettings(beta=beta, kl_estimator=kl_estimator, aggregation=aggregation),
+                             ref_logprobs=ref)
     # manual per-token KL, independent of kl_penalty
     d = ref - logprobs
     kl = {"k1": -d, "k2": 0.5 * d**2, "k3": d.exp() - d - 1}[kl_estimator]
@@ -201,7 +202,7 @@ def test_kl_reported_even_with_zero_beta():
     logprobs, old, adv, mask = example()
     ref = torch.tensor(REF, dtype=F64)
     plain, _ = policy_loss(logprobs, old, adv, mask)
-    loss, info = policy_loss(logprobs, old, adv, mask, ref_logprobs=ref, beta=0.0)
+    loss, info = policy_loss(logprobs, old, adv, mask, LossSettings(beta=0.0), ref_logprobs=ref)
     torch.testing.assert_close(loss, plain)  # beta = 0: KL does not enter the loss
     d = ref - logprobs
     k3 = d.exp() - d - 1  # default estimator
@@ -227,7 +228,7 @@ def test_on_policy_gradient_equals_reinforce(aggregation):
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=F64)
 
     logprobs = _gathered_logprobs(theta, ids)
-    loss, _ = policy_loss(logprobs, logprobs.detach(), adv, mask, aggregation=aggregation)
+    loss, _ = policy_loss(logprobs, logprobs.detach(), adv, mask, LossSettings(aggregation=aggregation))
     (g_loss,) = torch.autograd.grad(loss, theta)
 
     logprobs = _gathered_logprobs(theta, ids)
@@ -244,11 +245,12 @@ def test_on_policy_gradient_equals_reinforce(aggregation):
     torch.testing.assert_close(g_loss, g_ref)
 
 
-def _single_token(ratio, adv, **kw):
-    """Loss and d loss / d logp for one token with the given ratio and advantage."""
+def _single_token(ratio, adv, **settings):
+    """Loss and d loss / d logp for one token with the given ratio and advantage (and ``LossSettings``)."""
     old = torch.tensor([[-1.0]], dtype=F64)
     logp = (old + math.log(ratio)).clone().requires_grad_(True)
-    loss, info = policy_loss(logp, old, torch.tensor([adv], dtype=F64), torch.ones(1, 1, dtype=F64), **kw)
+    loss, info = policy_loss(logp, old, torch.tensor([adv], dtype=F64), torch.ones(1, 1, dtype=F64),
+                             LossSettings(**settings))
     (grad,) = torch.autograd.grad(loss, logp)
     return scalar(loss), scalar(grad), scalar(info["clip_fraction"])
 
@@ -322,7 +324,7 @@ def test_registries_hold_builtins():
 def test_unknown_aggregation_lists_names():
     logprobs, old, adv, mask = example()
     with pytest.raises(ValueError) as err:
-        policy_loss(logprobs, old, adv, mask, aggregation="nope")
+        policy_loss(logprobs, old, adv, mask, LossSettings(aggregation="nope"))
     for name in AGGREGATIONS:
         assert name in str(err.value)
 
@@ -331,7 +333,7 @@ def test_unknown_kl_estimator_lists_names():
     logprobs, old, adv, mask = example()
     ref = torch.tensor(REF, dtype=F64)
     with pytest.raises(ValueError) as err:
-        policy_loss(logprobs, old, adv, mask, ref_logprobs=ref, beta=0.1, kl_estimator="k9")
+        policy_loss(logprobs, old, adv, mask, LossSettings(beta=0.1, kl_estimator="k9"), ref_logprobs=ref)
     for name in KL_ESTIMATORS:
         assert name in str(err.value)
     with pytest.raises(ValueError) as err:
@@ -347,13 +349,13 @@ def test_unknown_kl_estimator_lists_names():
         {"clip_low": 1.5},
         {"clip_low": -0.1},
         {"clip_high": -0.1},
-        {"beta": -0.1, "ref_logprobs": torch.tensor(REF, dtype=F64)},
+        {"beta": -0.1},
     ],
 )
 def test_bad_hyperparameters_rejected(kwargs):
-    logprobs, old, adv, mask = example()
+    """Checked once, where the settings are built, not at every call of the loss."""
     with pytest.raises(ValueError):
-        policy_loss(logprobs, old, adv, mask, **kwargs)
+        LossSettings(**kwargs)
 
 
 def test_shape_mismatch_rejected():
@@ -365,7 +367,8 @@ def test_shape_mismatch_rejected():
     with pytest.raises(ValueError):
         policy_loss(logprobs, old, torch.ones(3, dtype=F64), mask)
     with pytest.raises(ValueError):
-        policy_loss(logprobs, old, adv, mask, ref_logprobs=torch.zeros(2, 4, dtype=F64), beta=0.1)
+        policy_loss(logprobs, old, adv, mask, LossSettings(beta=0.1),
+                    ref_logprobs=torch.zeros(2, 4, dtype=F64))
 
 
 def test_kl_estimator_and_aggregation_by_import_path(tmp_path, monkeypatch):
@@ -378,8 +381,20 @@ def test_kl_estimator_and_aggregation_by_import_path(tmp_path, monkeypatch):
     ref = torch.tensor(REF, dtype=F64)
     torch.testing.assert_close(kl_penalty(logprobs, ref, "my_losses_xyz:sq"),
                                2 * kl_penalty(logprobs, ref, "k2"))
-    summed, _ = policy_loss(logprobs, old, adv, mask, aggregation="my_losses_xyz:total")
-    mean, _ = policy_loss(logprobs, old, adv, mask, aggregation="token_mean")
+    summed, _ = policy_loss(logprobs, old, adv, mask, LossSettings(aggregation="my_losses_xyz:total"))
+    mean, _ = policy_loss(logprobs, old, adv, mask, LossSettings(aggregation="token_mean"))
     torch.testing.assert_close(summed, mean * mask.sum())
     with pytest.raises(ValueError, match="has no attribute 'nope'"):
-        policy_loss(logprobs, old, adv, mask, aggregation="my_losses_xyz:nope")
+        policy_loss(logprobs, old, adv, mask, LossSettings(aggregation="my_losses_xyz:nope"))
+
+
+def test_loss_settings_are_the_configs_fields_with_its_defaults():
+    """``RLConfig.loss_settings()`` reads the fields ``LossSettings`` declares: each is a config field with
+    the same default, so ``policy_loss``'s default is what a default config trains with."""
+    from grpo_lab.config import RLConfig
+
+    assert RLConfig().loss_settings() == LossSettings()
+    s = RLConfig(clip_high=0.28, objective="cispo", beta=0.1, aggregation="constant").loss_settings()
+    assert (s.clip_high, s.objective, s.beta, s.aggregation) == (0.28, "cispo", 0.1, "constant")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.beta = 0.0  # what was checked is what the loss reads

@@ -10,7 +10,7 @@ import torch
 from grpo_lab.advantages import compute_advantages
 from grpo_lab.data.datamodule import QueryDataModule
 from grpo_lab.data.tasks import load_queries
-from grpo_lab.losses import policy_loss
+from grpo_lab.losses import LossSettings, policy_loss
 from grpo_lab.model.policy import PolicyConfig
 from grpo_lab.model.warmstart import WarmStartConfig
 from grpo_lab.module import GRPOModule
@@ -120,7 +120,7 @@ def _ascent(module, rollout, advantages, aggregation, normalizer=None):
     h = module.hparams
     logprobs, _ = sequence_logprobs(module.model, rollout, h.temperature)
     loss, _ = policy_loss(logprobs, logprobs.detach(), advantages, rollout.completion_mask,
-                          aggregation=aggregation, normalizer=normalizer)
+                          LossSettings(aggregation=aggregation), normalizer=normalizer)
     return -torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(module.model.parameters()))])
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from grpo_lab.advantages import completion_weights, compute_advantages, get_estimator
-from grpo_lab.losses import aggregation_normalizer, policy_loss
+from grpo_lab.losses import LossSettings, aggregation_normalizer, policy_loss
 from grpo_lab.probe.sketch import CountSketch
 from grpo_lab.rollout import sequence_logprobs
 from grpo_lab.system.errors import UserError
@@ -169,8 +169,9 @@ def batch_gradients(module, batch: list[dict], estimators: Sequence[str], refere
         cots = []
         for adv, a in vectors:  # ∂loss/∂logprobs of each vector, over the whole batch: elementwise work only
             normalizer = aggregation_normalizer(a, mask, h.max_new_tokens)  # this process's own count
-            loss, _ = policy_loss(leaf, leaf.detach(), adv, mask, clip_low=h.clip_low, clip_high=h.clip_high,
-                                  kl_estimator=h.kl_estimator, aggregation=a, normalizer=normalizer)
+            settings = LossSettings(clip_low=h.clip_low, clip_high=h.clip_high, kl_estimator=h.kl_estimator,
+                                    aggregation=a)  # the rest textbook: the μ = 1 policy term alone
+            loss, _ = policy_loss(leaf, leaf.detach(), adv, mask, settings, normalizer=normalizer)
             cots.append(torch.autograd.grad(loss, leaf)[0])
         cots = torch.stack(cots)  # [n, B, T]
         grads = {p.start: _backward(lp, cots[:, p], params, sketch)
