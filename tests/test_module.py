@@ -1,3 +1,7 @@
+import ast
+import inspect
+import textwrap
+
 import lightning as L
 import pytest
 import torch
@@ -9,6 +13,7 @@ from grpo_lab.model.warmstart import WarmStartConfig
 from grpo_lab.module import GRPOModule
 from grpo_lab.rollout import sequence_logprobs
 from grpo_lab.system.errors import UserError
+from grpo_lab.train.callbacks import GuardedModule, ResumableModule
 
 SMALL = PolicyConfig(hidden_size=32, num_layers=1, num_heads=2)
 
@@ -325,3 +330,35 @@ def test_every_setting_is_a_flag_with_help_and_parses_from_the_command_line():
     assert (cli.model.estimator.center, cli.model.estimator.scale) == ("leave_one_out", "batch")
     assert rl.dynamic_sampling and rl.rewards == ["exact_match", "overlong_penalty"]
     assert rl.overlong_tokens == 2
+
+
+# ---- the contracts of what GRPOModule is built from -----------------------------------------------------
+def _self_attributes(cls) -> set[str]:
+    """Every ``self.<name>`` the class's own source reads or writes."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    return {n.attr for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self"}
+
+
+def _declared(cls) -> set[str]:
+    """A mixin's or Protocol's declared members: its annotations and its own methods."""
+    methods = {k for k, v in vars(cls).items() if callable(v) and not k.startswith("__")}
+    return set(getattr(cls, "__annotations__", {})) | methods
+
+
+MIXINS = [c for c in GRPOModule.__mro__ if c.__module__.startswith("grpo_lab.train.")]  # SampledAccuracy, ...
+
+
+@pytest.mark.parametrize("mixin", MIXINS, ids=lambda c: c.__name__)
+def test_each_mixin_declares_all_it_uses_of_its_host(mixin):
+    """A mixin's annotations are its contract with the host: it uses nothing of ``self`` it does not declare
+    or define."""
+    undeclared = _self_attributes(mixin) - set(vars(mixin)) - set(mixin.__annotations__)
+    assert not undeclared, f"{mixin.__name__} uses {sorted(undeclared)} of its host without declaring it"
+
+
+@pytest.mark.parametrize("contract", [*MIXINS, GuardedModule, ResumableModule], ids=lambda c: c.__name__)
+def test_grpo_module_provides_what_its_mixins_and_callbacks_declare(contract):
+    module = GRPOModule(policy=SMALL, warm_start=WarmStartConfig(steps=0))
+    missing = sorted(name for name in _declared(contract) if name not in dir(module))
+    assert not missing, f"{contract.__name__} needs {missing} of GRPOModule"

@@ -7,12 +7,16 @@
 - :class:`NonFiniteGuard` skips a step whose loss or gradient is not finite (weights untouched, counted in
   ``train/skipped_steps``) and stops the run after ``max_bad_steps`` such steps in a row; it also logs
   ``train/grad_norm`` and clips the gradient.
+
+Both are written for a GRPOModule; :class:`GuardedModule` and :class:`ResumableModule` declare what each
+uses of it (``tests/test_module.py`` checks that GRPOModule provides it).
 """
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import lightning as L
 import numpy as np
@@ -21,11 +25,35 @@ from lightning.pytorch.plugins.precision import Precision
 
 from grpo_lab.system.errors import UserError, UserRuntimeError
 
+if TYPE_CHECKING:
+    from grpo_lab.data.dynamic_sampling import QueryStream
+
 
 def _numpy_state() -> tuple:
     """numpy's global RNG state as plain Python data (checkpoints load with weights_only=True)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)
+
+
+class GuardedModule(Protocol):
+    """What :meth:`NonFiniteGuard.before_optimizer_step` uses of the module."""
+
+    model: torch.nn.Module
+    trainer: L.Trainer
+
+    def log(self, name: str, value: Any, **kwargs: Any) -> None: ...
+
+    def clip_gradients(self, optimizer: Any, gradient_clip_val: float | None = None,
+                       gradient_clip_algorithm: str | None = None) -> None: ...
+
+
+class ResumableModule(Protocol):
+    """What :class:`ExactResume` stores and restores of the module."""
+
+    device: torch.device
+    guard: NonFiniteGuard
+    warm_start_path: str | None
+    stream: QueryStream | None
 
 
 class NonFiniteGuard:
@@ -43,7 +71,7 @@ class NonFiniteGuard:
                 "Lower the learning rate, check the reward function, or raise model.max_bad_steps"
             )
 
-    def before_optimizer_step(self, module: L.LightningModule, optimizer,
+    def before_optimizer_step(self, module: GuardedModule, optimizer,
                               max_grad_norm: float | None) -> None:
         """Log the gradient norm; drop a non-finite gradient (the optimizer then skips every parameter) or
         clip a finite one to ``max_grad_norm``. The norm is one fused computation on the device, the clipping
@@ -72,7 +100,7 @@ class NonFiniteGuard:
 class ExactResume(L.Callback):
     """Stores and restores ``checkpoint["grpo_lab"]`` (see the module docstring)."""
 
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: ResumableModule, checkpoint: dict) -> None:
         checkpoint["grpo_lab"] = {
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_state(),
                     # the GPU's sampling stream (written against torch's API; no GPU resume has run)
@@ -83,7 +111,7 @@ class ExactResume(L.Callback):
             "stream": None if pl_module.stream is None else pl_module.stream.state_dict(),
         }
 
-    def on_load_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: ResumableModule, checkpoint: dict) -> None:
         # Lightning adds 1 to the logging step on restart, assuming the checkpoint was written inside a batch;
         # one written at the end of an epoch or fit already counts that batch, so the resumed run's curves
         # would skip a step. Store it as if written inside the batch.

@@ -11,6 +11,8 @@ Lightning's manual optimization (``GRPOModule.automatic_optimization`` is off th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -18,10 +20,23 @@ from torch import Tensor
 from grpo_lab.losses import high_entropy_mask
 from grpo_lab.rollout import Rollout, sequence_logprobs
 
+if TYPE_CHECKING:
+    from grpo_lab.config import RLConfig
+    from grpo_lab.train.phase_timer import PhaseTimer
+
 
 class SeveralUpdates:
-    """``several_updates`` for a GRPOModule (it uses ``rl``, ``model``, ``loss``, ``normalizer``,
-    ``timer``)."""
+    """``several_updates`` for a GRPOModule. A mixin: the annotations below are what it uses of its host,
+    declared so a reader sees the contract (``tests/test_module.py`` checks that GRPOModule provides each and
+    that the mixin uses nothing else of ``self``)."""
+
+    rl: RLConfig
+    model: torch.nn.Module
+    timer: PhaseTimer
+    loss: Callable[..., tuple[Tensor, dict]]  # GRPOModule.loss: one (micro-)batch's loss and statistics
+    normalizer: Callable[[Tensor], Tensor]  # GRPOModule.normalizer: the whole batch's denominator
+    optimizers: Callable[[], Any]  # LightningModule's, under manual optimization
+    manual_backward: Callable[[Tensor], None]  # LightningModule's
 
     def several_updates(self, rollout: Rollout, advantages: Tensor) -> tuple[Tensor, dict]:
         """μ optimizer steps on one rollout batch, each accumulated over ``micro_batches`` chunks; the summed

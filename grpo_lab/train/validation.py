@@ -1,20 +1,38 @@
 """Validation of a GRPOModule: reward (exact-match accuracy) of one greedy and one sampled completion per
 query, overall and per ``difficulty`` (``val/acc_{greedy,sampled}[_<difficulty>]``), and a few greedy
 completions as text. A mixin: it uses the module's ``rollout`` and ``reward`` and keeps its metrics in
-``val_metrics``.
+``val_metrics`` (:class:`SampledAccuracy` declares all it uses).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
 from torchmetrics import MeanMetric
 
 from grpo_lab.data.tasks import Query
 from grpo_lab.system.rng import seeded
 
+if TYPE_CHECKING:
+    from grpo_lab.rollout import Rollout
+
 
 class SampledAccuracy:
-    """``validation_step`` for a LightningModule with ``rollout``, ``reward`` and a ``val_metrics``
-    ModuleDict."""
+    """``validation_step`` for a GRPOModule. A mixin: the annotations below are what it uses of its host,
+    declared so a reader sees the contract (``tests/test_module.py`` checks that GRPOModule provides each and
+    that the mixin uses nothing else of ``self``)."""
+
+    rollout: Callable[..., Rollout]  # GRPOModule.rollout(batch, num_generations=, greedy=)
+    reward: Callable[..., torch.Tensor]  # GRPOModule.reward(rollout, batch, aggregation=) -> [P, G]
+    val_metrics: torch.nn.ModuleDict  # its metrics, one MeanMetric per key, kept on the module's device
+    # LightningModule's:
+    hparams: Any  # num_text_samples
+    global_step: int
+    device: torch.device
+    logger: Any
+    log: Callable[..., None]
 
     def validation_step(self, batch: list[Query], batch_idx: int) -> None:
         # Sampled with its own seed: validation never moves the training RNG (exact resume, same samples).
