@@ -28,7 +28,7 @@ from ablations.spaces.space import SPACES, Space
 from grpo_lab.train.tensorboard_scalars import read_scalars
 from tests.conftest import ROOT, process_commands
 from tests.test_ablations import _fake_trial_runner
-from tests.test_tensorboard import hparams_table
+from tests.test_tensorboard_runs import hparams_table
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

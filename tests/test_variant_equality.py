@@ -21,8 +21,8 @@ from tests.test_distributed import G, _batch
 
 SMALL = PolicyConfig(hidden_size=32, num_layers=1, num_heads=2)
 
-# Each set runs with micro_batches 1 and 2 from the same seed; the flat groups of tests.test_sampling's reward
-# (answers 0, 2, 4, 6) make dynamic sampling refill.
+# Each set runs with micro_batches 1 and 2 from the same seed; the flat groups of
+# tests.test_dynamic_sampling's reward (answers 0, 2, 4, 6) make dynamic sampling refill.
 OPTION_SETS = {
     "gspo_mu2": {"importance_level": "sequence", "num_iterations": 2},
     "cispo_mu2": {"objective": "cispo", "num_iterations": 2},
@@ -37,8 +37,8 @@ OPTION_SETS = {
 def _one_step(options: dict, micro_batches: int) -> list[torch.Tensor]:
     L.seed_everything(0)
     module = GRPOModule(policy=SMALL, warm_start=WarmStartConfig(steps=0),
-                        rewards=["tests.test_sampling:prompt_reward"], num_generations=3, max_new_tokens=4,
-                        temperature=1.5, micro_batches=micro_batches,
+                        rewards=["tests.test_dynamic_sampling:prompt_reward"], num_generations=3,
+                        max_new_tokens=4, temperature=1.5, micro_batches=micro_batches,
                         optimizer=lambda p: torch.optim.SGD(p, lr=0.5), **options)
     dm = QueryDataModule(dataset="arithmetic_easy", prompts_per_step=4, num_train=32, num_val=8)
     trainer = L.Trainer(max_steps=options.get("num_iterations", 1), logger=False, enable_checkpointing=False,

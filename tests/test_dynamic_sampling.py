@@ -122,8 +122,9 @@ def prompt_reward(completions, answer, **_):
 def test_a_refilled_batch_has_no_flat_group_and_the_gradient_of_its_kept_groups(in_tmp):
     L.seed_everything(0)
     module = GRPOModule(policy=PolicyConfig(hidden_size=32, num_layers=1, num_heads=2),
-                        warm_start=WarmStartConfig(steps=0), rewards=["tests.test_sampling:prompt_reward"],
-                        num_generations=3, max_new_tokens=4, temperature=1.5, dynamic_sampling=True,
+                        warm_start=WarmStartConfig(steps=0),
+                        rewards=["tests.test_dynamic_sampling:prompt_reward"], num_generations=3,
+                        max_new_tokens=4, temperature=1.5, dynamic_sampling=True,
                         max_resample_rounds=4)
     pool = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(10)]
     module.stream = QueryStream(pool, seed=1)
