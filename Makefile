@@ -52,7 +52,7 @@ ablate-smoke: install
 
 bench: install
 	$(PYTHON) -m pip install -q -e '.[bench]'
-	$(PYTHON) -m bench.run
+	$(PYTHON) -m bench.benchmark
 
 # The GPU machine of bench/gpu_check.sh has torch, lightning, transformers, tensorboard and torchmetrics and no
 # network: this downloads the rest (scripts/gpu_requirements.txt and its dependencies, never torch or CUDA

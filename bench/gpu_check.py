@@ -14,7 +14,7 @@ failed or not, in this order (the later ones take what is left of the budget):
    kernel launches, host syncs and host reads per step);
 3. ``variance_probe``: ``python -m grpo_lab.variance --ckpt <step 1's last.ckpt>`` on the device, sketched
    (``--sketch-dim``) with K = 32 batches when the probe has that flag, its time and memory from its JSON;
-4. ``bench``: ``python -m bench.run --device cuda --shape gpu``: grpo_lab against TRL's GRPOTrainer on
+4. ``bench``: ``python -m bench.benchmark --device cuda --shape gpu``: grpo_lab against TRL's GRPOTrainer on
    identical work (``configs/bench_gpu.yaml``), fp32 and bf16 each, as ratios within the run (goal <= 0.5);
 5. ``ablate``: a smoke study (``grpo-lab-ablate --space smoke``) with 2 workers placed on the GPU
    (``--accelerator gpu --trials-per-device 2``, when grpo-lab-ablate has the flag), and the devices each
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         results["variance_probe"] = probe_step(plan, work, env, limit("probe"), ckpt)
     if "bench" not in skip:
         peers = "grpo_lab,trl" if importlib.util.find_spec("trl") else "grpo_lab"
-        cmd = [sys.executable, "-m", "bench.run", "--device", plan["device"], *plan["bench"],
+        cmd = [sys.executable, "-m", "bench.benchmark", "--device", plan["device"], *plan["bench"],
                "--peers", peers, "--no-rss-fit", "--wait-quiet", "0", "--out", str(work / "bench.json")]
         results["bench"] = {**run_step(cmd, work / "bench.log", limit("bench"), env), "peers": peers,
                             "goal_ratio_at_most": GOAL_RATIO, **bench_summary(work / "bench.json")}

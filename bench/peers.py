@@ -1,6 +1,6 @@
 """One benchmark peer in its own process: ``python -m bench.peers SPEC.json RESULT.json``.
 
-``bench/run.py`` writes the spec (peer, shape, model directory, steps, ...), runs this once per peer and
+``bench/benchmark.py`` writes the spec (peer, shape, model directory, steps, ...), runs this once per peer and
 shape, and reads the result back, so each peer's peak RSS is its own process's. Both peers train the
 same saved policy (a local HF directory) on the same arithmetic prompts with the same reward function,
 P queries x G completions of exactly T tokens (EOS suppressed), beta = 0, one AdamW update per rollout batch.
@@ -163,7 +163,7 @@ def run_trl(spec: dict) -> dict:
             output_dir=out_dir,
             seed=spec["seed"],
             use_cpu=spec.get("device", "cpu") == "cpu",
-            bf16=bool(spec["bf16"]),  # TRL's default is bf16=True; fp32 unless bench/run.py asks (cuda only)
+            bf16=bool(spec["bf16"]),  # TRL's default is bf16=True; fp32 unless benchmark.py asks (cuda only)
             fp16=False,
             gradient_checkpointing=False,  # TRL's default is True; grpo_lab does not checkpoint
             per_device_train_batch_size=batch,  # P*G completions per optimizer step
@@ -221,7 +221,7 @@ def run_trl(spec: dict) -> dict:
 
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
-        raise SystemExit("usage: python -m bench.peers SPEC.json RESULT.json  (bench/run.py calls this)")
+        raise SystemExit("usage: python -m bench.peers SPEC.json RESULT.json (bench/benchmark.py calls this)")
     configure_process()
     warnings.filterwarnings("ignore")
     spec = json.loads(Path(argv[0]).read_text())

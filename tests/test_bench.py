@@ -3,8 +3,8 @@ targets."""
 
 import pytest
 
+from bench.figures import quantiles, ratios, summarize, targets
 from bench.machine import other_load
-from bench.summary import quantiles, ratios, summarize, targets
 from bench.work import SHAPES, estimate_flops, shape_spec
 
 

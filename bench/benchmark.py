@@ -1,4 +1,5 @@
-"""``make bench`` (``python -m bench.run``): grpo_lab's GRPO step against TRL's ``GRPOTrainer``, same work.
+"""``make bench`` (``python -m bench.benchmark``): grpo_lab's GRPO step against TRL's ``GRPOTrainer``, same
+work.
 
 One run:
 
@@ -32,8 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.figures import flop_fraction, print_table, ratios, summarize, targets
 from bench.machine import busiest_others, git_commit, machine_info, matmul_gflops, versions, wait_for_quiet
-from bench.summary import flop_fraction, print_table, ratios, summarize, targets
 from bench.work import FLOP_FORMULA, ROOT, estimate_flops, save_policy_for, shape_spec
 from grpo_lab.system.process_env import child_env, configure_process
 
@@ -102,7 +103,7 @@ def rss_fit(steps: int) -> dict:
 # ---- the command line ------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m bench.run",
+        prog="python -m bench.benchmark",
         description="Time grpo_lab's full GRPO training step against TRL's GRPOTrainer on identical work "
         "(configs/bench.yaml, configs/bench_tiny.yaml), relative to this machine's matmul peak; write JSON.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -166,7 +167,7 @@ def header(args: argparse.Namespace, argv: list[str] | None, threads: int, busy:
             "bf16": args.bf16,
             "threads": threads,
             "seed": args.seed,
-            "command": " ".join(["python -m bench.run", *(argv if argv is not None else sys.argv[1:])]),
+            "command": " ".join(["python -m bench.benchmark", *(argv if argv is not None else sys.argv[1:])]),
         },
         "contention_at_start": busy,
         "device": args.device,
