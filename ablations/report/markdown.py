@@ -20,7 +20,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from ablations.report.baseline_map import report_lines as baseline_map_lines
+from ablations.report.baseline_section import report_lines as baseline_map_lines
 from ablations.report.plots import POINT_NAMES, plot_easy_hard, plot_probe, plot_reward_curves
 from ablations.report.runs import ProbeView, Run, load_runs, ordered_groups, probe_fractions, probe_view
 from ablations.report.stats import fmt_ci, fmt_diff, t_interval
@@ -292,7 +292,7 @@ def write_report(study: optuna.Study, out_dir: str | Path,
         md += ["## Clipping", ""] + clipping_lines(summary["clipping"]) + [""]
     if fractions:
         md += ["## Probe points", ""] + probe_lines(by_group, view, fractions, summary)
-    md += baseline_map_lines(summary, out)  # ablations/report/baseline_map.py: [] without a map
+    md += baseline_map_lines(summary, out)  # ablations/report/baseline_section.py: [] without a map
     md += [NOTES, "", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     md += ["## Trials", "", "Rerun any trial by hand from its `cwd` with its `command` (Optuna user attrs).",
            "", "| trial | params | AUC | wall (s) | logdir |", "|---|---|---|---|---|"]

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import optuna
 
-from ablations.report.baseline_map import baseline_map_summary
+from ablations.report.baseline_section import baseline_map_summary
 from ablations.report.judge import controls, family_metrics, judge
 from ablations.report.runs import (
     ProbeView,
@@ -256,7 +256,7 @@ def build_summary(study: optuna.Study, min_effect: dict[str, float] | None = Non
                            "wall_s": wall_seconds(study), "min_effect": effects, "alpha": 0.05, "power": 0.8,
                            "probe": None if view is None else view.description,
                            "groups": {g: group_entry(rs, view, g) for g, rs in by_group.items()}}
-    out["baseline_map"] = baseline_map_summary(runs)  # ablations/report/baseline_map.py
+    out["baseline_map"] = baseline_map_summary(runs)  # ablations/report/baseline_section.py
     specs = space.get("comparisons") or [{"label": g, "group": None, "baseline": None, "kind": "comparison"}
                                          for g in groups if g != base]
     # the first stage: the grid's seeds; seeds beyond them were added by --until-decisive (Stein's rule)

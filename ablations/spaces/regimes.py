@@ -4,9 +4,9 @@ Probe-only cells (one optimizer step, so the fit logs a reward; the probe runs a
 it) over the group size G, the task mix (the success rate) and the reward's coding. Every coding is
 ``exact_match`` plus a constant: r·a + b with ``reward_weights`` [a, b], so one seed's cells of one G and
 mix share their rollouts and differ only in the numbers the advantage sees. The map of each cell
-(``ablations/report/baseline_map.py``): c*, V(1)/V(0) measured, and V(1)/V(0) predicted from the mechanism's
-moments; the phase diagram colours each cell by the measured ratio and draws the predicted boundary
-(predicted V(1)/V(0) = 1).
+(``ablations/report/baseline_section.py``): c*, V(1)/V(0) measured, and V(1)/V(0) predicted from the
+mechanism's moments; the phase diagram colours each cell by the measured ratio and draws the predicted
+boundary (predicted V(1)/V(0) = 1).
 """
 
 from __future__ import annotations
@@ -31,14 +31,16 @@ advantages, so a seed's codings train alike up to scale) and probed again at the
 POINTS = {"0": "warm start", "1": "trained"}
 
 
-def success_rate(run) -> float:
-    """The first logged ``train/reward`` decoded back to the 0/1 scale: (r̄ − b)/a for the coding a·r + b."""
+def success_rate(run, last: bool = False) -> float:
+    """The first (``last``: the mean of the last 10% of) logged ``train/reward`` decoded back to the 0/1
+    scale: (r̄ − b)/a for the coding a·r + b."""
     curve = run.curve("train/reward")
     if not len(curve):
         return math.nan
     weights = (run.attrs.get("overrides") or {}).get("model.reward_weights") or [1.0, 0.0]
     a, b = (list(weights) + [0.0])[:2]
-    return (float(curve[0, 1]) - b) / a if a else math.nan
+    r = float(curve[-max(1, len(curve) // 10):, 1].mean()) if last else float(curve[0, 1])
+    return (r - b) / a if a else math.nan
 
 
 def _cells(by_group: dict) -> list[tuple[str, dict]]:
@@ -71,11 +73,18 @@ def table_lines(by_group: dict, fmt) -> list[str]:
         for point, d in rows:
             if d is None:
                 continue
+            rate = cell.get("success_rate_end" if point == "trained" else "success_rate", math.nan)
             md.append(f"| {p['model.num_generations']} | {p['mix']} | {p['coding']} | {point} | "
-                      f"{cell.get('success_rate', math.nan):.2f} | {d['c_star']['n']} | {fmt(d['c_star'])} | "
+                      f"{rate:.2f} | {d['c_star']['n']} | {fmt(d['c_star'])} | "
                       f"{fmt(d['v1_ratio'], ratio=True)} | {fmt(d['v_ratio_pred'][one], ratio=True)} | "
                       f"{fmt(d['c_star_pred'])} | {fmt(d['score_norm_ratio'], ratio=True)} |")
     return md
+
+
+def _warm_point(cell: dict) -> dict:
+    """A cell probed after training too (``regimes_trained``): its warm-start point, as the other cells."""
+    warm = (cell.get("by_point") or {}).get("0")
+    return {**cell, **warm} if warm else cell
 
 
 def plot_phase(by_group: dict, path: Path) -> Path | None:
@@ -96,6 +105,7 @@ def plot_phase(by_group: dict, path: Path) -> Path | None:
     axes = np.atleast_1d(fig.subplots(1, len(mixes)))
     norm = TwoSlopeNorm(vcenter=0.0, vmin=-1.0, vmax=1.0)
     image = None
+    cells = [(label, _warm_point(d)) for label, d in cells]
     for ax, mix in zip(axes, mixes, strict=True):
         meas, pred = np.full((len(codes), len(gs)), np.nan), np.full((len(codes), len(gs)), np.nan)
         rate = []

@@ -137,6 +137,8 @@ def baseline_map_summary(runs: list[Run]) -> dict[str, Any] | None:
                              success_rate=float(np.mean(rates)) if rates else math.nan)
                 if len(fractions) > 1:  # a cell probed at its warm start and after training: each apart
                     entry["by_point"] = {f"{f:g}": pooled(point_maps(rs, f)) for f in fractions}
+                    ends = [x for x in (success_rate(r, last=True) for r in rs) if np.isfinite(x)]
+                    entry["success_rate_end"] = float(np.mean(ends)) if ends else math.nan
             out["by_group"][label] = entry
     return out
 
@@ -161,8 +163,9 @@ def report_lines(summary: dict, out_dir: Path) -> list[str]:
     if cells:  # the regimes space: its cells differ in G, task and coding, so nothing is pooled across them
         phase = regimes.plot_phase(bmap["by_group"], Path(out_dir) / "baseline_regimes.png")
         return ["## Baseline map: regimes", "", "Per cell (G, task mix, reward coding a·r + b): success rate "
-                "(the first step's reward, decoded), c* = argmin V(c) of A_i(c) = r_i − c·b̄₋ᵢ and "
-                "V(1)/V(0) = V(rloo)/V(reward) at the warm start with 95% t-intervals over seeds, and the "
+                "(the first step's reward, decoded; after training, the last 10% of steps'), "
+                "c* = argmin V(c) of A_i(c) = r_i − c·b̄₋ᵢ and V(1)/V(0) = V(rloo)/V(reward) at the warm "
+                "start (and after training, where probed) with 95% t-intervals over seeds, and the "
                 "same predicted from per-completion score moments (score-norm ratio: failures' mean "
                 "‖∇log π‖² over successes').", ""] + cells + ["", f"![regimes]({phase.name})", ""]
     path = plot_map(bmap, Path(out_dir) / "baseline_map.png")

@@ -1,5 +1,5 @@
-"""The baseline map in summary.json and the report (ablations/report/baseline_map.py), from hand-made probe
-rows."""
+"""The baseline map in summary.json and the report (ablations/report/baseline_section.py), from hand-made
+probe rows."""
 
 import math
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ablations.report.baseline_map import baseline_map_summary, pooled, report_lines
+from ablations.report.baseline_section import baseline_map_summary, pooled, report_lines
 from ablations.report.runs import Run
 from grpo_lab.probe.baseline_map import C_GRID, cross_gram, point_map
 
@@ -102,6 +102,9 @@ def test_a_trained_regimes_cell_gets_a_row_per_point_and_the_measured_oracle_is_
             run = _run(seed, seed)  # probed at the warm start and after training
             run.params = {"model.num_generations": 16, "mix": "easy", "coding": coding, "seed": seed}
             run.group = f"coding={coding}"
+            a, b = (1.0, 1.0) if coding == "r+1" else (1.0, 0.0)
+            run.attrs["overrides"] = {"model.reward_weights": [a, b]}
+            run.attrs["curves"] = {"train/reward": [[0, 0.25 + b], [59, 0.5 + b]]}  # success 0.25 → 0.5
             for row in run.attrs["probe"]:
                 if "baseline_map" in row:
                     row["baseline_map"]["oracle_ratio"] = 1.05 if seed == 0 else 1.1
@@ -110,6 +113,7 @@ def test_a_trained_regimes_cell_gets_a_row_per_point_and_the_measured_oracle_is_
     cell = out["by_group"]["coding=r+1"]
     assert set(cell["by_point"]) == {"0", "1"}
     lines = report_lines({"baseline_map": out}, tmp_path)
-    assert sum(line.startswith("| 16 | easy | r+1 | warm start |") for line in lines) == 1
-    assert sum(line.startswith("| 16 | easy | r+1 | trained |") for line in lines) == 1
+    assert sum(line.startswith("| 16 | easy | r+1 | warm start | 0.25 |") for line in lines) == 1
+    assert sum(line.startswith("| 16 | easy | r+1 | trained | 0.50 |") for line in lines) == 1
+    assert (tmp_path / "baseline_regimes.png").is_file()
     assert out["oracle_ratio"]["mean"] == pytest.approx(math.sqrt(1.05 * 1.1))  # geometric over seeds
