@@ -28,12 +28,15 @@ from grpo_lab.system.process_env import configure_process
 RATIO_KEYS = ("snr_ratio", "snr_ratio_lo", "snr_ratio_hi")
 
 
-def load_warm_start(config: str, seed: int):
-    """``(module, train queries)`` of ``grpo-lab fit --config <config>`` with ``seed`` at its first step."""
+def load_warm_start(config: str, seed: int, warm_start_seed: int | None = None):
+    """``(module, train queries)`` of ``grpo-lab fit --config <config>`` with ``seed`` at its first step
+    (``warm_start_seed``: that warm-start network, as a study's ``networks`` population gives each seed)."""
     from grpo_lab.cli import cli_main
     from grpo_lab.model.warmstart import ensure_warm_start, load_weights
 
-    cli = cli_main(["--config", config, "--seed_everything", str(seed), "--data.seed", str(seed)], run=False)
+    extra = [] if warm_start_seed is None else ["--model.warm_start.seed", str(warm_start_seed)]
+    cli = cli_main(["--config", config, "--seed_everything", str(seed), "--data.seed", str(seed), *extra],
+                   run=False)
     module, dm = cli.model, cli.datamodule
     if module.warm_start_cfg.steps > 0:
         path = ensure_warm_start(module.policy_cfg, module.warm_start_cfg, dm.hparams.dataset)
