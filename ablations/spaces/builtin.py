@@ -201,14 +201,14 @@ register_space(Space(
                             {"coding": "r", "mix": "mixed", "model.num_generations": 16}),),
 ))
 
-# The regimes after a short training (issue 20, item 3): the G = 16 cells, probed at the warm start and
-# after 60 rloo steps (the trained policy: a higher success rate, its own score norms).
+# The regimes after a short training (issue 20, item 3): every cell of `regimes`, probed at the warm start
+# and after 60 rloo steps (the trained policy: a higher success rate, its own score norms).
 register_space(Space(
     name="regimes_trained",
-    description="baseline regimes at G = 16 at the warm start and after 60 rloo steps (both mixes, 4 "
-                "codings)",
-    grid={"model.num_generations": [16], "mix": list(regimes.MIXES), "coding": list(regimes.CODINGS),
-          "seed": [0, 1, 2]},
+    description="baseline regimes at the warm start and after 60 rloo steps: group size, task mix and reward "
+                "coding",
+    grid={"model.num_generations": regimes.GROUP_SIZES, "mix": list(regimes.MIXES),
+          "coding": list(regimes.CODINGS), "seed": [0, 1, 2]},
     presets=regimes.PRESETS,
     overrides={**regimes.OVERRIDES, "trainer.max_steps": regimes.TRAINED_STEPS},
     probe=ProbeSettings(estimators=("reward", "rloo"), num_batches=24, prompts_per_batch=8,

@@ -26,7 +26,7 @@ PRESETS = {
 }
 OVERRIDES = {"model.advantage": "rloo", "trainer.max_steps": 1, "trainer.limit_val_batches": 0}
 TRAINED_STEPS = 60
-"""``regimes_trained``: each G = 16 cell trained this many rloo steps (the offset does not change rloo's
+"""``regimes_trained``: each cell trained this many rloo steps (the offset does not change rloo's
 advantages, so a seed's codings train alike up to scale) and probed again at the end."""
 POINTS = {"0": "warm start", "1": "trained"}
 
