@@ -4,6 +4,8 @@ file only registers instances). Each is data: a grid, its base config, the probe
 
 from __future__ import annotations
 
+import dataclasses
+
 import optuna
 
 from ablations.spaces import controls, regimes, variants
@@ -185,7 +187,7 @@ register_space(Space(
 # The baseline map's regimes (issue 20, item 3; ablations/spaces/regimes.py): probe-only cells, the warm
 # start probed
 # before one optimizer step, over G, the task mix (success rate) and the reward's coding a·r + b.
-register_space(Space(
+REGIMES = register_space(Space(
     name="regimes",
     description="baseline regimes: V(rloo)/V(reward), c* and the mechanism's prediction at the warm start, "
                 "over group size, task mix and reward coding (probe-only cells)",
@@ -203,17 +205,14 @@ register_space(Space(
 
 # The regimes after a short training (issue 20, item 3): every cell of `regimes`, probed at the warm start
 # and after 60 rloo steps (the trained policy: a higher success rate, its own score norms).
-register_space(Space(
+register_space(dataclasses.replace(
+    REGIMES,
     name="regimes_trained",
     description="baseline regimes at the warm start and after 60 rloo steps: group size, task mix and reward "
                 "coding",
-    grid={"model.num_generations": regimes.GROUP_SIZES, "mix": list(regimes.MIXES),
-          "coding": list(regimes.CODINGS), "seed": [0, 1, 2]},
-    presets=regimes.PRESETS,
     overrides={**regimes.OVERRIDES, "trainer.max_steps": regimes.TRAINED_STEPS},
-    probe=ProbeSettings(estimators=("reward", "rloo"), num_batches=24, prompts_per_batch=8,
-                        at_fractions=(0.0, 1.0), score_prompts=4),
-    baseline={"coding": "r", "mix": "mixed", "model.num_generations": 16},
+    probe=dataclasses.replace(REGIMES.probe, at_fractions=(0.0, 1.0)),
+    comparisons=None,
 ))
 
 # Does lower variance buy faster learning? (issue 20, item 4): A_i = r_i − c·b̄₋ᵢ trained at c = 0 (reward),
