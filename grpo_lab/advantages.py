@@ -236,6 +236,21 @@ def completion_weights(estimator: Estimator, logprobs: Tensor, mask: Tensor) -> 
 WEIGHTS = ("logit_energy", "length", "success_rate")
 
 
+def rollout_advantages(rewards: Tensor, estimator: str | Estimator, logprobs: Tensor, mask: Tensor,
+                       success_rate: Tensor | None = None) -> Tensor:
+    """Advantages ``[B]`` of one rollout, rewards ``[P, G]``: a weighted baseline gets its weights from the
+    rollout's own sampled-token ``logprobs`` and ``mask`` ``[B, T]`` (:func:`completion_weights`), the
+    oracle ``oracle_p`` each query's ``success_rate`` ``[P, 1]`` from samples apart from the group (the
+    gradient probe draws them). Training and the probe both call this, so they weigh alike."""
+    est = get_estimator(estimator) if isinstance(estimator, str) else estimator
+    if est.weights == "success_rate" and success_rate is not None:
+        weights = success_rate.expand_as(rewards)
+    else:
+        w = completion_weights(est, logprobs, mask)  # [B] or None (raises for the oracle without rates)
+        weights = None if w is None else w.view_as(rewards)
+    return compute_advantages(rewards, estimator, weights=weights).flatten()
+
+
 CENTERS: dict[str, Center] = {
     "none": Center(_no_center, group_relative=False, needs_group=False),
     "group": Center(_group_mean, group_relative=True, needs_group=True),

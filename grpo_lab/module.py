@@ -37,7 +37,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
-from grpo_lab.advantages import completion_weights, compute_advantages
+from grpo_lab.advantages import rollout_advantages
 from grpo_lab.config import RLConfig
 from grpo_lab.data.dynamic_sampling import QueryStream, Sample, dynamic_sample
 from grpo_lab.data.tasks import Query
@@ -229,9 +229,7 @@ class GRPOModule(SampledAccuracy, SeveralUpdates, L.LightningModule):
 
     def advantages(self, rollout: Rollout, rewards: Tensor) -> Tensor:
         """Advantages ``[B]`` for rewards ``[P, G]`` (a weighted baseline gets its weights here)."""
-        weights = completion_weights(self.estimator, rollout.logprobs, rollout.completion_mask)
-        weights = None if weights is None else weights.view_as(rewards)
-        return compute_advantages(rewards, self.estimator, weights=weights).flatten()
+        return rollout_advantages(rewards, self.estimator, rollout.logprobs, rollout.completion_mask)
 
     def loss(
         self, rollout: Rollout, advantages: Tensor, old_logprobs: Tensor | None,

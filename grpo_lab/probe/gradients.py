@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from grpo_lab.advantages import completion_weights, compute_advantages, get_estimator
+from grpo_lab.advantages import get_estimator, rollout_advantages
 from grpo_lab.losses import LossSettings, aggregation_normalizer, policy_loss
 from grpo_lab.probe.sketch import CountSketch
 from grpo_lab.rollout import sequence_logprobs
@@ -115,17 +115,12 @@ def success_rate(module, batch: list[dict], draws: int = ORACLE_DRAWS) -> Tensor
     return torch.stack(means).mean(0)  # [P, 1]
 
 
-def _advantages(rewards: Tensor, name: str, rollout, oracle: Tensor | None = None) -> Tensor:
-    """``name``'s advantages ``[B]``; a weighted baseline (``gradient_weighted``, ``opo``, ``online_coef``)
-    gets its weights from the rollout's own log-probabilities and mask, as in training; ``oracle_p`` gets
-    the success rates ``oracle`` ``[P, 1]``."""
-    est = get_estimator(name)
-    if est.weights == "success_rate":
-        weights = oracle.expand_as(rewards)
-        return compute_advantages(rewards, name, weights=weights).flatten()
-    weights = completion_weights(est, rollout.logprobs, rollout.completion_mask)
-    return compute_advantages(rewards, name, weights=None if weights is None else weights.view_as(rewards),
-                              ).flatten()
+def reinforce_settings(hparams, aggregation: str) -> LossSettings:
+    """The loss settings of the probe's gradients: the module's clip range and KL estimator with
+    ``aggregation``, the rest textbook (no KL, entropy or dual clip): at ratio 1 the μ = 1 policy term alone,
+    the REINFORCE gradient (module docstring). ``scores.py``'s per-completion scores use the same."""
+    return LossSettings(clip_low=hparams.clip_low, clip_high=hparams.clip_high,
+                        kl_estimator=hparams.kl_estimator, aggregation=aggregation)
 
 
 def batch_gradients(module, batch: list[dict], estimators: Sequence[str], reference: str | None = None,
@@ -155,9 +150,11 @@ def batch_gradients(module, batch: list[dict], estimators: Sequence[str], refere
     b, g = mask.shape[0], rewards.shape[1]
     oracle = success_rate(module, batch) if any(get_estimator(n).weights == "success_rate" for n in names) \
         else None
-    vectors = [(_advantages(rewards, name, rollout, oracle), agg) for name in names]  # [B] each
+    vectors = [(rollout_advantages(rewards, name, rollout.logprobs, mask, oracle), agg)
+               for name in names]  # [B] each
     if reference is not None:
-        vectors.append((_advantages(rewards, reference, rollout), REFERENCE_AGGREGATION))
+        vectors.append((rollout_advantages(rewards, reference, rollout.logprobs, mask),
+                        REFERENCE_AGGREGATION))
     cut = n_in * g  # rows [0, cut) are the split's queries
     parts = [slice(0, cut), slice(cut, b)] if split is not None else [slice(0, b)]
     parts = [p for p in parts if p.stop > p.start]
@@ -169,9 +166,8 @@ def batch_gradients(module, batch: list[dict], estimators: Sequence[str], refere
         cots = []
         for adv, a in vectors:  # ∂loss/∂logprobs of each vector, over the whole batch: elementwise work only
             normalizer = aggregation_normalizer(a, mask, h.max_new_tokens)  # this process's own count
-            settings = LossSettings(clip_low=h.clip_low, clip_high=h.clip_high, kl_estimator=h.kl_estimator,
-                                    aggregation=a)  # the rest textbook: the μ = 1 policy term alone
-            loss, _ = policy_loss(leaf, leaf.detach(), adv, mask, settings, normalizer=normalizer)
+            loss, _ = policy_loss(leaf, leaf.detach(), adv, mask, reinforce_settings(h, a),
+                                  normalizer=normalizer)
             cots.append(torch.autograd.grad(loss, leaf)[0])
         cots = torch.stack(cots)  # [n, B, T]
         grads = {p.start: _backward(lp, cots[:, p], params, sketch)

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from grpo_lab.losses import LossSettings, aggregation_normalizer, policy_loss
+from grpo_lab.losses import aggregation_normalizer, policy_loss
+from grpo_lab.probe.gradients import reinforce_settings
 from grpo_lab.probe.mechanism import predict, score_norm_ratio
 from grpo_lab.rollout import sequence_logprobs
 
@@ -95,9 +96,8 @@ def completion_scores(module, batch: list[dict]) -> ScoreSample:
             logprobs = sequence_logprobs(module.model, part, h.temperature)[0]  # [G, T]
             leaf = logprobs.detach().requires_grad_(True)
             ones = torch.ones(g, device=leaf.device)  # advantage 1 for every completion
-            settings = LossSettings(clip_low=h.clip_low, clip_high=h.clip_high, kl_estimator=h.kl_estimator,
-                                    aggregation=h.aggregation)
-            loss, _ = policy_loss(leaf, leaf.detach(), ones, part.completion_mask, settings, normalizer=1.0)
+            loss, _ = policy_loss(leaf, leaf.detach(), ones, part.completion_mask,
+                                  reinforce_settings(h, h.aggregation), normalizer=1.0)
             weights = -torch.autograd.grad(loss, leaf)[0]  # [G, T]: each token's weight in its score
             rows = torch.eye(g, device=leaf.device, dtype=leaf.dtype)[:, :, None] * weights[None]  # [G, G, T]
             parts.append(_per_row_gradients(logprobs, rows, params).double())  # [G, D]
