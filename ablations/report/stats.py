@@ -201,14 +201,22 @@ def interval_dict(ci: tuple[float, float, float]) -> dict[str, float]:
     return {"mean": mean, "lo": lo, "hi": hi}
 
 
+def end_mean(points: np.ndarray, fraction: float = 0.1, first: bool = False) -> float:
+    """Mean of the last (``first``: the first) ``fraction`` of a curve's values, at least one point; NaN
+    for an empty curve. ``points`` ``[N, 2]`` (step, value)."""
+    pts = np.asarray(points, dtype=float).reshape(-1, 2)
+    if not len(pts):
+        return math.nan
+    k = max(1, int(round(fraction * len(pts))))
+    return float((pts[:k] if first else pts[-k:])[:, 1].mean())
+
+
 def lift(points: np.ndarray, fraction: float = 0.1) -> float:
     """Mean of the last ``fraction`` of a curve's values minus the mean of its first ``fraction`` (at least
     one point each); NaN with fewer than 2 points. ``points`` ``[N, 2]`` (step, value)."""
-    pts = np.asarray(points, dtype=float).reshape(-1, 2)
-    if len(pts) < 2:
+    if len(np.asarray(points, dtype=float).reshape(-1, 2)) < 2:
         return math.nan
-    k = max(1, int(round(fraction * len(pts))))
-    return float(pts[-k:, 1].mean() - pts[:k, 1].mean())
+    return end_mean(points, fraction) - end_mean(points, fraction, first=True)
 
 
 def _nan(v) -> float:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ablations.report.stats import end_mean
+
 CODINGS = {"r": (1.0, 0.0), "2r-1": (2.0, -1.0), "r+1": (1.0, 1.0), "r+3": (1.0, 3.0)}  # (a, b): a·r + b
 MIXES = {"easy": "arithmetic_easy", "mixed": "arithmetic"}  # success ≈ 0.36 and ≈ 0.11 at the warm starts
 GROUP_SIZES = [4, 8, 16, 32]
@@ -39,7 +41,7 @@ def success_rate(run, last: bool = False) -> float:
         return math.nan
     weights = (run.attrs.get("overrides") or {}).get("model.reward_weights") or [1.0, 0.0]
     a, b = (list(weights) + [0.0])[:2]
-    r = float(curve[-max(1, len(curve) // 10):, 1].mean()) if last else float(curve[0, 1])
+    r = end_mean(curve) if last else float(curve[0, 1])  # the last 10%, as the report's lift
     return (r - b) / a if a else math.nan
 
 
