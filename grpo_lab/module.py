@@ -83,6 +83,7 @@ class GRPOModule(SampledAccuracy, SeveralUpdates, L.LightningModule):
         self.warm_start_cfg = ws if isinstance(ws, WarmStartConfig) else WarmStartConfig(**ws)
         self.rl = RLConfig(**settings)
         self.estimator = self.rl.estimator
+        self.loss_settings = self.rl.loss_settings()  # built and checked once, read by every loss call
         self.reward_fns = [load_reward(r) for r in self.rl.rewards]
         self.save_hyperparameters()
         # Keep hparams plain data (checkpoints load with torch's weights_only=True), every setting flat.
@@ -250,7 +251,7 @@ class GRPOModule(SampledAccuracy, SeveralUpdates, L.LightningModule):
         with self.timer("policy_loss"):
             loss, stats = policy_loss(
                 logprobs, logprobs.detach() if old_logprobs is None else old_logprobs, advantages,
-                rollout.completion_mask, rl.loss_settings(), ref_logprobs=ref,
+                rollout.completion_mask, self.loss_settings, ref_logprobs=ref,
                 normalizer=self.normalizer(rollout.completion_mask) if normalizer is None else normalizer,
                 entropy=entropy if per_token else None, entropy_mask=entropy_mask,
             )
